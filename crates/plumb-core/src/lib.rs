@@ -1,0 +1,19 @@
+//! plumb's model: project and workflow files, their validation, and the jq
+//! expression language.
+//!
+//! This crate owns the meaning of the files users write: it turns YAML text
+//! into a validated [`model::Project`] (or a list of [`diag::Diagnostic`]s
+//! naming file, line, field and fix), and it compiles and evaluates `${{ … }}`
+//! expressions. It performs no I/O and knows nothing of stores, networks or
+//! the command line: callers hand it file contents and get values back.
+
+pub mod diag;
+pub mod expr;
+pub mod load;
+pub mod model;
+pub mod spec;
+pub mod yaml;
+
+pub use diag::{Diagnostic, Diagnostics};
+pub use load::{SourceFile, load_config, load_project, load_workflow};
+pub use model::{Project, ProjectConfig, Workflow};

@@ -1,0 +1,1246 @@
+//! Loading and validating a project: YAML text in, [`Project`] or every
+//! problem found out.
+//!
+//! Validation never stops at the first problem of a file when it can go on:
+//! each step and each connection is deserialized on its own, and semantic
+//! checks (unique ids, references, expressions, egress) run over everything
+//! that could be read. Every problem becomes a [`Diagnostic`] with the file,
+//! line and column, the field, and how to fix it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::expr::{Program, Template};
+use crate::model::{
+    Action, Connection, DEFAULT_LISTEN, DEFAULT_RETRY, DEFAULT_STORE, DEFAULT_TIMEOUT, Defaults,
+    ForEach, HttpAction, HttpConnection, IfBranch, Project, ProjectConfig, RetryPolicy, Step,
+    Trigger, Workflow,
+};
+use crate::spec::{
+    AssertSpec, ConnectionSpec, HttpStepSpec, ProjectSpec, RetrySpec, StepSpec, TriggerSpec,
+    WorkflowSpec,
+};
+use crate::yaml::{self, Document, FieldPath, Segment};
+
+/// The text of one project file.
+#[derive(Clone, Debug)]
+pub struct SourceFile {
+    /// Path relative to the project directory, as shown in diagnostics.
+    pub path: String,
+    /// The file's contents.
+    pub text: String,
+}
+
+/// Longest `concurrency` a `for_each` may ask for.
+pub const MAX_CONCURRENCY: u32 = 256;
+
+/// Most attempts a retry policy may ask for.
+pub const MAX_ATTEMPTS: u32 = 100;
+
+/// Loads `plumb.yaml` and every workflow file.
+///
+/// # Errors
+///
+/// Returns every problem found in any file.
+pub fn load_project(config: &SourceFile, workflows: &[SourceFile]) -> Result<Project, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let config = match load_config(config) {
+        Ok(c) => Arc::new(c),
+        Err(d) => {
+            diags.0.extend(d.0);
+            // Keep checking the workflows against an empty configuration so
+            // their own problems are reported in the same pass; references to
+            // connections are not judged then, since we could not read them.
+            for file in workflows {
+                if let Err(d) = load_workflow_inner(file, None) {
+                    diags.0.extend(d.0);
+                }
+            }
+            diags.sort();
+            return Err(diags);
+        }
+    };
+    let mut loaded: Vec<Arc<Workflow>> = Vec::new();
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut hooks: HashMap<String, String> = HashMap::new();
+    for file in workflows {
+        match load_workflow(file, &config) {
+            Ok(w) => {
+                if let Some(first) = names.get(&w.name) {
+                    diags.push(
+                        Diagnostic::file(
+                            &file.path,
+                            format!("another workflow is already named `{}` ({first})", w.name),
+                        )
+                        .field("name")
+                        .help(
+                            "workflow names must be unique across the project; rename one of them",
+                        ),
+                    );
+                    continue;
+                }
+                if let Trigger::Webhook { path } = &w.trigger {
+                    if let Some(first) = hooks.get(path) {
+                        diags.push(
+                            Diagnostic::file(
+                                &file.path,
+                                format!("the webhook path `{path}` is already used by workflow `{first}`"),
+                            )
+                            .field("trigger.webhook.path")
+                            .help("each webhook path can start only one workflow; choose another path"),
+                        );
+                        continue;
+                    }
+                    hooks.insert(path.clone(), w.name.clone());
+                }
+                names.insert(w.name.clone(), file.path.clone());
+                loaded.push(Arc::new(w));
+            }
+            Err(d) => diags.0.extend(d.0),
+        }
+    }
+    if diags.is_empty() {
+        Ok(Project {
+            config,
+            workflows: loaded,
+        })
+    } else {
+        diags.sort();
+        Err(diags)
+    }
+}
+
+/// Loads `plumb.yaml`.
+///
+/// # Errors
+///
+/// Returns every problem found in the file.
+pub fn load_config(file: &SourceFile) -> Result<ProjectConfig, Diagnostics> {
+    let doc = parse_yaml(file)?;
+    let mut cx = Checker::new(&file.path, &doc);
+    let root = FieldPath::root();
+    let value = if doc.value.is_null() {
+        Value::Object(serde_json::Map::new())
+    } else {
+        doc.value.clone()
+    };
+    let Some(spec) = cx.deserialize::<ProjectSpec>(&value, &root) else {
+        return Err(cx.finish());
+    };
+    let defaults_path = root.key("defaults");
+    let retry = cx.resolve_retry(
+        &DEFAULT_RETRY,
+        spec.defaults.retry.as_ref(),
+        &defaults_path.key("retry"),
+    );
+    let timeout = spec.defaults.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
+    cx.check_timeout(timeout, &defaults_path.key("timeout"));
+    let mut connections = BTreeMap::new();
+    for (name, raw) in &spec.connections {
+        let path = root.key("connections").key(name.clone());
+        if !is_identifier(name) {
+            cx.error(&path, format!("invalid connection name `{name}`"))
+                .help = Some("use letters, digits and `_`, starting with a letter or `_`".into());
+        }
+        if let Some(c) = cx.connection(raw, &path) {
+            connections.insert(name.clone(), c);
+        }
+    }
+    let store = spec.store.unwrap_or_else(|| DEFAULT_STORE.to_owned());
+    if !(store.starts_with("sqlite:")) {
+        cx.error(&root.key("store"), format!("unsupported store `{store}`"))
+            .help = Some("use `sqlite://plumb.db` (a path relative to the project) or `sqlite:///absolute/path.db`".into());
+    }
+    let config = ProjectConfig {
+        store,
+        listen: spec.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
+        connections,
+        defaults: Defaults { retry, timeout },
+    };
+    if cx.diags.is_empty() {
+        Ok(config)
+    } else {
+        Err(cx.finish())
+    }
+}
+
+/// Loads one workflow file against a loaded configuration.
+///
+/// # Errors
+///
+/// Returns every problem found in the file.
+pub fn load_workflow(file: &SourceFile, config: &ProjectConfig) -> Result<Workflow, Diagnostics> {
+    load_workflow_inner(file, Some(config))
+}
+
+fn load_workflow_inner(
+    file: &SourceFile,
+    config: Option<&ProjectConfig>,
+) -> Result<Workflow, Diagnostics> {
+    let doc = parse_yaml(file)?;
+    let mut cx = Checker::new(&file.path, &doc);
+    cx.config = config;
+    let root = FieldPath::root();
+    if !doc.value.is_object() {
+        cx.error(
+            &root,
+            "a workflow file must be a mapping with `name`, `owner`, `description` and `steps`",
+        )
+        .help = Some("see `plumb init` for an example workflow".into());
+        return Err(cx.finish());
+    }
+    let Some(spec) = cx.deserialize::<WorkflowSpec>(&doc.value, &root) else {
+        return Err(cx.finish());
+    };
+    if !is_workflow_name(&spec.name) {
+        cx.error(&root.key("name"), format!("invalid workflow name `{}`", spec.name)).help = Some(
+            "use letters, digits, `-`, `_` and `.`, starting with a letter or digit (at most 100 characters)".into(),
+        );
+    }
+    if spec.owner.trim().is_empty() {
+        cx.error(&root.key("owner"), "`owner` is empty").help =
+            Some("name the team or person who is paged when this workflow fails".into());
+    }
+    if spec.description.trim().is_empty() {
+        cx.error(&root.key("description"), "`description` is empty")
+            .help = Some("say in a sentence what this workflow does and why".into());
+    }
+    let trigger = cx.trigger(spec.trigger.as_ref(), &root.key("trigger"));
+    let base = StepDefaults {
+        retry: cx.resolve_retry(
+            &config.map_or(DEFAULT_RETRY, |c| c.defaults.retry),
+            spec.retry.as_ref(),
+            &root.key("retry"),
+        ),
+        timeout: spec
+            .timeout
+            .map(|d| d.0)
+            .or(config.map(|c| c.defaults.timeout))
+            .unwrap_or(DEFAULT_TIMEOUT),
+    };
+    cx.check_timeout(base.timeout, &root.key("timeout"));
+    if spec.steps.is_empty() {
+        cx.error(&root.key("steps"), "the workflow has no steps")
+            .help = Some("add at least one step under `steps:`".into());
+    }
+    let steps = cx.steps(&spec.steps, &root.key("steps"), &base);
+    cx.check_references(&steps);
+    let version = hex::encode(Sha256::digest(file.text.as_bytes()));
+    if !cx.diags.is_empty() {
+        return Err(cx.finish());
+    }
+    Ok(Workflow {
+        name: spec.name,
+        owner: spec.owner,
+        description: spec.description,
+        trigger: trigger.unwrap_or(Trigger::Manual),
+        steps,
+        file: file.path.clone(),
+        version,
+        source: Arc::from(file.text.as_str()),
+    })
+}
+
+fn parse_yaml(file: &SourceFile) -> Result<Document, Diagnostics> {
+    yaml::parse(&file.text).map_err(|e| {
+        Diagnostics(vec![
+            Diagnostic::at(
+                &file.path,
+                e.location,
+                format!("invalid YAML: {}", e.message),
+            )
+            .help("fix the YAML syntax at this position (indentation, quotes, `:` inside values)"),
+        ])
+    })
+}
+
+#[derive(Clone, Copy)]
+struct StepDefaults {
+    retry: RetryPolicy,
+    timeout: Duration,
+}
+
+struct Checker<'a> {
+    file: &'a str,
+    doc: &'a Document,
+    diags: Vec<Diagnostic>,
+    config: Option<&'a ProjectConfig>,
+    /// Step ids seen so far, with where they were defined.
+    ids: HashMap<String, FieldPath>,
+    /// Where each step was written, for reference errors.
+    step_paths: HashMap<String, FieldPath>,
+}
+
+impl<'a> Checker<'a> {
+    fn new(file: &'a str, doc: &'a Document) -> Self {
+        Self {
+            file,
+            doc,
+            diags: Vec::new(),
+            config: None,
+            ids: HashMap::new(),
+            step_paths: HashMap::new(),
+        }
+    }
+
+    fn finish(self) -> Diagnostics {
+        let mut d = Diagnostics(self.diags);
+        d.sort();
+        d
+    }
+
+    fn error(&mut self, path: &FieldPath, message: impl Into<String>) -> &mut Diagnostic {
+        let location = self.doc.locate(path);
+        self.diags
+            .push(Diagnostic::at(self.file, location, message).field(path.to_string()));
+        let last = self.diags.len() - 1;
+        &mut self.diags[last]
+    }
+
+    fn error_at_value(&mut self, path: &FieldPath, message: impl Into<String>) -> &mut Diagnostic {
+        let location = self.doc.locate_value(path);
+        self.diags
+            .push(Diagnostic::at(self.file, location, message).field(path.to_string()));
+        let last = self.diags.len() - 1;
+        &mut self.diags[last]
+    }
+
+    /// Deserializes `value` (found at `base`) into `T`, turning a serde error
+    /// into a diagnostic at the exact field.
+    fn deserialize<T: DeserializeOwned>(&mut self, value: &Value, base: &FieldPath) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let mut path = base.clone();
+                for seg in e.path().iter() {
+                    path = match seg {
+                        serde_path_to_error::Segment::Seq { index } => path.index(*index),
+                        serde_path_to_error::Segment::Map { key } => path.key(key.clone()),
+                        serde_path_to_error::Segment::Enum { .. }
+                        | serde_path_to_error::Segment::Unknown => path,
+                    };
+                }
+                let message = e.inner().to_string();
+                self.serde_error(&path, &message);
+                None
+            }
+        }
+    }
+
+    fn serde_error(&mut self, path: &FieldPath, message: &str) {
+        let ticks: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            let name = rest.split('`').next().unwrap_or_default().to_owned();
+            let expected: Vec<&str> = ticks.iter().skip(1).copied().collect();
+            let help = match closest(&name, &expected) {
+                Some(best) => format!("did you mean `{best}`?"),
+                None if expected.is_empty() => "remove it: this mapping takes no fields".to_owned(),
+                None => format!("remove it, or use one of: {}", expected.join(", ")),
+            };
+            // serde_path_to_error already ends the path with the unknown key.
+            let at = match path.segments().last() {
+                Some(Segment::Key(k)) if *k == name => path.clone(),
+                _ => path.key(name.clone()),
+            };
+            self.error(&at, format!("unknown field `{name}`")).help = Some(help);
+        } else if let Some(rest) = message.strip_prefix("missing field `") {
+            let name = rest.split('`').next().unwrap_or_default().to_owned();
+            let help = match name.as_str() {
+                "name" => "add `name: <unique-name>`; it is how you run and find this workflow".to_owned(),
+                "owner" => "add `owner: <team or email>`: who is paged when this workflow fails".to_owned(),
+                "description" => "add `description: <what this workflow does and why>`".to_owned(),
+                "steps" => "add `steps:` with at least one step".to_owned(),
+                "id" => "give the step an `id:` (letters, digits and `_`); later steps read its output as `.steps.<id>`".to_owned(),
+                other => format!("add `{other}:`"),
+            };
+            self.error(path, format!("missing required field `{name}`"))
+                .help = Some(help);
+        } else {
+            let value_path = path.clone();
+            self.error_at_value(&value_path, message.to_owned());
+        }
+    }
+
+    fn check_timeout(&mut self, timeout: Duration, path: &FieldPath) {
+        if timeout.is_zero() {
+            self.error(path, "a timeout of zero would fail every attempt")
+                .help = Some("use a positive duration such as `30s`".into());
+        }
+    }
+
+    fn resolve_retry(
+        &mut self,
+        base: &RetryPolicy,
+        spec: Option<&RetrySpec>,
+        path: &FieldPath,
+    ) -> RetryPolicy {
+        let Some(spec) = spec else { return *base };
+        let policy = RetryPolicy {
+            attempts: spec.attempts.unwrap_or(base.attempts),
+            backoff: spec.backoff.unwrap_or(base.backoff),
+            initial: spec.initial.map_or(base.initial, |d| d.0),
+            max: spec.max.map_or(base.max, |d| d.0),
+            jitter: spec.jitter.unwrap_or(base.jitter),
+        };
+        if policy.attempts == 0 || policy.attempts > MAX_ATTEMPTS {
+            self.error(
+                &path.key("attempts"),
+                format!("`attempts` is {}", policy.attempts),
+            )
+            .help = Some(format!(
+                "attempts counts the first try too: use 1 (no retry) to {MAX_ATTEMPTS}"
+            ));
+        }
+        if policy.initial > policy.max {
+            self.error(path, "`initial` is longer than `max`").help =
+                Some("make `max` at least as long as `initial`".into());
+        }
+        policy
+    }
+
+    fn connection(&mut self, raw: &Value, path: &FieldPath) -> Option<Connection> {
+        let spec: ConnectionSpec = self.deserialize(raw, path)?;
+        let Some(http) = spec.http else {
+            self.error(path, "the connection has no kind").help =
+                Some("write `http: { base_url: https://… }` under the connection's name".into());
+            return None;
+        };
+        let url_path = path.key("http").key("base_url");
+        let base_url = match Url::parse(&http.base_url) {
+            Ok(u) => u,
+            Err(e) => {
+                self.error_at_value(
+                    &url_path,
+                    format!("invalid base_url `{}`: {e}", http.base_url),
+                )
+                .help = Some("write a full URL such as `https://api.example.com/v1`".into());
+                return None;
+            }
+        };
+        if !matches!(base_url.scheme(), "http" | "https") || base_url.host_str().is_none() {
+            self.error_at_value(
+                &url_path,
+                format!(
+                    "base_url `{}` is not an http(s) URL with a host",
+                    http.base_url
+                ),
+            )
+            .help = Some("write a full URL such as `https://api.example.com/v1`".into());
+            return None;
+        }
+        if !base_url.username().is_empty() || base_url.password().is_some() {
+            self.error_at_value(&url_path, "base_url holds credentials")
+                .help = Some(
+                "remove the user and password from the URL; credentials never belong in plumb.yaml"
+                    .into(),
+            );
+        }
+        if base_url.query().is_some() || base_url.fragment().is_some() {
+            self.error_at_value(&url_path, "base_url has a query or fragment")
+                .help = Some("put query parameters in each step's `query:` instead".into());
+        }
+        for name in http.headers.keys() {
+            if !is_header_name(name) {
+                self.error(
+                    &path.key("http").key("headers").key(name.clone()),
+                    format!("invalid header name `{name}`"),
+                )
+                .help = Some("header names are letters, digits and `-`".into());
+            }
+        }
+        let timeout = http.timeout.map(|d| d.0);
+        if let Some(t) = timeout {
+            self.check_timeout(t, &path.key("http").key("timeout"));
+        }
+        Some(Connection::Http(HttpConnection {
+            base_url,
+            headers: http.headers.into_iter().collect(),
+            timeout,
+        }))
+    }
+
+    fn trigger(&mut self, raw: Option<&Value>, path: &FieldPath) -> Option<Trigger> {
+        let raw = raw?;
+        if raw.as_str() == Some("manual") {
+            return Some(Trigger::Manual);
+        }
+        let spec: TriggerSpec = self.deserialize(raw, path)?;
+        let count = usize::from(spec.webhook.is_some())
+            + usize::from(spec.schedule.is_some())
+            + usize::from(spec.manual.is_some());
+        if count != 1 {
+            self.error(path, "a trigger needs exactly one kind").help = Some(
+                "write one of `webhook: { path: … }`, `schedule: { cron: … }` or `manual`".into(),
+            );
+            return None;
+        }
+        if let Some(w) = spec.webhook {
+            let hook = w.path.trim_start_matches('/').to_owned();
+            if hook.is_empty()
+                || !hook
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+            {
+                self.error_at_value(&path.key("webhook").key("path"), format!("invalid webhook path `{}`", w.path))
+                    .help = Some("use letters, digits, `-`, `_`, `.` and `/`, e.g. `orders` (served at POST /hooks/orders)".into());
+            }
+            return Some(Trigger::Webhook { path: hook });
+        }
+        if let Some(s) = spec.schedule {
+            let parser = croner::parser::CronParser::builder()
+                .seconds(croner::parser::Seconds::Optional)
+                .build();
+            if let Err(e) = parser.parse(&s.cron) {
+                self.error_at_value(
+                    &path.key("schedule").key("cron"),
+                    format!("invalid cron expression `{}`: {e}", s.cron),
+                )
+                .help = Some(
+                    "use five fields `minute hour day month weekday`, e.g. `*/5 * * * *`".into(),
+                );
+            }
+            let timezone = s.timezone.unwrap_or_else(|| "UTC".to_owned());
+            if timezone.parse::<chrono_tz::Tz>().is_err() {
+                self.error_at_value(
+                    &path.key("schedule").key("timezone"),
+                    format!("unknown timezone `{timezone}`"),
+                )
+                .help = Some("use an IANA name such as `Europe/Berlin` or `UTC`".into());
+            }
+            return Some(Trigger::Schedule {
+                cron: s.cron,
+                timezone,
+            });
+        }
+        Some(Trigger::Manual)
+    }
+
+    fn steps(&mut self, raws: &[Value], path: &FieldPath, base: &StepDefaults) -> Vec<Step> {
+        let mut out = Vec::with_capacity(raws.len());
+        for (i, raw) in raws.iter().enumerate() {
+            if let Some(step) = self.step(raw, &path.index(i), base) {
+                out.push(step);
+            }
+        }
+        out
+    }
+
+    fn step(&mut self, raw: &Value, path: &FieldPath, base: &StepDefaults) -> Option<Step> {
+        let spec: StepSpec = self.deserialize(raw, path)?;
+        let id_path = path.key("id");
+        if !is_identifier(&spec.id) {
+            self.error_at_value(&id_path, format!("invalid step id `{}`", spec.id)).help = Some(
+                "use letters, digits and `_`, starting with a letter or `_`, so that `.steps.<id>` works in expressions".into(),
+            );
+        }
+        if let Some(first) = self.ids.get(&spec.id) {
+            let line = self.doc.locate(first).line;
+            self.error_at_value(&id_path, format!("the step id `{}` is used twice", spec.id))
+                .help = Some(format!(
+                "it is first used on line {line}; step ids must be unique in a workflow"
+            ));
+        } else {
+            self.ids.insert(spec.id.clone(), id_path.clone());
+            self.step_paths.insert(spec.id.clone(), path.clone());
+        }
+        let kinds: Vec<&str> = [
+            ("http", spec.http.is_some()),
+            ("jq", spec.jq.is_some()),
+            ("if", spec.if_.is_some()),
+            ("sleep", spec.sleep.is_some()),
+            ("assert", spec.assert.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, present)| present.then_some(k))
+        .collect();
+        if kinds.len() != 1 {
+            let found = if kinds.is_empty() {
+                "none".to_owned()
+            } else {
+                kinds.join(" and ")
+            };
+            self.error(path, format!("step `{}` needs exactly one action (found {found})", spec.id))
+                .help = Some("give the step one of `http:`, `jq:`, `if:`, `sleep:` or `assert:`; split it into several steps to do more".into());
+            return None;
+        }
+        if spec.if_.is_none() {
+            for (field, present) in [
+                ("then", spec.then.is_some()),
+                ("else", spec.else_.is_some()),
+            ] {
+                if present {
+                    self.error(
+                        &path.key(field),
+                        format!("`{field}` belongs to an `if` step"),
+                    )
+                    .help = Some("add `if: ${{ … }}` to this step, or move these steps out".into());
+                }
+            }
+        }
+        let retry = self.resolve_retry(&base.retry, spec.retry.as_ref(), &path.key("retry"));
+        let mut timeout = spec.timeout.map_or(base.timeout, |d| d.0);
+        self.check_timeout(timeout, &path.key("timeout"));
+        let for_each = self.for_each(&spec, path);
+        let action = if let Some(http) = &spec.http {
+            let (action, connection_timeout) = self.http_action(http, &path.key("http"))?;
+            if spec.timeout.is_none() {
+                if let Some(t) = connection_timeout {
+                    timeout = t;
+                }
+            }
+            Action::Http(action)
+        } else if let Some(code) = &spec.jq {
+            Action::Jq(self.program(code, &path.key("jq"))?)
+        } else if let Some(condition) = &spec.if_ {
+            if spec.for_each.is_some() {
+                self.error(
+                    &path.key("for_each"),
+                    "`for_each` cannot repeat an `if` step",
+                )
+                .help = Some("put `for_each` on the steps inside the branch instead".into());
+            }
+            if spec.retry.is_some() {
+                self.error(&path.key("retry"), "an `if` step has nothing to retry")
+                    .help = Some("remove `retry`; put it on the steps inside the branches".into());
+            }
+            let condition = self.condition(condition, &path.key("if"))?;
+            let Some(then) = &spec.then else {
+                self.error(path, "an `if` step needs `then:`").help =
+                    Some("list the steps to run when the condition holds under `then:`".into());
+                return None;
+            };
+            let child = StepDefaults {
+                retry: base.retry,
+                timeout: base.timeout,
+            };
+            let then = self.steps(then, &path.key("then"), &child);
+            let otherwise = match &spec.else_ {
+                Some(raws) => self.steps(raws, &path.key("else"), &child),
+                None => Vec::new(),
+            };
+            Action::If(IfBranch {
+                condition,
+                then,
+                otherwise,
+            })
+        } else if let Some(sleep) = &spec.sleep {
+            let template = self.template(sleep, &path.key("sleep"))?;
+            if let Template::Literal(value) = &template {
+                if let Err(message) = sleep_duration(value) {
+                    self.error_at_value(&path.key("sleep"), message).help = Some(
+                        "write a duration such as `30s` or `5m`, or a `${{ … }}` that yields one"
+                            .into(),
+                    );
+                }
+            }
+            Action::Sleep(template)
+        } else if let Some(assert) = &spec.assert {
+            self.assert_action(assert, &path.key("assert"))?
+        } else {
+            return None;
+        };
+        Some(Step {
+            id: spec.id,
+            action,
+            for_each,
+            retry,
+            timeout,
+        })
+    }
+
+    fn for_each(&mut self, spec: &StepSpec, path: &FieldPath) -> Option<ForEach> {
+        let Some(items) = &spec.for_each else {
+            if spec.concurrency.is_some() {
+                self.error(
+                    &path.key("concurrency"),
+                    "`concurrency` only applies to `for_each` steps",
+                )
+                .help = Some("remove it, or add `for_each: ${{ … }}`".into());
+            }
+            return None;
+        };
+        if spec.sleep.is_some() {
+            self.error(
+                &path.key("for_each"),
+                "`for_each` cannot repeat a `sleep` step",
+            )
+            .help = Some("sleep once for the whole duration instead".into());
+        }
+        let concurrency = spec.concurrency.unwrap_or(1);
+        if concurrency == 0 || concurrency > MAX_CONCURRENCY {
+            self.error(
+                &path.key("concurrency"),
+                format!("`concurrency` is {concurrency}"),
+            )
+            .help = Some(format!("use 1 to {MAX_CONCURRENCY}"));
+        }
+        let items_path = path.key("for_each");
+        let items = self.template(items, &items_path)?;
+        if let Template::Literal(v) = &items {
+            if !v.is_array() {
+                self.error_at_value(
+                    &items_path,
+                    "`for_each` must be a list or a `${{ … }}` that yields one",
+                )
+                .help = Some("e.g. `for_each: ${{ .steps.fetch.body.items }}`".into());
+            }
+        }
+        Some(ForEach { items, concurrency })
+    }
+
+    fn http_action(
+        &mut self,
+        spec: &HttpStepSpec,
+        path: &FieldPath,
+    ) -> Option<(HttpAction, Option<Duration>)> {
+        let mut connection_timeout = None;
+        if let Some(config) = self.config {
+            match config.connections.get(&spec.connection) {
+                None => {
+                    let names: Vec<&str> = config.connections.keys().map(String::as_str).collect();
+                    let help = match closest(&spec.connection, &names) {
+                        Some(best) => format!("did you mean `{best}`?"),
+                        None if names.is_empty() => {
+                            "define it under `connections:` in plumb.yaml".to_owned()
+                        }
+                        None => format!(
+                            "define it under `connections:` in plumb.yaml, or use one of: {}",
+                            names.join(", ")
+                        ),
+                    };
+                    self.error_at_value(
+                        &path.key("connection"),
+                        format!("unknown connection `{}`", spec.connection),
+                    )
+                    .help = Some(help);
+                }
+                Some(Connection::Http(c)) => connection_timeout = c.timeout,
+            }
+        }
+        let method = spec.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
+        if !matches!(
+            method.as_str(),
+            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS"
+        ) {
+            self.error_at_value(
+                &path.key("method"),
+                format!("unsupported HTTP method `{method}`"),
+            )
+            .help = Some("use GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS".into());
+        }
+        let path_template = self.template(&spec.path, &path.key("path"));
+        if let Some(t) = &path_template {
+            let literal_start = match t {
+                Template::Literal(Value::String(s)) => Some(s.as_str()),
+                Template::Text(parts) => match parts.first() {
+                    Some(crate::expr::TextPart::Literal(s)) => Some(s.as_str()),
+                    _ => None,
+                },
+                Template::Literal(_) => Some(""),
+                _ => None,
+            };
+            if let Some(start) = literal_start {
+                if !start.starts_with('/') || start.starts_with("//") {
+                    self.error_at_value(&path.key("path"), "the path must start with a single `/`: it is appended to the connection's base_url")
+                        .help = Some("a step may only call its connection's host; write the path, e.g. `/orders`, not a full URL".into());
+                }
+            }
+        }
+        let mut query = Vec::new();
+        for (k, v) in &spec.query {
+            if let Some(t) = self.template(v, &path.key("query").key(k.clone())) {
+                query.push((k.clone(), t));
+            }
+        }
+        let mut headers = Vec::new();
+        for (k, v) in &spec.headers {
+            let hp = path.key("headers").key(k.clone());
+            if !is_header_name(k) {
+                self.error(&hp, format!("invalid header name `{k}`")).help =
+                    Some("header names are letters, digits and `-`".into());
+            }
+            if k.eq_ignore_ascii_case("idempotency-key") {
+                self.error(&hp, "`Idempotency-Key` is set by plumb").help = Some(
+                    "remove it: every request carries `<run_id>:<step_id>[:<item>]`, the same on every retry".into(),
+                );
+            }
+            if let Some(t) = self.template(v, &hp) {
+                headers.push((k.clone(), t));
+            }
+        }
+        let body = match &spec.body {
+            Some(b) => Some(self.template(b, &path.key("body"))?),
+            None => None,
+        };
+        if let Some(expect) = &spec.expect {
+            for (i, s) in expect.status.iter().enumerate() {
+                if !(100..=599).contains(s) {
+                    self.error_at_value(
+                        &path.key("expect").key("status").index(i),
+                        format!("`{s}` is not an HTTP status"),
+                    )
+                    .help = Some("use codes between 100 and 599".into());
+                }
+            }
+        }
+        Some((
+            HttpAction {
+                connection: spec.connection.clone(),
+                method,
+                path: path_template?,
+                query,
+                headers,
+                body,
+                expect_status: spec.expect.as_ref().map(|e| e.status.clone()),
+            },
+            connection_timeout,
+        ))
+    }
+
+    fn assert_action(&mut self, spec: &AssertSpec, path: &FieldPath) -> Option<Action> {
+        let condition = self.condition(&spec.condition, &path.key("condition"));
+        let message = match &spec.message {
+            Some(m) => Some(self.template(m, &path.key("message"))?),
+            None => None,
+        };
+        Some(Action::Assert {
+            condition: condition?,
+            message,
+        })
+    }
+
+    fn condition(&mut self, raw: &Value, path: &FieldPath) -> Option<Template> {
+        let template = self.template(raw, path)?;
+        match &template {
+            Template::Expr(_) | Template::Literal(Value::Bool(_)) => Some(template),
+            _ => {
+                self.error_at_value(path, "a condition must be a single `${{ … }}` expression")
+                    .help = Some("e.g. `${{ .steps.fetch.status == 200 }}`".into());
+                None
+            }
+        }
+    }
+
+    fn template(&mut self, raw: &Value, path: &FieldPath) -> Option<Template> {
+        match Template::compile(raw) {
+            Ok(t) => Some(t),
+            Err(errors) => {
+                for e in errors {
+                    let mut p = path.clone();
+                    for seg in e.path {
+                        p = match seg {
+                            Segment::Key(k) => p.key(k),
+                            Segment::Index(i) => p.index(i),
+                        };
+                    }
+                    self.error_at_value(
+                        &p,
+                        format!(
+                            "invalid expression `${{{{ {} }}}}`: {}",
+                            e.expression, e.error
+                        ),
+                    )
+                    .help = Some(expression_help(&e.expression, &e.error));
+                }
+                None
+            }
+        }
+    }
+
+    fn program(&mut self, code: &str, path: &FieldPath) -> Option<Program> {
+        match Program::compile(code) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.error_at_value(path, format!("invalid jq program: {e}"))
+                    .help = Some(expression_help(code, &e));
+                None
+            }
+        }
+    }
+
+    /// Every `.steps.<id>` an expression reads must name a step that runs
+    /// before it: a typo or a forward reference would otherwise be a silent
+    /// `null` at run time.
+    fn check_references(&mut self, steps: &[Step]) {
+        let mut order: HashMap<String, usize> = HashMap::new();
+        let mut flat: Vec<&Step> = Vec::new();
+        fn walk<'s>(steps: &'s [Step], out: &mut Vec<&'s Step>) {
+            for s in steps {
+                out.push(s);
+                if let Action::If(b) = &s.action {
+                    walk(&b.then, out);
+                    walk(&b.otherwise, out);
+                }
+            }
+        }
+        walk(steps, &mut flat);
+        for (i, s) in flat.iter().enumerate() {
+            order.insert(s.id.clone(), i);
+        }
+        let known: Vec<String> = flat.iter().map(|s| s.id.clone()).collect();
+        let known_refs: Vec<&str> = known.iter().map(String::as_str).collect();
+        for (position, step) in flat.iter().enumerate() {
+            let Some(step_path) = self.step_paths.get(&step.id).cloned() else {
+                continue;
+            };
+            for program in step_programs(step) {
+                for referenced in step_references(program.source()) {
+                    match order.get(&referenced) {
+                        None => {
+                            let help = match closest(&referenced, &known_refs) {
+                                Some(best) => format!("did you mean `.steps.{best}`?"),
+                                None => {
+                                    format!("the steps of this workflow are: {}", known.join(", "))
+                                }
+                            };
+                            self.error(&step_path.key("id"), format!(
+                                "step `{}` reads `.steps.{referenced}`, but no step has the id `{referenced}`",
+                                step.id
+                            ))
+                            .help = Some(help);
+                        }
+                        Some(&at) if at >= position => {
+                            self.error(&step_path.key("id"), format!(
+                                "step `{}` reads `.steps.{referenced}`, which has not run yet at that point",
+                                step.id
+                            ))
+                            .help = Some("a step can only read the outputs of steps before it; move it after `".to_owned() + &referenced + "`");
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn step_programs(step: &Step) -> Vec<&Program> {
+    let mut out: Vec<&Program> = Vec::new();
+    if let Some(f) = &step.for_each {
+        out.extend(f.items.programs());
+    }
+    match &step.action {
+        Action::Http(h) => {
+            out.extend(h.path.programs());
+            for (_, t) in &h.query {
+                out.extend(t.programs());
+            }
+            for (_, t) in &h.headers {
+                out.extend(t.programs());
+            }
+            if let Some(b) = &h.body {
+                out.extend(b.programs());
+            }
+        }
+        Action::Jq(p) => out.push(p),
+        Action::If(b) => out.extend(b.condition.programs()),
+        Action::Sleep(t) => out.extend(t.programs()),
+        Action::Assert { condition, message } => {
+            out.extend(condition.programs());
+            if let Some(m) = message {
+                out.extend(m.programs());
+            }
+        }
+    }
+    out
+}
+
+/// The step ids an expression reads through `.steps.<id>` or `.steps["id"]`.
+fn step_references(code: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = code.as_bytes();
+    let mut i = 0;
+    while let Some(found) = code[i..].find(".steps") {
+        let start = i + found;
+        let mut j = start + ".steps".len();
+        // `.stepsfoo` is another field, not `.steps`.
+        if bytes
+            .get(j)
+            .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        {
+            i = j;
+            continue;
+        }
+        while bytes.get(j).is_some_and(u8::is_ascii_whitespace) {
+            j += 1;
+        }
+        if bytes.get(j) == Some(&b'?') {
+            j += 1;
+        }
+        match bytes.get(j) {
+            Some(b'.') => {
+                let rest = &code[j + 1..];
+                let rest = rest.trim_start();
+                let id: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !id.is_empty() {
+                    out.push(id);
+                }
+            }
+            Some(b'[') => {
+                let rest = code[j + 1..].trim_start();
+                if let Some(quoted) = rest.strip_prefix('"') {
+                    if let Some(end) = quoted.find('"') {
+                        out.push(quoted[..end].to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+        i = j.max(start + 1);
+    }
+    out
+}
+
+fn expression_help(expression: &str, error: &crate::expr::CompileError) -> String {
+    let mut pointer = String::new();
+    let at = error.offset.min(expression.len());
+    let column = expression[..at].chars().count();
+    pointer.push_str(expression);
+    pointer.push('\n');
+    pointer.push_str(&" ".repeat(column + 8));
+    pointer.push('^');
+    format!("fix the jq syntax here:\n        {pointer}")
+}
+
+/// Parses a literal `sleep:` value: a duration text or a number of seconds.
+///
+/// # Errors
+///
+/// Returns a message saying what is wrong with the value.
+pub fn sleep_duration(value: &Value) -> Result<Duration, String> {
+    match value {
+        Value::String(s) => {
+            humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration `{s}`: {e}"))
+        }
+        Value::Number(n) => match n.as_f64() {
+            Some(secs) if secs >= 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
+            _ => Err(format!("invalid number of seconds `{n}`")),
+        },
+        other => Err(format!("`{other}` is not a duration")),
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 100
+}
+
+fn is_workflow_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.len() <= 100
+}
+
+fn is_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
+}
+
+fn closest<'n>(name: &str, candidates: &[&'n str]) -> Option<&'n str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::damerau_levenshtein(name, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 4) && *d < c.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> ProjectConfig {
+        load_config(&SourceFile {
+            path: "plumb.yaml".into(),
+            text: text.into(),
+        })
+        .expect("valid config")
+    }
+
+    fn workflow(text: &str) -> Result<Workflow, Diagnostics> {
+        let cfg =
+            config("connections:\n  crm:\n    http:\n      base_url: https://api.crm.example/v1\n");
+        load_workflow(
+            &SourceFile {
+                path: "workflows/w.yaml".into(),
+                text: text.into(),
+            },
+            &cfg,
+        )
+    }
+
+    const HEAD: &str = "name: w\nowner: team@example.com\ndescription: test\n";
+
+    #[test]
+    fn a_valid_workflow_loads_with_resolved_policies() {
+        let w = workflow(&format!(
+            "{HEAD}retry: {{ attempts: 7 }}\nsteps:\n  - id: fetch\n    http: {{ connection: crm, path: /contacts }}\n    retry: {{ initial: 2s }}\n  - id: shape\n    jq: '.steps.fetch.body'\n"
+        ))
+        .expect("valid");
+        assert_eq!(w.steps.len(), 2);
+        assert_eq!(w.steps[0].retry.attempts, 7);
+        assert_eq!(w.steps[0].retry.initial, Duration::from_secs(2));
+        assert_eq!(w.steps[1].retry.initial, DEFAULT_RETRY.initial);
+        assert_eq!(w.trigger, Trigger::Manual);
+        assert_eq!(w.version.len(), 64);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_field_and_suggests_the_fix() {
+        let err = workflow(&format!(
+            "{HEAD}steps:\n  - id: fetch\n    http:\n      conection: crm\n      path: /x\n"
+        ))
+        .expect_err("typo");
+        let d = &err.0[0];
+        assert_eq!(d.file, "workflows/w.yaml");
+        assert_eq!(d.line, Some(7));
+        assert_eq!(d.field.as_deref(), Some("steps[0].http.conection"));
+        assert!(d.message.contains("unknown field `conection`"), "{d}");
+        assert_eq!(d.help.as_deref(), Some("did you mean `connection`?"));
+    }
+
+    #[test]
+    fn all_problems_are_reported_not_just_the_first() {
+        let err = workflow(
+            "name: w\nowner: ''\ndescription: d\nsteps:\n  - id: a\n    jq: '.x +'\n  - id: a\n    http: { connection: nope, path: /x }\n  - id: c\n    jq: '.steps.zzz'\n",
+        )
+        .expect_err("several problems");
+        let messages: Vec<String> = err.0.iter().map(|d| d.message.clone()).collect();
+        assert!(
+            messages.iter().any(|m| m.contains("`owner` is empty")),
+            "{messages:?}"
+        );
+        assert!(
+            messages.iter().any(|m| m.contains("invalid jq program")),
+            "{messages:?}"
+        );
+        assert!(
+            messages.iter().any(|m| m.contains("used twice")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("unknown connection `nope`")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("no step has the id `zzz`")),
+            "{messages:?}"
+        );
+        assert!(err.0.len() >= 5);
+    }
+
+    #[test]
+    fn missing_owner_is_reported_with_help() {
+        let err = workflow("name: w\ndescription: d\nsteps:\n  - id: a\n    jq: .\n")
+            .expect_err("no owner");
+        assert!(err.0[0].message.contains("missing required field `owner`"));
+        assert!(err.0[0].help.as_deref().unwrap_or("").contains("paged"));
+    }
+
+    #[test]
+    fn forward_references_are_rejected() {
+        let err = workflow(&format!(
+            "{HEAD}steps:\n  - id: a\n    jq: '.steps.b'\n  - id: b\n    jq: '1'\n"
+        ))
+        .expect_err("forward ref");
+        assert!(err.0[0].message.contains("has not run yet"), "{}", err.0[0]);
+        assert_eq!(err.0[0].line, Some(5));
+    }
+
+    #[test]
+    fn absolute_urls_in_http_path_are_an_egress_error() {
+        let err = workflow(&format!(
+            "{HEAD}steps:\n  - id: a\n    http: {{ connection: crm, path: 'https://evil.example/x' }}\n"
+        ))
+        .expect_err("absolute url");
+        assert!(
+            err.0[0].message.contains("must start with a single `/`"),
+            "{}",
+            err.0[0]
+        );
+    }
+
+    #[test]
+    fn expression_syntax_errors_point_at_the_field() {
+        let err = workflow(&format!(
+            "{HEAD}steps:\n  - id: a\n    http:\n      connection: crm\n      path: /x\n      body:\n        n: '${{{{ .trigger.body.n + }}}}'\n"
+        ))
+        .expect_err("bad expression");
+        let d = &err.0[0];
+        assert_eq!(d.field.as_deref(), Some("steps[0].http.body.n"));
+        assert_eq!(d.line, Some(10));
+        assert!(d.message.contains("invalid expression"), "{d}");
+    }
+
+    #[test]
+    fn if_branches_and_for_each_are_validated() {
+        let w = workflow(&format!(
+            "{HEAD}steps:\n  - id: check\n    if: '${{{{ .trigger.body.big }}}}'\n    then:\n      - id: notify\n        jq: '1'\n    else:\n      - id: quiet\n        jq: '2'\n  - id: each\n    for_each: '${{{{ [.steps.notify, .steps.quiet] }}}}'\n    concurrency: 4\n    jq: '.item'\n"
+        ))
+        .expect("valid");
+        assert_eq!(w.all_steps().len(), 4);
+        let err = workflow(&format!(
+            "{HEAD}steps:\n  - id: x\n    jq: '1'\n    concurrency: 2\n"
+        ))
+        .expect_err("concurrency without for_each");
+        assert!(err.0[0].message.contains("only applies to `for_each`"));
+    }
+
+    #[test]
+    fn step_with_two_actions_is_rejected() {
+        let err = workflow(&format!(
+            "{HEAD}steps:\n  - id: x\n    jq: '1'\n    sleep: 1s\n"
+        ))
+        .expect_err("two actions");
+        assert!(
+            err.0[0].message.contains("found jq and sleep"),
+            "{}",
+            err.0[0]
+        );
+    }
+
+    #[test]
+    fn schedule_trigger_checks_cron_and_timezone() {
+        let err = workflow(&format!(
+            "{HEAD}trigger:\n  schedule: {{ cron: '61 * * * *', timezone: Mars/Olympus }}\nsteps:\n  - id: x\n    jq: '1'\n"
+        ))
+        .expect_err("bad schedule");
+        assert_eq!(err.0.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn step_references_finds_dotted_and_bracketed_ids() {
+        assert_eq!(
+            step_references(r#".steps.a.body + .steps["b-c"] | .steps?.d | .stepsx"#),
+            vec!["a", "b-c", "d"]
+        );
+    }
+
+    #[test]
+    fn duration_without_unit_is_explained() {
+        let err = workflow(&format!(
+            "{HEAD}timeout: 30\nsteps:\n  - id: x\n    jq: '1'\n"
+        ))
+        .expect_err("no unit");
+        assert!(err.0[0].message.contains("no unit"), "{}", err.0[0]);
+        assert_eq!(err.0[0].line, Some(4));
+    }
+}

@@ -1,0 +1,254 @@
+//! The files as written: serde shapes of `plumb.yaml` and `workflows/*.yaml`.
+//!
+//! These types mirror the YAML one to one and reject unknown fields, so a
+//! typo is an error rather than a silently ignored setting. Lists whose
+//! elements should be reported independently (steps, connections) are kept
+//! as raw JSON here and deserialized one element at a time by
+//! [`crate::project`], so one bad step does not hide the problems of the
+//! next.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+
+/// A duration written with a unit: `500ms`, `10s`, `5m`, `1h 30m`, `1d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration with a unit, such as `500ms`, `10s`, `5m` or `1h`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Dur, E> {
+                humantime::parse_duration(v.trim()).map(Dur).map_err(|e| {
+                    E::custom(format!(
+                        "invalid duration `{v}` ({e}); write it with a unit, such as `500ms`, `10s`, `5m` or `1h`"
+                    ))
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "the duration `{v}` has no unit; write `{v}s` for seconds or `{v}ms` for milliseconds"
+                )))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "the duration `{v}` has no unit; write it as e.g. `10s`"
+                )))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Dur, E> {
+                Err(E::custom(format!(
+                    "the duration `{v}` has no unit; write it as e.g. `1500ms`"
+                )))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// `plumb.yaml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectSpec {
+    /// Where runs are stored: `sqlite://plumb.db` (the default).
+    pub store: Option<String>,
+    /// Address `plumb serve` listens on.
+    pub listen: Option<String>,
+    /// Named connections; each value is a [`ConnectionSpec`].
+    #[serde(default)]
+    pub connections: Map<String, Value>,
+    /// Project-wide defaults.
+    #[serde(default)]
+    pub defaults: DefaultsSpec,
+}
+
+/// `defaults:` in `plumb.yaml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsSpec {
+    /// Retry policy for every step unless overridden.
+    pub retry: Option<RetrySpec>,
+    /// Per-step timeout unless overridden.
+    pub timeout: Option<Dur>,
+}
+
+/// A retry policy; every field is optional and overrides the level above.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Total attempts, the first one included (1 = no retry).
+    pub attempts: Option<u32>,
+    /// How the delay grows between attempts.
+    pub backoff: Option<Backoff>,
+    /// Delay before the second attempt.
+    pub initial: Option<Dur>,
+    /// Longest delay between attempts.
+    pub max: Option<Dur>,
+    /// Randomise delays so many runs do not retry in lockstep.
+    pub jitter: Option<bool>,
+}
+
+/// How retry delays grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backoff {
+    /// Doubles after each attempt, up to `max`.
+    Exponential,
+    /// Always `initial`.
+    Fixed,
+}
+
+/// One entry of `connections:`: exactly one kind.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionSpec {
+    /// An HTTP API.
+    pub http: Option<HttpConnectionSpec>,
+}
+
+/// `connections.<name>.http`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConnectionSpec {
+    /// Scheme, host and optional path prefix every request goes to.
+    pub base_url: String,
+    /// Headers sent with every request (no credentials: those come from secrets).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Request timeout for this connection.
+    pub timeout: Option<Dur>,
+}
+
+/// A workflow file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowSpec {
+    /// Unique name, used on the command line and in URLs.
+    pub name: String,
+    /// Who is paged when it breaks.
+    pub owner: String,
+    /// What it does, for the people who inherit it.
+    pub description: String,
+    /// What starts a run; `manual` when omitted.
+    pub trigger: Option<Value>,
+    /// The steps, each a [`StepSpec`].
+    pub steps: Vec<Value>,
+    /// Retry policy for this workflow's steps.
+    pub retry: Option<RetrySpec>,
+    /// Per-step timeout for this workflow's steps.
+    pub timeout: Option<Dur>,
+}
+
+/// `trigger:` written as a mapping with exactly one kind.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerSpec {
+    /// `POST /hooks/<path>`.
+    pub webhook: Option<WebhookSpec>,
+    /// A cron schedule.
+    pub schedule: Option<ScheduleSpec>,
+    /// Started by hand (CLI or API) only.
+    pub manual: Option<Value>,
+}
+
+/// `trigger.webhook`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    /// Served at `POST /hooks/<path>`.
+    pub path: String,
+}
+
+/// `trigger.schedule`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Cron expression (5 fields, or 6 with seconds).
+    pub cron: String,
+    /// IANA timezone the cron expression is read in; UTC when omitted.
+    pub timezone: Option<String>,
+}
+
+/// One step as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// Unique within the workflow; other steps read its output as `.steps.<id>`.
+    pub id: String,
+    /// Call an HTTP connection.
+    pub http: Option<HttpStepSpec>,
+    /// Transform with a jq program.
+    pub jq: Option<String>,
+    /// Branch on a condition.
+    #[serde(rename = "if")]
+    pub if_: Option<Value>,
+    /// Steps run when the condition holds.
+    pub then: Option<Vec<Value>>,
+    /// Steps run when it does not.
+    #[serde(rename = "else")]
+    pub else_: Option<Vec<Value>>,
+    /// Wait, durably.
+    pub sleep: Option<Value>,
+    /// Fail the run unless a condition holds.
+    pub assert: Option<AssertSpec>,
+    /// Run the action once per element of this list.
+    pub for_each: Option<Value>,
+    /// How many `for_each` items run at once.
+    pub concurrency: Option<u32>,
+    /// Retry policy for this step.
+    pub retry: Option<RetrySpec>,
+    /// Timeout for one attempt of this step.
+    pub timeout: Option<Dur>,
+}
+
+/// `http:` in a step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpStepSpec {
+    /// The connection to call (its host is the only one reachable).
+    pub connection: String,
+    /// HTTP method; `GET` when omitted.
+    pub method: Option<String>,
+    /// Path below the connection's `base_url`.
+    #[serde(default = "default_path")]
+    pub path: Value,
+    /// Query parameters.
+    #[serde(default)]
+    pub query: Map<String, Value>,
+    /// Request headers.
+    #[serde(default)]
+    pub headers: Map<String, Value>,
+    /// JSON request body.
+    pub body: Option<Value>,
+    /// What counts as success.
+    pub expect: Option<ExpectSpec>,
+}
+
+fn default_path() -> Value {
+    Value::String("/".to_owned())
+}
+
+/// `expect:` in an http step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectSpec {
+    /// Status codes that count as success (default: any 2xx).
+    pub status: Vec<u16>,
+}
+
+/// `assert:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertSpec {
+    /// A `${{ … }}` that must be true.
+    pub condition: Value,
+    /// The failure message (may hold `${{ … }}`).
+    pub message: Option<Value>,
+}
