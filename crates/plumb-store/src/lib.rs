@@ -1,0 +1,438 @@
+//! plumb's durable state, behind one [`Store`] trait: runs, the step journal,
+//! failed attempts, leases and pinned workflow versions.
+//!
+//! The store knows rows, not workflows: step ids, payloads and outputs are
+//! opaque strings and JSON to it. It never sees a YAML file, an expression or
+//! a network connection, and the engine never sees SQL or a driver error —
+//! driver errors are mapped to [`StoreError`] at this boundary.
+//!
+//! # Invariants
+//!
+//! * A step row with a terminal status ([`StepStatus::is_terminal`]) is the
+//!   committed outcome of that step (or `for_each` item). Once the call that
+//!   wrote it returns, it survives SIGKILL and power loss (SQLite in WAL mode
+//!   with `synchronous=FULL`).
+//! * Journal writes are *fenced*: they succeed only while the writer holds the
+//!   run's lease and the run is `running`. A process that lost its lease (it
+//!   stalled, and another claimed the run) gets [`StoreError::LeaseLost`] and
+//!   must stop, so two processes never interleave one run's journal.
+//! * Times are Unix milliseconds.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::Value;
+
+pub mod sqlite;
+
+pub use sqlite::{SqliteStore, Synchronous};
+
+/// Unix time in milliseconds.
+pub type Millis = i64;
+
+/// The current Unix time in milliseconds.
+#[must_use]
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Errors from the store, already classified for the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be opened or migrated.
+    #[error("cannot open the store at {location}: {message}")]
+    Open {
+        /// Path or URL of the store.
+        location: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The store is locked by another writer past the busy timeout. Retrying
+    /// later may succeed.
+    #[error("the store is busy (locked by another writer): {0}")]
+    Busy(String),
+    /// The store cannot commit: disk full, read-only file system, I/O error.
+    #[error("the store cannot commit: {0}")]
+    Unavailable(String),
+    /// This process no longer holds the run's lease (or the run is no longer
+    /// running); it must stop working on the run.
+    #[error("run {run_id} is no longer leased to this process")]
+    LeaseLost {
+        /// The run.
+        run_id: String,
+    },
+    /// A stored value could not be decoded.
+    #[error("the store holds an unreadable record: {0}")]
+    Corrupt(String),
+    /// Anything else the database reported.
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later can succeed.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Busy(_) | Self::Unavailable(_))
+    }
+}
+
+/// Where a run is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// Leased by a worker (or interrupted and waiting to be resumed).
+    Running,
+    /// Ended: every step succeeded.
+    Succeeded,
+    /// Ended: a step failed for good.
+    Failed,
+    /// Ended: stopped on request.
+    Cancelled,
+}
+
+impl RunStatus {
+    /// The status as stored and shown.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the run has ended.
+    #[must_use]
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// Parses a stored status.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`StoreError::Corrupt`] for an unknown value.
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            other => return Err(StoreError::Corrupt(format!("unknown run status `{other}`"))),
+        })
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a step (or `for_each` item) is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// An attempt started and has no outcome yet. After a crash this is the
+    /// step that was in flight: it may have had its effect, so it is re-sent
+    /// with the same idempotency key.
+    Running,
+    /// Committed outcome: succeeded, `output` holds the result.
+    Succeeded,
+    /// Committed outcome: failed for good, `error` says why.
+    Failed,
+}
+
+impl StepStatus {
+    /// The status as stored and shown.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether this is a committed outcome.
+    #[must_use]
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Running)
+    }
+
+    /// Parses a stored status.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`StoreError::Corrupt`] for an unknown value.
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown step status `{other}`"
+                )));
+            }
+        })
+    }
+}
+
+impl fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The exact workflow file a run is pinned to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WorkflowVersion {
+    /// SHA-256 of `source`, hex.
+    pub hash: String,
+    /// Workflow name.
+    pub workflow: String,
+    /// File path relative to the project.
+    pub file: String,
+    /// The file text.
+    pub source: String,
+    /// When first stored.
+    pub created_at: Millis,
+}
+
+/// A run to create.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    /// Run id (UUIDv7 text).
+    pub id: String,
+    /// Workflow name.
+    pub workflow: String,
+    /// Version hash; must already be stored.
+    pub version: String,
+    /// The trigger document.
+    pub trigger: Value,
+    /// `Some(owner)` creates the run already leased and running (a foreground
+    /// `plumb run`); `None` creates it queued.
+    pub lease: Option<Lease>,
+}
+
+/// A lease on a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Who holds it.
+    pub owner: String,
+    /// Until when.
+    pub expires_at: Millis,
+}
+
+/// Why a run failed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    /// What went wrong.
+    pub message: String,
+    /// The failing step.
+    pub step: Option<String>,
+    /// The failing `for_each` item, if one.
+    pub item: Option<u32>,
+    /// Attempts made.
+    pub attempt: Option<u32>,
+    /// HTTP status of the last attempt, if any.
+    pub status_code: Option<u16>,
+}
+
+/// A stored run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Run {
+    /// Run id.
+    pub id: String,
+    /// Workflow name.
+    pub workflow: String,
+    /// Version hash.
+    pub version: String,
+    /// The trigger document.
+    pub trigger: Value,
+    /// Status.
+    pub status: RunStatus,
+    /// How many times a process has claimed it (1 + resumes).
+    pub claims: u32,
+    /// Created.
+    pub created_at: Millis,
+    /// First claimed.
+    pub started_at: Option<Millis>,
+    /// Ended.
+    pub finished_at: Option<Millis>,
+    /// Last change.
+    pub updated_at: Millis,
+    /// Why it failed or was cancelled.
+    pub failure: Option<Failure>,
+    /// Current lease holder.
+    pub lease_owner: Option<String>,
+    /// Current lease expiry.
+    pub lease_expires_at: Option<Millis>,
+}
+
+/// One row of the step journal.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepRecord {
+    /// The run.
+    pub run_id: String,
+    /// The step id.
+    pub step_id: String,
+    /// `for_each` item index, or `None` for the step as a whole.
+    pub item: Option<u32>,
+    /// Status.
+    pub status: StepStatus,
+    /// Attempt number of the latest attempt (1-based).
+    pub attempt: u32,
+    /// Step-private durable state: the item list of a `for_each`, the wake-up
+    /// time of a `sleep`. Kept when a later write has none.
+    pub state: Option<Value>,
+    /// The output, once succeeded.
+    pub output: Option<Value>,
+    /// The error, once failed.
+    pub error: Option<String>,
+    /// HTTP status of the latest attempt, if any.
+    pub status_code: Option<u16>,
+    /// When the first attempt started.
+    pub started_at: Millis,
+    /// When the outcome was committed.
+    pub finished_at: Option<Millis>,
+}
+
+/// A failed attempt, kept for the timeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AttemptFailure {
+    /// The run.
+    pub run_id: String,
+    /// The step.
+    pub step_id: String,
+    /// The item, if any.
+    pub item: Option<u32>,
+    /// Which attempt.
+    pub attempt: u32,
+    /// When it started.
+    pub started_at: Millis,
+    /// When it failed.
+    pub finished_at: Millis,
+    /// HTTP status, if any.
+    pub status_code: Option<u16>,
+    /// What went wrong.
+    pub error: String,
+    /// Whether it was retried (or would have been, had attempts remained).
+    pub retryable: bool,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Every step succeeded.
+    Succeeded,
+    /// A step failed for good.
+    Failed(Failure),
+    /// Stopped on request.
+    Cancelled(String),
+}
+
+/// The result of trying to claim a run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Claim {
+    /// The caller now holds the lease; the run as it is now.
+    Claimed(Run),
+    /// Another process holds a live lease.
+    Busy {
+        /// Who holds it.
+        owner: String,
+        /// Until when.
+        expires_at: Millis,
+    },
+    /// The run has already ended.
+    Ended(RunStatus),
+    /// No such run.
+    NotFound,
+}
+
+/// Which runs to list.
+#[derive(Clone, Debug, Default)]
+pub struct RunFilter {
+    /// Only this workflow.
+    pub workflow: Option<String>,
+    /// Only this status.
+    pub status: Option<RunStatus>,
+    /// At most this many (newest first).
+    pub limit: u32,
+}
+
+/// The durable state of plumb.
+///
+/// # Errors
+///
+/// Every method returns a [`StoreError`] when the database cannot be read or
+/// written; journal writes also return [`StoreError::LeaseLost`] when the
+/// caller no longer holds the run.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a workflow version if it is not stored yet.
+    async fn put_workflow_version(&self, version: &WorkflowVersion) -> Result<(), StoreError>;
+
+    /// A stored workflow version.
+    async fn workflow_version(&self, hash: &str) -> Result<Option<WorkflowVersion>, StoreError>;
+
+    /// Commits a new run. When this returns, the run is durable.
+    async fn create_run(&self, run: &NewRun) -> Result<(), StoreError>;
+
+    /// One run.
+    async fn run(&self, id: &str) -> Result<Option<Run>, StoreError>;
+
+    /// Runs, newest first.
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
+
+    /// Takes the lease of a queued or running run if nobody holds a live one,
+    /// or if the holder is exactly `steal_from` (the caller has established
+    /// that this holder is dead).
+    async fn claim_run(
+        &self,
+        id: &str,
+        lease: &Lease,
+        steal_from: Option<&str>,
+    ) -> Result<Claim, StoreError>;
+
+    /// Extends the caller's lease. `false` when the caller no longer holds it.
+    async fn renew_lease(&self, id: &str, lease: &Lease) -> Result<bool, StoreError>;
+
+    /// Gives up the lease without ending the run, so another process can
+    /// resume it at once.
+    async fn release_run(&self, id: &str, owner: &str) -> Result<(), StoreError>;
+
+    /// The run's journal.
+    async fn journal(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError>;
+
+    /// Writes (inserts or replaces) one journal row; fenced by the lease.
+    async fn record_step(&self, owner: &str, record: &StepRecord) -> Result<(), StoreError>;
+
+    /// Keeps a failed attempt for the timeline; fenced by the lease.
+    async fn record_attempt_failure(
+        &self,
+        owner: &str,
+        failure: &AttemptFailure,
+    ) -> Result<(), StoreError>;
+
+    /// Every failed attempt of a run.
+    async fn attempt_failures(&self, run_id: &str) -> Result<Vec<AttemptFailure>, StoreError>;
+
+    /// Ends a run and releases its lease; fenced by the lease.
+    async fn finish_run(
+        &self,
+        id: &str,
+        owner: &str,
+        outcome: &RunOutcome,
+    ) -> Result<(), StoreError>;
+}
