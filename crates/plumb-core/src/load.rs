@@ -154,9 +154,10 @@ pub fn load_config(file: &SourceFile) -> Result<ProjectConfig, Diagnostics> {
         }
     }
     let store = spec.store.unwrap_or_else(|| DEFAULT_STORE.to_owned());
-    if !(store.starts_with("sqlite:")) {
-        cx.error(&root.key("store"), format!("unsupported store `{store}`"))
-            .help = Some("use `sqlite://plumb.db` (a path relative to the project) or `sqlite:///absolute/path.db`".into());
+    if let Err(message) = check_store_url(&store) {
+        cx.error_at_value(&root.key("store"), message).help = Some(
+            "use `sqlite://plumb.db` (relative to the project) or `sqlite:///absolute/path.db`, optionally with `?synchronous=normal`".into(),
+        );
     }
     let config = ProjectConfig {
         store,
@@ -1028,6 +1029,25 @@ pub fn sleep_duration(value: &Value) -> Result<Duration, String> {
         },
         other => Err(format!("`{other}` is not a duration")),
     }
+}
+
+fn check_store_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return Err(format!("unsupported store `{url}`"));
+    };
+    let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if file.is_empty() {
+        return Err(format!("the store URL `{url}` names no file"));
+    }
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        if !matches!(pair, "synchronous=full" | "synchronous=normal") {
+            return Err(format!("unknown store option `{pair}` in `{url}`"));
+        }
+    }
+    Ok(())
 }
 
 fn is_identifier(s: &str) -> bool {

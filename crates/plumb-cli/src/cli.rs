@@ -1,0 +1,122 @@
+//! Flags and subcommands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// plumb: durable, observable integrations you can trust with real data.
+#[derive(Debug, Parser)]
+#[command(name = "plumb", version, about, long_about = None)]
+pub struct Cli {
+    /// Options every command takes.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// The project directory (holding plumb.yaml); default: the current directory.
+    #[arg(long, global = true, value_name = "DIR", env = "PLUMB_PROJECT")]
+    pub project: Option<PathBuf>,
+    /// Machine-readable output: JSON (JSON lines for `run`).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Global {
+    /// The project directory.
+    pub fn project_dir(&self) -> PathBuf {
+        self.project.clone().unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Scaffold a project with an example workflow.
+    Init {
+        /// Where to create it (default: the current directory).
+        dir: Option<PathBuf>,
+    },
+    /// Validate the project: schema, references, expressions, egress. Exit 1 on problems.
+    Check,
+    /// Run a workflow once in the foreground, or resume an interrupted run.
+    Run(RunArgs),
+    /// Run history, step timelines and errors.
+    Runs {
+        /// List or show.
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
+}
+
+/// `plumb run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The workflow to run.
+    #[arg(required_unless_present = "resume", conflicts_with = "resume")]
+    pub workflow: Option<String>,
+    /// A JSON file whose content becomes `.trigger.body` (`-` for stdin).
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    pub input: Option<PathBuf>,
+    /// Continue an interrupted run at its first step without a committed outcome.
+    #[arg(long, value_name = "RUN_ID")]
+    pub resume: Option<String>,
+}
+
+/// `plumb runs …`.
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// Recent runs, newest first.
+    List(ListArgs),
+    /// One run: status, error and step timeline.
+    Show {
+        /// The run id (as printed by `plumb run` or `plumb runs list`).
+        run_id: String,
+    },
+}
+
+/// `plumb runs list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only runs of this workflow.
+    #[arg(long)]
+    pub workflow: Option<String>,
+    /// Only runs in this state.
+    #[arg(long, value_enum)]
+    pub status: Option<StatusArg>,
+    /// How many runs to show.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+}
+
+/// A run status on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StatusArg {
+    /// Waiting for a worker.
+    Queued,
+    /// In progress, or interrupted and resumable.
+    Running,
+    /// Ended well.
+    Succeeded,
+    /// Ended with a failed step.
+    Failed,
+    /// Stopped on request.
+    Cancelled,
+}
+
+impl From<StatusArg> for plumb_store::RunStatus {
+    fn from(s: StatusArg) -> Self {
+        match s {
+            StatusArg::Queued => Self::Queued,
+            StatusArg::Running => Self::Running,
+            StatusArg::Succeeded => Self::Succeeded,
+            StatusArg::Failed => Self::Failed,
+            StatusArg::Cancelled => Self::Cancelled,
+        }
+    }
+}

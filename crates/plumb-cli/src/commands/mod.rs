@@ -1,0 +1,54 @@
+//! One module per subcommand, plus what they share: finding the project and
+//! opening its store.
+
+pub mod check;
+pub mod init;
+pub mod run;
+pub mod runs;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use plumb_core::{Diagnostics, ProjectConfig};
+use plumb_engine::project_dir::{self, LoadError, PROJECT_FILE};
+use plumb_store::SqliteStore;
+
+/// Prints diagnostics to stderr in the format `plumb check` uses.
+pub fn print_diagnostics(diags: &Diagnostics) {
+    let style = crate::output::Style::detect();
+    for d in &diags.0 {
+        let mut text = d.to_string();
+        if let Some((head, rest)) = text.split_once(": ") {
+            text = format!("{head}: {} {rest}", style.bad("error:"));
+        }
+        eprintln!("{text}\n");
+    }
+}
+
+/// Loads only `plumb.yaml` (commands that read history should work even
+/// while a workflow file is broken).
+pub fn load_config(root: &Path) -> anyhow::Result<ProjectConfig> {
+    let (project_file, _) = match project_dir::read_sources(root) {
+        Ok(s) => s,
+        Err(LoadError::Invalid(d)) => {
+            print_diagnostics(&d);
+            anyhow::bail!("the project files could not be read");
+        }
+        Err(e) => return Err(e.into()),
+    };
+    plumb_core::load_config(&project_file).map_err(|d| {
+        print_diagnostics(&d);
+        anyhow::anyhow!("{PROJECT_FILE} has problems; run `plumb check` for the full list")
+    })
+}
+
+/// Opens the store `plumb.yaml` names.
+pub async fn open_store(config: &ProjectConfig, root: &Path) -> anyhow::Result<Arc<SqliteStore>> {
+    let (path, synchronous) =
+        project_dir::sqlite_location(config, root).map_err(anyhow::Error::msg)?;
+    let store = SqliteStore::open(&path, synchronous)
+        .await
+        .with_context(|| format!("opening the store {}", path.display()))?;
+    Ok(Arc::new(store))
+}

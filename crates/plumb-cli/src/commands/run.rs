@@ -1,0 +1,122 @@
+//! `plumb run`: one run in the foreground, or the resume of an interrupted
+//! one.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use plumb_engine::project_dir::{self, LoadError};
+use plumb_engine::{Engine, EngineError, RunEnd, manual_trigger};
+use plumb_store::{RunStatus, Store};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Global, RunArgs};
+use crate::output::Progress;
+use crate::{Exit, UsageError};
+
+/// Starts (or resumes) a run and follows it to its end.
+pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
+    let root = global.project_dir();
+    let project = match project_dir::load_project(&root) {
+        Ok(p) => Arc::new(p),
+        Err(LoadError::Invalid(d)) => {
+            super::print_diagnostics(&d);
+            anyhow::bail!("the project has problems; fix them (see `plumb check`) and run again");
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let store = super::open_store(&project.config, &root).await?;
+    let store_dyn: Arc<dyn Store> = store.clone();
+    let engine = Engine::new(store_dyn, Arc::clone(&project), "cli")?;
+
+    let run = match (&args.resume, &args.workflow) {
+        (Some(run_id), _) => match engine.claim(run_id).await {
+            Ok(run) => run,
+            Err(e @ (EngineError::NotFound(_) | EngineError::Ended { .. })) => {
+                return Err(UsageError(e.to_string()).into());
+            }
+            Err(e) => return Err(e.into()),
+        },
+        (None, Some(name)) => {
+            let Some(workflow) = project.workflow(name) else {
+                let names: Vec<&str> = project.workflows.iter().map(|w| w.name.as_str()).collect();
+                return Err(UsageError(format!(
+                    "no workflow named `{name}`; the project has: {}",
+                    if names.is_empty() {
+                        "(none)".to_owned()
+                    } else {
+                        names.join(", ")
+                    }
+                ))
+                .into());
+            };
+            let input = read_input(args.input.as_deref())?;
+            engine.create_run(workflow, manual_trigger(input)).await?
+        }
+        (None, None) => {
+            return Err(UsageError("name a workflow to run, or pass --resume RUN_ID".into()).into());
+        }
+    };
+
+    let cancel = CancellationToken::new();
+    tokio::spawn(stop_on_signal(cancel.clone()));
+    let progress = Progress::new(global.json);
+    let end = engine.execute(run, &progress, cancel).await;
+    store.close().await;
+    match end? {
+        RunEnd::Finished {
+            status: RunStatus::Succeeded,
+            ..
+        } => Ok(Exit::Success),
+        RunEnd::Finished { .. } => Ok(Exit::Failure),
+        RunEnd::Interrupted { .. } => Ok(Exit::Interrupted),
+    }
+}
+
+fn read_input(path: Option<&Path>) -> anyhow::Result<Value> {
+    let Some(path) = path else {
+        return Ok(Value::Object(serde_json::Map::new()));
+    };
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading the input from stdin")?
+    } else {
+        std::fs::read_to_string(path).map_err(|e| {
+            UsageError(format!(
+                "cannot read the input file {}: {e}",
+                path.display()
+            ))
+        })?
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        UsageError(format!(
+            "the input file {} is not valid JSON: {e} (line {}, column {})",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
+        .into()
+    })
+}
+
+/// First Ctrl-C or SIGTERM: stop at once, leaving the run resumable.
+async fn stop_on_signal(cancel: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            cancel.cancel();
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    cancel.cancel();
+}

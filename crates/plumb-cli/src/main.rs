@@ -1,0 +1,105 @@
+//! The `plumb` command.
+//!
+//! This binary wires the crates together: it parses flags, finds the
+//! project, opens the store the project names, builds the engine and maps
+//! outcomes to exit codes (0 success, 1 failure or problems found, 2 usage,
+//! 130 interrupted). It is the only place that uses `anyhow` and prints to
+//! the terminal.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod cli;
+mod commands;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, RunsCommand};
+
+/// What a command wants the process to exit with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// 0.
+    Success,
+    /// 1: the run failed, or problems were found.
+    Failure,
+    /// 2: the command was used wrongly (unknown workflow, bad input file).
+    Usage,
+    /// 130: stopped by Ctrl-C or SIGTERM; the run can be resumed.
+    Interrupted,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(match e {
+            Exit::Success => 0,
+            Exit::Failure => 1,
+            Exit::Usage => 2,
+            Exit::Interrupted => 130,
+        })
+    }
+}
+
+/// A mistake in how the command was called: exits 2 rather than 1.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli));
+    match result {
+        Ok(exit) => exit.into(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                Exit::Usage.into()
+            } else {
+                Exit::Failure.into()
+            }
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<Exit> {
+    let global = cli.global;
+    match cli.command {
+        Command::Init { dir } => commands::init::run(&global, dir.as_deref()),
+        Command::Check => commands::check::run(&global),
+        Command::Run(args) => commands::run::run(&global, args).await,
+        Command::Runs { command } => match command {
+            RunsCommand::List(args) => commands::runs::list(&global, args).await,
+            RunsCommand::Show { run_id } => commands::runs::show(&global, &run_id).await,
+        },
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PLUMB_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,260 @@
+//! Shared test support: a temporary project, the real `plumb` binary, and a
+//! local HTTP receiver that records every request by `Idempotency-Key`.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use serde_json::{Value, json};
+
+/// The `plumb` binary built for this test run.
+pub fn plumb_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_plumb")
+}
+
+/// A project in a temporary directory.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    /// A project whose `plumb.yaml` is `config`.
+    pub fn new(config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("workflows")).expect("workflows dir");
+        std::fs::write(dir.path().join("plumb.yaml"), config).expect("write plumb.yaml");
+        Self { dir }
+    }
+
+    /// A project with one http connection `rx` to `base_url`.
+    pub fn with_receiver(base_url: &str) -> Self {
+        Self::new(&format!(
+            "connections:\n  rx:\n    http:\n      base_url: {base_url}\n      timeout: 10s\ndefaults:\n  retry: {{ attempts: 3, initial: 100ms, max: 2s }}\n"
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `workflows/<name>.yaml`.
+    pub fn workflow(&self, name: &str, text: &str) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join("workflows")
+            .join(format!("{name}.yaml"));
+        std::fs::write(&path, text).expect("write workflow");
+        path
+    }
+
+    /// A `plumb` command in this project.
+    pub fn cmd(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(plumb_bin());
+        cmd.arg("--project").arg(self.dir.path()).args(args);
+        cmd.env("NO_COLOR", "1").env_remove("PLUMB_PROJECT");
+        cmd.kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `plumb` to completion.
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd(args).output().await.expect("run plumb");
+        Output {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `plumb runs show ID --json`.
+    pub async fn show(&self, run_id: &str) -> Value {
+        let out = self.run(&["runs", "show", run_id, "--json"]).await;
+        assert_eq!(out.code, Some(0), "runs show failed: {out}");
+        serde_json::from_str(&out.stdout).expect("runs show --json is JSON")
+    }
+}
+
+/// A finished `plumb` process.
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// The run id from `plumb run` output (first line: `run <id> · …`).
+pub fn run_id_of(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("run ")
+                .or_else(|| l.strip_prefix("resuming run "))
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a `run <id>` line")
+        .to_owned()
+}
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub path: String,
+    pub key: Option<String>,
+    pub at: Instant,
+    pub body: Value,
+    pub headers: HashMap<String, String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    hits: Vec<Hit>,
+    /// Requests seen so far per (path, key), for scripted failures.
+    seen: HashMap<(String, String), u32>,
+    in_flight: u32,
+    max_in_flight: u32,
+}
+
+/// A local HTTP receiver. Routes (all methods):
+/// * `/ok/<name>`: 200 `{"ok": true, "key": …}` after `?delay_ms=` ms;
+/// * `/flaky/<status>/<n>`: answers `<status>` with `Retry-After: 1` to the
+///   first `n` requests of each idempotency key, then 200;
+/// * `/status/<code>`: always answers `<code>` with a JSON error body;
+/// * `/echo`: 200 with the request body and headers.
+#[derive(Clone)]
+pub struct Receiver {
+    inner: Arc<Mutex<Inner>>,
+    pub base_url: String,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Router::new()
+            .route("/{*rest}", any(handle))
+            .with_state(Arc::clone(&inner));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            inner,
+            base_url: format!("http://{addr}"),
+        }
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.inner.lock().expect("lock").hits.clone()
+    }
+
+    pub fn max_in_flight(&self) -> u32 {
+        self.inner.lock().expect("lock").max_in_flight
+    }
+
+    pub fn clear(&self) {
+        let mut inner = self.inner.lock().expect("lock");
+        *inner = Inner::default();
+    }
+}
+
+struct InFlight(Arc<Mutex<Inner>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.0.lock() {
+            inner.in_flight -= 1;
+        }
+    }
+}
+
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    UrlPath(rest): UrlPath<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    let header_map: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let path = format!("/{rest}");
+    let count = {
+        let mut i = inner.lock().expect("lock");
+        i.hits.push(Hit {
+            path: path.clone(),
+            key: key.clone(),
+            at: Instant::now(),
+            body: body.clone(),
+            headers: header_map.clone(),
+        });
+        i.in_flight += 1;
+        i.max_in_flight = i.max_in_flight.max(i.in_flight);
+        let c = i
+            .seen
+            .entry((path.clone(), key.clone().unwrap_or_default()))
+            .or_insert(0);
+        *c += 1;
+        *c
+    };
+    let _guard = InFlight(Arc::clone(&inner));
+    if let Some(ms) = query.get("delay_ms").and_then(|v| v.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        ["ok", ..] => axum::Json(json!({"ok": true, "key": key, "path": path})).into_response(),
+        ["flaky", status, n] => {
+            let status: u16 = status.parse().unwrap_or(503);
+            let n: u32 = n.parse().unwrap_or(2);
+            if count <= n {
+                (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    [(header::RETRY_AFTER, "1")],
+                    axum::Json(json!({"error": "try later", "attempt": count})),
+                )
+                    .into_response()
+            } else {
+                axum::Json(json!({"ok": true, "attempt": count})).into_response()
+            }
+        }
+        ["status", code] => {
+            let code: u16 = code.parse().unwrap_or(500);
+            (
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                axum::Json(json!({"error": "invalid order: field `total` is required"})),
+            )
+                .into_response()
+        }
+        ["echo"] => axum::Json(json!({"body": body, "headers": header_map})).into_response(),
+        _ => (StatusCode::NOT_FOUND, "no such route").into_response(),
+    }
+}

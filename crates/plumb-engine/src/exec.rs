@@ -1,0 +1,1041 @@
+//! Executing one run: walk the steps, skip what the journal already holds,
+//! perform the rest with retries, commit each outcome before moving on.
+//!
+//! # The journal protocol
+//!
+//! * A step with effects (`http`) writes a `running` row with its attempt
+//!   number *before* each attempt. After a crash that row tells us the
+//!   attempt may have happened; the step is re-sent with the same
+//!   idempotency key, and the attempt count carries on.
+//! * Every step writes its outcome (`succeeded` with the output, or `failed`
+//!   with the error) in one commit before the next step starts. Pure steps
+//!   (`jq`, `assert`, `if`) write only that row.
+//! * `for_each` first commits its item list (so a resume sees the same items
+//!   at the same indices, whatever the expression would say now), then each
+//!   item journals on its own as `(step, index)`, then the step's row
+//!   holds the array of item outputs.
+//! * `sleep` commits its wake-up time first; a resumed run waits only the
+//!   remainder.
+//! * `if` commits the branch it took; a resume follows the same branch.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jaq_json::Val;
+use plumb_connectors::ActionError;
+use plumb_connectors::http::{HttpRequest, same_origin};
+use plumb_core::expr::{EvalError, Template, json_to_val};
+use plumb_core::model::{Action, Connection, HttpAction, Step, Workflow};
+use plumb_store::{AttemptFailure, Failure, Run, StepRecord, StepStatus, StoreError, now_ms};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::Engine;
+use crate::events::{Observer, RunEvent};
+use crate::retry::delay_after;
+
+/// Why a run stopped early.
+pub(crate) enum Halt {
+    /// A step failed for good: the run fails.
+    Failed(Failure),
+    /// Work stopped (interrupt or lost lease); the run is left to resume.
+    Stopped,
+    /// The journal could not be written.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Halt {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::LeaseLost { .. } => Self::Stopped,
+            other => Self::Store(other),
+        }
+    }
+}
+
+type Key = (String, Option<u32>);
+
+pub(crate) struct Execution<'e> {
+    pub(crate) engine: &'e Engine,
+    pub(crate) run: Run,
+    pub(crate) workflow: Arc<Workflow>,
+    pub(crate) journal: HashMap<Key, StepRecord>,
+    pub(crate) observer: &'e dyn Observer,
+    pub(crate) stop: CancellationToken,
+    /// Outputs of steps so far, as jq values: `.steps` in expressions.
+    outputs: jaq_json::Map,
+    trigger: Val,
+}
+
+/// A failed attempt, with what the journal needs to know.
+struct AttemptError {
+    error: ActionError,
+    started_at: i64,
+}
+
+/// How an action attempt ended well.
+struct Outcome {
+    output: Value,
+    status_code: Option<u16>,
+}
+
+impl<'e> Execution<'e> {
+    pub(crate) fn new(
+        engine: &'e Engine,
+        run: Run,
+        workflow: Arc<Workflow>,
+        journal: Vec<StepRecord>,
+        observer: &'e dyn Observer,
+        stop: CancellationToken,
+    ) -> Self {
+        let trigger = json_to_val(&run.trigger);
+        let journal = journal
+            .into_iter()
+            .map(|r| ((r.step_id.clone(), r.item), r))
+            .collect();
+        Self {
+            engine,
+            run,
+            workflow,
+            journal,
+            observer,
+            stop,
+            outputs: jaq_json::Map::default(),
+            trigger,
+        }
+    }
+
+    pub(crate) async fn run_all(&mut self) -> Result<(), Halt> {
+        let workflow = Arc::clone(&self.workflow);
+        self.run_steps(&workflow.steps).await
+    }
+
+    fn run_steps<'a>(
+        &'a mut self,
+        steps: &'a [Step],
+    ) -> Pin<Box<dyn Future<Output = Result<(), Halt>> + Send + 'a>> {
+        Box::pin(async move {
+            for step in steps {
+                if self.stop.is_cancelled() {
+                    return Err(Halt::Stopped);
+                }
+                self.run_step(step).await?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn run_step(&mut self, step: &Step) -> Result<(), Halt> {
+        let prior = self.journal.get(&(step.id.clone(), None)).cloned();
+        if let Some(record) = &prior {
+            match record.status {
+                StepStatus::Succeeded => {
+                    let output = record.output.clone().unwrap_or(Value::Null);
+                    self.set_output(&step.id, &output);
+                    self.observer.on_event(&RunEvent::StepRestored {
+                        step_id: step.id.clone(),
+                    });
+                    if let Action::If(branch) = &step.action {
+                        let took_then =
+                            output.get("branch").and_then(Value::as_str) == Some("then");
+                        let steps = if took_then {
+                            &branch.then
+                        } else {
+                            &branch.otherwise
+                        };
+                        return self.run_steps(steps).await;
+                    }
+                    return Ok(());
+                }
+                StepStatus::Failed => {
+                    return Err(Halt::Failed(Failure {
+                        message: record.error.clone().unwrap_or_else(|| "failed".to_owned()),
+                        step: Some(step.id.clone()),
+                        item: None,
+                        attempt: Some(record.attempt),
+                        status_code: record.status_code,
+                    }));
+                }
+                StepStatus::Running => {}
+            }
+        }
+        match &step.action {
+            Action::If(branch) => {
+                let started = now_ms();
+                let context = self.context(step, None, 1);
+                let condition = match self.eval(step, &branch.condition, context).await {
+                    Ok(Value::Bool(b)) => b,
+                    Ok(other) => {
+                        let message = format!("the condition yielded {other}, not true or false");
+                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
+                    }
+                };
+                let output = json!({
+                    "branch": if condition { "then" } else { "else" },
+                    "condition": condition,
+                });
+                self.commit_success(step, None, 1, started, &output, None, None)
+                    .await?;
+                let steps = if condition {
+                    &branch.then
+                } else {
+                    &branch.otherwise
+                };
+                self.run_steps(steps).await
+            }
+            Action::Sleep(duration) => self.run_sleep(step, duration, prior.as_ref()).await,
+            _ => match &step.for_each {
+                Some(_) => self.run_for_each(step, prior.as_ref()).await,
+                None => {
+                    let context_base = self.context_base();
+                    let outcome = self
+                        .attempts(step, None, context_base, prior.as_ref())
+                        .await;
+                    match outcome {
+                        Ok(o) => {
+                            self.set_output(&step.id, &o.output);
+                            Ok(())
+                        }
+                        Err(halt) => Err(halt),
+                    }
+                }
+            },
+        }
+    }
+
+    fn set_output(&mut self, step_id: &str, output: &Value) {
+        self.outputs
+            .insert(Val::from(step_id.to_owned()), json_to_val(output));
+    }
+
+    /// The parts of the context document that do not depend on the step.
+    fn context_base(&self) -> ContextBase {
+        ContextBase {
+            trigger: self.trigger.clone(),
+            steps: Val::obj(self.outputs.clone()),
+            run_id: self.run.id.clone(),
+            workflow: self.run.workflow.clone(),
+            version: self.run.version.clone(),
+        }
+    }
+
+    fn context(&self, step: &Step, item: Option<(u32, &Val)>, attempt: u32) -> Val {
+        self.context_base().for_step(step, item, attempt)
+    }
+
+    async fn eval(
+        &self,
+        step: &Step,
+        template: &Template,
+        context: Val,
+    ) -> Result<Value, EvalError> {
+        eval_bounded(template.clone(), context, step.timeout).await
+    }
+
+    async fn run_sleep(
+        &mut self,
+        step: &Step,
+        duration: &Template,
+        prior: Option<&StepRecord>,
+    ) -> Result<(), Halt> {
+        let wake_at = prior
+            .and_then(|r| r.state.as_ref())
+            .and_then(|s| s.get("wake_at"))
+            .and_then(Value::as_i64);
+        let started = prior.map_or_else(now_ms, |r| r.started_at);
+        let wake_at = match wake_at {
+            Some(w) => w,
+            None => {
+                let context = self.context(step, None, 1);
+                let value = match self.eval(step, duration, context).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let message = e.to_string();
+                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
+                    }
+                };
+                let d = match plumb_core::load::sleep_duration(&value) {
+                    Ok(d) => d,
+                    Err(message) => {
+                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
+                    }
+                };
+                let wake_at = now_ms() + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2);
+                self.engine
+                    .store
+                    .record_step(
+                        self.engine.owner.as_str(),
+                        &StepRecord {
+                            run_id: self.run.id.clone(),
+                            step_id: step.id.clone(),
+                            item: None,
+                            status: StepStatus::Running,
+                            attempt: 1,
+                            state: Some(json!({ "wake_at": wake_at })),
+                            output: None,
+                            error: None,
+                            status_code: None,
+                            started_at: started,
+                            finished_at: None,
+                        },
+                    )
+                    .await?;
+                wake_at
+            }
+        };
+        self.observer.on_event(&RunEvent::StepStarted {
+            step_id: step.id.clone(),
+            item: None,
+            attempt: 1,
+            kind: "sleep",
+        });
+        let remaining = u64::try_from(wake_at - now_ms()).unwrap_or(0);
+        tokio::select! {
+            () = self.stop.cancelled() => return Err(Halt::Stopped),
+            () = tokio::time::sleep(Duration::from_millis(remaining)) => {}
+        }
+        let output = json!({ "woke_at": wake_at });
+        self.commit_success(step, None, 1, started, &output, None, None)
+            .await?;
+        self.set_output(&step.id, &output);
+        Ok(())
+    }
+
+    async fn run_for_each(&mut self, step: &Step, prior: Option<&StepRecord>) -> Result<(), Halt> {
+        let Some(for_each) = &step.for_each else {
+            return Ok(());
+        };
+        let started = prior.map_or_else(now_ms, |r| r.started_at);
+        let journaled_items = prior
+            .and_then(|r| r.state.as_ref())
+            .and_then(|s| s.get("items"))
+            .and_then(Value::as_array)
+            .cloned();
+        let items = match journaled_items {
+            Some(items) => items,
+            None => {
+                let context = self.context(step, None, 1);
+                let items = match self.eval(step, &for_each.items, context).await {
+                    Ok(Value::Array(items)) => items,
+                    Ok(other) => {
+                        let message = format!(
+                            "`for_each` must yield a list, but it yielded {}",
+                            preview(&other, 80)
+                        );
+                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
+                    }
+                };
+                // Commit the list first: indices (and so idempotency keys)
+                // must mean the same items on every resume.
+                self.engine
+                    .store
+                    .record_step(
+                        self.engine.owner.as_str(),
+                        &StepRecord {
+                            run_id: self.run.id.clone(),
+                            step_id: step.id.clone(),
+                            item: None,
+                            status: StepStatus::Running,
+                            attempt: 1,
+                            state: Some(json!({ "items": items })),
+                            output: None,
+                            error: None,
+                            status_code: None,
+                            started_at: started,
+                            finished_at: None,
+                        },
+                    )
+                    .await?;
+                items
+            }
+        };
+        let base = self.context_base();
+        let concurrency = usize::try_from(for_each.concurrency.max(1)).unwrap_or(1);
+        // Futures are built eagerly (none runs until polled) so that the
+        // stream holds concrete borrows of `self`, not a closure over them.
+        let pending: Vec<_> = items
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let index = u32::try_from(index).unwrap_or(u32::MAX);
+                self.run_item(step, index, item, base.clone())
+            })
+            .collect();
+        let results: Vec<(u32, Result<Value, Halt>)> = futures::stream::iter(pending)
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+
+        let mut outputs = vec![Value::Null; items.len()];
+        let mut failed: Vec<(u32, Failure)> = Vec::new();
+        for (index, result) in results {
+            match result {
+                Ok(output) => {
+                    if let Some(slot) = outputs.get_mut(index as usize) {
+                        *slot = output;
+                    }
+                }
+                Err(Halt::Failed(f)) => failed.push((index, f)),
+                Err(other) => return Err(other),
+            }
+        }
+        if self.stop.is_cancelled() {
+            return Err(Halt::Stopped);
+        }
+        if failed.is_empty() {
+            let output = Value::Array(outputs);
+            let summary = format!("{} items", items.len());
+            self.commit_success(step, None, 1, started, &output, None, Some(summary))
+                .await?;
+            self.set_output(&step.id, &output);
+            return Ok(());
+        }
+        failed.sort_by_key(|(i, _)| *i);
+        let names: Vec<String> = failed.iter().map(|(i, _)| i.to_string()).collect();
+        let (first_index, first) = &failed[0];
+        let message = format!(
+            "{} of {} items failed (items {}); item {first_index}: {}",
+            failed.len(),
+            items.len(),
+            names.join(", "),
+            first.message
+        );
+        let now = now_ms();
+        self.engine
+            .store
+            .record_step(
+                self.engine.owner.as_str(),
+                &StepRecord {
+                    run_id: self.run.id.clone(),
+                    step_id: step.id.clone(),
+                    item: None,
+                    status: StepStatus::Failed,
+                    attempt: 1,
+                    state: None,
+                    output: Some(Value::Array(outputs)),
+                    error: Some(message.clone()),
+                    status_code: first.status_code,
+                    started_at: started,
+                    finished_at: Some(now),
+                },
+            )
+            .await?;
+        self.observer.on_event(&RunEvent::StepFailed {
+            step_id: step.id.clone(),
+            item: None,
+            attempts: 1,
+            error: message.clone(),
+        });
+        Err(Halt::Failed(Failure {
+            message,
+            step: Some(step.id.clone()),
+            item: Some(*first_index),
+            attempt: first.attempt,
+            status_code: first.status_code,
+        }))
+    }
+
+    /// One `for_each` item: restored from the journal, or run.
+    async fn run_item(
+        &self,
+        step: &Step,
+        index: u32,
+        item: &Value,
+        base: ContextBase,
+    ) -> (u32, Result<Value, Halt>) {
+        let prior = self.journal.get(&(step.id.clone(), Some(index)));
+        if let Some(record) = prior {
+            match record.status {
+                StepStatus::Succeeded => {
+                    return (index, Ok(record.output.clone().unwrap_or(Value::Null)));
+                }
+                StepStatus::Failed => {
+                    return (
+                        index,
+                        Err(Halt::Failed(Failure {
+                            message: record.error.clone().unwrap_or_default(),
+                            step: Some(step.id.clone()),
+                            item: Some(index),
+                            attempt: Some(record.attempt),
+                            status_code: record.status_code,
+                        })),
+                    );
+                }
+                StepStatus::Running => {}
+            }
+        }
+        let item = json_to_val(item);
+        let result = self
+            .attempts(step, Some((index, &item)), base, prior)
+            .await
+            .map(|o| o.output);
+        (index, result)
+    }
+
+    /// Runs attempts of one step or item until one succeeds, a failure is
+    /// permanent, or the retry policy is spent. Commits the outcome.
+    async fn attempts(
+        &self,
+        step: &Step,
+        item: Option<(u32, &Val)>,
+        base: ContextBase,
+        prior: Option<&StepRecord>,
+    ) -> Result<Outcome, Halt> {
+        let index = item.map(|(i, _)| i);
+        let first_started = prior.map_or_else(now_ms, |r| r.started_at);
+        let mut attempt = prior.map_or(0, |r| r.attempt);
+        // An attempt cut short by a crash still counts (it may have had its
+        // effect), but it must not leave the step without a real try: allow
+        // one more than the policy if that attempt was the last.
+        let max_attempts = match prior {
+            Some(r) if r.status == StepStatus::Running => step.retry.attempts.max(r.attempt + 1),
+            _ => step.retry.attempts,
+        };
+        let began = Instant::now();
+        loop {
+            attempt += 1;
+            let attempt_started = now_ms();
+            if step.has_effects() {
+                self.engine
+                    .store
+                    .record_step(
+                        self.engine.owner.as_str(),
+                        &StepRecord {
+                            run_id: self.run.id.clone(),
+                            step_id: step.id.clone(),
+                            item: index,
+                            status: StepStatus::Running,
+                            attempt,
+                            state: None,
+                            output: None,
+                            error: None,
+                            status_code: None,
+                            started_at: first_started,
+                            finished_at: None,
+                        },
+                    )
+                    .await?;
+            }
+            self.observer.on_event(&RunEvent::StepStarted {
+                step_id: step.id.clone(),
+                item: index,
+                attempt,
+                kind: step.action.kind(),
+            });
+            let key = idempotency_key(&self.run.id, &step.id, index);
+            let context = base.for_step(step, item, attempt);
+            let result = tokio::select! {
+                () = self.stop.cancelled() => return Err(Halt::Stopped),
+                r = tokio::time::timeout(step.timeout, self.perform(step, context, key)) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(ActionError::Retryable {
+                        message: format!("the step timed out after {}", humanize(step.timeout)),
+                        status: None,
+                        retry_after: None,
+                    }),
+                },
+            };
+            match result {
+                Ok(outcome) => {
+                    let summary = summarize(step, &outcome);
+                    self.commit_success_timed(
+                        step,
+                        index,
+                        attempt,
+                        first_started,
+                        &outcome.output,
+                        outcome.status_code,
+                        began.elapsed(),
+                        summary,
+                    )
+                    .await?;
+                    return Ok(outcome);
+                }
+                Err(error) => {
+                    let failed = AttemptError {
+                        error,
+                        started_at: attempt_started,
+                    };
+                    let retry = failed.error.is_retryable() && attempt < max_attempts;
+                    self.engine
+                        .store
+                        .record_attempt_failure(
+                            self.engine.owner.as_str(),
+                            &AttemptFailure {
+                                run_id: self.run.id.clone(),
+                                step_id: step.id.clone(),
+                                item: index,
+                                attempt,
+                                started_at: failed.started_at,
+                                finished_at: now_ms(),
+                                status_code: failed.error.status(),
+                                error: failed.error.to_string(),
+                                retryable: failed.error.is_retryable(),
+                            },
+                        )
+                        .await?;
+                    if retry {
+                        let delay = failed
+                            .error
+                            .retry_after()
+                            .unwrap_or_else(|| delay_after(&step.retry, attempt));
+                        self.observer.on_event(&RunEvent::StepRetrying {
+                            step_id: step.id.clone(),
+                            item: index,
+                            attempt,
+                            error: failed.error.to_string(),
+                            delay,
+                        });
+                        tokio::select! {
+                            () = self.stop.cancelled() => return Err(Halt::Stopped),
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        continue;
+                    }
+                    let mut message = failed.error.to_string();
+                    if failed.error.is_retryable() {
+                        message = format!("{message} (gave up after {attempt} attempts)");
+                    }
+                    return Err(self
+                        .fail_step(
+                            step,
+                            index,
+                            attempt,
+                            first_started,
+                            &message,
+                            failed.error.status(),
+                        )
+                        .await);
+                }
+            }
+        }
+    }
+
+    /// Performs one attempt of an action step.
+    async fn perform(
+        &self,
+        step: &Step,
+        context: Val,
+        key: String,
+    ) -> Result<Outcome, ActionError> {
+        match &step.action {
+            Action::Http(http) => self.perform_http(step, http, context, key).await,
+            Action::Jq(program) => {
+                let program = program.clone();
+                let output = eval_blocking(move || program.eval(&context))
+                    .await
+                    .map_err(permanent_eval)?;
+                Ok(Outcome {
+                    output,
+                    status_code: None,
+                })
+            }
+            Action::Assert { condition, message } => {
+                let value = eval_bounded(condition.clone(), context.clone(), step.timeout)
+                    .await
+                    .map_err(permanent_eval)?;
+                match value {
+                    Value::Bool(true) => Ok(Outcome {
+                        output: Value::Bool(true),
+                        status_code: None,
+                    }),
+                    Value::Bool(false) => {
+                        let text = match message {
+                            Some(m) => match eval_bounded(m.clone(), context, step.timeout).await {
+                                Ok(Value::String(s)) => s,
+                                Ok(other) => other.to_string(),
+                                Err(e) => format!("assertion failed (and its message failed: {e})"),
+                            },
+                            None => format!("assertion failed: {}", condition_source(condition)),
+                        };
+                        Err(ActionError::Permanent {
+                            message: text,
+                            status: None,
+                        })
+                    }
+                    other => Err(ActionError::Permanent {
+                        message: format!(
+                            "the assert condition yielded {}, not true or false",
+                            preview(&other, 80)
+                        ),
+                        status: None,
+                    }),
+                }
+            }
+            Action::If(_) | Action::Sleep(_) => Err(ActionError::Permanent {
+                message: format!(
+                    "a `{}` step cannot be repeated by for_each",
+                    step.action.kind()
+                ),
+                status: None,
+            }),
+        }
+    }
+
+    async fn perform_http(
+        &self,
+        step: &Step,
+        http: &HttpAction,
+        context: Val,
+        key: String,
+    ) -> Result<Outcome, ActionError> {
+        let config = &self.engine.project.config;
+        let Some(Connection::Http(connection)) = config.connections.get(&http.connection) else {
+            return Err(ActionError::Permanent {
+                message: format!(
+                    "the connection `{}` is no longer defined in plumb.yaml",
+                    http.connection
+                ),
+                status: None,
+            });
+        };
+        let http_clone = http.clone();
+        let rendered = eval_blocking(move || render_http(&http_clone, &context))
+            .await
+            .map_err(permanent_eval)?;
+        let base = connection.base_url.as_str().trim_end_matches('/');
+        let mut url = url::Url::parse(&format!("{base}{}", rendered.path)).map_err(|e| {
+            ActionError::Permanent {
+                message: format!(
+                    "the path `{}` does not make a valid URL: {e}",
+                    rendered.path
+                ),
+                status: None,
+            }
+        })?;
+        if !same_origin(&url, &connection.base_url) {
+            return Err(ActionError::Permanent {
+                message: format!(
+                    "the path `{}` leads to `{}`, outside the connection `{}` ({}); a step may only call its connection's host",
+                    rendered.path,
+                    url.host_str().unwrap_or("?"),
+                    http.connection,
+                    connection.base_url.host_str().unwrap_or("?"),
+                ),
+                status: None,
+            });
+        }
+        if !rendered.query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (k, v) in &rendered.query {
+                pairs.append_pair(k, v);
+            }
+        }
+        let mut headers = connection.headers.clone();
+        headers.extend(rendered.headers);
+        headers.push(("Idempotency-Key".to_owned(), key));
+        let response = self
+            .engine
+            .http
+            .send(HttpRequest {
+                method: http.method.clone(),
+                url,
+                headers,
+                body: rendered.body,
+                timeout: step.timeout,
+                expect_status: http.expect_status.clone(),
+            })
+            .await?;
+        let status = response.status;
+        Ok(Outcome {
+            output: response.into_output(),
+            status_code: Some(status),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_success(
+        &self,
+        step: &Step,
+        item: Option<u32>,
+        attempt: u32,
+        started: i64,
+        output: &Value,
+        status_code: Option<u16>,
+        summary: Option<String>,
+    ) -> Result<(), Halt> {
+        let elapsed = Duration::from_millis(u64::try_from(now_ms() - started).unwrap_or(0));
+        let summary = summary.unwrap_or_else(|| preview(output, 60));
+        self.commit_success_timed(
+            step,
+            item,
+            attempt,
+            started,
+            output,
+            status_code,
+            elapsed,
+            summary,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_success_timed(
+        &self,
+        step: &Step,
+        item: Option<u32>,
+        attempt: u32,
+        started: i64,
+        output: &Value,
+        status_code: Option<u16>,
+        elapsed: Duration,
+        summary: String,
+    ) -> Result<(), Halt> {
+        self.engine
+            .store
+            .record_step(
+                self.engine.owner.as_str(),
+                &StepRecord {
+                    run_id: self.run.id.clone(),
+                    step_id: step.id.clone(),
+                    item,
+                    status: StepStatus::Succeeded,
+                    attempt,
+                    state: None,
+                    output: Some(output.clone()),
+                    error: None,
+                    status_code,
+                    started_at: started,
+                    finished_at: Some(now_ms()),
+                },
+            )
+            .await?;
+        self.observer.on_event(&RunEvent::StepSucceeded {
+            step_id: step.id.clone(),
+            item,
+            attempts: attempt,
+            elapsed,
+            summary,
+        });
+        Ok(())
+    }
+
+    /// Commits a failed outcome and returns the failure that ends the run
+    /// (or why it could not be committed).
+    async fn fail_step(
+        &self,
+        step: &Step,
+        item: Option<u32>,
+        attempt: u32,
+        started: i64,
+        message: &str,
+        status_code: Option<u16>,
+    ) -> Halt {
+        let written = self
+            .engine
+            .store
+            .record_step(
+                self.engine.owner.as_str(),
+                &StepRecord {
+                    run_id: self.run.id.clone(),
+                    step_id: step.id.clone(),
+                    item,
+                    status: StepStatus::Failed,
+                    attempt,
+                    state: None,
+                    output: None,
+                    error: Some(message.to_owned()),
+                    status_code,
+                    started_at: started,
+                    finished_at: Some(now_ms()),
+                },
+            )
+            .await;
+        if let Err(e) = written {
+            return Halt::from(e);
+        }
+        self.observer.on_event(&RunEvent::StepFailed {
+            step_id: step.id.clone(),
+            item,
+            attempts: attempt,
+            error: message.to_owned(),
+        });
+        Halt::Failed(Failure {
+            message: message.to_owned(),
+            step: Some(step.id.clone()),
+            item,
+            attempt: Some(attempt),
+            status_code,
+        })
+    }
+}
+
+/// The context document minus what depends on the step.
+#[derive(Clone)]
+pub(crate) struct ContextBase {
+    trigger: Val,
+    steps: Val,
+    run_id: String,
+    workflow: String,
+    version: String,
+}
+
+impl ContextBase {
+    fn for_step(&self, step: &Step, item: Option<(u32, &Val)>, attempt: u32) -> Val {
+        let key = idempotency_key(&self.run_id, &step.id, item.map(|(i, _)| i));
+        let mut run = jaq_json::Map::default();
+        run.insert(k("id"), Val::from(self.run_id.clone()));
+        run.insert(k("workflow"), Val::from(self.workflow.clone()));
+        run.insert(k("version"), Val::from(self.version.clone()));
+        run.insert(k("attempt"), Val::from(attempt as isize));
+        run.insert(k("idempotency_key"), Val::from(key));
+        let mut doc = jaq_json::Map::default();
+        doc.insert(k("trigger"), self.trigger.clone());
+        doc.insert(k("steps"), self.steps.clone());
+        doc.insert(k("run"), Val::obj(run));
+        doc.insert(k("cursor"), Val::Null);
+        match item {
+            Some((index, value)) => {
+                doc.insert(k("item"), value.clone());
+                doc.insert(k("index"), Val::from(index as isize));
+            }
+            None => {
+                doc.insert(k("item"), Val::Null);
+                doc.insert(k("index"), Val::Null);
+            }
+        }
+        Val::obj(doc)
+    }
+}
+
+fn k(s: &str) -> Val {
+    Val::from(s.to_owned())
+}
+
+/// `<run_id>:<step_id>[:<item_index>]` (SPEC G3): the same on every attempt
+/// and every resume, so a receiver can drop duplicates.
+#[must_use]
+pub fn idempotency_key(run_id: &str, step_id: &str, item: Option<u32>) -> String {
+    match item {
+        Some(index) => format!("{run_id}:{step_id}:{index}"),
+        None => format!("{run_id}:{step_id}"),
+    }
+}
+
+struct RenderedHttp {
+    path: String,
+    query: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    body: Option<Value>,
+}
+
+fn render_http(http: &HttpAction, context: &Val) -> Result<RenderedHttp, EvalError> {
+    let path = match http.path.render(context)? {
+        Value::String(s) => s,
+        other => {
+            return Err(EvalError {
+                message: format!("the path must be text, but it is {}", preview(&other, 60)),
+            });
+        }
+    };
+    let mut query = Vec::with_capacity(http.query.len());
+    for (name, t) in &http.query {
+        match t.render(context)? {
+            Value::Null => {}
+            Value::String(s) => query.push((name.clone(), s)),
+            other => query.push((name.clone(), other.to_string())),
+        }
+    }
+    let mut headers = Vec::with_capacity(http.headers.len());
+    for (name, t) in &http.headers {
+        match t.render(context)? {
+            Value::Null => {}
+            Value::String(s) => headers.push((name.clone(), s)),
+            other => headers.push((name.clone(), other.to_string())),
+        }
+    }
+    let body = match &http.body {
+        Some(t) => Some(t.render(context)?),
+        None => None,
+    };
+    Ok(RenderedHttp {
+        path,
+        query,
+        headers,
+        body,
+    })
+}
+
+/// Runs jq off the async threads: a program can loop for a long time and
+/// must not stall other runs. The step timeout still applies around it.
+async fn eval_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EvalError> + Send + 'static,
+) -> Result<T, EvalError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(EvalError {
+            message: format!("the expression could not be evaluated: {e}"),
+        }),
+    }
+}
+
+async fn eval_bounded(
+    template: Template,
+    context: Val,
+    timeout: Duration,
+) -> Result<Value, EvalError> {
+    if let Template::Literal(v) = &template {
+        return Ok(v.clone());
+    }
+    match tokio::time::timeout(timeout, eval_blocking(move || template.render(&context))).await {
+        Ok(r) => r,
+        Err(_) => Err(EvalError {
+            message: format!("the expression did not finish within {}", humanize(timeout)),
+        }),
+    }
+}
+
+fn permanent_eval(e: EvalError) -> ActionError {
+    ActionError::Permanent {
+        message: format!("expression failed: {e}"),
+        status: None,
+    }
+}
+
+fn condition_source(t: &Template) -> String {
+    match t {
+        Template::Expr(p) => format!("`${{{{ {} }}}}` is false", p.source().trim()),
+        _ => "the condition is false".to_owned(),
+    }
+}
+
+fn summarize(step: &Step, outcome: &Outcome) -> String {
+    match (&step.action, outcome.status_code) {
+        (Action::Http(_), Some(status)) => format!("HTTP {status}"),
+        (Action::Assert { .. }, _) => "ok".to_owned(),
+        _ => preview(&outcome.output, 60),
+    }
+}
+
+/// A short, single-line rendering of a value for progress output.
+pub(crate) fn preview(value: &Value, max: usize) -> String {
+    let text = value.to_string();
+    if text.chars().count() <= max {
+        text
+    } else {
+        let cut: String = text.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+pub(crate) fn humanize(d: Duration) -> String {
+    if d.as_millis() % 1000 == 0 {
+        format!("{}s", d.as_secs())
+    } else if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}

@@ -1,0 +1,434 @@
+//! plumb's engine: runs workflows durably.
+//!
+//! The engine owns the life of a run: creating it, holding its lease (with a
+//! heartbeat), walking its steps, retrying failed attempts with backoff,
+//! committing every outcome to the journal before the next step starts, and
+//! ending the run in exactly one terminal state. On resume it replays the
+//! journal instead of the steps, so finished work is never redone (SPEC G2)
+//! and effects carry the same idempotency keys (G3).
+//!
+//! It talks to the store only through [`plumb_store::Store`] and to the
+//! outside only through [`plumb_connectors`]; it does not know SQL, YAML or
+//! the command line.
+
+pub mod events;
+mod exec;
+pub mod owner;
+pub mod project_dir;
+pub mod retry;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use plumb_connectors::http::{ClientError, HttpClient};
+use plumb_core::model::{Project, Workflow};
+use plumb_core::{SourceFile, load_workflow};
+use plumb_store::{
+    Claim, Failure, Lease, NewRun, Run, RunOutcome, RunStatus, Store, StoreError, WorkflowVersion,
+    now_ms,
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub use events::{Observer, Quiet, RunEvent};
+pub use exec::idempotency_key;
+pub use owner::Owner;
+
+/// How long a lease lasts without a heartbeat.
+pub const LEASE_DURATION: Duration = Duration::from_secs(30);
+
+/// Errors the engine reports to its caller (the run itself may still have
+/// ended; these are about this process's work on it).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The HTTP client could not start.
+    #[error(transparent)]
+    Http(#[from] ClientError),
+    /// No run with this id.
+    #[error("no run with id `{0}`; `plumb runs list` shows the runs")]
+    NotFound(String),
+    /// The run has already ended.
+    #[error("run {run_id} has already ended ({status}); nothing to resume")]
+    Ended {
+        /// Run id.
+        run_id: String,
+        /// How it ended.
+        status: RunStatus,
+    },
+    /// Another live process holds the run.
+    #[error(
+        "run {run_id} is being worked on by another process ({owner}); try again in {seconds}s, when its lease expires if that process has stopped"
+    )]
+    Busy {
+        /// Run id.
+        run_id: String,
+        /// The holder.
+        owner: String,
+        /// Seconds until the lease expires.
+        seconds: i64,
+    },
+    /// The run's workflow is not part of the project any more and its stored
+    /// version is missing.
+    #[error("run {run_id} needs workflow version {version}, which is not in the store")]
+    VersionMissing {
+        /// Run id.
+        run_id: String,
+        /// Version hash.
+        version: String,
+    },
+}
+
+/// How this process's work on a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunEnd {
+    /// The run reached a terminal state.
+    Finished {
+        /// The state.
+        status: RunStatus,
+        /// Why it failed, if it did.
+        failure: Option<Failure>,
+    },
+    /// This process stopped without ending the run (interrupted, or its
+    /// lease was taken); it can be resumed.
+    Interrupted {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Runs workflows of one project against one store.
+pub struct Engine {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) http: HttpClient,
+    pub(crate) project: Arc<Project>,
+    pub(crate) owner: Owner,
+}
+
+/// The trigger document of a run started by hand with `input` (SPEC §2:
+/// `.trigger.body` holds the input, as it would for a webhook).
+#[must_use]
+pub fn manual_trigger(input: Value) -> Value {
+    json!({ "type": "manual", "body": input, "headers": {}, "query": {} })
+}
+
+impl Engine {
+    /// An engine whose leases are held in the name of this process.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`EngineError::Http`] if the HTTP client cannot start.
+    pub fn new(
+        store: Arc<dyn Store>,
+        project: Arc<Project>,
+        role: &str,
+    ) -> Result<Self, EngineError> {
+        Ok(Self {
+            store,
+            http: HttpClient::new()?,
+            project,
+            owner: Owner::this_process(role),
+        })
+    }
+
+    /// The store.
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The project.
+    #[must_use]
+    pub fn project(&self) -> &Arc<Project> {
+        &self.project
+    }
+
+    /// This process's lease owner id.
+    #[must_use]
+    pub fn owner(&self) -> &Owner {
+        &self.owner
+    }
+
+    fn lease(&self) -> Lease {
+        Lease {
+            owner: self.owner.as_str().to_owned(),
+            expires_at: now_ms() + i64::try_from(LEASE_DURATION.as_millis()).unwrap_or(30_000),
+        }
+    }
+
+    /// Commits a new run of `workflow`, already leased to this process, and
+    /// returns it. When this returns the run is durable: if the process dies
+    /// now, `plumb run --resume` (or a worker) will run it.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`EngineError::Store`] when the run cannot be committed.
+    pub async fn create_run(
+        &self,
+        workflow: &Workflow,
+        trigger: Value,
+    ) -> Result<Run, EngineError> {
+        self.store
+            .put_workflow_version(&WorkflowVersion {
+                hash: workflow.version.clone(),
+                workflow: workflow.name.clone(),
+                file: workflow.file.clone(),
+                source: workflow.source.to_string(),
+                created_at: now_ms(),
+            })
+            .await?;
+        let id = uuid::Uuid::now_v7().to_string();
+        self.store
+            .create_run(&NewRun {
+                id: id.clone(),
+                workflow: workflow.name.clone(),
+                version: workflow.version.clone(),
+                trigger,
+                lease: Some(self.lease()),
+            })
+            .await?;
+        self.store.run(&id).await?.ok_or(EngineError::NotFound(id))
+    }
+
+    /// Takes over an interrupted run so it can be resumed here.
+    ///
+    /// A run whose holder is certainly dead (same host, process gone) is
+    /// taken at once; otherwise only once its lease has expired.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`], [`EngineError::Ended`] or
+    /// [`EngineError::Busy`] when the run cannot be taken.
+    pub async fn claim(&self, run_id: &str) -> Result<Run, EngineError> {
+        let lease = self.lease();
+        let mut claim = self.store.claim_run(run_id, &lease, None).await?;
+        if let Claim::Busy { owner, .. } = &claim {
+            if owner::is_certainly_dead(owner) {
+                tracing::info!(run_id, previous_owner = %owner, "Previous owner is gone; taking the run over.");
+                claim = self.store.claim_run(run_id, &lease, Some(owner)).await?;
+            }
+        }
+        match claim {
+            Claim::Claimed(run) => Ok(run),
+            Claim::NotFound => Err(EngineError::NotFound(run_id.to_owned())),
+            Claim::Ended(status) => Err(EngineError::Ended {
+                run_id: run_id.to_owned(),
+                status,
+            }),
+            Claim::Busy { owner, expires_at } => Err(EngineError::Busy {
+                run_id: run_id.to_owned(),
+                owner,
+                seconds: ((expires_at - now_ms()) / 1000).max(0) + 1,
+            }),
+        }
+    }
+
+    /// The workflow a run is pinned to: the project's current one when the
+    /// version matches, else the stored text of that version.
+    async fn pinned_workflow(
+        &self,
+        run: &Run,
+    ) -> Result<Result<Arc<Workflow>, String>, EngineError> {
+        if let Some(w) = self.project.workflow(&run.workflow) {
+            if w.version == run.version {
+                return Ok(Ok(Arc::clone(w)));
+            }
+        }
+        let Some(stored) = self.store.workflow_version(&run.version).await? else {
+            return Err(EngineError::VersionMissing {
+                run_id: run.id.clone(),
+                version: run.version.clone(),
+            });
+        };
+        let file = SourceFile {
+            path: stored.file,
+            text: stored.source,
+        };
+        Ok(load_workflow(&file, &self.project.config)
+            .map(Arc::new)
+            .map_err(|d| {
+                format!(
+                    "the workflow version this run started with ({}) no longer loads against plumb.yaml:\n{d}",
+                    plumb_core::model::short_version(&run.version)
+                )
+            }))
+    }
+
+    /// Executes a run this process holds, from its first step without a
+    /// committed outcome, until it ends or `cancel` fires.
+    ///
+    /// On cancel the in-flight attempt is abandoned, the lease is released
+    /// and the run stays resumable ([`RunEnd::Interrupted`]).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`EngineError::Store`] when the journal cannot be read or
+    /// written; the run is then left to be resumed.
+    pub async fn execute(
+        &self,
+        run: Run,
+        observer: &dyn Observer,
+        cancel: CancellationToken,
+    ) -> Result<RunEnd, EngineError> {
+        let began = Instant::now();
+        let owner = self.owner.as_str().to_owned();
+        let run_id = run.id.clone();
+        let journal = self.store.journal(&run.id).await?;
+        observer.on_event(&RunEvent::Started {
+            run_id: run.id.clone(),
+            workflow: run.workflow.clone(),
+            version: run.version.clone(),
+            resumed: run.claims > 1 || !journal.is_empty(),
+        });
+        let workflow = match self.pinned_workflow(&run).await? {
+            Ok(w) => w,
+            Err(message) => {
+                let failure = Failure {
+                    message,
+                    ..Failure::default()
+                };
+                return self
+                    .end(
+                        &run_id,
+                        &owner,
+                        RunOutcome::Failed(failure),
+                        observer,
+                        began,
+                    )
+                    .await;
+            }
+        };
+
+        let stop = cancel.child_token();
+        let lease_lost = Arc::new(AtomicBool::new(false));
+        let heartbeat = tokio::spawn(heartbeat(
+            Arc::clone(&self.store),
+            run_id.clone(),
+            owner.clone(),
+            stop.clone(),
+            Arc::clone(&lease_lost),
+        ));
+        let mut execution =
+            exec::Execution::new(self, run, workflow, journal, observer, stop.clone());
+        let result = execution.run_all().await;
+        heartbeat.abort();
+        drop(execution);
+
+        match result {
+            Ok(()) => {
+                self.end(&run_id, &owner, RunOutcome::Succeeded, observer, began)
+                    .await
+            }
+            Err(exec::Halt::Failed(failure)) => {
+                self.end(
+                    &run_id,
+                    &owner,
+                    RunOutcome::Failed(failure),
+                    observer,
+                    began,
+                )
+                .await
+            }
+            Err(exec::Halt::Stopped) => {
+                let reason = if lease_lost.load(Ordering::SeqCst) || !cancel.is_cancelled() {
+                    "another process took over this run (this process lost its lease)".to_owned()
+                } else {
+                    if let Err(e) = self.store.release_run(&run_id, &owner).await {
+                        tracing::warn!(run_id, error = %e, "Could not release the run's lease; it will expire.");
+                    }
+                    "interrupted".to_owned()
+                };
+                observer.on_event(&RunEvent::Interrupted {
+                    run_id: run_id.clone(),
+                    reason: reason.clone(),
+                });
+                Ok(RunEnd::Interrupted { reason })
+            }
+            Err(exec::Halt::Store(e)) => {
+                // Leave the run resumable; the lease runs out on its own if
+                // the store cannot even take the release.
+                let _ = self.store.release_run(&run_id, &owner).await;
+                Err(EngineError::Store(e))
+            }
+        }
+    }
+
+    async fn end(
+        &self,
+        run_id: &str,
+        owner: &str,
+        outcome: RunOutcome,
+        observer: &dyn Observer,
+        began: Instant,
+    ) -> Result<RunEnd, EngineError> {
+        match self.store.finish_run(run_id, owner, &outcome).await {
+            Ok(()) => {}
+            Err(StoreError::LeaseLost { .. }) => {
+                let reason = "another process took over this run before it could end".to_owned();
+                observer.on_event(&RunEvent::Interrupted {
+                    run_id: run_id.to_owned(),
+                    reason: reason.clone(),
+                });
+                return Ok(RunEnd::Interrupted { reason });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let (status, failure) = match outcome {
+            RunOutcome::Succeeded => (RunStatus::Succeeded, None),
+            RunOutcome::Failed(f) => (RunStatus::Failed, Some(f)),
+            RunOutcome::Cancelled(message) => (
+                RunStatus::Cancelled,
+                Some(Failure {
+                    message,
+                    ..Failure::default()
+                }),
+            ),
+        };
+        observer.on_event(&RunEvent::Finished {
+            run_id: run_id.to_owned(),
+            status,
+            failure: failure.clone(),
+            elapsed: began.elapsed(),
+        });
+        Ok(RunEnd::Finished { status, failure })
+    }
+}
+
+/// Renews the lease every third of its duration; if the lease is gone, stops
+/// the run so two processes never work on it at once.
+async fn heartbeat(
+    store: Arc<dyn Store>,
+    run_id: String,
+    owner: String,
+    stop: CancellationToken,
+    lost: Arc<AtomicBool>,
+) {
+    let every = LEASE_DURATION / 3;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let lease = Lease {
+            owner: owner.clone(),
+            expires_at: now_ms() + i64::try_from(LEASE_DURATION.as_millis()).unwrap_or(30_000),
+        };
+        match store.renew_lease(&run_id, &lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(run_id, "Lease lost; stopping work on this run.");
+                lost.store(true, Ordering::SeqCst);
+                stop.cancel();
+                return;
+            }
+            Err(e) => {
+                // Keep going: the store may recover before the lease expires,
+                // and journal writes are fenced anyway.
+                tracing::warn!(run_id, error = %e, "Could not renew the lease.");
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Reading a project from disk: `plumb.yaml` and `workflows/*.yaml`.
+
+use std::path::{Path, PathBuf};
+
+use plumb_core::{Diagnostic, Diagnostics, Project, ProjectConfig, SourceFile};
+use plumb_store::Synchronous;
+
+/// Why a project could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// There is no `plumb.yaml`.
+    #[error("no plumb.yaml in {dir}; run `plumb init` to create a project, or pass --project DIR")]
+    NoProject {
+        /// The directory searched.
+        dir: PathBuf,
+    },
+    /// The files hold problems.
+    #[error("{0}")]
+    Invalid(Diagnostics),
+}
+
+/// The project's file name.
+pub const PROJECT_FILE: &str = "plumb.yaml";
+
+/// The workflows folder.
+pub const WORKFLOWS_DIR: &str = "workflows";
+
+/// Reads every project file as text. Unreadable files become diagnostics so
+/// `plumb check` still reports everything else.
+///
+/// # Errors
+///
+/// [`LoadError::NoProject`] when `plumb.yaml` is missing, or
+/// [`LoadError::Invalid`] when a file cannot be read.
+pub fn read_sources(root: &Path) -> Result<(SourceFile, Vec<SourceFile>), LoadError> {
+    let project_path = root.join(PROJECT_FILE);
+    if !project_path.is_file() {
+        return Err(LoadError::NoProject {
+            dir: root.to_owned(),
+        });
+    }
+    let mut diags = Diagnostics::default();
+    let project = read_one(&project_path, PROJECT_FILE, &mut diags);
+    let mut workflows = Vec::new();
+    let dir = root.join(WORKFLOWS_DIR);
+    if dir.is_dir() {
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                let mut paths: Vec<PathBuf> = entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.is_file()
+                            && matches!(
+                                p.extension().and_then(|e| e.to_str()),
+                                Some("yaml" | "yml")
+                            )
+                    })
+                    .collect();
+                paths.sort();
+                for path in paths {
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let display = format!("{WORKFLOWS_DIR}/{name}");
+                    if let Some(file) = read_one(&path, &display, &mut diags) {
+                        workflows.push(file);
+                    }
+                }
+            }
+            Err(e) => diags.push(Diagnostic::file(
+                WORKFLOWS_DIR,
+                format!("cannot list the workflows folder: {e}"),
+            )),
+        }
+    }
+    match project {
+        Some(project) if diags.is_empty() => Ok((project, workflows)),
+        _ => Err(LoadError::Invalid(diags)),
+    }
+}
+
+fn read_one(path: &Path, display: &str, diags: &mut Diagnostics) -> Option<SourceFile> {
+    match std::fs::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) => Some(SourceFile {
+                path: display.to_owned(),
+                text,
+            }),
+            Err(_) => {
+                diags.push(
+                    Diagnostic::file(display, "the file is not valid UTF-8 text")
+                        .help("save it as UTF-8"),
+                );
+                None
+            }
+        },
+        Err(e) => {
+            diags.push(Diagnostic::file(
+                display,
+                format!("cannot read the file: {e}"),
+            ));
+            None
+        }
+    }
+}
+
+/// Loads and validates the whole project.
+///
+/// # Errors
+///
+/// As [`read_sources`], plus every validation problem.
+pub fn load_project(root: &Path) -> Result<Project, LoadError> {
+    let (project, workflows) = read_sources(root)?;
+    plumb_core::load_project(&project, &workflows).map_err(LoadError::Invalid)
+}
+
+/// The file a `sqlite:` store URL points to (relative paths are taken from
+/// the project directory) and its durability mode: `?synchronous=normal`
+/// trades the last commits on power loss for speed; the default is `full`.
+///
+/// # Errors
+///
+/// Returns a message when the URL is not a SQLite URL or has an unknown
+/// option.
+pub fn sqlite_location(
+    config: &ProjectConfig,
+    root: &Path,
+) -> Result<(PathBuf, Synchronous), String> {
+    let url = config.store.as_str();
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| format!("unsupported store `{url}`: use `sqlite://plumb.db`"))?;
+    let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if file.is_empty() {
+        return Err(format!("the store URL `{url}` names no file"));
+    }
+    let mut synchronous = Synchronous::Full;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("synchronous", v)) => synchronous = v.parse()?,
+            _ => {
+                return Err(format!(
+                    "unknown store option `{pair}` in `{url}`; the only option is `synchronous=full|normal`"
+                ));
+            }
+        }
+    }
+    let path = Path::new(file);
+    let path = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        root.join(path)
+    };
+    Ok((path, synchronous))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(store: &str) -> ProjectConfig {
+        plumb_core::load_config(&SourceFile {
+            path: "plumb.yaml".into(),
+            text: format!("store: '{store}'\n"),
+        })
+        .expect("config")
+    }
+
+    #[test]
+    fn store_urls_resolve_relative_to_the_project() {
+        let root = Path::new("/p");
+        assert_eq!(
+            sqlite_location(&config("sqlite://plumb.db"), root),
+            Ok((PathBuf::from("/p/plumb.db"), Synchronous::Full))
+        );
+        assert_eq!(
+            sqlite_location(
+                &config("sqlite:///var/lib/plumb.db?synchronous=normal"),
+                root
+            ),
+            Ok((PathBuf::from("/var/lib/plumb.db"), Synchronous::Normal))
+        );
+        assert!(sqlite_location(&config("sqlite://x.db?mode=fast"), root).is_err());
+    }
+}
