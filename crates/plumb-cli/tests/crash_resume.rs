@@ -2,6 +2,8 @@
 //! resumed must send every step exactly once by idempotency key, re-sending
 //! at most the one step that was in flight at the kill.
 
+#![allow(clippy::print_stderr)] // the trial summary is the point of --nocapture
+
 mod support;
 
 use std::collections::HashMap;

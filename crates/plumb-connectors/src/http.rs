@@ -259,7 +259,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn humanize(d: Duration) -> String {
-    if d.as_millis() % 1000 == 0 {
+    if d.as_millis().is_multiple_of(1000) {
         format!("{}s", d.as_secs())
     } else {
         format!("{}ms", d.as_millis())
@@ -287,10 +287,8 @@ fn decode_body(bytes: &[u8], is_json: bool) -> Value {
     if bytes.is_empty() {
         return Value::Null;
     }
-    if is_json {
-        if let Ok(v) = serde_json::from_slice(bytes) {
-            return v;
-        }
+    if is_json && let Ok(v) = serde_json::from_slice(bytes) {
+        return v;
     }
     Value::String(String::from_utf8_lossy(bytes).into_owned())
 }

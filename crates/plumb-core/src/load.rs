@@ -591,10 +591,10 @@ impl<'a> Checker<'a> {
         let for_each = self.for_each(&spec, path);
         let action = if let Some(http) = &spec.http {
             let (action, connection_timeout) = self.http_action(http, &path.key("http"))?;
-            if spec.timeout.is_none() {
-                if let Some(t) = connection_timeout {
-                    timeout = t;
-                }
+            if spec.timeout.is_none()
+                && let Some(t) = connection_timeout
+            {
+                timeout = t;
             }
             Action::Http(action)
         } else if let Some(code) = &spec.jq {
@@ -633,13 +633,13 @@ impl<'a> Checker<'a> {
             })
         } else if let Some(sleep) = &spec.sleep {
             let template = self.template(sleep, &path.key("sleep"))?;
-            if let Template::Literal(value) = &template {
-                if let Err(message) = sleep_duration(value) {
-                    self.error_at_value(&path.key("sleep"), message).help = Some(
-                        "write a duration such as `30s` or `5m`, or a `${{ … }}` that yields one"
-                            .into(),
-                    );
-                }
+            if let Template::Literal(value) = &template
+                && let Err(message) = sleep_duration(value)
+            {
+                self.error_at_value(&path.key("sleep"), message).help = Some(
+                    "write a duration such as `30s` or `5m`, or a `${{ … }}` that yields one"
+                        .into(),
+                );
             }
             Action::Sleep(template)
         } else if let Some(assert) = &spec.assert {
@@ -684,14 +684,14 @@ impl<'a> Checker<'a> {
         }
         let items_path = path.key("for_each");
         let items = self.template(items, &items_path)?;
-        if let Template::Literal(v) = &items {
-            if !v.is_array() {
-                self.error_at_value(
-                    &items_path,
-                    "`for_each` must be a list or a `${{ … }}` that yields one",
-                )
-                .help = Some("e.g. `for_each: ${{ .steps.fetch.body.items }}`".into());
-            }
+        if let Template::Literal(v) = &items
+            && !v.is_array()
+        {
+            self.error_at_value(
+                &items_path,
+                "`for_each` must be a list or a `${{ … }}` that yields one",
+            )
+            .help = Some("e.g. `for_each: ${{ .steps.fetch.body.items }}`".into());
         }
         Some(ForEach { items, concurrency })
     }
@@ -747,11 +747,11 @@ impl<'a> Checker<'a> {
                 Template::Literal(_) => Some(""),
                 _ => None,
             };
-            if let Some(start) = literal_start {
-                if !start.starts_with('/') || start.starts_with("//") {
-                    self.error_at_value(&path.key("path"), "the path must start with a single `/`: it is appended to the connection's base_url")
+            if let Some(start) = literal_start
+                && (!start.starts_with('/') || start.starts_with("//"))
+            {
+                self.error_at_value(&path.key("path"), "the path must start with a single `/`: it is appended to the connection's base_url")
                         .help = Some("a step may only call its connection's host; write the path, e.g. `/orders`, not a full URL".into());
-                }
             }
         }
         let mut query = Vec::new();
@@ -989,10 +989,10 @@ fn step_references(code: &str) -> Vec<String> {
             }
             Some(b'[') => {
                 let rest = code[j + 1..].trim_start();
-                if let Some(quoted) = rest.strip_prefix('"') {
-                    if let Some(end) = quoted.find('"') {
-                        out.push(quoted[..end].to_owned());
-                    }
+                if let Some(quoted) = rest.strip_prefix('"')
+                    && let Some(end) = quoted.find('"')
+                {
+                    out.push(quoted[..end].to_owned());
                 }
             }
             _ => {}

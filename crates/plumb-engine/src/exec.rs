@@ -1031,7 +1031,7 @@ pub(crate) fn preview(value: &Value, max: usize) -> String {
 }
 
 pub(crate) fn humanize(d: Duration) -> String {
-    if d.as_millis() % 1000 == 0 {
+    if d.as_millis().is_multiple_of(1000) {
         format!("{}s", d.as_secs())
     } else if d < Duration::from_secs(1) {
         format!("{}ms", d.as_millis())

@@ -205,14 +205,14 @@ impl Engine {
     pub async fn claim(&self, run_id: &str) -> Result<Run, EngineError> {
         let lease = self.lease();
         let mut claim = self.store.claim_run(run_id, &lease, None).await?;
-        if let Claim::Busy { owner, .. } = &claim {
-            if owner::is_certainly_dead(owner) {
-                tracing::info!(run_id, previous_owner = %owner, "Previous owner is gone; taking the run over.");
-                claim = self.store.claim_run(run_id, &lease, Some(owner)).await?;
-            }
+        if let Claim::Busy { owner, .. } = &claim
+            && owner::is_certainly_dead(owner)
+        {
+            tracing::info!(run_id, previous_owner = %owner, "Previous owner is gone; taking the run over.");
+            claim = self.store.claim_run(run_id, &lease, Some(owner)).await?;
         }
         match claim {
-            Claim::Claimed(run) => Ok(run),
+            Claim::Claimed(run) => Ok(*run),
             Claim::NotFound => Err(EngineError::NotFound(run_id.to_owned())),
             Claim::Ended(status) => Err(EngineError::Ended {
                 run_id: run_id.to_owned(),
@@ -232,10 +232,10 @@ impl Engine {
         &self,
         run: &Run,
     ) -> Result<Result<Arc<Workflow>, String>, EngineError> {
-        if let Some(w) = self.project.workflow(&run.workflow) {
-            if w.version == run.version {
-                return Ok(Ok(Arc::clone(w)));
-            }
+        if let Some(w) = self.project.workflow(&run.workflow)
+            && w.version == run.version
+        {
+            return Ok(Ok(Arc::clone(w)));
         }
         let Some(stored) = self.store.workflow_version(&run.version).await? else {
             return Err(EngineError::VersionMissing {

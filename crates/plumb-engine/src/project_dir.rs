@@ -162,11 +162,15 @@ mod tests {
     use super::*;
 
     fn config(store: &str) -> ProjectConfig {
-        plumb_core::load_config(&SourceFile {
-            path: "plumb.yaml".into(),
-            text: format!("store: '{store}'\n"),
-        })
-        .expect("config")
+        ProjectConfig {
+            store: store.to_owned(),
+            listen: String::new(),
+            connections: std::collections::BTreeMap::new(),
+            defaults: plumb_core::model::Defaults {
+                retry: plumb_core::model::DEFAULT_RETRY,
+                timeout: plumb_core::model::DEFAULT_TIMEOUT,
+            },
+        }
     }
 
     #[test]

@@ -346,7 +346,7 @@ pub enum RunOutcome {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Claim {
     /// The caller now holds the lease; the run as it is now.
-    Claimed(Run),
+    Claimed(Box<Run>),
     /// Another process holds a live lease.
     Busy {
         /// Who holds it.

@@ -73,10 +73,11 @@ impl SqliteStore {
             location: path.display().to_string(),
             message: e.to_string(),
         };
-        if let Some(parent) = path.parent() {
-            if !parent.as_os_str().is_empty() && !parent.exists() {
-                std::fs::create_dir_all(parent).map_err(|e| open_error(&e))?;
-            }
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+            && !parent.exists()
+        {
+            std::fs::create_dir_all(parent).map_err(|e| open_error(&e))?;
         }
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -361,7 +362,7 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         if let Some(row) = row {
-            return Ok(Claim::Claimed(run_from_row(&row)?));
+            return Ok(Claim::Claimed(Box::new(run_from_row(&row)?)));
         }
         Ok(match self.run(id).await? {
             None => Claim::NotFound,

@@ -55,7 +55,9 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
             engine.create_run(workflow, manual_trigger(input)).await?
         }
         (None, None) => {
-            return Err(UsageError("name a workflow to run, or pass --resume RUN_ID".into()).into());
+            return Err(
+                UsageError("name a workflow to run, or pass --resume RUN_ID".into()).into(),
+            );
         }
     };
 
