@@ -105,11 +105,20 @@ pub fn failure_place(f: &Failure) -> String {
     parts.join(", ")
 }
 
-/// Prints run progress as it happens.
+/// Prints run progress as it happens. On a terminal the step in flight is
+/// shown on a line that its outcome then replaces; elsewhere only outcomes
+/// are printed, one plain line each.
 pub struct Progress {
     style: Style,
     json: bool,
-    out: Mutex<std::io::Stdout>,
+    live: bool,
+    out: Mutex<Out>,
+}
+
+struct Out {
+    stdout: std::io::Stdout,
+    /// A transient "running" line is on screen and must be erased first.
+    transient: bool,
 }
 
 impl Progress {
@@ -118,17 +127,33 @@ impl Progress {
         Self {
             style: Style::detect(),
             json,
-            out: Mutex::new(std::io::stdout()),
+            live: !json && std::io::stdout().is_terminal(),
+            out: Mutex::new(Out {
+                stdout: std::io::stdout(),
+                transient: false,
+            }),
+        }
+    }
+
+    fn write(&self, text: &str, transient: bool) {
+        if let Ok(mut out) = self.out.lock() {
+            // A closed pipe must not kill the run: progress is best effort,
+            // the journal is the record.
+            if out.transient {
+                let _ = write!(out.stdout, "\r\x1b[2K");
+            }
+            if transient {
+                let _ = write!(out.stdout, "{text}");
+            } else {
+                let _ = writeln!(out.stdout, "{text}");
+            }
+            out.transient = transient;
+            let _ = out.stdout.flush();
         }
     }
 
     fn line(&self, text: &str) {
-        if let Ok(mut out) = self.out.lock() {
-            // A closed pipe must not kill the run: progress is best effort,
-            // the journal is the record.
-            let _ = writeln!(out, "{text}");
-            let _ = out.flush();
-        }
+        self.write(text, false);
     }
 
     fn step_name(step_id: &str, item: Option<u32>) -> String {
@@ -311,7 +336,33 @@ impl Observer for Progress {
     fn on_event(&self, event: &RunEvent) {
         if self.json {
             self.line(&Self::json_event(event).to_string());
-        } else if let Some(text) = self.human(event) {
+            return;
+        }
+        if let RunEvent::StepStarted {
+            step_id,
+            item: None,
+            attempt,
+            kind,
+        } = event
+        {
+            if self.live {
+                let what = match (*kind, *attempt) {
+                    ("sleep", _) => "sleeping".to_owned(),
+                    (_, 1) => "running".to_owned(),
+                    (_, n) => format!("running (attempt {n})"),
+                };
+                self.write(
+                    &format!(
+                        "  {} {step_id:<18} {}",
+                        self.style.dim("…"),
+                        self.style.dim(&what)
+                    ),
+                    true,
+                );
+            }
+            return;
+        }
+        if let Some(text) = self.human(event) {
             self.line(&text);
         }
     }

@@ -282,3 +282,65 @@ async fn resume_is_refused_while_the_run_is_alive_and_after_it_ended() {
     );
     assert_eq!(rx.hits().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_run_resumable_and_releases_it_at_once() {
+    let rx = Receiver::start().await;
+    let project = Project::with_receiver(&rx.base_url);
+    project.workflow(
+        "two",
+        &format!(
+            "name: two\n{HEAD}steps:\n  - id: first\n    http: {{ connection: rx, path: /ok/first }}\n  - id: slow\n    http: {{ connection: rx, path: /ok/slow, query: {{ delay_ms: 2000 }} }}\n"
+        ),
+    );
+    let mut child = project
+        .cmd(&["run", "two"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = vec![0_u8; 200];
+    let n = tokio::io::AsyncReadExt::read(&mut stdout, &mut first)
+        .await
+        .expect("read");
+    let run_id = run_id_of(&String::from_utf8_lossy(&first[..n]));
+    while rx.hits().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = child.id().expect("pid").to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let status = child.wait().await.expect("wait");
+    assert_eq!(status.code(), Some(130), "interrupted runs exit 130");
+    let mut rest = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut rest)
+        .await
+        .expect("read");
+    assert!(
+        rest.contains(&format!("plumb run --resume {run_id}")),
+        "tells how to continue: {rest}"
+    );
+    let shown = project.show(&run_id).await;
+    assert_eq!(shown["run"]["status"], "running");
+    assert!(
+        shown["run"]["lease_owner"].is_null(),
+        "the lease is released on the way out"
+    );
+    let out = project.run(&["run", "--resume", &run_id]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout.contains("done before"),
+        "the first step is restored, not re-run: {out}"
+    );
+    let paths: Vec<String> = rx.hits().iter().map(|h| h.path.clone()).collect();
+    assert_eq!(
+        paths,
+        vec!["/ok/first", "/ok/slow", "/ok/slow"],
+        "only the interrupted step is re-sent"
+    );
+    let keys: Vec<Option<String>> = rx.hits().iter().skip(1).map(|h| h.key.clone()).collect();
+    assert_eq!(keys[0], keys[1], "with the same idempotency key");
+}

@@ -182,7 +182,8 @@ impl<'e> Execution<'e> {
                     "branch": if condition { "then" } else { "else" },
                     "condition": condition,
                 });
-                self.commit_success(step, None, 1, started, &output, None, None)
+                let summary = format!("took `{}`", if condition { "then" } else { "else" });
+                self.commit_success(step, None, 1, started, &output, None, Some(summary))
                     .await?;
                 let steps = if condition {
                     &branch.then
@@ -303,7 +304,9 @@ impl<'e> Execution<'e> {
             () = tokio::time::sleep(Duration::from_millis(remaining)) => {}
         }
         let output = json!({ "woke_at": wake_at });
-        self.commit_success(step, None, 1, started, &output, None, None)
+        let slept = Duration::from_millis(u64::try_from(wake_at - started).unwrap_or(0));
+        let summary = format!("slept {}", humanize(slept));
+        self.commit_success(step, None, 1, started, &output, None, Some(summary))
             .await?;
         self.set_output(&step.id, &output);
         Ok(())
