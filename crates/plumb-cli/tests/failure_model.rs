@@ -344,3 +344,59 @@ async fn sigterm_stops_the_run_resumable_and_releases_it_at_once() {
     let keys: Vec<Option<String>> = rx.hits().iter().skip(1).map(|h| h.key.clone()).collect();
     assert_eq!(keys[0], keys[1], "with the same idempotency key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jq_step_that_never_ends_fails_once_and_the_process_still_exits() {
+    let project = Project::new("connections: {}\n");
+    project.workflow(
+        "spin",
+        &format!("name: spin\n{HEAD}steps:\n  - id: spin\n    jq: 'last(range(1e15))'\n    timeout: 300ms\n    retry: {{ attempts: 3, initial: 10ms }}\n"),
+    );
+    let started = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(20), project.run(&["run", "spin"]))
+        .await
+        .expect("the process exits even though the jq thread is still spinning");
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stdout
+            .contains("did not finish within its timeout of 300ms"),
+        "{out}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a pure step is not retried after a timeout"
+    );
+    let shown = project.show(&run_id_of(&out.stdout)).await;
+    assert_eq!(shown["run"]["failure"]["attempt"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_headers_replace_connection_headers_and_if_output_is_readable_at_once() {
+    let rx = Receiver::start().await;
+    let project = Project::new(&format!(
+        "connections:\n  rx:\n    http:\n      base_url: {}\n      headers: {{ X-Tenant: from-connection, Accept: application/json }}\n",
+        rx.base_url
+    ));
+    project.workflow(
+        "hdr",
+        &format!(
+            "name: hdr\n{HEAD}steps:\n  - id: gate\n    if: '${{{{ true }}}}'\n    then:\n      - id: inner\n        jq: '1'\n  - id: call\n    http:\n      connection: rx\n      method: POST\n      path: /echo\n      headers: {{ x-tenant: from-step }}\n      body: {{ branch: '${{{{ .steps.gate.branch }}}}' }}\n"
+        ),
+    );
+    let out = project.run(&["run", "hdr"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let hits = rx.hits();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(
+        hits[0].headers.get("x-tenant").map(String::as_str),
+        Some("from-step")
+    );
+    assert_eq!(
+        hits[0].headers.get("accept").map(String::as_str),
+        Some("application/json")
+    );
+    assert_eq!(
+        hits[0].body["branch"], "then",
+        "the if step's output is visible on the first pass, not only after a resume"
+    );
+}

@@ -160,7 +160,20 @@ impl HttpClient {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.contains("json"));
-        let bytes = read_limited(response, request.timeout).await?;
+        let retryable_status = status >= 500 || status == 429 || status == 408;
+        let bytes = match read_limited(response, request.timeout).await {
+            Ok(b) => b,
+            // An overloaded upstream stays retryable whatever its error page
+            // weighs.
+            Err(ActionError::Permanent { message, .. }) if retryable_status => {
+                return Err(ActionError::Retryable {
+                    message: format!("HTTP {status} {reason} ({message})"),
+                    status: Some(status),
+                    retry_after,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let body = decode_body(&bytes, is_json);
         let success = match &request.expect_status {
             Some(list) => list.contains(&status),
@@ -174,7 +187,7 @@ impl HttpClient {
             });
         }
         let message = format!("HTTP {status} {reason}{}", body_snippet(&body));
-        if status >= 500 || status == 429 || status == 408 {
+        if retryable_status {
             Err(ActionError::Retryable {
                 message,
                 status: Some(status),

@@ -194,3 +194,24 @@ async fn oversized_responses_are_refused() {
     assert!(!e.is_retryable());
     assert!(e.to_string().contains("larger than"), "{e}");
 }
+
+#[tokio::test]
+async fn an_overloaded_upstream_with_a_huge_error_page_stays_retryable() {
+    let base = serve(Router::new().route(
+        "/big503",
+        get(|| async {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                vec![b'x'; plumb_connectors::http::MAX_RESPONSE_BYTES + 1],
+            )
+        }),
+    ))
+    .await;
+    let client = HttpClient::new().expect("client");
+    let e = client
+        .send(request(base.join("/big503").expect("join")))
+        .await
+        .expect_err("503");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(e.status(), Some(503));
+}

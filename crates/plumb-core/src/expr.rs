@@ -506,7 +506,16 @@ fn split_expression(after: &str) -> Result<(Program, usize), (String, CompileErr
         let code = &after[..end];
         match Program::compile(code) {
             Ok(program) => return Ok((program, end + CLOSE.len())),
-            Err(e) => last_error = Some((code.trim().to_owned(), e)),
+            Err(e) => {
+                // Show the expression without its padding, with the offset
+                // moved to match.
+                let lead = code.len() - code.trim_start().len();
+                let error = CompileError {
+                    offset: e.offset.saturating_sub(lead),
+                    ..e
+                };
+                last_error = Some((code.trim().to_owned(), error));
+            }
         }
         search_from = end + 1;
     }
@@ -624,6 +633,12 @@ mod tests {
         );
         let errs = Template::compile(&json!("${{ .x ")).expect_err("unclosed");
         assert!(errs[0].error.message.contains("never closed"));
+        let errs = Template::compile(&json!("/x/${{ .a == “b” }}")).expect_err("smart quotes");
+        assert_eq!(errs[0].expression, ".a == “b”");
+        assert_eq!(
+            errs[0].error.offset, 6,
+            "the offset points at `“` in the trimmed text"
+        );
     }
 
     #[test]

@@ -448,12 +448,15 @@ impl<'a> Checker<'a> {
                 .help = Some("put query parameters in each step's `query:` instead".into());
         }
         for name in http.headers.keys() {
+            let header_path = path.key("http").key("headers").key(name.clone());
             if !is_header_name(name) {
-                self.error(
-                    &path.key("http").key("headers").key(name.clone()),
-                    format!("invalid header name `{name}`"),
-                )
-                .help = Some("header names are letters, digits and `-`".into());
+                self.error(&header_path, format!("invalid header name `{name}`"))
+                    .help = Some("header names are letters, digits and `-`".into());
+            }
+            if name.eq_ignore_ascii_case("idempotency-key") {
+                self.error(&header_path, "`Idempotency-Key` is set by plumb").help = Some(
+                    "remove it: every request carries `<run_id>:<step_id>[:<item>]`, the same on every retry".into(),
+                );
             }
         }
         let timeout = http.timeout.map(|d| d.0);
@@ -1004,7 +1007,10 @@ fn step_references(code: &str) -> Vec<String> {
 
 fn expression_help(expression: &str, error: &crate::expr::CompileError) -> String {
     let mut pointer = String::new();
-    let at = error.offset.min(expression.len());
+    let mut at = error.offset.min(expression.len());
+    while !expression.is_char_boundary(at) {
+        at -= 1;
+    }
     let column = expression[..at].chars().count();
     pointer.push_str(expression);
     pointer.push('\n');
@@ -1024,8 +1030,10 @@ pub fn sleep_duration(value: &Value) -> Result<Duration, String> {
             humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration `{s}`: {e}"))
         }
         Value::Number(n) => match n.as_f64() {
-            Some(secs) if secs >= 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
-            _ => Err(format!("invalid number of seconds `{n}`")),
+            Some(secs) => Duration::try_from_secs_f64(secs).map_err(|_| {
+                format!("invalid number of seconds `{n}`: use 0 or more, and less than centuries")
+            }),
+            None => Err(format!("invalid number of seconds `{n}`")),
         },
         other => Err(format!("`{other}` is not a duration")),
     }
@@ -1252,6 +1260,33 @@ mod tests {
             step_references(r#".steps.a.body + .steps["b-c"] | .steps?.d | .stepsx"#),
             vec!["a", "b-c", "d"]
         );
+    }
+
+    #[test]
+    fn connections_cannot_set_the_idempotency_key() {
+        let err = load_config(&SourceFile {
+            path: "plumb.yaml".into(),
+            text: "connections:\n  c:\n    http:\n      base_url: https://x.example\n      headers: { Idempotency-Key: fixed }\n".into(),
+        })
+        .expect_err("reserved header");
+        assert!(err.0[0].message.contains("set by plumb"), "{}", err.0[0]);
+        assert_eq!(err.0[0].line, Some(5));
+    }
+
+    #[test]
+    fn inputs_that_used_to_panic_are_diagnostics() {
+        let err = workflow(&format!("{HEAD}steps:\n  - id: x\n    sleep: 1e300\n"))
+            .expect_err("absurd sleep");
+        assert!(
+            err.0[0].message.contains("invalid number of seconds"),
+            "{}",
+            err.0[0]
+        );
+        let err = workflow(&format!(
+            "{HEAD}steps:\n  - id: x\n    http: {{ connection: crm, path: '/x/${{{{ .a == “b” }}}}' }}\n"
+        ))
+        .expect_err("smart quotes");
+        assert!(err.0[0].help.as_deref().unwrap_or("").contains('^'));
     }
 
     #[test]

@@ -30,6 +30,9 @@ fn fragment() -> impl Strategy<Value = String> {
         Just("trigger: { schedule: { cron: '* * * * *' } }\n".to_owned()),
         Just("retry: { attempts: 0, initial: 5m, max: 1s }\n".to_owned()),
         Just("${{ }}}}${{".to_owned()),
+        Just("    http: { connection: crm, path: '/x/${{ .a == “b” }}' }\n".to_owned()),
+        Just("    sleep: 1e300\n".to_owned()),
+        Just("    sleep: -5\n".to_owned()),
         "[ -~]{0,20}\n".prop_map(|s| s),
         any::<String>(),
     ]

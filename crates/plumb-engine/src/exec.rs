@@ -57,6 +57,16 @@ impl From<StoreError> for Halt {
     }
 }
 
+impl Halt {
+    fn describe(&self) -> String {
+        match self {
+            Self::Failed(f) => f.message.clone(),
+            Self::Stopped => "stopped".to_owned(),
+            Self::Store(e) => e.to_string(),
+        }
+    }
+}
+
 type Key = (String, Option<u32>);
 
 pub(crate) struct Execution<'e> {
@@ -69,12 +79,6 @@ pub(crate) struct Execution<'e> {
     /// Outputs of steps so far, as jq values: `.steps` in expressions.
     outputs: jaq_json::Map,
     trigger: Val,
-}
-
-/// A failed attempt, with what the journal needs to know.
-struct AttemptError {
-    error: ActionError,
-    started_at: i64,
 }
 
 /// How an action attempt ended well.
@@ -185,6 +189,7 @@ impl<'e> Execution<'e> {
                 let summary = format!("took `{}`", if condition { "then" } else { "else" });
                 self.commit_success(step, None, 1, started, &output, None, Some(summary))
                     .await?;
+                self.set_output(&step.id, &output);
                 let steps = if condition {
                     &branch.then
                 } else {
@@ -270,25 +275,20 @@ impl<'e> Execution<'e> {
                     }
                 };
                 let wake_at = now_ms() + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2);
-                self.engine
-                    .store
-                    .record_step(
-                        self.engine.owner.as_str(),
-                        &StepRecord {
-                            run_id: self.run.id.clone(),
-                            step_id: step.id.clone(),
-                            item: None,
-                            status: StepStatus::Running,
-                            attempt: 1,
-                            state: Some(json!({ "wake_at": wake_at })),
-                            output: None,
-                            error: None,
-                            status_code: None,
-                            started_at: started,
-                            finished_at: None,
-                        },
-                    )
-                    .await?;
+                self.write_step(&StepRecord {
+                    run_id: self.run.id.clone(),
+                    step_id: step.id.clone(),
+                    item: None,
+                    status: StepStatus::Running,
+                    attempt: 1,
+                    state: Some(json!({ "wake_at": wake_at })),
+                    output: None,
+                    error: None,
+                    status_code: None,
+                    started_at: started,
+                    finished_at: None,
+                })
+                .await?;
                 wake_at
             }
         };
@@ -342,25 +342,20 @@ impl<'e> Execution<'e> {
                 };
                 // Commit the list first: indices (and so idempotency keys)
                 // must mean the same items on every resume.
-                self.engine
-                    .store
-                    .record_step(
-                        self.engine.owner.as_str(),
-                        &StepRecord {
-                            run_id: self.run.id.clone(),
-                            step_id: step.id.clone(),
-                            item: None,
-                            status: StepStatus::Running,
-                            attempt: 1,
-                            state: Some(json!({ "items": items })),
-                            output: None,
-                            error: None,
-                            status_code: None,
-                            started_at: started,
-                            finished_at: None,
-                        },
-                    )
-                    .await?;
+                self.write_step(&StepRecord {
+                    run_id: self.run.id.clone(),
+                    step_id: step.id.clone(),
+                    item: None,
+                    status: StepStatus::Running,
+                    attempt: 1,
+                    state: Some(json!({ "items": items })),
+                    output: None,
+                    error: None,
+                    status_code: None,
+                    started_at: started,
+                    finished_at: None,
+                })
+                .await?;
                 items
             }
         };
@@ -383,6 +378,7 @@ impl<'e> Execution<'e> {
 
         let mut outputs = vec![Value::Null; items.len()];
         let mut failed: Vec<(u32, Failure)> = Vec::new();
+        let mut stopped = false;
         for (index, result) in results {
             match result {
                 Ok(output) => {
@@ -391,8 +387,14 @@ impl<'e> Execution<'e> {
                     }
                 }
                 Err(Halt::Failed(f)) => failed.push((index, f)),
-                Err(other) => return Err(other),
+                // A store error explains the stop better than the items it
+                // stopped, so it wins.
+                Err(Halt::Store(e)) => return Err(Halt::Store(e)),
+                Err(Halt::Stopped) => stopped = true,
             }
+        }
+        if stopped {
+            return Err(Halt::Stopped);
         }
         if self.stop.is_cancelled() {
             return Err(Halt::Stopped);
@@ -416,25 +418,20 @@ impl<'e> Execution<'e> {
             first.message
         );
         let now = now_ms();
-        self.engine
-            .store
-            .record_step(
-                self.engine.owner.as_str(),
-                &StepRecord {
-                    run_id: self.run.id.clone(),
-                    step_id: step.id.clone(),
-                    item: None,
-                    status: StepStatus::Failed,
-                    attempt: 1,
-                    state: None,
-                    output: Some(Value::Array(outputs)),
-                    error: Some(message.clone()),
-                    status_code: first.status_code,
-                    started_at: started,
-                    finished_at: Some(now),
-                },
-            )
-            .await?;
+        self.write_step(&StepRecord {
+            run_id: self.run.id.clone(),
+            step_id: step.id.clone(),
+            item: None,
+            status: StepStatus::Failed,
+            attempt: 1,
+            state: None,
+            output: Some(Value::Array(outputs)),
+            error: Some(message.clone()),
+            status_code: first.status_code,
+            started_at: started,
+            finished_at: Some(now),
+        })
+        .await?;
         self.observer.on_event(&RunEvent::StepFailed {
             step_id: step.id.clone(),
             item: None,
@@ -511,25 +508,20 @@ impl<'e> Execution<'e> {
             attempt += 1;
             let attempt_started = now_ms();
             if step.has_effects() {
-                self.engine
-                    .store
-                    .record_step(
-                        self.engine.owner.as_str(),
-                        &StepRecord {
-                            run_id: self.run.id.clone(),
-                            step_id: step.id.clone(),
-                            item: index,
-                            status: StepStatus::Running,
-                            attempt,
-                            state: None,
-                            output: None,
-                            error: None,
-                            status_code: None,
-                            started_at: first_started,
-                            finished_at: None,
-                        },
-                    )
-                    .await?;
+                self.write_step(&StepRecord {
+                    run_id: self.run.id.clone(),
+                    step_id: step.id.clone(),
+                    item: index,
+                    status: StepStatus::Running,
+                    attempt,
+                    state: None,
+                    output: None,
+                    error: None,
+                    status_code: None,
+                    started_at: first_started,
+                    finished_at: None,
+                })
+                .await?;
             }
             self.observer.on_event(&RunEvent::StepStarted {
                 step_id: step.id.clone(),
@@ -543,6 +535,15 @@ impl<'e> Execution<'e> {
                 () = self.stop.cancelled() => return Err(Halt::Stopped),
                 r = tokio::time::timeout(step.timeout, self.perform(step, context, key)) => match r {
                     Ok(r) => r,
+                    // A pure step that ran out of time would only loop
+                    // again: retrying it wastes the retry budget and a thread.
+                    Err(_) if !step.has_effects() => Err(ActionError::Permanent {
+                        message: format!(
+                            "the step did not finish within its timeout of {}",
+                            humanize(step.timeout)
+                        ),
+                        status: None,
+                    }),
                     Err(_) => Err(ActionError::Retryable {
                         message: format!("the step timed out after {}", humanize(step.timeout)),
                         status: None,
@@ -567,38 +568,27 @@ impl<'e> Execution<'e> {
                     return Ok(outcome);
                 }
                 Err(error) => {
-                    let failed = AttemptError {
-                        error,
+                    let failure = AttemptFailure {
+                        run_id: self.run.id.clone(),
+                        step_id: step.id.clone(),
+                        item: index,
+                        attempt,
                         started_at: attempt_started,
+                        finished_at: now_ms(),
+                        status_code: error.status(),
+                        error: error.to_string(),
+                        retryable: error.is_retryable(),
                     };
-                    let retry = failed.error.is_retryable() && attempt < max_attempts;
-                    self.engine
-                        .store
-                        .record_attempt_failure(
-                            self.engine.owner.as_str(),
-                            &AttemptFailure {
-                                run_id: self.run.id.clone(),
-                                step_id: step.id.clone(),
-                                item: index,
-                                attempt,
-                                started_at: failed.started_at,
-                                finished_at: now_ms(),
-                                status_code: failed.error.status(),
-                                error: failed.error.to_string(),
-                                retryable: failed.error.is_retryable(),
-                            },
-                        )
-                        .await?;
-                    if retry {
-                        let delay = failed
-                            .error
+                    if error.is_retryable() && attempt < max_attempts {
+                        self.write_attempt(&failure).await?;
+                        let delay = error
                             .retry_after()
                             .unwrap_or_else(|| delay_after(&step.retry, attempt));
                         self.observer.on_event(&RunEvent::StepRetrying {
                             step_id: step.id.clone(),
                             item: index,
                             attempt,
-                            error: failed.error.to_string(),
+                            error: error.to_string(),
                             delay,
                         });
                         tokio::select! {
@@ -607,23 +597,55 @@ impl<'e> Execution<'e> {
                         }
                         continue;
                     }
-                    let mut message = failed.error.to_string();
-                    if failed.error.is_retryable() {
+                    let mut message = error.to_string();
+                    if error.is_retryable() {
                         message = format!("{message} (gave up after {attempt} attempts)");
                     }
-                    return Err(self
+                    // The outcome first: a crash between the two writes must
+                    // leave a failed step, not a `running` one that a resume
+                    // would send again.
+                    let halt = self
                         .fail_step(
                             step,
                             index,
                             attempt,
                             first_started,
                             &message,
-                            failed.error.status(),
+                            error.status(),
                         )
-                        .await);
+                        .await;
+                    if matches!(halt, Halt::Failed(_))
+                        && let Err(e) = self.write_attempt(&failure).await
+                    {
+                        tracing::warn!(run_id = %self.run.id, step = %step.id, error = %e.describe(), "Could not keep the last failed attempt for the timeline.");
+                    }
+                    return Err(halt);
                 }
             }
         }
+    }
+
+    /// Writes one journal row. Transient store errors (locked, disk
+    /// trouble) are retried briefly; if the write still fails, or the lease
+    /// is gone, every other part of this run stops too.
+    async fn write_step(&self, record: &StepRecord) -> Result<(), Halt> {
+        let owner = self.engine.owner.as_str();
+        with_store_retries(|| self.engine.store.record_step(owner, record))
+            .await
+            .map_err(|e| self.halt(e))
+    }
+
+    /// Keeps a failed attempt for the timeline, like [`Self::write_step`].
+    async fn write_attempt(&self, failure: &AttemptFailure) -> Result<(), Halt> {
+        let owner = self.engine.owner.as_str();
+        with_store_retries(|| self.engine.store.record_attempt_failure(owner, failure))
+            .await
+            .map_err(|e| self.halt(e))
+    }
+
+    fn halt(&self, e: StoreError) -> Halt {
+        self.stop.cancel();
+        Halt::from(e)
     }
 
     /// Performs one attempt of an action step.
@@ -736,8 +758,14 @@ impl<'e> Execution<'e> {
                 pairs.append_pair(k, v);
             }
         }
-        let mut headers = connection.headers.clone();
-        headers.extend(rendered.headers);
+        // A step's header replaces the connection's header of the same name;
+        // the idempotency key is always plumb's own.
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for (name, value) in connection.headers.iter().cloned().chain(rendered.headers) {
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+            headers.push((name, value));
+        }
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case("idempotency-key"));
         headers.push(("Idempotency-Key".to_owned(), key));
         let response = self
             .engine
@@ -796,25 +824,20 @@ impl<'e> Execution<'e> {
         elapsed: Duration,
         summary: String,
     ) -> Result<(), Halt> {
-        self.engine
-            .store
-            .record_step(
-                self.engine.owner.as_str(),
-                &StepRecord {
-                    run_id: self.run.id.clone(),
-                    step_id: step.id.clone(),
-                    item,
-                    status: StepStatus::Succeeded,
-                    attempt,
-                    state: None,
-                    output: Some(output.clone()),
-                    error: None,
-                    status_code,
-                    started_at: started,
-                    finished_at: Some(now_ms()),
-                },
-            )
-            .await?;
+        self.write_step(&StepRecord {
+            run_id: self.run.id.clone(),
+            step_id: step.id.clone(),
+            item,
+            status: StepStatus::Succeeded,
+            attempt,
+            state: None,
+            output: Some(output.clone()),
+            error: None,
+            status_code,
+            started_at: started,
+            finished_at: Some(now_ms()),
+        })
+        .await?;
         self.observer.on_event(&RunEvent::StepSucceeded {
             step_id: step.id.clone(),
             item,
@@ -837,27 +860,22 @@ impl<'e> Execution<'e> {
         status_code: Option<u16>,
     ) -> Halt {
         let written = self
-            .engine
-            .store
-            .record_step(
-                self.engine.owner.as_str(),
-                &StepRecord {
-                    run_id: self.run.id.clone(),
-                    step_id: step.id.clone(),
-                    item,
-                    status: StepStatus::Failed,
-                    attempt,
-                    state: None,
-                    output: None,
-                    error: Some(message.to_owned()),
-                    status_code,
-                    started_at: started,
-                    finished_at: Some(now_ms()),
-                },
-            )
+            .write_step(&StepRecord {
+                run_id: self.run.id.clone(),
+                step_id: step.id.clone(),
+                item,
+                status: StepStatus::Failed,
+                attempt,
+                state: None,
+                output: None,
+                error: Some(message.to_owned()),
+                status_code,
+                started_at: started,
+                finished_at: Some(now_ms()),
+            })
             .await;
-        if let Err(e) = written {
-            return Halt::from(e);
+        if let Err(halt) = written {
+            return halt;
         }
         self.observer.on_event(&RunEvent::StepFailed {
             step_id: step.id.clone(),
@@ -915,6 +933,29 @@ impl ContextBase {
 
 fn k(s: &str) -> Val {
     Val::from(s.to_owned())
+}
+
+/// Retries a store operation that failed transiently (busy, I/O), a few
+/// times over about four seconds, before giving up.
+async fn with_store_retries<F, Fut>(mut op: F) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    const DELAYS_MS: [u64; 4] = [100, 400, 1000, 2500];
+    let mut tries = DELAYS_MS.iter();
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() => match tries.next() {
+                Some(ms) => {
+                    tracing::warn!(error = %e, retry_in_ms = ms, "The store could not commit a journal row; retrying.");
+                    tokio::time::sleep(Duration::from_millis(*ms)).await;
+                }
+                None => return Err(e),
+            },
+            other => return other,
+        }
+    }
 }
 
 /// `<run_id>:<step_id>[:<item_index>]` (SPEC G3): the same on every attempt

@@ -45,6 +45,17 @@ pub enum EngineError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The journal could not be written while the run was executing; the
+    /// run is left as it was, resumable.
+    #[error(
+        "could not write the journal of run {run_id}: {source}; the run is left as it was: once the store is writable again, continue it with `plumb run --resume {run_id}`"
+    )]
+    Journal {
+        /// Run id.
+        run_id: String,
+        /// What the store said.
+        source: StoreError,
+    },
     /// The HTTP client could not start.
     #[error(transparent)]
     Http(#[from] ClientError),
@@ -347,11 +358,11 @@ impl Engine {
                 });
                 Ok(RunEnd::Interrupted { reason })
             }
-            Err(exec::Halt::Store(e)) => {
+            Err(exec::Halt::Store(source)) => {
                 // Leave the run resumable; the lease runs out on its own if
                 // the store cannot even take the release.
                 let _ = self.store.release_run(&run_id, &owner).await;
-                Err(EngineError::Store(e))
+                Err(EngineError::Journal { run_id, source })
             }
         }
     }
