@@ -9,8 +9,7 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use support::{Project, Receiver, run_id_of};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use support::{Project, Receiver};
 
 const STEPS: usize = 30;
 const TRIALS: usize = 20;
@@ -37,21 +36,9 @@ async fn sigkill_at_random_points_then_resume_sends_every_step_once_by_key() {
     let mut resent_total = 0;
     for trial in 0..TRIALS {
         rx.clear();
-        let mut child = project
-            .cmd(&["run", "thirty"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn plumb run");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        // The run id is printed before any step executes.
-        let first = lines
-            .next_line()
-            .await
-            .expect("read")
-            .expect("a first line");
-        let run_id = run_id_of(&first);
+        let started = project.start(&["run", "thirty"]).await;
+        let run_id = started.run_id.clone();
+        let mut child = started.child;
         // Kill at a random point: once a random number of steps has reached
         // the receiver, plus a random slice of a step's time, so kills land
         // before a request, while it is in flight, and while its outcome is

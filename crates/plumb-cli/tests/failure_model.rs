@@ -223,17 +223,9 @@ async fn a_resumed_sleep_waits_only_the_remainder() {
         &format!("name: nap\n{HEAD}steps:\n  - id: nap\n    sleep: 3s\n  - id: after\n    jq: '\"awake\"'\n"),
     );
     let started = Instant::now();
-    let mut child = project
-        .cmd(&["run", "nap"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut first = vec![0_u8; 200];
-    let n = tokio::io::AsyncReadExt::read(&mut stdout, &mut first)
-        .await
-        .expect("read");
-    let run_id = run_id_of(&String::from_utf8_lossy(&first[..n]));
+    let started_run = project.start(&["run", "nap"]).await;
+    let run_id = started_run.run_id.clone();
+    let mut child = started_run.child;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     child.start_kill().expect("kill");
     child.wait().await.expect("wait");
@@ -259,17 +251,9 @@ async fn resume_is_refused_while_the_run_is_alive_and_after_it_ended() {
         "long",
         &format!("name: long\n{HEAD}steps:\n  - id: wait\n    http: {{ connection: rx, path: /ok/w, query: {{ delay_ms: 1500 }} }}\n"),
     );
-    let mut child = project
-        .cmd(&["run", "long"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut first = vec![0_u8; 200];
-    let n = tokio::io::AsyncReadExt::read(&mut stdout, &mut first)
-        .await
-        .expect("read");
-    let run_id = run_id_of(&String::from_utf8_lossy(&first[..n]));
+    let started_run = project.start(&["run", "long"]).await;
+    let run_id = started_run.run_id.clone();
+    let mut child = started_run.child;
     let busy = project.run(&["run", "--resume", &run_id]).await;
     assert_eq!(busy.code, Some(1), "{busy}");
     assert!(busy.stderr.contains("another process"), "{busy}");
@@ -293,32 +277,20 @@ async fn sigterm_stops_the_run_resumable_and_releases_it_at_once() {
             "name: two\n{HEAD}steps:\n  - id: first\n    http: {{ connection: rx, path: /ok/first }}\n  - id: slow\n    http: {{ connection: rx, path: /ok/slow, query: {{ delay_ms: 2000 }} }}\n"
         ),
     );
-    let mut child = project
-        .cmd(&["run", "two"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut first = vec![0_u8; 200];
-    let n = tokio::io::AsyncReadExt::read(&mut stdout, &mut first)
-        .await
-        .expect("read");
-    let run_id = run_id_of(&String::from_utf8_lossy(&first[..n]));
+    let mut started_run = project.start(&["run", "two"]).await;
+    let run_id = started_run.run_id.clone();
     while rx.hits().len() < 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let pid = child.id().expect("pid").to_string();
+    let pid = started_run.child.id().expect("pid").to_string();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill -TERM");
     assert!(term.success());
-    let status = child.wait().await.expect("wait");
+    let status = started_run.child.wait().await.expect("wait");
     assert_eq!(status.code(), Some(130), "interrupted runs exit 130");
-    let mut rest = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut rest)
-        .await
-        .expect("read");
+    let rest = started_run.rest().await;
     assert!(
         rest.contains(&format!("plumb run --resume {run_id}")),
         "tells how to continue: {rest}"

@@ -275,19 +275,13 @@ impl<'e> Execution<'e> {
                     }
                 };
                 let wake_at = now_ms() + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2);
-                self.write_step(&StepRecord {
-                    run_id: self.run.id.clone(),
-                    step_id: step.id.clone(),
-                    item: None,
-                    status: StepStatus::Running,
-                    attempt: 1,
-                    state: Some(json!({ "wake_at": wake_at })),
-                    output: None,
-                    error: None,
-                    status_code: None,
-                    started_at: started,
-                    finished_at: None,
-                })
+                self.write_step(&self.running(
+                    step,
+                    None,
+                    1,
+                    Some(json!({ "wake_at": wake_at })),
+                    started,
+                ))
                 .await?;
                 wake_at
             }
@@ -342,19 +336,13 @@ impl<'e> Execution<'e> {
                 };
                 // Commit the list first: indices (and so idempotency keys)
                 // must mean the same items on every resume.
-                self.write_step(&StepRecord {
-                    run_id: self.run.id.clone(),
-                    step_id: step.id.clone(),
-                    item: None,
-                    status: StepStatus::Running,
-                    attempt: 1,
-                    state: Some(json!({ "items": items })),
-                    output: None,
-                    error: None,
-                    status_code: None,
-                    started_at: started,
-                    finished_at: None,
-                })
+                self.write_step(&self.running(
+                    step,
+                    None,
+                    1,
+                    Some(json!({ "items": items })),
+                    started,
+                ))
                 .await?;
                 items
             }
@@ -508,20 +496,8 @@ impl<'e> Execution<'e> {
             attempt += 1;
             let attempt_started = now_ms();
             if step.has_effects() {
-                self.write_step(&StepRecord {
-                    run_id: self.run.id.clone(),
-                    step_id: step.id.clone(),
-                    item: index,
-                    status: StepStatus::Running,
-                    attempt,
-                    state: None,
-                    output: None,
-                    error: None,
-                    status_code: None,
-                    started_at: first_started,
-                    finished_at: None,
-                })
-                .await?;
+                self.write_step(&self.running(step, index, attempt, None, first_started))
+                    .await?;
             }
             self.observer.on_event(&RunEvent::StepStarted {
                 step_id: step.id.clone(),
@@ -622,6 +598,31 @@ impl<'e> Execution<'e> {
                     return Err(halt);
                 }
             }
+        }
+    }
+
+    /// A `running` journal row: an attempt in flight, or durable state
+    /// (item list, wake-up time) committed before the work it describes.
+    fn running(
+        &self,
+        step: &Step,
+        item: Option<u32>,
+        attempt: u32,
+        state: Option<Value>,
+        started_at: i64,
+    ) -> StepRecord {
+        StepRecord {
+            run_id: self.run.id.clone(),
+            step_id: step.id.clone(),
+            item,
+            status: StepStatus::Running,
+            attempt,
+            state,
+            output: None,
+            error: None,
+            status_code: None,
+            started_at,
+            finished_at: None,
         }
     }
 

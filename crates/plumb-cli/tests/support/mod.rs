@@ -75,11 +75,50 @@ impl Project {
         }
     }
 
+    /// Starts `plumb` in the background and waits for the run id, which is
+    /// printed before any step executes.
+    pub async fn start(&self, args: &[&str]) -> Started {
+        let mut child = self
+            .cmd(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn plumb");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout);
+        let mut first = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut first)
+            .await
+            .expect("read the first line");
+        Started {
+            run_id: run_id_of(&first),
+            child,
+            stdout: lines,
+        }
+    }
+
     /// `plumb runs show ID --json`.
     pub async fn show(&self, run_id: &str) -> Value {
         let out = self.run(&["runs", "show", run_id, "--json"]).await;
         assert_eq!(out.code, Some(0), "runs show failed: {out}");
         serde_json::from_str(&out.stdout).expect("runs show --json is JSON")
+    }
+}
+
+/// A `plumb run` still running.
+pub struct Started {
+    pub run_id: String,
+    pub child: tokio::process::Child,
+    pub stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
+impl Started {
+    /// The rest of stdout, once the process has exited.
+    pub async fn rest(&mut self) -> String {
+        let mut rest = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut self.stdout, &mut rest)
+            .await
+            .expect("read stdout");
+        rest
     }
 }
 
