@@ -19,13 +19,13 @@ use url::Url;
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::expr::{Program, Template};
 use crate::model::{
-    Action, Connection, DEFAULT_LISTEN, DEFAULT_RETRY, DEFAULT_STORE, DEFAULT_TIMEOUT, Defaults,
-    ForEach, HttpAction, HttpConnection, IfBranch, Project, ProjectConfig, RetryPolicy, Step,
-    Trigger, Workflow,
+    Action, AlertChannel, Connection, DEFAULT_LISTEN, DEFAULT_RETRY, DEFAULT_STORE,
+    DEFAULT_TIMEOUT, Defaults, ForEach, HttpAction, HttpConnection, IfBranch, Project,
+    ProjectConfig, RetryPolicy, ServeConfig, Step, Trigger, Workflow,
 };
 use crate::spec::{
-    AssertSpec, ConnectionSpec, HttpStepSpec, ProjectSpec, RetrySpec, StepSpec, TriggerSpec,
-    WorkflowSpec,
+    AlertChannelSpec, AssertSpec, ConnectionSpec, HttpStepSpec, ProjectSpec, RetrySpec, ServeSpec,
+    StepSpec, TriggerSpec, WorkflowSpec,
 };
 use crate::yaml::{self, Document, FieldPath, Segment};
 
@@ -159,11 +159,21 @@ pub fn load_config(file: &SourceFile) -> Result<ProjectConfig, Diagnostics> {
             "use `sqlite://plumb.db` (relative to the project) or `sqlite:///absolute/path.db`, optionally with `?synchronous=normal`".into(),
         );
     }
+    let mut alerts = BTreeMap::new();
+    for (name, raw) in &spec.alerts {
+        let path = root.key("alerts").key(name.clone());
+        if let Some(channel) = cx.alert_channel(raw, &path, &connections) {
+            alerts.insert(name.clone(), channel);
+        }
+    }
+    let serve = cx.serve(&spec.serve, &root.key("serve"));
     let config = ProjectConfig {
         store,
         listen: spec.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
         connections,
         defaults: Defaults { retry, timeout },
+        alerts,
+        serve,
     };
     if cx.diags.is_empty() {
         Ok(config)
@@ -233,6 +243,34 @@ fn load_workflow_inner(
     }
     let steps = cx.steps(&spec.steps, &root.key("steps"), &base);
     cx.check_references(&steps);
+    if spec.concurrency == Some(0) {
+        cx.error_at_value(
+            &root.key("concurrency"),
+            "`concurrency` is 0: no run could ever start",
+        )
+        .help = Some("use 1 for one run at a time, or remove it for no limit".into());
+    }
+    let alerts_on_failure = spec
+        .alerts
+        .as_ref()
+        .map(|a| a.on_failure.clone())
+        .unwrap_or_default();
+    if let Some(config) = config {
+        for (i, name) in alerts_on_failure.iter().enumerate() {
+            if !config.alerts.contains_key(name) {
+                let names: Vec<&str> = config.alerts.keys().map(String::as_str).collect();
+                let help = match closest(name, &names) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None => "define the channel under `alerts:` in plumb.yaml".to_owned(),
+                };
+                cx.error_at_value(
+                    &root.key("alerts").key("on_failure").index(i),
+                    format!("unknown alert channel `{name}`"),
+                )
+                .help = Some(help);
+            }
+        }
+    }
     let version = hex::encode(Sha256::digest(file.text.as_bytes()));
     if !cx.diags.is_empty() {
         return Err(cx.finish());
@@ -243,6 +281,8 @@ fn load_workflow_inner(
         description: spec.description,
         trigger: trigger.unwrap_or(Trigger::Manual),
         steps,
+        concurrency: spec.concurrency,
+        alerts_on_failure,
         file: file.path.clone(),
         version,
         source: Arc::from(file.text.as_str()),
@@ -470,6 +510,103 @@ impl<'a> Checker<'a> {
         }))
     }
 
+    fn alert_channel(
+        &mut self,
+        raw: &Value,
+        path: &FieldPath,
+        connections: &BTreeMap<String, Connection>,
+    ) -> Option<AlertChannel> {
+        let spec: AlertChannelSpec = self.deserialize(raw, path)?;
+        let Some(http) = spec.http else {
+            self.error(path, "the alert channel has no kind").help = Some(
+                "write `http: { connection: <name>, path: /hooks/… }` under the channel's name"
+                    .into(),
+            );
+            return None;
+        };
+        let http_path = path.key("http");
+        if !connections.contains_key(&http.connection) {
+            self.error_at_value(
+                &http_path.key("connection"),
+                format!("unknown connection `{}`", http.connection),
+            )
+            .help =
+                Some("alerts are sent through a connection defined under `connections:`".into());
+        }
+        if !http.path.starts_with('/') || http.path.starts_with("//") {
+            self.error_at_value(
+                &http_path.key("path"),
+                "the path must start with a single `/`",
+            )
+            .help = Some("it is appended to the connection's base_url".into());
+        }
+        let method = http
+            .method
+            .as_deref()
+            .unwrap_or("POST")
+            .to_ascii_uppercase();
+        if !matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
+            self.error_at_value(
+                &http_path.key("method"),
+                format!("alerts cannot be sent with `{method}`"),
+            )
+            .help = Some("use POST, PUT or PATCH: the alert is a JSON body".into());
+        }
+        Some(AlertChannel::Http {
+            connection: http.connection,
+            method,
+            path: http.path,
+        })
+    }
+
+    fn serve(&mut self, spec: &ServeSpec, path: &FieldPath) -> ServeConfig {
+        let mut serve = ServeConfig::default();
+        if let Some(workers) = spec.workers {
+            if workers == 0 || workers > 10_000 {
+                self.error_at_value(&path.key("workers"), format!("`workers` is {workers}"))
+                    .help = Some("use 1 to 10000 runs at once".into());
+            } else {
+                serve.workers = workers;
+            }
+        }
+        if let Some(raw) = &spec.body_limit {
+            match parse_size(raw) {
+                Ok(bytes) if bytes > 0 => serve.body_limit = bytes,
+                Ok(_) => {
+                    self.error_at_value(&path.key("body_limit"), "`body_limit` is 0")
+                        .help = Some("use a size such as `1MiB` or `256KiB`".into());
+                }
+                Err(message) => {
+                    self.error_at_value(&path.key("body_limit"), message).help =
+                        Some("use a size such as `1MiB`, `256KiB` or a number of bytes".into());
+                }
+            }
+        }
+        if let Some(lease) = spec.lease {
+            if lease.0 < Duration::from_secs(1) {
+                self.error_at_value(
+                    &path.key("lease"),
+                    "a lease shorter than 1s would expire between heartbeats",
+                )
+                .help = Some("use at least `1s`; the default is `30s`".into());
+            } else {
+                serve.lease = lease.0;
+            }
+        }
+        if let Some(url) = &spec.public_url {
+            match Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {
+                    serve.public_url = Some(url.trim_end_matches('/').to_owned());
+                }
+                _ => {
+                    self.error_at_value(&path.key("public_url"), format!("invalid public_url `{url}`"))
+                        .help = Some("write the URL people use to reach this server, e.g. `https://plumb.internal.example`".into());
+                }
+            }
+        }
+        serve
+    }
+
     fn trigger(&mut self, raw: Option<&Value>, path: &FieldPath) -> Option<Trigger> {
         let raw = raw?;
         if raw.as_str() == Some("manual") {
@@ -521,6 +658,7 @@ impl<'a> Checker<'a> {
             return Some(Trigger::Schedule {
                 cron: s.cron,
                 timezone,
+                catch_up: s.catch_up.unwrap_or_default(),
             });
         }
         Some(Trigger::Manual)
@@ -1039,6 +1177,40 @@ pub fn sleep_duration(value: &Value) -> Result<Duration, String> {
     }
 }
 
+/// Parses a size: a number of bytes, or a number with `B`, `KB`, `KiB`,
+/// `MB`, `MiB`, `GB` or `GiB`.
+///
+/// # Errors
+///
+/// Returns a message naming the value when it is not a size.
+pub fn parse_size(value: &Value) -> Result<u64, String> {
+    if let Some(n) = value.as_u64() {
+        return Ok(n);
+    }
+    let Some(text) = value.as_str() else {
+        return Err(format!("`{value}` is not a size"));
+    };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" => 1024,
+        "mb" => 1_000_000,
+        "mib" => 1024 * 1024,
+        "gb" => 1_000_000_000,
+        "gib" => 1024 * 1024 * 1024,
+        other => return Err(format!("unknown size unit `{other}` in `{text}`")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
 fn check_store_url(url: &str) -> Result<(), String> {
     let Some(rest) = url
         .strip_prefix("sqlite://")
@@ -1260,6 +1432,70 @@ mod tests {
             step_references(r#".steps.a.body + .steps["b-c"] | .steps?.d | .stepsx"#),
             vec!["a", "b-c", "d"]
         );
+    }
+
+    #[test]
+    fn alerts_serve_settings_and_concurrency_are_validated() {
+        let cfg = load_config(&SourceFile {
+            path: "plumb.yaml".into(),
+            text: "connections:\n  chat:\n    http: { base_url: 'https://chat.example' }\nalerts:\n  ops:\n    http: { connection: chat, path: /hooks/ops }\nserve:\n  workers: 8\n  body_limit: 256KiB\n  lease: 5s\n  public_url: https://plumb.example/\n".into(),
+        })
+        .expect("valid config");
+        assert_eq!(cfg.serve.workers, 8);
+        assert_eq!(cfg.serve.body_limit, 256 * 1024);
+        assert_eq!(cfg.serve.lease, Duration::from_secs(5));
+        assert_eq!(
+            cfg.serve.public_url.as_deref(),
+            Some("https://plumb.example")
+        );
+        assert!(
+            matches!(cfg.alerts.get("ops"), Some(AlertChannel::Http { method, .. }) if method == "POST")
+        );
+        let w = load_workflow(
+            &SourceFile {
+                path: "workflows/w.yaml".into(),
+                text: format!("{HEAD}concurrency: 2\nalerts: {{ on_failure: [ops] }}\ntrigger:\n  schedule: {{ cron: '*/5 * * * *', catch_up: all }}\nsteps:\n  - id: a\n    jq: '1'\n"),
+            },
+            &cfg,
+        )
+        .expect("valid workflow");
+        assert_eq!(w.concurrency, Some(2));
+        assert_eq!(w.alerts_on_failure, vec!["ops"]);
+        assert!(matches!(
+            w.trigger,
+            Trigger::Schedule {
+                catch_up: crate::model::CatchUp::All,
+                ..
+            }
+        ));
+        let err = load_workflow(
+            &SourceFile {
+                path: "workflows/w.yaml".into(),
+                text: format!("{HEAD}concurrency: 0\nalerts: {{ on_failure: [opz] }}\nsteps:\n  - id: a\n    jq: '1'\n"),
+            },
+            &cfg,
+        )
+        .expect_err("bad");
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(
+            err.0
+                .iter()
+                .any(|d| d.help.as_deref() == Some("did you mean `ops`?"))
+        );
+        let err = load_config(&SourceFile {
+            path: "plumb.yaml".into(),
+            text: "alerts:\n  ops:\n    http: { connection: nope, path: x }\nserve: { body_limit: 1 parsec }\n".into(),
+        })
+        .expect_err("bad config");
+        assert_eq!(err.0.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size(&Value::from("1MiB")), Ok(1024 * 1024));
+        assert_eq!(parse_size(&Value::from("10 kb")), Ok(10_000));
+        assert_eq!(parse_size(&Value::from(512)), Ok(512));
+        assert!(parse_size(&Value::from("lots")).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use url::Url;
 
 use crate::expr::{Program, Template};
-pub use crate::spec::Backoff;
+pub use crate::spec::{Backoff, CatchUp};
 
 /// Retry policy used when nothing is configured.
 pub const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
@@ -31,6 +31,15 @@ pub const DEFAULT_STORE: &str = "sqlite://plumb.db";
 
 /// Where `plumb serve` listens when `plumb.yaml` does not say.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Runs one `plumb serve` executes at once when `plumb.yaml` does not say.
+pub const DEFAULT_WORKERS: u32 = 64;
+
+/// Largest webhook body accepted by default (1 MiB).
+pub const DEFAULT_BODY_LIMIT: u64 = 1024 * 1024;
+
+/// How long a lease lasts without a heartbeat, by default.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// A loaded, valid project.
 #[derive(Clone, Debug)]
@@ -61,6 +70,48 @@ pub struct ProjectConfig {
     pub connections: BTreeMap<String, Connection>,
     /// Project defaults.
     pub defaults: Defaults,
+    /// Alert channels by name.
+    pub alerts: BTreeMap<String, AlertChannel>,
+    /// Settings of `plumb serve`.
+    pub serve: ServeConfig,
+}
+
+/// Settings of `plumb serve`, with defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// Runs executed at once by one process.
+    pub workers: u32,
+    /// Largest webhook body accepted, in bytes.
+    pub body_limit: u64,
+    /// Lease duration.
+    pub lease: Duration,
+    /// Base URL for links in alerts (no trailing `/`).
+    pub public_url: Option<String>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            workers: DEFAULT_WORKERS,
+            body_limit: DEFAULT_BODY_LIMIT,
+            lease: DEFAULT_LEASE,
+            public_url: None,
+        }
+    }
+}
+
+/// Where failure alerts go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AlertChannel {
+    /// A JSON POST (or other method) through an http connection.
+    Http {
+        /// The connection.
+        connection: String,
+        /// Upper-case method.
+        method: String,
+        /// Path below the connection's base URL.
+        path: String,
+    },
 }
 
 /// Project-wide defaults, already merged over the built-in ones.
@@ -131,6 +182,8 @@ pub enum Trigger {
         cron: String,
         /// IANA timezone name.
         timezone: String,
+        /// Missed slots after downtime.
+        catch_up: CatchUp,
     },
 }
 
@@ -147,6 +200,10 @@ pub struct Workflow {
     pub trigger: Trigger,
     /// The steps, in order.
     pub steps: Vec<Step>,
+    /// Runs executing at once, across all workers; `None` is unlimited.
+    pub concurrency: Option<u32>,
+    /// Alert channels told when a run fails for good.
+    pub alerts_on_failure: Vec<String>,
     /// The file, relative to the project directory.
     pub file: String,
     /// SHA-256 of the file text, hex: the version a run is pinned to.

@@ -67,6 +67,46 @@ pub struct ProjectSpec {
     /// Project-wide defaults.
     #[serde(default)]
     pub defaults: DefaultsSpec,
+    /// Alert channels by name; each value is an [`AlertChannelSpec`].
+    #[serde(default)]
+    pub alerts: Map<String, Value>,
+    /// Settings of `plumb serve`.
+    #[serde(default)]
+    pub serve: ServeSpec,
+}
+
+/// `serve:` in `plumb.yaml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSpec {
+    /// Runs executed at once by one process.
+    pub workers: Option<u32>,
+    /// Largest webhook body accepted (`1MiB`, `256KiB`, bytes).
+    pub body_limit: Option<Value>,
+    /// How long a run's lease lasts without a heartbeat.
+    pub lease: Option<Dur>,
+    /// The URL people reach this server at, for links in alerts.
+    pub public_url: Option<String>,
+}
+
+/// One alert channel: exactly one kind.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertChannelSpec {
+    /// POST a JSON alert through an http connection.
+    pub http: Option<HttpAlertSpec>,
+}
+
+/// `alerts.<name>.http`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAlertSpec {
+    /// The http connection to send through.
+    pub connection: String,
+    /// Method; `POST` when omitted.
+    pub method: Option<String>,
+    /// Path below the connection's base_url.
+    pub path: String,
 }
 
 /// `defaults:` in `plumb.yaml`.
@@ -144,6 +184,19 @@ pub struct WorkflowSpec {
     pub retry: Option<RetrySpec>,
     /// Per-step timeout for this workflow's steps.
     pub timeout: Option<Dur>,
+    /// Runs of this workflow executing at once, across all workers.
+    pub concurrency: Option<u32>,
+    /// Who hears about failures.
+    pub alerts: Option<WorkflowAlertsSpec>,
+}
+
+/// `alerts:` in a workflow.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowAlertsSpec {
+    /// Channels (from `plumb.yaml`) alerted when a run fails for good.
+    #[serde(default)]
+    pub on_failure: Vec<String>,
 }
 
 /// `trigger:` written as a mapping with exactly one kind.
@@ -174,6 +227,21 @@ pub struct ScheduleSpec {
     pub cron: String,
     /// IANA timezone the cron expression is read in; UTC when omitted.
     pub timezone: Option<String>,
+    /// What to fire for slots missed while plumb was down.
+    pub catch_up: Option<CatchUp>,
+}
+
+/// Slots missed while no scheduler ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    /// Fire once, for the most recent missed slot.
+    #[default]
+    Latest,
+    /// Fire every missed slot, oldest first (at most 1000).
+    All,
+    /// Fire none; wait for the next slot.
+    None,
 }
 
 /// One step as written.

@@ -170,6 +170,8 @@ mod tests {
                 retry: plumb_core::model::DEFAULT_RETRY,
                 timeout: plumb_core::model::DEFAULT_TIMEOUT,
             },
+            alerts: std::collections::BTreeMap::new(),
+            serve: plumb_core::model::ServeConfig::default(),
         }
     }
 
