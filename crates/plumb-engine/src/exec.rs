@@ -29,7 +29,7 @@ use jaq_json::Val;
 use plumb_connectors::ActionError;
 use plumb_connectors::http::{HttpRequest, same_origin};
 use plumb_core::expr::{EvalError, Template, json_to_val};
-use plumb_core::model::{Action, Connection, HttpAction, Step, Workflow};
+use plumb_core::model::{Action, Connection, HttpAction, Project, Step, Workflow};
 use plumb_store::{AttemptFailure, Failure, Run, StepRecord, StepStatus, StoreError, now_ms};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +71,9 @@ type Key = (String, Option<u32>);
 
 pub(crate) struct Execution<'e> {
     pub(crate) engine: &'e Engine,
+    /// The project as it was when this execution started (a reload during
+    /// the run does not change its connections under it).
+    pub(crate) project: Arc<Project>,
     pub(crate) run: Run,
     pub(crate) workflow: Arc<Workflow>,
     pub(crate) journal: HashMap<Key, StepRecord>,
@@ -90,6 +93,7 @@ struct Outcome {
 impl<'e> Execution<'e> {
     pub(crate) fn new(
         engine: &'e Engine,
+        project: Arc<Project>,
         run: Run,
         workflow: Arc<Workflow>,
         journal: Vec<StepRecord>,
@@ -103,6 +107,7 @@ impl<'e> Execution<'e> {
             .collect();
         Self {
             engine,
+            project,
             run,
             workflow,
             journal,
@@ -548,6 +553,7 @@ impl<'e> Execution<'e> {
                         run_id: self.run.id.clone(),
                         step_id: step.id.clone(),
                         item: index,
+                        round: self.run.replays,
                         attempt,
                         started_at: attempt_started,
                         finished_at: now_ms(),
@@ -560,6 +566,11 @@ impl<'e> Execution<'e> {
                         let delay = error
                             .retry_after()
                             .unwrap_or_else(|| delay_after(&step.retry, attempt));
+                        metrics::counter!(
+                            "plumb_step_retries_total",
+                            "workflow" => self.run.workflow.clone(),
+                        )
+                        .increment(1);
                         self.observer.on_event(&RunEvent::StepRetrying {
                             step_id: step.id.clone(),
                             item: index,
@@ -717,7 +728,7 @@ impl<'e> Execution<'e> {
         context: Val,
         key: String,
     ) -> Result<Outcome, ActionError> {
-        let config = &self.engine.project.config;
+        let config = &self.project.config;
         let Some(Connection::Http(connection)) = config.connections.get(&http.connection) else {
             return Err(ActionError::Permanent {
                 message: format!(
@@ -839,6 +850,12 @@ impl<'e> Execution<'e> {
             finished_at: Some(now_ms()),
         })
         .await?;
+        metrics::histogram!(
+            "plumb_step_duration_seconds",
+            "workflow" => self.run.workflow.clone(),
+            "kind" => step.action.kind(),
+        )
+        .record(elapsed.as_secs_f64());
         self.observer.on_event(&RunEvent::StepSucceeded {
             step_id: step.id.clone(),
             item,

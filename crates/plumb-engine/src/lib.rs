@@ -11,22 +11,25 @@
 //! outside only through [`plumb_connectors`]; it does not know SQL, YAML or
 //! the command line.
 
+pub mod alerts;
 pub mod events;
 mod exec;
 pub mod owner;
 pub mod project_dir;
 pub mod retry;
+pub mod schedule;
+pub mod worker;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use plumb_connectors::http::{ClientError, HttpClient};
 use plumb_core::model::{Project, Workflow};
 use plumb_core::{SourceFile, load_workflow};
 use plumb_store::{
-    Claim, Failure, Lease, NewRun, Run, RunOutcome, RunStatus, Store, StoreError, WorkflowVersion,
-    now_ms,
+    Claim, Failure, Lease, NewAlert, NewRun, Run, RunOutcome, RunStatus, Store, StoreError,
+    WorkflowVersion, now_ms,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -34,9 +37,6 @@ use tokio_util::sync::CancellationToken;
 pub use events::{Observer, Quiet, RunEvent};
 pub use exec::idempotency_key;
 pub use owner::Owner;
-
-/// How long a lease lasts without a heartbeat.
-pub const LEASE_DURATION: Duration = Duration::from_secs(30);
 
 /// Errors the engine reports to its caller (the run itself may still have
 /// ended; these are about this process's work on it).
@@ -115,8 +115,9 @@ pub enum RunEnd {
 pub struct Engine {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) http: HttpClient,
-    pub(crate) project: Arc<Project>,
+    project: RwLock<Arc<Project>>,
     pub(crate) owner: Owner,
+    lease: Duration,
 }
 
 /// The trigger document of a run started by hand with `input` (SPEC §2:
@@ -140,7 +141,8 @@ impl Engine {
         Ok(Self {
             store,
             http: HttpClient::new()?,
-            project,
+            lease: project.config.serve.lease,
+            project: RwLock::new(project),
             owner: Owner::this_process(role),
         })
     }
@@ -151,10 +153,35 @@ impl Engine {
         &self.store
     }
 
-    /// The project.
+    /// The project as loaded now.
     #[must_use]
-    pub fn project(&self) -> &Arc<Project> {
-        &self.project
+    pub fn project(&self) -> Arc<Project> {
+        match self.project.read() {
+            Ok(p) => Arc::clone(&p),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the project (after `SIGHUP`). Runs already executing keep
+    /// the project they started with; runs stay pinned to their workflow
+    /// version whatever the files say now.
+    pub fn set_project(&self, project: Arc<Project>) {
+        match self.project.write() {
+            Ok(mut p) => *p = project,
+            Err(poisoned) => *poisoned.into_inner() = project,
+        }
+    }
+
+    /// The HTTP client (shared with alert delivery).
+    #[must_use]
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
+    /// How long leases last.
+    #[must_use]
+    pub fn lease_duration(&self) -> Duration {
+        self.lease
     }
 
     /// This process's lease owner id.
@@ -163,11 +190,53 @@ impl Engine {
         &self.owner
     }
 
-    fn lease(&self) -> Lease {
+    pub(crate) fn lease(&self) -> Lease {
         Lease {
             owner: self.owner.as_str().to_owned(),
-            expires_at: now_ms() + i64::try_from(LEASE_DURATION.as_millis()).unwrap_or(30_000),
+            expires_at: now_ms() + i64::try_from(self.lease.as_millis()).unwrap_or(30_000),
         }
+    }
+
+    /// Stores the workflow's version and describes a new run of it.
+    async fn new_run(
+        &self,
+        workflow: &Workflow,
+        trigger: Value,
+        lease: Option<Lease>,
+    ) -> Result<NewRun, EngineError> {
+        self.store
+            .put_workflow_version(&WorkflowVersion {
+                hash: workflow.version.clone(),
+                workflow: workflow.name.clone(),
+                file: workflow.file.clone(),
+                source: workflow.source.to_string(),
+                created_at: now_ms(),
+            })
+            .await?;
+        Ok(NewRun {
+            id: uuid::Uuid::now_v7().to_string(),
+            workflow: workflow.name.clone(),
+            version: workflow.version.clone(),
+            trigger,
+            lease,
+            max_concurrency: workflow.concurrency,
+        })
+    }
+
+    /// Commits a new queued run of `workflow` for the workers, and returns
+    /// its id. When this returns the run is durable (SPEC G1).
+    ///
+    /// # Errors
+    ///
+    /// Returns [`EngineError::Store`] when the run cannot be committed.
+    pub async fn enqueue_run(
+        &self,
+        workflow: &Workflow,
+        trigger: Value,
+    ) -> Result<String, EngineError> {
+        let run = self.new_run(workflow, trigger, None).await?;
+        self.store.create_run(&run).await?;
+        Ok(run.id)
     }
 
     /// Commits a new run of `workflow`, already leased to this process, and
@@ -182,26 +251,12 @@ impl Engine {
         workflow: &Workflow,
         trigger: Value,
     ) -> Result<Run, EngineError> {
+        let run = self.new_run(workflow, trigger, Some(self.lease())).await?;
+        self.store.create_run(&run).await?;
         self.store
-            .put_workflow_version(&WorkflowVersion {
-                hash: workflow.version.clone(),
-                workflow: workflow.name.clone(),
-                file: workflow.file.clone(),
-                source: workflow.source.to_string(),
-                created_at: now_ms(),
-            })
-            .await?;
-        let id = uuid::Uuid::now_v7().to_string();
-        self.store
-            .create_run(&NewRun {
-                id: id.clone(),
-                workflow: workflow.name.clone(),
-                version: workflow.version.clone(),
-                trigger,
-                lease: Some(self.lease()),
-            })
-            .await?;
-        self.store.run(&id).await?.ok_or(EngineError::NotFound(id))
+            .run(&run.id)
+            .await?
+            .ok_or(EngineError::NotFound(run.id))
     }
 
     /// Takes over an interrupted run so it can be resumed here.
@@ -241,9 +296,10 @@ impl Engine {
     /// version matches, else the stored text of that version.
     async fn pinned_workflow(
         &self,
+        project: &Project,
         run: &Run,
     ) -> Result<Result<Arc<Workflow>, String>, EngineError> {
-        if let Some(w) = self.project.workflow(&run.workflow)
+        if let Some(w) = project.workflow(&run.workflow)
             && w.version == run.version
         {
             return Ok(Ok(Arc::clone(w)));
@@ -258,7 +314,7 @@ impl Engine {
             path: stored.file,
             text: stored.source,
         };
-        Ok(load_workflow(&file, &self.project.config)
+        Ok(load_workflow(&file, &project.config)
             .map(Arc::new)
             .map_err(|d| {
                 format!(
@@ -287,25 +343,36 @@ impl Engine {
         let began = Instant::now();
         let owner = self.owner.as_str().to_owned();
         let run_id = run.id.clone();
-        let journal = self.store.journal(&run.id).await?;
+        let workflow_name = run.workflow.clone();
+        let project = self.project();
+        // A run claimed for the first time cannot have journal rows: writing
+        // one needs a lease, and this is the first.
+        let journal = if run.claims > 1 {
+            self.store.journal(&run.id).await?
+        } else {
+            Vec::new()
+        };
         observer.on_event(&RunEvent::Started {
             run_id: run.id.clone(),
             workflow: run.workflow.clone(),
             version: run.version.clone(),
             resumed: run.claims > 1 || !journal.is_empty(),
         });
-        let workflow = match self.pinned_workflow(&run).await? {
+        let workflow = match self.pinned_workflow(&project, &run).await? {
             Ok(w) => w,
             Err(message) => {
                 let failure = Failure {
                     message,
                     ..Failure::default()
                 };
+                let alerts = self.failure_alerts(&project, &run, None, &failure);
                 return self
                     .end(
+                        &workflow_name,
                         &run_id,
                         &owner,
                         RunOutcome::Failed(failure),
+                        &alerts,
                         observer,
                         began,
                     )
@@ -319,25 +386,46 @@ impl Engine {
             Arc::clone(&self.store),
             run_id.clone(),
             owner.clone(),
+            self.lease,
             stop.clone(),
             Arc::clone(&lease_lost),
         ));
-        let mut execution =
-            exec::Execution::new(self, run, workflow, journal, observer, stop.clone());
+        let run_for_alerts = run.clone();
+        let mut execution = exec::Execution::new(
+            self,
+            Arc::clone(&project),
+            run,
+            Arc::clone(&workflow),
+            journal,
+            observer,
+            stop.clone(),
+        );
         let result = execution.run_all().await;
         heartbeat.abort();
         drop(execution);
 
         match result {
             Ok(()) => {
-                self.end(&run_id, &owner, RunOutcome::Succeeded, observer, began)
-                    .await
+                self.end(
+                    &workflow_name,
+                    &run_id,
+                    &owner,
+                    RunOutcome::Succeeded,
+                    &[],
+                    observer,
+                    began,
+                )
+                .await
             }
             Err(exec::Halt::Failed(failure)) => {
+                let alerts =
+                    self.failure_alerts(&project, &run_for_alerts, Some(&workflow), &failure);
                 self.end(
+                    &workflow_name,
                     &run_id,
                     &owner,
                     RunOutcome::Failed(failure),
+                    &alerts,
                     observer,
                     began,
                 )
@@ -367,15 +455,61 @@ impl Engine {
         }
     }
 
+    /// The alerts a terminal failure sends, one per channel of the
+    /// workflow's `alerts.on_failure`.
+    fn failure_alerts(
+        &self,
+        project: &Project,
+        run: &Run,
+        workflow: Option<&Workflow>,
+        failure: &Failure,
+    ) -> Vec<NewAlert> {
+        let channels: Vec<String> =
+            match workflow.or_else(|| project.workflow(&run.workflow).map(AsRef::as_ref)) {
+                Some(w) => w.alerts_on_failure.clone(),
+                None => Vec::new(),
+            };
+        let base = project
+            .config
+            .serve
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", project.config.listen));
+        let owner = workflow.map(|w| w.owner.clone());
+        channels
+            .into_iter()
+            .map(|channel| NewAlert {
+                id: uuid::Uuid::now_v7().to_string(),
+                channel,
+                payload: json!({
+                    "event": "run_failed",
+                    "workflow": run.workflow,
+                    "run_id": run.id,
+                    "owner": owner,
+                    "step": failure.step,
+                    "item": failure.item,
+                    "attempt": failure.attempt,
+                    "status_code": failure.status_code,
+                    "error": failure.message,
+                    "failed_at": now_ms(),
+                    "link": format!("{base}/api/v1/runs/{}", run.id),
+                }),
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn end(
         &self,
+        workflow: &str,
         run_id: &str,
         owner: &str,
         outcome: RunOutcome,
+        alerts: &[NewAlert],
         observer: &dyn Observer,
         began: Instant,
     ) -> Result<RunEnd, EngineError> {
-        match self.store.finish_run(run_id, owner, &outcome).await {
+        match self.store.finish_run(run_id, owner, &outcome, alerts).await {
             Ok(()) => {}
             Err(StoreError::LeaseLost { .. }) => {
                 let reason = "another process took over this run before it could end".to_owned();
@@ -398,6 +532,12 @@ impl Engine {
                 }),
             ),
         };
+        metrics::counter!(
+            "plumb_runs_total",
+            "workflow" => workflow.to_owned(),
+            "status" => status.as_str(),
+        )
+        .increment(1);
         observer.on_event(&RunEvent::Finished {
             run_id: run_id.to_owned(),
             status,
@@ -414,10 +554,11 @@ async fn heartbeat(
     store: Arc<dyn Store>,
     run_id: String,
     owner: String,
+    duration: Duration,
     stop: CancellationToken,
     lost: Arc<AtomicBool>,
 ) {
-    let every = LEASE_DURATION / 3;
+    let every = duration / 3;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -425,7 +566,7 @@ async fn heartbeat(
         }
         let lease = Lease {
             owner: owner.clone(),
-            expires_at: now_ms() + i64::try_from(LEASE_DURATION.as_millis()).unwrap_or(30_000),
+            expires_at: now_ms() + i64::try_from(duration.as_millis()).unwrap_or(30_000),
         };
         match store.renew_lease(&run_id, &lease).await {
             Ok(true) => {}

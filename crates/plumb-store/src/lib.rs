@@ -223,6 +223,8 @@ pub struct NewRun {
     /// `Some(owner)` creates the run already leased and running (a foreground
     /// `plumb run`); `None` creates it queued.
     pub lease: Option<Lease>,
+    /// The workflow's concurrency limit, enforced when runs are claimed.
+    pub max_concurrency: Option<u32>,
 }
 
 /// A lease on a run.
@@ -264,6 +266,8 @@ pub struct Run {
     pub status: RunStatus,
     /// How many times a process has claimed it (1 + resumes).
     pub claims: u32,
+    /// How many times it was replayed from the dead-letter list.
+    pub replays: u32,
     /// Created.
     pub created_at: Millis,
     /// First claimed.
@@ -317,6 +321,8 @@ pub struct AttemptFailure {
     pub step_id: String,
     /// The item, if any.
     pub item: Option<u32>,
+    /// The replay round (0 for the first execution).
+    pub round: u32,
     /// Which attempt.
     pub attempt: u32,
     /// When it started.
@@ -356,6 +362,146 @@ pub enum Claim {
     },
     /// The run has already ended.
     Ended(RunStatus),
+    /// No such run.
+    NotFound,
+}
+
+/// An alert to deliver, written with the failure it reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewAlert {
+    /// Alert id (UUIDv7 text); also its idempotency key.
+    pub id: String,
+    /// The channel's name in `plumb.yaml`.
+    pub channel: String,
+    /// The JSON body to send.
+    pub payload: Value,
+}
+
+/// Where an alert is in its delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertStatus {
+    /// Not delivered yet; will be tried (again) at `next_attempt_at`.
+    Pending,
+    /// Delivered.
+    Delivered,
+    /// Given up after repeated failures; shown by `plumb status`.
+    Failed,
+}
+
+impl AlertStatus {
+    /// As stored.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Parses a stored status.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] for an unknown value.
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "pending" => Self::Pending,
+            "delivered" => Self::Delivered,
+            "failed" => Self::Failed,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown alert status `{other}`"
+                )));
+            }
+        })
+    }
+}
+
+/// A stored alert.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Alert {
+    /// Alert id.
+    pub id: String,
+    /// The failed run.
+    pub run_id: String,
+    /// Its workflow.
+    pub workflow: String,
+    /// Channel name.
+    pub channel: String,
+    /// Body.
+    pub payload: Value,
+    /// Delivery state.
+    pub status: AlertStatus,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// When the next attempt is due.
+    pub next_attempt_at: Millis,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When the failure was recorded.
+    pub created_at: Millis,
+    /// When delivered.
+    pub delivered_at: Option<Millis>,
+}
+
+/// What became of a delivery attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AlertAttempt {
+    /// Delivered.
+    Delivered,
+    /// Failed; try again at this time.
+    RetryAt {
+        /// Why it failed.
+        error: String,
+        /// When to try again.
+        at: Millis,
+    },
+    /// Failed for the last time.
+    GaveUp {
+        /// Why it failed.
+        error: String,
+    },
+}
+
+/// Health of one workflow, from its runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WorkflowStats {
+    /// Workflow name.
+    pub workflow: String,
+    /// Runs waiting for a worker.
+    pub queued: u64,
+    /// Runs in progress (or interrupted, waiting to resume).
+    pub running: u64,
+    /// Failed runs: the dead-letter list.
+    pub dead_letters: u64,
+    /// When a run last succeeded.
+    pub last_success_at: Option<Millis>,
+    /// When a run last failed.
+    pub last_failure_at: Option<Millis>,
+}
+
+/// What `cancel_run` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "result", content = "status")]
+pub enum CancelResult {
+    /// The run is now cancelled.
+    Cancelled,
+    /// It had already ended.
+    AlreadyEnded(RunStatus),
+    /// No such run.
+    NotFound,
+}
+
+/// What `replay_run` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "result", content = "status")]
+pub enum ReplayResult {
+    /// The run is queued again; it resumes at its failed step.
+    Replayed,
+    /// Only failed runs can be replayed.
+    NotFailed(RunStatus),
     /// No such run.
     NotFound,
 }
@@ -428,11 +574,61 @@ pub trait Store: Send + Sync + 'static {
     /// Every failed attempt of a run.
     async fn attempt_failures(&self, run_id: &str) -> Result<Vec<AttemptFailure>, StoreError>;
 
-    /// Ends a run and releases its lease; fenced by the lease.
+    /// Ends a run and releases its lease; fenced by the lease. The alerts
+    /// are committed in the same transaction, so a failure is never recorded
+    /// without the alerts that report it.
     async fn finish_run(
         &self,
         id: &str,
         owner: &str,
         outcome: &RunOutcome,
+        alerts: &[NewAlert],
     ) -> Result<(), StoreError>;
+
+    /// Takes the oldest claimable run: queued, or running with no live lease
+    /// (its process stopped or died), and whose workflow is under its
+    /// concurrency limit.
+    async fn claim_next(&self, lease: &Lease) -> Result<Option<Run>, StoreError>;
+
+    /// Runs that are `running` under a lease, with their holders: the
+    /// caller checks which holders are dead and releases their runs.
+    async fn leased_runs(&self) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Cancels a queued or running run. A worker executing it stops at its
+    /// next journal write or heartbeat.
+    async fn cancel_run(&self, id: &str, reason: &str) -> Result<CancelResult, StoreError>;
+
+    /// Queues a failed run again, keeping its id (so its idempotency keys)
+    /// and every succeeded step: it resumes at the step that failed, and a
+    /// failed `for_each` re-runs only its failed items.
+    async fn replay_run(&self, id: &str) -> Result<ReplayResult, StoreError>;
+
+    /// The latest schedule slot recorded for a workflow (fired or skipped).
+    async fn last_fire(&self, workflow: &str) -> Result<Option<Millis>, StoreError>;
+
+    /// Records a schedule slot and, with `run`, the run it starts, in one
+    /// transaction. `false` when the slot was already recorded (a restart or
+    /// another process got there first): nothing is created then.
+    async fn record_fire(
+        &self,
+        workflow: &str,
+        slot: Millis,
+        run: Option<&NewRun>,
+    ) -> Result<bool, StoreError>;
+
+    /// Pending alerts due at `now`, oldest first.
+    async fn due_alerts(&self, now: Millis, limit: u32) -> Result<Vec<Alert>, StoreError>;
+
+    /// Records the result of a delivery attempt.
+    async fn record_alert_attempt(&self, id: &str, result: &AlertAttempt)
+    -> Result<(), StoreError>;
+
+    /// Alerts not delivered (pending or given up), newest first.
+    async fn undelivered_alerts(&self, limit: u32) -> Result<Vec<Alert>, StoreError>;
+
+    /// Run counts and last outcomes per workflow.
+    async fn workflow_stats(&self) -> Result<Vec<WorkflowStats>, StoreError>;
+
+    /// Commits everything queued and stops accepting writes.
+    async fn close(&self);
 }

@@ -1,9 +1,12 @@
 //! The store contract, written once against `&dyn Store` and run on every
 //! backend (SQLite here; PostgreSQL joins when it lands).
 
+use std::sync::Arc;
+
 use plumb_store::{
-    AttemptFailure, Claim, Failure, Lease, NewRun, RunFilter, RunOutcome, RunStatus, SqliteStore,
-    StepRecord, StepStatus, Store, StoreError, Synchronous, WorkflowVersion, now_ms,
+    AlertAttempt, AlertStatus, AttemptFailure, CancelResult, Claim, Failure, Lease, NewAlert,
+    NewRun, ReplayResult, RunFilter, RunOutcome, RunStatus, SqliteStore, StepRecord, StepStatus,
+    Store, StoreError, Synchronous, WorkflowVersion, now_ms,
 };
 use serde_json::json;
 
@@ -40,6 +43,7 @@ async fn seed(store: &dyn Store, id: &str, lease: Option<Lease>) {
             version: "v1".into(),
             trigger: json!({"body": {"n": 1}}),
             lease,
+            max_concurrency: None,
         })
         .await
         .expect("create run");
@@ -112,7 +116,7 @@ async fn journal_writes_are_fenced_by_the_lease(store: &dyn Store) {
         .expect_err("non-owner is fenced");
     assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
     store
-        .finish_run("r3", "a", &RunOutcome::Succeeded)
+        .finish_run("r3", "a", &RunOutcome::Succeeded, &[])
         .await
         .expect("finish");
     let err = store
@@ -163,6 +167,7 @@ async fn failures_are_kept_with_the_run(store: &dyn Store) {
         run_id: "r5".into(),
         step_id: "push".into(),
         item: None,
+        round: 0,
         attempt: 1,
         started_at: now_ms(),
         finished_at: now_ms(),
@@ -183,7 +188,7 @@ async fn failures_are_kept_with_the_run(store: &dyn Store) {
         status_code: Some(400),
     };
     store
-        .finish_run("r5", "a", &RunOutcome::Failed(failure.clone()))
+        .finish_run("r5", "a", &RunOutcome::Failed(failure.clone()), &[])
         .await
         .expect("finish");
     let run = store.run("r5").await.expect("get").expect("exists");
@@ -226,6 +231,275 @@ async fn released_runs_can_be_claimed_at_once(store: &dyn Store) {
     );
 }
 
+fn queued(id: &str, workflow: &str, max_concurrency: Option<u32>) -> NewRun {
+    NewRun {
+        id: id.into(),
+        workflow: workflow.into(),
+        version: "v1".into(),
+        trigger: json!({}),
+        lease: None,
+        max_concurrency,
+    }
+}
+
+async fn claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(store: &dyn Store) {
+    seed(store, "q0", None).await;
+    for (id, wf, limit) in [
+        ("q1", "w", None),
+        ("q2", "single", Some(1)),
+        ("q3", "single", Some(1)),
+        ("q4", "w", None),
+    ] {
+        store
+            .create_run(&queued(id, wf, limit))
+            .await
+            .expect("queue");
+    }
+    let a = lease("a", 60_000);
+    let order: Vec<String> = {
+        let mut got = Vec::new();
+        while let Some(run) = store.claim_next(&a).await.expect("claim") {
+            assert_eq!(run.status, RunStatus::Running);
+            assert_eq!(run.lease_owner.as_deref(), Some("a"));
+            got.push(run.id);
+        }
+        got
+    };
+    // q3 waits: `single` allows one run at a time and q2 holds it.
+    assert!(
+        order.starts_with(&[
+            "q0".to_owned(),
+            "q1".to_owned(),
+            "q2".to_owned(),
+            "q4".to_owned()
+        ]),
+        "{order:?}"
+    );
+    assert!(!order.contains(&"q3".to_owned()));
+    store
+        .finish_run("q2", "a", &RunOutcome::Succeeded, &[])
+        .await
+        .expect("finish");
+    assert_eq!(
+        store.claim_next(&a).await.expect("claim").map(|r| r.id),
+        Some("q3".to_owned())
+    );
+    // A released (interrupted) run is claimable again, before the queue.
+    store
+        .create_run(&queued("q5", "w", None))
+        .await
+        .expect("queue");
+    store.release_run("q1", "a").await.expect("release");
+    let next = store
+        .claim_next(&lease("b", 60_000))
+        .await
+        .expect("claim")
+        .expect("a run");
+    assert_eq!(next.id, "q1");
+    assert_eq!(next.claims, 2);
+}
+
+async fn cancel_and_replay_move_runs_between_states(store: &dyn Store) {
+    seed(store, "c1", None).await;
+    assert_eq!(
+        store
+            .cancel_run("c1", "no longer needed")
+            .await
+            .expect("cancel"),
+        CancelResult::Cancelled
+    );
+    assert_eq!(
+        store.cancel_run("c1", "again").await.expect("cancel"),
+        CancelResult::AlreadyEnded(RunStatus::Cancelled)
+    );
+    assert_eq!(
+        store.cancel_run("nope", "x").await.expect("cancel"),
+        CancelResult::NotFound
+    );
+    let run = store.run("c1").await.expect("get").expect("exists");
+    assert_eq!(
+        run.failure.map(|f| f.message).as_deref(),
+        Some("no longer needed")
+    );
+
+    seed(store, "d1", Some(lease("a", 60_000))).await;
+    store
+        .record_step("a", &step("d1", "ok", None, StepStatus::Succeeded))
+        .await
+        .expect("ok step");
+    let mut each = step("d1", "each", None, StepStatus::Running);
+    each.state = Some(json!({"items": [1, 2]}));
+    store.record_step("a", &each).await.expect("each");
+    store
+        .record_step("a", &step("d1", "each", Some(0), StepStatus::Succeeded))
+        .await
+        .expect("item 0");
+    let mut bad = step("d1", "each", Some(1), StepStatus::Failed);
+    bad.error = Some("bad item".into());
+    store.record_step("a", &bad).await.expect("item 1");
+    let mut whole = step("d1", "each", None, StepStatus::Failed);
+    whole.error = Some("1 of 2 items failed".into());
+    store.record_step("a", &whole).await.expect("step failed");
+    assert_eq!(
+        store.replay_run("d1").await.expect("replay running"),
+        ReplayResult::NotFailed(RunStatus::Running)
+    );
+    store
+        .finish_run(
+            "d1",
+            "a",
+            &RunOutcome::Failed(Failure {
+                message: "1 of 2 items failed".into(),
+                ..Failure::default()
+            }),
+            &[],
+        )
+        .await
+        .expect("finish");
+    assert_eq!(
+        store.replay_run("d1").await.expect("replay"),
+        ReplayResult::Replayed
+    );
+    let run = store.run("d1").await.expect("get").expect("exists");
+    assert_eq!(run.status, RunStatus::Queued);
+    assert_eq!(run.replays, 1);
+    assert!(run.failure.is_none());
+    let journal = store.journal("d1").await.expect("journal");
+    let find =
+        |id: &str, item: Option<u32>| journal.iter().find(|r| r.step_id == id && r.item == item);
+    assert_eq!(
+        find("ok", None).map(|r| r.status),
+        Some(StepStatus::Succeeded)
+    );
+    assert_eq!(
+        find("each", Some(0)).map(|r| r.status),
+        Some(StepStatus::Succeeded)
+    );
+    assert!(
+        find("each", Some(1)).is_none(),
+        "the failed item runs again"
+    );
+    let each = find("each", None).expect("for_each row kept");
+    assert_eq!(each.status, StepStatus::Running);
+    assert_eq!(
+        each.state,
+        Some(json!({"items": [1, 2]})),
+        "the item list is kept"
+    );
+}
+
+async fn a_schedule_slot_is_recorded_once(store: &dyn Store) {
+    seed(store, "seed-s", None).await;
+    assert_eq!(store.last_fire("sched").await.expect("last"), None);
+    let run = queued("s1", "sched", None);
+    assert!(
+        store
+            .record_fire("sched", 1_000, Some(&run))
+            .await
+            .expect("fire")
+    );
+    let again = queued("s2", "sched", None);
+    assert!(
+        !store
+            .record_fire("sched", 1_000, Some(&again))
+            .await
+            .expect("fire again")
+    );
+    assert!(
+        store.run("s2").await.expect("get").is_none(),
+        "no run for a slot fired before"
+    );
+    assert!(store.record_fire("sched", 2_000, None).await.expect("skip"));
+    assert_eq!(store.last_fire("sched").await.expect("last"), Some(2_000));
+}
+
+async fn alerts_are_committed_with_the_failure_and_tracked_to_delivery(store: &dyn Store) {
+    seed(store, "al1", Some(lease("a", 60_000))).await;
+    let alert = NewAlert {
+        id: "alert-1".into(),
+        channel: "ops".into(),
+        payload: json!({"run_id": "al1"}),
+    };
+    store
+        .finish_run(
+            "al1",
+            "a",
+            &RunOutcome::Failed(Failure {
+                message: "boom".into(),
+                ..Failure::default()
+            }),
+            &[alert],
+        )
+        .await
+        .expect("finish");
+    let due = store.due_alerts(now_ms() + 1, 10).await.expect("due");
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].workflow, "w");
+    assert_eq!(due[0].status, AlertStatus::Pending);
+    store
+        .record_alert_attempt(
+            "alert-1",
+            &AlertAttempt::RetryAt {
+                error: "503".into(),
+                at: now_ms() + 60_000,
+            },
+        )
+        .await
+        .expect("retry");
+    assert!(
+        store
+            .due_alerts(now_ms() + 1, 10)
+            .await
+            .expect("due")
+            .is_empty()
+    );
+    let pending = store.undelivered_alerts(10).await.expect("undelivered");
+    assert_eq!(pending[0].attempts, 1);
+    assert_eq!(pending[0].last_error.as_deref(), Some("503"));
+    store
+        .record_alert_attempt(
+            "alert-1",
+            &AlertAttempt::GaveUp {
+                error: "still 503".into(),
+            },
+        )
+        .await
+        .expect("give up");
+    let failed = store.undelivered_alerts(10).await.expect("undelivered");
+    assert_eq!(failed[0].status, AlertStatus::Failed);
+    let stats = store.workflow_stats().await.expect("stats");
+    let w = stats.iter().find(|s| s.workflow == "w").expect("w stats");
+    assert!(w.dead_letters >= 1);
+    assert!(w.last_failure_at.is_some());
+}
+
+async fn concurrent_writes_share_commits_and_all_land(store: Arc<dyn Store>) {
+    seed(store.as_ref(), "seed-g", None).await;
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .create_run(&queued(&format!("g{i}"), "burst", None))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("create");
+    }
+    let stats = store.workflow_stats().await.expect("stats");
+    assert_eq!(
+        stats
+            .iter()
+            .find(|s| s.workflow == "burst")
+            .map(|s| s.queued),
+        Some(500)
+    );
+    // A write that fails on its own does not fail the others in its batch.
+    let dup = store.create_run(&queued("g1", "burst", None)).await;
+    assert!(dup.is_err(), "a duplicate id is refused");
+}
+
 #[tokio::test]
 async fn sqlite_conforms_to_the_store_contract() {
     let (_dir, store) = sqlite().await;
@@ -234,6 +508,16 @@ async fn sqlite_conforms_to_the_store_contract() {
     upsert_replaces_the_row_but_keeps_state(&store).await;
     failures_are_kept_with_the_run(&store).await;
     released_runs_can_be_claimed_at_once(&store).await;
+    claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(&store).await;
+    cancel_and_replay_move_runs_between_states(&store).await;
+    a_schedule_slot_is_recorded_once(&store).await;
+    alerts_are_committed_with_the_failure_and_tracked_to_delivery(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_batches_concurrent_writes() {
+    let (_dir, store) = sqlite().await;
+    concurrent_writes_share_commits_and_all_land(Arc::new(store)).await;
 }
 
 #[tokio::test]

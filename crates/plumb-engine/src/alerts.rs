@@ -1,0 +1,144 @@
+//! Delivering failure alerts from the store's outbox.
+//!
+//! A failed run's alerts are committed with the failure itself; this module
+//! sends them through the channel's http connection, retries with backoff,
+//! and after [`MAX_ATTEMPTS`] marks them failed so `plumb status` shows them.
+//! Nothing is dropped silently. Each alert carries its id as
+//! `Idempotency-Key`, so a receiver can drop a re-delivery.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use plumb_connectors::http::{HttpRequest, same_origin};
+use plumb_core::model::{AlertChannel, Connection};
+use plumb_store::{Alert, AlertAttempt, StoreError, now_ms};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::Engine;
+
+/// Delivery attempts before an alert is marked failed (spread over about an
+/// hour and a half by the backoff).
+pub const MAX_ATTEMPTS: u32 = 14;
+
+/// Longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
+
+/// Per-attempt timeout.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The wait after `attempts` failed attempts: 2 s, 4 s, 8 s … up to 15 min.
+#[must_use]
+pub fn backoff(attempts: u32) -> Duration {
+    let secs = 1_u64.checked_shl(attempts.min(20)).unwrap_or(u64::MAX);
+    Duration::from_secs(secs).min(MAX_BACKOFF)
+}
+
+/// Sends every alert that is due now; returns how many were delivered.
+///
+/// # Errors
+///
+/// Returns the store error if the outbox cannot be read or updated.
+pub async fn deliver_due(engine: &Engine) -> Result<usize, StoreError> {
+    let due = engine.store.due_alerts(now_ms(), 100).await?;
+    let mut delivered = 0;
+    for alert in due {
+        let result = match send(engine, &alert).await {
+            Ok(()) => {
+                delivered += 1;
+                AlertAttempt::Delivered
+            }
+            Err(error) if alert.attempts + 1 >= MAX_ATTEMPTS => {
+                tracing::error!(alert = %alert.id, run_id = %alert.run_id, channel = %alert.channel, error, "Giving up on an alert; it stays listed by `plumb status`.");
+                AlertAttempt::GaveUp { error }
+            }
+            Err(error) => {
+                let wait = backoff(alert.attempts + 1);
+                tracing::warn!(alert = %alert.id, channel = %alert.channel, error, retry_in_s = wait.as_secs(), "Alert not delivered; retrying.");
+                AlertAttempt::RetryAt {
+                    error,
+                    at: now_ms() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 4),
+                }
+            }
+        };
+        engine
+            .store
+            .record_alert_attempt(&alert.id, &result)
+            .await?;
+    }
+    Ok(delivered)
+}
+
+async fn send(engine: &Engine, alert: &Alert) -> Result<(), String> {
+    let project = engine.project();
+    let Some(AlertChannel::Http {
+        connection,
+        method,
+        path,
+    }) = project.config.alerts.get(&alert.channel)
+    else {
+        return Err(format!(
+            "the alert channel `{}` is no longer defined in plumb.yaml",
+            alert.channel
+        ));
+    };
+    let Some(Connection::Http(http)) = project.config.connections.get(connection) else {
+        return Err(format!(
+            "the connection `{connection}` is no longer defined in plumb.yaml"
+        ));
+    };
+    let base = http.base_url.as_str().trim_end_matches('/');
+    let url = url::Url::parse(&format!("{base}{path}")).map_err(|e| e.to_string())?;
+    if !same_origin(&url, &http.base_url) {
+        return Err(format!(
+            "the alert path `{path}` leaves the connection's host"
+        ));
+    }
+    let mut headers = http.headers.clone();
+    headers.push(("Idempotency-Key".to_owned(), format!("alert:{}", alert.id)));
+    engine
+        .http
+        .send(HttpRequest {
+            method: method.clone(),
+            url,
+            headers,
+            body: Some(alert.payload.clone()),
+            timeout: http.timeout.unwrap_or(TIMEOUT),
+            expect_status: None,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Delivers alerts until `shutdown`: whenever woken (a run failed here) and
+/// at least every second (for retries and other processes' failures).
+pub async fn run_delivery(engine: Arc<Engine>, wake: Arc<Notify>, shutdown: CancellationToken) {
+    loop {
+        if let Err(e) = deliver_due(&engine).await {
+            tracing::warn!(error = %e, "Could not read or update the alert outbox.");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(3), Duration::from_secs(8));
+        assert_eq!(backoff(30), MAX_BACKOFF);
+        let total: Duration = (1..MAX_ATTEMPTS).map(backoff).sum();
+        assert!(
+            total > Duration::from_secs(3600),
+            "retries span over an hour: {total:?}"
+        );
+    }
+}
