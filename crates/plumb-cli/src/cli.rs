@@ -52,6 +52,62 @@ pub enum Command {
         #[command(subcommand)]
         command: RunsCommand,
     },
+    /// Serve webhooks and the API, fire schedules and run workers, in one process.
+    Serve(ServeArgs),
+    /// Run workers only (no HTTP, no scheduler), sharing the project's store.
+    Worker,
+    /// A self-contained demo: a server, a flaky mock upstream and a few events.
+    Demo,
+    /// The dead-letter list: failed runs, and replaying them.
+    Dlq {
+        /// List or replay.
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Cancel a queued or running run.
+    Cancel {
+        /// The run id.
+        run_id: String,
+        /// Why (kept with the run).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// One screen: each workflow's health, queue, dead letters, next fire, undelivered alerts.
+    Status,
+}
+
+/// `plumb serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Listen here instead of plumb.yaml's `listen` (`127.0.0.1:0` picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+}
+
+/// `plumb dlq …`.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Failed runs, newest first, with their error and failing step.
+    List {
+        /// Only this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Queue a failed run again: it resumes at its failed step, with the same id and keys.
+    Replay {
+        /// The run to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        run_id: Option<String>,
+        /// Replay every failed run of `--workflow`.
+        #[arg(long, requires = "workflow")]
+        all: bool,
+        /// The workflow whose failed runs to replay (with --all).
+        #[arg(long)]
+        workflow: Option<String>,
+    },
 }
 
 /// `plumb run`.

@@ -9,6 +9,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod cli;
+mod client;
 mod commands;
 mod output;
 
@@ -94,6 +95,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Exit> {
             RunsCommand::List(args) => commands::runs::list(&global, args).await,
             RunsCommand::Show { run_id } => commands::runs::show(&global, &run_id).await,
         },
+        Command::Serve(args) => commands::serve::run(&global, Some(args)).await,
+        Command::Worker => commands::serve::run(&global, None).await,
+        Command::Demo => commands::demo::run(&global).await,
+        Command::Dlq { command } => commands::ops::dlq(&global, command).await,
+        Command::Cancel { run_id, reason } => commands::ops::cancel(&global, &run_id, reason).await,
+        Command::Status => commands::ops::status(&global).await,
     }
 }
 

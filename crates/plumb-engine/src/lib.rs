@@ -14,10 +14,12 @@
 pub mod alerts;
 pub mod events;
 mod exec;
+pub mod ops;
 pub mod owner;
 pub mod project_dir;
 pub mod retry;
 pub mod schedule;
+pub mod status;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,6 +120,9 @@ pub struct Engine {
     project: RwLock<Arc<Project>>,
     pub(crate) owner: Owner,
     lease: Duration,
+    /// Workflow versions this process has already stored: a webhook should
+    /// cost one write, not two.
+    stored_versions: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The trigger document of a run started by hand with `input` (SPEC §2:
@@ -144,6 +149,7 @@ impl Engine {
             lease: project.config.serve.lease,
             project: RwLock::new(project),
             owner: Owner::this_process(role),
+            stored_versions: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -204,15 +210,24 @@ impl Engine {
         trigger: Value,
         lease: Option<Lease>,
     ) -> Result<NewRun, EngineError> {
-        self.store
-            .put_workflow_version(&WorkflowVersion {
-                hash: workflow.version.clone(),
-                workflow: workflow.name.clone(),
-                file: workflow.file.clone(),
-                source: workflow.source.to_string(),
-                created_at: now_ms(),
-            })
-            .await?;
+        let known = self
+            .stored_versions
+            .lock()
+            .is_ok_and(|v| v.contains(&workflow.version));
+        if !known {
+            self.store
+                .put_workflow_version(&WorkflowVersion {
+                    hash: workflow.version.clone(),
+                    workflow: workflow.name.clone(),
+                    file: workflow.file.clone(),
+                    source: workflow.source.to_string(),
+                    created_at: now_ms(),
+                })
+                .await?;
+            if let Ok(mut v) = self.stored_versions.lock() {
+                v.insert(workflow.version.clone());
+            }
+        }
         Ok(NewRun {
             id: uuid::Uuid::now_v7().to_string(),
             workflow: workflow.name.clone(),

@@ -81,7 +81,7 @@ impl StoreError {
 }
 
 /// Where a run is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Accepted, waiting for a worker.
@@ -483,7 +483,7 @@ pub struct WorkflowStats {
 }
 
 /// What `cancel_run` did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "result", content = "status")]
 pub enum CancelResult {
     /// The run is now cancelled.
@@ -628,6 +628,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Run counts and last outcomes per workflow.
     async fn workflow_stats(&self) -> Result<Vec<WorkflowStats>, StoreError>;
+
+    /// Commits a tiny write: proves the store can commit right now.
+    async fn ping(&self) -> Result<(), StoreError>;
 
     /// Commits everything queued and stops accepting writes.
     async fn close(&self);

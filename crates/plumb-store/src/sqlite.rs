@@ -128,6 +128,7 @@ enum Op {
         id: String,
         result: AlertAttempt,
     },
+    Ping,
     Close,
 }
 
@@ -233,6 +234,13 @@ fn migrator() -> Migrator {
             "queue, schedules, alerts".into(),
             MigrationType::Simple,
             include_str!("../migrations/sqlite/0002_queue_schedules_alerts.sql").into_sql_str(),
+            false,
+        ),
+        Migration::new(
+            3,
+            "health".into(),
+            MigrationType::Simple,
+            include_str!("../migrations/sqlite/0003_health.sql").into_sql_str(),
             false,
         ),
     ])
@@ -616,6 +624,17 @@ async fn apply(conn: &mut SqliteConnection, op: &Op) -> Result<Done, StoreError>
             .bind(next)
             .bind(error)
             .bind(delivered)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+            Ok(Done::Unit)
+        }
+        Op::Ping => {
+            sqlx::query(
+                "INSERT INTO health (id, checked_at) VALUES (1, $1) \
+                 ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+            )
+            .bind(now_ms())
             .execute(&mut *conn)
             .await
             .map_err(map_err)?;
@@ -1190,6 +1209,10 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.write(Op::Ping).await.map(|_| ())
     }
 
     async fn close(&self) {

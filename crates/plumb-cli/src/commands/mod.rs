@@ -2,9 +2,12 @@
 //! opening its store.
 
 pub mod check;
+pub mod demo;
 pub mod init;
+pub mod ops;
 pub mod run;
 pub mod runs;
+pub mod serve;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,0 +1,80 @@
+//! Talking to a running `plumb serve` through its API, so the CLI and the
+//! server never disagree (and replays wake the server's workers at once).
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use serde_json::Value;
+
+/// A client for `/api/v1` of a running server.
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl ApiClient {
+    /// The server of this project, if one answers at `listen`.
+    pub async fn detect(listen: &str) -> Option<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // A server bound to all interfaces is reached on loopback.
+        let host = listen
+            .replace("0.0.0.0:", "127.0.0.1:")
+            .replace("[::]:", "[::1]:");
+        let base = format!("http://{host}");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .ok()?;
+        let probe = http
+            .get(format!("{base}/healthz"))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?;
+        let body: Value = probe.json().await.ok()?;
+        (body.get("service").and_then(Value::as_str) == Some("plumb"))
+            .then_some(Self { http, base })
+    }
+
+    /// Where the server is.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /api/v1/<path>`.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(format!("{}/api/v1/{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("calling the server at {}", self.base))?;
+        Self::decode(response).await
+    }
+
+    /// `POST /api/v1/<path>` with a JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}/api/v1/{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("calling the server at {}", self.base))?;
+        Self::decode(response).await
+    }
+
+    async fn decode(response: reqwest::Response) -> anyhow::Result<Value> {
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let message = body
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("no details");
+            Err(anyhow!("the server answered {status}: {message}"))
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! `plumb serve` and `plumb worker`: the long-running service.
+//!
+//! Signals: SIGTERM or SIGINT stop it gracefully (stop accepting, interrupt
+//! in-flight steps and release their runs, exit); SIGHUP reloads the
+//! workflow files — an invalid project is rejected with the `check` errors
+//! and the old one keeps running.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use plumb_engine::project_dir::{self, LoadError};
+use plumb_engine::{Engine, Observer, RunEvent};
+use plumb_server::{Roles, Service};
+use plumb_store::{RunStatus, Store};
+
+use crate::Exit;
+use crate::cli::{Global, ServeArgs};
+
+/// Logs what matters from runs: failures loudly, the rest at debug level.
+pub struct LogObserver;
+
+impl Observer for LogObserver {
+    fn on_event(&self, event: &RunEvent) {
+        match event {
+            RunEvent::Finished {
+                run_id,
+                status: RunStatus::Failed,
+                failure,
+                ..
+            } => {
+                let (step, error) = failure
+                    .as_ref()
+                    .map(|f| (f.step.clone().unwrap_or_default(), f.message.clone()))
+                    .unwrap_or_default();
+                tracing::warn!(
+                    run_id,
+                    step,
+                    error,
+                    "Run failed; it is in the dead-letter list."
+                );
+            }
+            RunEvent::Finished {
+                run_id,
+                status,
+                elapsed,
+                ..
+            } => {
+                tracing::debug!(run_id, status = %status, elapsed_ms = elapsed.as_millis(), "Run finished.");
+            }
+            RunEvent::StepRetrying {
+                step_id,
+                attempt,
+                error,
+                delay,
+                ..
+            } => {
+                tracing::debug!(
+                    step = step_id,
+                    attempt,
+                    error,
+                    delay_ms = delay.as_millis(),
+                    "Step failed; retrying."
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `plumb serve` (HTTP + scheduler + workers) or `plumb worker` (workers).
+pub async fn run(global: &Global, args: Option<ServeArgs>) -> anyhow::Result<Exit> {
+    let root = global.project_dir();
+    let project = match project_dir::load_project(&root) {
+        Ok(p) => Arc::new(p),
+        Err(LoadError::Invalid(d)) => {
+            super::print_diagnostics(&d);
+            anyhow::bail!("the project has problems; fix them (see `plumb check`) and start again");
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let store = super::open_store(&project.config, &root).await?;
+    let store_dyn: Arc<dyn Store> = store.clone();
+    let http = args.is_some();
+    let engine = Arc::new(Engine::new(
+        store_dyn,
+        Arc::clone(&project),
+        if http { "serve" } else { "worker" },
+    )?);
+    let listener = match &args {
+        Some(a) => {
+            let addr = a
+                .listen
+                .clone()
+                .unwrap_or_else(|| project.config.listen.clone());
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (is another server running? set `listen:` in plumb.yaml or pass --listen)"))?;
+            Some(listener)
+        }
+        None => None,
+    };
+    let service = Service::start(
+        Arc::clone(&engine),
+        listener,
+        Roles {
+            http,
+            scheduler: http,
+        },
+        Arc::new(LogObserver),
+    )
+    .await?;
+    announce(global, &service, &project, store.path());
+
+    wait_for_signals(&root, &engine, &service).await;
+    service.shutdown().await;
+    store.close().await;
+    if !global.json {
+        println!("stopped");
+    }
+    Ok(Exit::Success)
+}
+
+fn announce(global: &Global, service: &Service, project: &plumb_core::Project, store: &Path) {
+    let workflows = project.workflows.len();
+    if global.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "event": "ready",
+                "listen": service.addr.map(|a| format!("http://{a}")),
+                "store": store.display().to_string(),
+                "workflows": workflows,
+            })
+        );
+        return;
+    }
+    match service.addr {
+        Some(addr) => {
+            println!(
+                "plumb listening on http://{addr} · {workflows} workflows · store {}",
+                store.display()
+            );
+            for w in &project.workflows {
+                if let plumb_core::model::Trigger::Webhook { path } = &w.trigger {
+                    println!("  webhook  POST http://{addr}/hooks/{path} → {}", w.name);
+                }
+            }
+        }
+        None => println!(
+            "plumb worker started · {workflows} workflows · store {}",
+            store.display()
+        ),
+    }
+}
+
+async fn wait_for_signals(root: &Path, engine: &Arc<Engine>, service: &Service) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = term.recv() => return,
+                _ = hup.recv() => reload(root, engine, service).await,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (root, engine, service);
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn reload(root: &Path, engine: &Arc<Engine>, service: &Service) {
+    match project_dir::load_project(root) {
+        Ok(project) => {
+            let count = project.workflows.len();
+            engine.set_project(Arc::new(project));
+            service.restart_scheduler().await;
+            tracing::warn!(workflows = count, "Reloaded the project (SIGHUP).");
+        }
+        Err(LoadError::Invalid(d)) => {
+            tracing::error!(
+                problems = d.0.len(),
+                "Reload rejected; the previous project keeps running."
+            );
+            super::print_diagnostics(&d);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Reload rejected; the previous project keeps running.")
+        }
+    }
+}

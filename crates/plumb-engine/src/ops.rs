@@ -1,0 +1,84 @@
+//! Operations on the run history shared by the API and the command line
+//! (which may work on the store directly when no server runs).
+
+use plumb_store::{Millis, ReplayResult, RunFilter, RunStatus, Store, StoreError};
+use serde::Serialize;
+use serde_json::Value;
+
+/// A failed run, as the dead-letter list shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetter {
+    /// The run.
+    pub run_id: String,
+    /// Its workflow.
+    pub workflow: String,
+    /// When it failed.
+    pub failed_at: Option<Millis>,
+    /// The failing step.
+    pub step: Option<String>,
+    /// The failing item of a `for_each`.
+    pub item: Option<u32>,
+    /// Attempts made.
+    pub attempt: Option<u32>,
+    /// HTTP status of the last attempt.
+    pub status_code: Option<u16>,
+    /// The error.
+    pub error: String,
+    /// The run's input (its trigger document).
+    pub input: Value,
+}
+
+/// Failed runs, newest first.
+///
+/// # Errors
+///
+/// Returns the store error.
+pub async fn dead_letters(
+    store: &dyn Store,
+    workflow: Option<&str>,
+    limit: u32,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let runs = store
+        .list_runs(&RunFilter {
+            workflow: workflow.map(str::to_owned),
+            status: Some(RunStatus::Failed),
+            limit: limit.clamp(1, 10_000),
+        })
+        .await?;
+    Ok(runs
+        .into_iter()
+        .map(|r| {
+            let f = r.failure.unwrap_or_default();
+            DeadLetter {
+                run_id: r.id,
+                workflow: r.workflow,
+                failed_at: r.finished_at,
+                step: f.step,
+                item: f.item,
+                attempt: f.attempt,
+                status_code: f.status_code,
+                error: f.message,
+                input: r.trigger,
+            }
+        })
+        .collect())
+}
+
+/// Replays every failed run of a workflow; returns the ids replayed.
+///
+/// The list is read once, so a replayed run that fails again at once is not
+/// replayed twice by the same call.
+///
+/// # Errors
+///
+/// Returns the store error.
+pub async fn replay_all(store: &dyn Store, workflow: &str) -> Result<Vec<String>, StoreError> {
+    let failed = dead_letters(store, Some(workflow), 10_000).await?;
+    let mut replayed = Vec::new();
+    for letter in failed {
+        if store.replay_run(&letter.run_id).await? == ReplayResult::Replayed {
+            replayed.push(letter.run_id);
+        }
+    }
+    Ok(replayed)
+}

@@ -1,0 +1,256 @@
+//! `/api/v1`: workflows, runs, the dead-letter list, cancel and status;
+//! plus `/healthz`, `/readyz` and `/metrics`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use plumb_core::model::Trigger;
+use plumb_engine::manual_trigger;
+use plumb_store::{RunFilter, RunStatus};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::{AppState, COMMIT_DEADLINE};
+
+/// Routes under `/api/v1`.
+pub fn routes() -> axum::Router<AppState> {
+    Router::new()
+        .route("/workflows", get(workflows))
+        .route("/workflows/{name}/runs", post(start_run))
+        .route("/runs", get(list_runs))
+        .route("/runs/{id}", get(show_run))
+        .route("/runs/{id}/cancel", post(cancel_run))
+        .route("/dlq", get(dead_letters))
+        .route("/dlq/replay", post(replay_all))
+        .route("/dlq/{id}/replay", post(replay_one))
+        .route("/status", get(status))
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok", "service": "plumb", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// `GET /readyz`: the store can commit now.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(2), state.engine.store().ping()).await {
+        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "Not ready: the store cannot commit.");
+            ApiError::unavailable("the store cannot commit right now").into_response()
+        }
+        Err(_) => ApiError::unavailable("the store did not commit in time").into_response(),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn workflows(State(state): State<AppState>) -> Json<Value> {
+    let project = state.engine.project();
+    let list: Vec<Value> = project
+        .workflows
+        .iter()
+        .map(|w| {
+            let trigger = match &w.trigger {
+                Trigger::Manual => json!({ "type": "manual" }),
+                Trigger::Webhook { path } => json!({ "type": "webhook", "path": format!("/hooks/{path}") }),
+                Trigger::Schedule { cron, timezone, catch_up } => {
+                    json!({ "type": "schedule", "cron": cron, "timezone": timezone, "catch_up": catch_up })
+                }
+            };
+            json!({
+                "name": w.name,
+                "owner": w.owner,
+                "description": w.description,
+                "version": w.version,
+                "file": w.file,
+                "trigger": trigger,
+                "concurrency": w.concurrency,
+                "steps": w.all_steps().iter().map(|s| json!({"id": s.id, "kind": s.action.kind()})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!({ "workflows": list }))
+}
+
+async fn start_run(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let project = state.engine.project();
+    let Some(workflow) = project.workflow(&name) else {
+        return Err(ApiError::not_found(format!("no workflow named `{name}`")));
+    };
+    let limit = usize::try_from(project.config.serve.body_limit).unwrap_or(usize::MAX);
+    let bytes = to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the input is larger than serve.body_limit",
+        )
+    })?;
+    let input: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("the input is not valid JSON: {e}")))?
+    };
+    let id = tokio::time::timeout(
+        COMMIT_DEADLINE,
+        state.engine.enqueue_run(workflow, manual_trigger(input)),
+    )
+    .await
+    .map_err(|_| ApiError::unavailable("the store could not commit the run in time"))??;
+    state.wake_workers.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": id }))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    workflow: Option<String>,
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+fn parse_status(s: Option<&str>) -> Result<Option<RunStatus>, ApiError> {
+    s.map(|s| {
+        RunStatus::parse(s).map_err(|_| {
+            ApiError::bad_request(format!(
+                "unknown status `{s}`; use queued, running, succeeded, failed or cancelled"
+            ))
+        })
+    })
+    .transpose()
+}
+
+async fn list_runs(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let runs = state
+        .engine
+        .store()
+        .list_runs(&RunFilter {
+            workflow: q.workflow,
+            status: parse_status(q.status.as_deref())?,
+            limit: q.limit.unwrap_or(50).min(1000),
+        })
+        .await?;
+    Ok(Json(json!({ "runs": runs })))
+}
+
+async fn show_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = state.engine.store();
+    let Some(run) = store.run(&id).await? else {
+        return Err(ApiError::not_found(format!("no run with id `{id}`")));
+    };
+    let steps = store.journal(&id).await?;
+    let attempts = store.attempt_failures(&id).await?;
+    Ok(Json(
+        json!({ "run": run, "steps": steps, "failed_attempts": attempts }),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+async fn cancel_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Option<Json<CancelBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let reason = body
+        .and_then(|b| b.0.reason)
+        .unwrap_or_else(|| "cancelled through the API".to_owned());
+    let result = state.engine.store().cancel_run(&id, &reason).await?;
+    match result {
+        plumb_store::CancelResult::NotFound => {
+            Err(ApiError::not_found(format!("no run with id `{id}`")))
+        }
+        other => Ok(Json(json!({ "run_id": id, "result": other }))),
+    }
+}
+
+async fn dead_letters(
+    State(state): State<AppState>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100_u32);
+    let letters = plumb_engine::ops::dead_letters(
+        state.engine.store().as_ref(),
+        q.get("workflow").map(String::as_str),
+        limit,
+    )
+    .await?;
+    Ok(Json(json!({ "dead_letters": letters })))
+}
+
+async fn replay_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let result = state.engine.store().replay_run(&id).await?;
+    match result {
+        plumb_store::ReplayResult::NotFound => {
+            Err(ApiError::not_found(format!("no run with id `{id}`")))
+        }
+        plumb_store::ReplayResult::NotFailed(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_failed",
+            format!("run {id} is {status}; only failed runs can be replayed"),
+        )),
+        plumb_store::ReplayResult::Replayed => {
+            state.wake_workers.notify_one();
+            Ok(Json(json!({ "run_id": id, "result": "replayed" })))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplayAll {
+    workflow: String,
+}
+
+async fn replay_all(
+    State(state): State<AppState>,
+    Json(body): Json<ReplayAll>,
+) -> Result<Json<Value>, ApiError> {
+    let replayed =
+        plumb_engine::ops::replay_all(state.engine.store().as_ref(), &body.workflow).await?;
+    state.wake_workers.notify_waiters();
+    Ok(Json(
+        json!({ "workflow": body.workflow, "replayed": replayed }),
+    ))
+}
+
+async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let project = state.engine.project();
+    let status = plumb_engine::status::collect(state.engine.store().as_ref(), &project).await?;
+    Ok(Json(
+        serde_json::to_value(status).map_err(|e| ApiError::internal(&e))?,
+    ))
+}

@@ -1,0 +1,190 @@
+//! plumb's HTTP surface: webhooks, the `/api/v1` API, `/healthz`,
+//! `/readyz` and `/metrics`, and the wiring that runs them together with the
+//! workers, the scheduler and alert delivery as one service.
+//!
+//! The server owns request handling and nothing else: runs are created and
+//! executed by [`plumb_engine::Engine`], durability is the store's. A
+//! webhook is answered `202` only after its run is committed (SPEC G1), and
+//! `503` with `Retry-After` whenever the store cannot commit in time (G5).
+//! Internal errors become JSON bodies with a stable code; their details go
+//! to the log, not to the caller.
+
+mod api;
+mod error;
+mod metrics_setup;
+mod webhook;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use plumb_engine::{Engine, Observer};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+pub use metrics_setup::Metrics;
+
+/// How long a webhook waits for its run to be committed before answering
+/// `503`: past this the caller is better off retrying than waiting.
+pub const COMMIT_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Shared by every request handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine (store, project, HTTP client).
+    pub engine: Arc<Engine>,
+    /// Wakes the workers when a run is queued here.
+    pub wake_workers: Arc<Notify>,
+    /// Prometheus rendering.
+    pub metrics: Metrics,
+}
+
+/// The HTTP routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/hooks/{*path}", post(webhook::receive))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .nest("/api/v1", api::routes())
+        .with_state(state)
+}
+
+/// What runs inside one `plumb serve` (or `plumb worker`) process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    /// Serve HTTP.
+    pub http: bool,
+    /// Fire schedules.
+    pub scheduler: bool,
+}
+
+/// A running service; dropped or stopped through [`Service::shutdown`].
+pub struct Service {
+    /// The address the HTTP server listens on, if it serves HTTP.
+    pub addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    scheduler: tokio::sync::Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
+    tasks: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
+    engine: Arc<Engine>,
+    wake_workers: Arc<Notify>,
+}
+
+impl Service {
+    /// Starts the HTTP server (on `listener`), the workers, the scheduler
+    /// and alert delivery.
+    pub async fn start(
+        engine: Arc<Engine>,
+        listener: Option<TcpListener>,
+        roles: Roles,
+        observer: Arc<dyn Observer>,
+    ) -> std::io::Result<Self> {
+        let metrics = Metrics::install();
+        let shutdown = CancellationToken::new();
+        let wake_workers = Arc::new(Notify::new());
+        let wake_alerts = Arc::new(Notify::new());
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut addr = None;
+        if let Some(listener) = listener {
+            addr = Some(listener.local_addr()?);
+            let state = AppState {
+                engine: Arc::clone(&engine),
+                wake_workers: Arc::clone(&wake_workers),
+                metrics: metrics.clone(),
+            };
+            let app = router(state);
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "The HTTP server stopped.");
+                }
+            });
+        }
+        let workers = usize::try_from(engine.project().config.serve.workers).unwrap_or(64);
+        let alert_observer: Arc<dyn Observer> = Arc::new(WakeOnFailure {
+            inner: observer,
+            wake: Arc::clone(&wake_alerts),
+        });
+        tasks.spawn(plumb_engine::worker::run_workers(
+            Arc::clone(&engine),
+            workers,
+            Arc::clone(&wake_workers),
+            alert_observer,
+            shutdown.clone(),
+        ));
+        tasks.spawn(plumb_engine::alerts::run_delivery(
+            Arc::clone(&engine),
+            wake_alerts,
+            shutdown.clone(),
+        ));
+        tasks.spawn(metrics_setup::sample_gauges(
+            Arc::clone(&engine),
+            shutdown.clone(),
+        ));
+        let service = Self {
+            addr,
+            shutdown,
+            scheduler: tokio::sync::Mutex::new(None),
+            tasks: tokio::sync::Mutex::new(tasks),
+            engine,
+            wake_workers,
+        };
+        if roles.scheduler {
+            service.restart_scheduler().await;
+        }
+        Ok(service)
+    }
+
+    /// (Re)starts the scheduler with the engine's current project.
+    pub async fn restart_scheduler(&self) {
+        let mut slot = self.scheduler.lock().await;
+        if let Some((token, handle)) = slot.take() {
+            token.cancel();
+            let _ = handle.await;
+        }
+        let token = self.shutdown.child_token();
+        let handle = tokio::spawn(plumb_engine::schedule::run_schedules(
+            Arc::clone(&self.engine),
+            Arc::clone(&self.wake_workers),
+            token.clone(),
+        ));
+        *slot = Some((token, handle));
+    }
+
+    /// Stops accepting work, interrupts running executions (their leases are
+    /// released so they resume at once on the next start) and waits.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        if let Some((_, handle)) = self.scheduler.lock().await.take() {
+            let _ = handle.await;
+        }
+        let mut tasks = self.tasks.lock().await;
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Passes events on, and wakes alert delivery when a run fails here.
+struct WakeOnFailure {
+    inner: Arc<dyn Observer>,
+    wake: Arc<Notify>,
+}
+
+impl Observer for WakeOnFailure {
+    fn on_event(&self, event: &plumb_engine::RunEvent) {
+        if let plumb_engine::RunEvent::Finished {
+            status: plumb_store::RunStatus::Failed,
+            ..
+        } = event
+        {
+            self.wake.notify_one();
+        }
+        self.inner.on_event(event);
+    }
+}

@@ -1,0 +1,85 @@
+//! Prometheus metrics: the recorder, and gauges sampled from the store.
+//!
+//! Counters and histograms are recorded where things happen (the engine
+//! records runs, steps and retries; the webhook handler records answers by
+//! status code). Gauges that describe the store — queue depth, dead-letter
+//! size, undelivered alerts — are sampled every few seconds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use plumb_engine::Engine;
+use tokio_util::sync::CancellationToken;
+
+/// Renders the metrics of this process.
+#[derive(Clone)]
+pub struct Metrics {
+    handle: Option<PrometheusHandle>,
+}
+
+impl Metrics {
+    /// Installs the process-wide recorder (once; later calls share it).
+    pub fn install() -> Self {
+        static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+        let handle = HANDLE
+            .get_or_init(|| {
+                let builder = PrometheusBuilder::new()
+                    .set_buckets_for_metric(
+                        Matcher::Full("plumb_step_duration_seconds".to_owned()),
+                        &[
+                            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                            2.5, 5.0, 10.0, 30.0, 60.0,
+                        ],
+                    )
+                    .ok()?;
+                match builder.install_recorder() {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Metrics recorder not installed.");
+                        None
+                    }
+                }
+            })
+            .clone();
+        Self { handle }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        match &self.handle {
+            Some(h) => {
+                h.run_upkeep();
+                h.render()
+            }
+            None => String::new(),
+        }
+    }
+}
+
+/// Samples store-derived gauges until `shutdown`.
+pub async fn sample_gauges(engine: Arc<Engine>, shutdown: CancellationToken) {
+    loop {
+        match engine.store().workflow_stats().await {
+            Ok(stats) => {
+                for s in &stats {
+                    let w = s.workflow.clone();
+                    metrics::gauge!("plumb_queue_depth", "workflow" => w.clone())
+                        .set(s.queued as f64);
+                    metrics::gauge!("plumb_runs_in_progress", "workflow" => w.clone())
+                        .set(s.running as f64);
+                    metrics::gauge!("plumb_dead_letters", "workflow" => w)
+                        .set(s.dead_letters as f64);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not sample run counts for metrics."),
+        }
+        if let Ok(alerts) = engine.store().undelivered_alerts(1000).await {
+            metrics::gauge!("plumb_alerts_undelivered").set(alerts.len() as f64);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}

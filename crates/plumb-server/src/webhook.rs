@@ -1,0 +1,187 @@
+//! `POST /hooks/<path>`: accept an event durably, or say why not.
+//!
+//! Order of checks: unknown path (404), content type (415), size (413),
+//! JSON (400), then the commit. Only a committed run gets `202`; if the
+//! store cannot commit within [`crate::COMMIT_DEADLINE`] the answer is `503`
+//! with `Retry-After`, and the write is withdrawn if it has not started (the
+//! store skips writes whose caller gave up).
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use plumb_core::model::{Trigger, Workflow};
+use serde_json::{Map, Value, json};
+
+use crate::{AppState, COMMIT_DEADLINE, error::ApiError};
+
+/// Request headers never copied into the trigger document (and so never
+/// journaled): credentials a sender might use.
+const DROPPED_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+];
+
+/// Handles one webhook.
+pub async fn receive(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = match accept(&state, &path, query, &headers, body).await {
+        Ok(run_id) => (StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response(),
+        Err(e) => e.into_response(),
+    };
+    metrics::counter!(
+        "plumb_webhook_responses_total",
+        "code" => response.status().as_str().to_owned(),
+    )
+    .increment(1);
+    response
+}
+
+async fn accept(
+    state: &AppState,
+    path: &str,
+    query: BTreeMap<String, String>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<String, ApiError> {
+    let project = state.engine.project();
+    let path = path.trim_matches('/');
+    let Some(workflow) = project
+        .workflows
+        .iter()
+        .find(|w| matches!(&w.trigger, Trigger::Webhook { path: p } if p == path))
+    else {
+        return Err(ApiError::not_found(format!(
+            "no workflow is triggered by POST /hooks/{path}"
+        )));
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !is_json(content_type) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "webhooks take JSON: send `Content-Type: application/json` (got `{}`)",
+                if content_type.is_empty() {
+                    "none"
+                } else {
+                    content_type
+                }
+            ),
+        ));
+    }
+    let limit = project.config.serve.body_limit;
+    let bytes = to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is larger than the limit of {limit} bytes (serve.body_limit)"),
+            )
+        })?;
+    let parsed: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body is not valid JSON: {e} (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let trigger = trigger_document(path, parsed, &query, headers);
+    enqueue(state, workflow, trigger).await
+}
+
+async fn enqueue(
+    state: &AppState,
+    workflow: &Workflow,
+    trigger: Value,
+) -> Result<String, ApiError> {
+    match tokio::time::timeout(COMMIT_DEADLINE, state.engine.enqueue_run(workflow, trigger)).await {
+        Ok(Ok(run_id)) => {
+            state.wake_workers.notify_one();
+            Ok(run_id)
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => {
+            tracing::warn!(workflow = %workflow.name, "The store did not commit in time; answering 503.");
+            Err(ApiError::unavailable(
+                "the store could not commit the event in time; retry later",
+            ))
+        }
+    }
+}
+
+fn is_json(content_type: &str) -> bool {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
+fn trigger_document(
+    path: &str,
+    body: Value,
+    query: &BTreeMap<String, String>,
+    headers: &HeaderMap,
+) -> Value {
+    let mut kept = Map::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        if DROPPED_HEADERS.contains(&name) {
+            continue;
+        }
+        kept.insert(
+            name.to_owned(),
+            Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+        );
+    }
+    json!({
+        "type": "webhook",
+        "path": path,
+        "body": body,
+        "headers": kept,
+        "query": query,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types_are_recognised() {
+        assert!(is_json("application/json"));
+        assert!(is_json("application/json; charset=utf-8"));
+        assert!(is_json("application/vnd.github+json"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json(""));
+        assert!(!is_json("application/x-www-form-urlencoded"));
+    }
+
+    #[test]
+    fn credentials_are_not_copied_into_the_trigger() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", "Bearer secret".parse().expect("header"));
+        headers.insert("x-github-event", "push".parse().expect("header"));
+        let doc = trigger_document("orders", json!({"a": 1}), &BTreeMap::new(), &headers);
+        assert!(doc["headers"].get("authorization").is_none());
+        assert_eq!(doc["headers"]["x-github-event"], "push");
+        assert_eq!(doc["body"]["a"], 1);
+    }
+}
