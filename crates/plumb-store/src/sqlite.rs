@@ -281,6 +281,12 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
     let mut results: Vec<Result<Done, StoreError>> = Vec::with_capacity(batch.len());
     let mut fatal: Option<StoreError> = None;
     for job in batch.iter() {
+        // Waiting for the lock may have outlasted a caller's deadline: a
+        // webhook that already answered 503 must not be committed now.
+        if job.reply.is_closed() {
+            results.push(Err(StoreError::Unavailable("the caller gave up".into())));
+            continue;
+        }
         let r = apply(conn, &job.op).await;
         if let Err(e) = &r
             && e.is_transient()

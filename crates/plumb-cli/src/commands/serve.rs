@@ -186,7 +186,8 @@ async fn reload(root: &Path, engine: &Arc<Engine>, service: &Service) {
             let count = project.workflows.len();
             engine.set_project(Arc::new(project));
             service.restart_scheduler().await;
-            tracing::warn!(workflows = count, "Reloaded the project (SIGHUP).");
+            tracing::info!(workflows = count, "Reloaded the project (SIGHUP).");
+            println!("reloaded: {count} workflows");
         }
         Err(LoadError::Invalid(d)) => {
             tracing::error!(

@@ -297,3 +297,142 @@ async fn handle(
         _ => (StatusCode::NOT_FOUND, "no such route").into_response(),
     }
 }
+
+/// A `plumb serve` (or `plumb worker`) process.
+pub struct Server {
+    pub child: tokio::process::Child,
+    pub base_url: String,
+    pub stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+}
+
+impl Project {
+    /// Starts `plumb serve --listen ADDR` and waits until it listens.
+    pub async fn serve(&self, listen: &str) -> Server {
+        let mut child = self
+            .cmd(&["serve", "--listen", listen])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn plumb serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = tokio::io::BufReader::new(stdout);
+        let mut first = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut first),
+        )
+        .await
+        .expect("plumb serve starts within 20 s")
+        .expect("read the first line");
+        let base_url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {first:?}"))
+            .to_owned();
+        Server {
+            child,
+            base_url,
+            stdout: reader,
+        }
+    }
+
+    /// Starts `plumb worker`.
+    pub async fn worker(&self) -> tokio::process::Child {
+        let mut child = self
+            .cmd(&["worker"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn plumb worker");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = tokio::io::BufReader::new(stdout);
+        let mut first = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut first)
+            .await
+            .expect("worker starts");
+        assert!(first.contains("worker started"), "{first}");
+        // Keep draining so the worker never blocks on a full pipe.
+        tokio::spawn(async move {
+            let mut sink = tokio::io::sink();
+            let _ = tokio::io::copy(&mut reader, &mut sink).await;
+        });
+        child
+    }
+}
+
+impl Server {
+    /// Sends a signal by name (`TERM`, `HUP`, `STOP`, `CONT`, `KILL`).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -{name} {pid}");
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, and the exit code once it stopped.
+    pub async fn stop(mut self) -> Option<i32> {
+        self.signal("TERM");
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("stops within 20 s after SIGTERM")
+            .expect("wait");
+        status.code()
+    }
+}
+
+/// A JSON HTTP client for the tests.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// POSTs JSON; returns status and body.
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let r = http().post(url).json(body).send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// GETs JSON.
+pub async fn get_json(url: &str) -> Value {
+    http()
+        .get(url)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json body")
+}
+
+/// Polls `GET /api/v1/runs/{id}` until the run has ended.
+pub async fn wait_run(base: &str, run_id: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let doc = get_json(&format!("{base}/api/v1/runs/{run_id}")).await;
+        let status = doc["run"]["status"].as_str().unwrap_or("");
+        if matches!(status, "succeeded" | "failed" | "cancelled") {
+            return doc;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {run_id} still {status} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
