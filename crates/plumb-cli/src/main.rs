@@ -15,6 +15,12 @@ mod output;
 
 use std::process::ExitCode;
 
+// The engine allocates many small, short-lived values per step (JSON, jq
+// values, journal rows) across threads; mimalloc handles that pattern with
+// less contention than the system allocator (measured in BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 use crate::cli::{Cli, Command, RunsCommand};

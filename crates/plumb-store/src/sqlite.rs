@@ -2,13 +2,18 @@
 //!
 //! # Group commit
 //!
-//! Every write goes to one writer task that owns the only write connection.
-//! The task takes whatever writes are waiting — one, or hundreds from
-//! concurrent webhooks and workers — runs them in a single transaction and
-//! commits once: one WAL fsync for the whole batch. Each caller is answered
-//! only after that commit, so "the call returned" still means "durable", but
-//! the cost of the fsync is shared. Under no load a batch is one write and
-//! nothing waits; under load, batches grow by themselves.
+//! Every write goes to one writer thread that owns the only write
+//! connection. The thread takes whatever writes are waiting — one, or
+//! hundreds from concurrent webhooks and workers — runs them in a single
+//! transaction and commits once: one WAL fsync for the whole batch. Each
+//! caller is answered only after that commit, so "the call returned" still
+//! means "durable", but the cost of the fsync is shared. Under no load a
+//! batch is one write and nothing waits; under load, batches grow by
+//! themselves.
+//!
+//! The writer is a plain OS thread running SQLite synchronously: a batch
+//! of hundreds of statements costs no thread handoff per statement, only one
+//! per caller (the request in, the answer out).
 //!
 //! A write whose caller has already given up (a webhook that timed out and
 //! answered 503) is skipped rather than committed behind its back.
@@ -18,20 +23,21 @@
 //! (locked past the busy timeout, disk full, read-only, I/O) rolls back the
 //! batch and fails every write in it.
 //!
-//! Reads go through a small pool so listing runs never waits on a commit.
+//! Reads use a small pool of read connections on tokio's blocking threads,
+//! so listing runs never waits on a commit.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::Value;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+use rusqlite::types::Type;
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
+    params,
 };
-use sqlx::{Connection, Row, SqlSafeStr};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -71,15 +77,49 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
 
+/// Read connections kept open.
+const READERS: usize = 4;
+
 /// A SQLite-backed [`Store`].
 #[derive(Debug)]
 pub struct SqliteStore {
     writer: mpsc::Sender<Job>,
-    reader: SqlitePool,
+    readers: Arc<ReaderPool>,
     path: PathBuf,
 }
 
-/// One write, as handed to the writer task.
+#[derive(Debug)]
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReaderPool {
+    fn take(&self) -> Result<Connection, StoreError> {
+        if let Some(conn) = self.idle.lock().ok().and_then(|mut v| v.pop()) {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(map_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
+        conn.pragma_update(None, "query_only", true)
+            .map_err(map_err)?;
+        Ok(conn)
+    }
+
+    fn give_back(&self, conn: Connection) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < READERS
+        {
+            idle.push(conn);
+        }
+    }
+}
+
+/// One write, as handed to the writer thread.
 #[derive(Debug)]
 enum Op {
     PutVersion(WorkflowVersion),
@@ -135,7 +175,7 @@ enum Op {
 #[derive(Debug)]
 enum Done {
     Unit,
-    Rows(u64),
+    Rows(usize),
     Claim(Claim),
     MaybeRun(Option<Box<Run>>),
     Cancel(CancelResult),
@@ -147,59 +187,84 @@ struct Job {
     reply: oneshot::Sender<Result<Done, StoreError>>,
 }
 
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("op", &self.op).finish()
+/// The schema, one script per version, applied in order. The database's
+/// `user_version` is the number of scripts applied; each script runs in the
+/// same transaction as the version bump, so a crash mid-migration leaves
+/// the previous version intact.
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/sqlite/0001_runs_and_journal.sql"),
+    include_str!("../migrations/sqlite/0002_queue_schedules_alerts.sql"),
+    include_str!("../migrations/sqlite/0003_health.sql"),
+    include_str!("../migrations/sqlite/0004_queue_index.sql"),
+];
+
+fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if current > known {
+        return Err(format!(
+            "the store has schema version {current}, newer than this plumb knows ({known}); upgrade plumb"
+        ));
     }
+    for (i, script) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
+        let version = i + 1;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| e.to_string())?;
+        tx.execute_batch(script)
+            .map_err(|e| format!("applying schema version {version}: {e}"))?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(version).unwrap_or(i64::MAX),
+        )
+        .map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the store file at `path`, applies pending
-    /// migrations and starts the writer task on the current tokio runtime.
+    /// migrations and starts the writer thread.
     ///
     /// # Errors
     ///
     /// Returns [`StoreError::Open`] when the file cannot be opened or
     /// migrated.
     pub async fn open(path: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
-        let open_error = |e: &dyn std::fmt::Display| StoreError::Open {
-            location: path.display().to_string(),
-            message: e.to_string(),
+        let path = path.to_owned();
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || open_writer(&path, synchronous))
+                .await
+                .map_err(|e| StoreError::Other(e.to_string()))?
         };
-        if let Some(parent) = path.parent()
-            && !parent.as_os_str().is_empty()
-            && !parent.exists()
-        {
-            std::fs::create_dir_all(parent).map_err(|e| open_error(&e))?;
-        }
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match synchronous {
-                Synchronous::Full => SqliteSynchronous::Full,
-                Synchronous::Normal => SqliteSynchronous::Normal,
-            })
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
-        let mut conn = SqliteConnection::connect_with(&options)
-            .await
-            .map_err(|e| open_error(&e))?;
-        migrator()
-            .run(&mut conn)
-            .await
-            .map_err(|e| open_error(&e))?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(|e| open_error(&e))?;
+        let conn = opened.map_err(|message| StoreError::Open {
+            location: path.display().to_string(),
+            message,
+        })?;
         let (tx, rx) = mpsc::channel(16 * MAX_BATCH);
-        tokio::spawn(writer_loop(conn, rx));
+        std::thread::Builder::new()
+            .name("plumb-store-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Open {
+                location: path.display().to_string(),
+                message: format!("cannot start the writer thread: {e}"),
+            })?;
         Ok(Self {
             writer: tx,
-            reader,
-            path: path.to_owned(),
+            readers: Arc::new(ReaderPool {
+                path: path.clone(),
+                idle: Mutex::new(Vec::new()),
+            }),
+            path,
         })
     }
 
@@ -218,38 +283,56 @@ impl SqliteStore {
         rx.await
             .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?
     }
+
+    /// Runs a read on a pooled read connection, off the async threads.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.take()?;
+            let result = f(&conn);
+            pool.give_back(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Other(e.to_string()))?
+    }
 }
 
-fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![
-        Migration::new(
-            1,
-            "runs and journal".into(),
-            MigrationType::Simple,
-            include_str!("../migrations/sqlite/0001_runs_and_journal.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            2,
-            "queue, schedules, alerts".into(),
-            MigrationType::Simple,
-            include_str!("../migrations/sqlite/0002_queue_schedules_alerts.sql").into_sql_str(),
-            false,
-        ),
-        Migration::new(
-            3,
-            "health".into(),
-            MigrationType::Simple,
-            include_str!("../migrations/sqlite/0003_health.sql").into_sql_str(),
-            false,
-        ),
-    ])
+fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, String> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    let mut conn = Connection::open(path).map_err(|e| e.to_string())?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| e.to_string())?;
+    conn.pragma_update(None, "journal_mode", "wal")
+        .map_err(|e| e.to_string())?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match synchronous {
+            Synchronous::Full => "full",
+            Synchronous::Normal => "normal",
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .map_err(|e| e.to_string())?;
+    conn.set_prepared_statement_cache_capacity(64);
+    migrate(&mut conn).map_err(|e| format!("migrating the store: {e}"))?;
+    Ok(conn)
 }
 
-/// The writer task: batches, one transaction per batch.
-async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
+/// The writer thread: batches, one transaction per batch.
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -261,23 +344,26 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
         batch.retain(|job| !job.reply.is_closed());
         let closing = batch.iter().any(|j| matches!(j.op, Op::Close));
         if !batch.is_empty() {
-            commit_batch(&mut conn, &mut batch).await;
+            commit_batch(&mut conn, &mut batch);
         }
         if closing {
             break;
         }
     }
-    let _ = conn.close().await;
+    let _ = conn.close();
 }
 
-async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
-    if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
-        let e = map_err(e);
-        for job in batch.drain(..) {
-            let _ = job.reply.send(Err(clone_err(&e)));
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
+    let tx = match Transaction::new(conn, TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let e = map_err(e);
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(clone_err(&e)));
+            }
+            return;
         }
-        return;
-    }
+    };
     let mut results: Vec<Result<Done, StoreError>> = Vec::with_capacity(batch.len());
     let mut fatal: Option<StoreError> = None;
     for job in batch.iter() {
@@ -287,7 +373,7 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
             results.push(Err(StoreError::Unavailable("the caller gave up".into())));
             continue;
         }
-        let r = apply(conn, &job.op).await;
+        let r = apply(&tx, &job.op);
         if let Err(e) = &r
             && e.is_transient()
         {
@@ -298,16 +384,10 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) {
     }
     let committed = match fatal {
         Some(e) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            let _ = tx.rollback();
             Err(e)
         }
-        None => match sqlx::query("COMMIT").execute(&mut *conn).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                Err(map_err(e))
-            }
-        },
+        None => tx.commit().map_err(map_err),
     };
     match committed {
         Ok(()) => {
@@ -341,26 +421,24 @@ fn clone_err(e: &StoreError) -> StoreError {
 }
 
 /// Maps a driver error to what it means for the caller.
-fn map_err(e: sqlx::Error) -> StoreError {
-    if let sqlx::Error::Database(db) = &e {
-        let primary = db
-            .code()
-            .and_then(|c| c.parse::<i64>().ok())
-            .map(|c| c & 0xff);
-        return match primary {
-            // SQLITE_BUSY, SQLITE_LOCKED
-            Some(5 | 6) => StoreError::Busy(db.message().to_owned()),
-            // SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN
-            Some(8 | 10 | 13 | 14) => StoreError::Unavailable(db.message().to_owned()),
-            // SQLITE_CORRUPT, SQLITE_NOTADB
-            Some(11 | 26) => StoreError::Corrupt(db.message().to_owned()),
-            _ => StoreError::Other(db.message().to_owned()),
-        };
-    }
-    match e {
-        sqlx::Error::Io(io) => StoreError::Unavailable(io.to_string()),
-        sqlx::Error::PoolTimedOut => StoreError::Busy("timed out waiting for a connection".into()),
-        other => StoreError::Other(other.to_string()),
+fn map_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Busy(e.to_string()),
+            ErrorCode::ReadOnly
+            | ErrorCode::DiskFull
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::CannotOpen
+            | ErrorCode::OutOfMemory => StoreError::Unavailable(e.to_string()),
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                StoreError::Corrupt(e.to_string())
+            }
+            _ => StoreError::Other(e.to_string()),
+        },
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::InvalidColumnName(..) => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Other(e.to_string()),
     }
 }
 
@@ -368,9 +446,13 @@ fn to_json_text(v: &Value) -> String {
     v.to_string()
 }
 
-fn from_json_text(s: Option<String>) -> Result<Option<Value>, StoreError> {
-    s.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(e.to_string())))
-        .transpose()
+fn json_col(row: &Row<'_>, col: &str) -> rusqlite::Result<Option<Value>> {
+    let text: Option<String> = row.get(col)?;
+    text.map(|t| {
+        serde_json::from_str(&t)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e)))
+    })
+    .transpose()
 }
 
 fn item_to_db(item: Option<u32>) -> i64 {
@@ -389,74 +471,69 @@ fn opt_u32(v: Option<i64>) -> Option<u32> {
     v.and_then(|v| u32::try_from(v).ok())
 }
 
-fn get<'r, T>(row: &'r SqliteRow, col: &str) -> Result<T, StoreError>
-where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-{
-    row.try_get(col)
-        .map_err(|e| StoreError::Corrupt(format!("column `{col}`: {e}")))
+fn parse_col<T>(r: Result<T, StoreError>) -> rusqlite::Result<T> {
+    r.map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e)))
 }
 
-fn run_from_row(row: &SqliteRow) -> Result<Run, StoreError> {
-    let status = RunStatus::parse(&get::<String>(row, "status")?)?;
-    let error: Option<String> = get(row, "error")?;
-    let trigger = from_json_text(Some(get(row, "trigger_payload")?))?.unwrap_or(Value::Null);
+fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
+    let status = parse_col(RunStatus::parse(&row.get::<_, String>("status")?))?;
+    let error: Option<String> = row.get("error")?;
     Ok(Run {
-        id: get(row, "id")?,
-        workflow: get(row, "workflow")?,
-        version: get(row, "version")?,
-        trigger,
+        id: row.get("id")?,
+        workflow: row.get("workflow")?,
+        version: row.get("version")?,
+        trigger: json_col(row, "trigger_payload")?.unwrap_or(Value::Null),
         status,
-        claims: opt_u32(Some(get(row, "claims")?)).unwrap_or(0),
-        replays: opt_u32(Some(get(row, "replays")?)).unwrap_or(0),
-        created_at: get(row, "created_at")?,
-        started_at: get(row, "started_at")?,
-        finished_at: get(row, "finished_at")?,
-        updated_at: get(row, "updated_at")?,
+        claims: opt_u32(row.get("claims")?).unwrap_or(0),
+        replays: opt_u32(row.get("replays")?).unwrap_or(0),
+        created_at: row.get("created_at")?,
+        started_at: row.get("started_at")?,
+        finished_at: row.get("finished_at")?,
+        updated_at: row.get("updated_at")?,
         failure: match error {
             Some(message) => Some(Failure {
                 message,
-                step: get(row, "failed_step")?,
-                item: opt_u32(get(row, "failed_item")?),
-                attempt: opt_u32(get(row, "failed_attempt")?),
-                status_code: opt_u16(get(row, "failed_status_code")?),
+                step: row.get("failed_step")?,
+                item: opt_u32(row.get("failed_item")?),
+                attempt: opt_u32(row.get("failed_attempt")?),
+                status_code: opt_u16(row.get("failed_status_code")?),
             }),
             None => None,
         },
-        lease_owner: get(row, "lease_owner")?,
-        lease_expires_at: get(row, "lease_expires_at")?,
+        lease_owner: row.get("lease_owner")?,
+        lease_expires_at: row.get("lease_expires_at")?,
     })
 }
 
-fn step_from_row(row: &SqliteRow) -> Result<StepRecord, StoreError> {
+fn step_from_row(row: &Row<'_>) -> rusqlite::Result<StepRecord> {
     Ok(StepRecord {
-        run_id: get(row, "run_id")?,
-        step_id: get(row, "step_id")?,
-        item: item_from_db(get(row, "item")?),
-        status: StepStatus::parse(&get::<String>(row, "status")?)?,
-        attempt: opt_u32(Some(get(row, "attempt")?)).unwrap_or(0),
-        state: from_json_text(get(row, "state")?)?,
-        output: from_json_text(get(row, "output")?)?,
-        error: get(row, "error")?,
-        status_code: opt_u16(get(row, "status_code")?),
-        started_at: get(row, "started_at")?,
-        finished_at: get(row, "finished_at")?,
+        run_id: row.get("run_id")?,
+        step_id: row.get("step_id")?,
+        item: item_from_db(row.get("item")?),
+        status: parse_col(StepStatus::parse(&row.get::<_, String>("status")?))?,
+        attempt: opt_u32(row.get("attempt")?).unwrap_or(0),
+        state: json_col(row, "state")?,
+        output: json_col(row, "output")?,
+        error: row.get("error")?,
+        status_code: opt_u16(row.get("status_code")?),
+        started_at: row.get("started_at")?,
+        finished_at: row.get("finished_at")?,
     })
 }
 
-fn alert_from_row(row: &SqliteRow) -> Result<Alert, StoreError> {
+fn alert_from_row(row: &Row<'_>) -> rusqlite::Result<Alert> {
     Ok(Alert {
-        id: get(row, "id")?,
-        run_id: get(row, "run_id")?,
-        workflow: get(row, "workflow")?,
-        channel: get(row, "channel")?,
-        payload: from_json_text(Some(get(row, "payload")?))?.unwrap_or(Value::Null),
-        status: AlertStatus::parse(&get::<String>(row, "status")?)?,
-        attempts: opt_u32(Some(get(row, "attempts")?)).unwrap_or(0),
-        next_attempt_at: get(row, "next_attempt_at")?,
-        last_error: get(row, "last_error")?,
-        created_at: get(row, "created_at")?,
-        delivered_at: get(row, "delivered_at")?,
+        id: row.get("id")?,
+        run_id: row.get("run_id")?,
+        workflow: row.get("workflow")?,
+        channel: row.get("channel")?,
+        payload: json_col(row, "payload")?.unwrap_or(Value::Null),
+        status: parse_col(AlertStatus::parse(&row.get::<_, String>("status")?))?,
+        attempts: opt_u32(row.get("attempts")?).unwrap_or(0),
+        next_attempt_at: row.get("next_attempt_at")?,
+        last_error: row.get("last_error")?,
+        created_at: row.get("created_at")?,
+        delivered_at: row.get("delivered_at")?,
     })
 }
 
@@ -468,145 +545,133 @@ const ALERT_COLUMNS: &str = "id, run_id, workflow, channel, payload, status, att
     next_attempt_at, last_error, created_at, delivered_at";
 
 /// Performs one write inside the writer's open transaction.
-async fn apply(conn: &mut SqliteConnection, op: &Op) -> Result<Done, StoreError> {
+fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
     match op {
         Op::PutVersion(v) => {
-            sqlx::query(
+            tx.prepare_cached(
                 "INSERT INTO workflow_versions (hash, workflow, file, source, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (hash) DO NOTHING",
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (hash) DO NOTHING",
             )
-            .bind(&v.hash)
-            .bind(&v.workflow)
-            .bind(&v.file)
-            .bind(&v.source)
-            .bind(v.created_at)
-            .execute(&mut *conn)
-            .await
+            .and_then(|mut st| {
+                st.execute(params![v.hash, v.workflow, v.file, v.source, v.created_at])
+            })
             .map_err(map_err)?;
             Ok(Done::Unit)
         }
         Op::CreateRun(run) => {
-            insert_run(conn, run).await?;
+            insert_run(tx, run)?;
             Ok(Done::Unit)
         }
         Op::Claim {
             id,
             lease,
             steal_from,
-        } => claim(conn, id, lease, steal_from.as_deref())
-            .await
-            .map(Done::Claim),
-        Op::ClaimNext(lease) => claim_next(conn, lease).await.map(Done::MaybeRun),
-        Op::Renew { id, lease } => {
-            let done = sqlx::query(
-                "UPDATE runs SET lease_expires_at = $3 \
-                 WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+        } => claim(tx, id, lease, steal_from.as_deref()).map(Done::Claim),
+        Op::ClaimNext(lease) => claim_next(tx, lease).map(Done::MaybeRun),
+        Op::Renew { id, lease } => tx
+            .prepare_cached(
+                "UPDATE runs SET lease_expires_at = ?3 \
+                 WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'",
             )
-            .bind(id)
-            .bind(&lease.owner)
-            .bind(lease.expires_at)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_err)?;
-            Ok(Done::Rows(done.rows_affected()))
-        }
+            .and_then(|mut st| st.execute(params![id, lease.owner, lease.expires_at]))
+            .map(Done::Rows)
+            .map_err(map_err),
         Op::Release { id, owner } => {
-            sqlx::query(
-                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, updated_at = $3 \
-                 WHERE id = $1 AND lease_owner = $2",
+            tx.prepare_cached(
+                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, updated_at = ?3 \
+                 WHERE id = ?1 AND lease_owner = ?2",
             )
-            .bind(id)
-            .bind(owner)
-            .bind(now_ms())
-            .execute(&mut *conn)
-            .await
+            .and_then(|mut st| st.execute(params![id, owner, now_ms()]))
             .map_err(map_err)?;
             Ok(Done::Unit)
         }
         Op::RecordStep { owner, record: r } => {
-            let done = sqlx::query(
-                "INSERT INTO steps (run_id, step_id, item, status, attempt, state, output, error, \
-                 status_code, started_at, finished_at) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 \
-                 WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1 AND lease_owner = $12 AND status = 'running') \
-                 ON CONFLICT (run_id, step_id, item) DO UPDATE SET \
-                 status = excluded.status, attempt = excluded.attempt, \
-                 state = COALESCE(excluded.state, steps.state), output = excluded.output, \
-                 error = excluded.error, status_code = excluded.status_code, \
-                 started_at = excluded.started_at, finished_at = excluded.finished_at",
-            )
-            .bind(&r.run_id)
-            .bind(&r.step_id)
-            .bind(item_to_db(r.item))
-            .bind(r.status.as_str())
-            .bind(i64::from(r.attempt))
-            .bind(r.state.as_ref().map(to_json_text))
-            .bind(r.output.as_ref().map(to_json_text))
-            .bind(r.error.as_deref())
-            .bind(r.status_code.map(i64::from))
-            .bind(r.started_at)
-            .bind(r.finished_at)
-            .bind(owner)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_err)?;
-            fenced(done.rows_affected(), &r.run_id)
+            let rows = tx
+                .prepare_cached(
+                    "INSERT INTO steps (run_id, step_id, item, status, attempt, state, output, error, \
+                     status_code, started_at, finished_at) \
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 \
+                     WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND lease_owner = ?12 AND status = 'running') \
+                     ON CONFLICT (run_id, step_id, item) DO UPDATE SET \
+                     status = excluded.status, attempt = excluded.attempt, \
+                     state = COALESCE(excluded.state, steps.state), output = excluded.output, \
+                     error = excluded.error, status_code = excluded.status_code, \
+                     started_at = excluded.started_at, finished_at = excluded.finished_at",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        r.run_id,
+                        r.step_id,
+                        item_to_db(r.item),
+                        r.status.as_str(),
+                        i64::from(r.attempt),
+                        r.state.as_ref().map(to_json_text),
+                        r.output.as_ref().map(to_json_text),
+                        r.error,
+                        r.status_code.map(i64::from),
+                        r.started_at,
+                        r.finished_at,
+                        owner,
+                    ])
+                })
+                .map_err(map_err)?;
+            fenced(rows, &r.run_id)
         }
         Op::RecordAttempt { owner, failure: f } => {
-            let done = sqlx::query(
-                "INSERT INTO step_attempts (run_id, step_id, item, round, attempt, started_at, \
-                 finished_at, status_code, error, retryable) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
-                 WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1 AND lease_owner = $11 AND status = 'running') \
-                 ON CONFLICT (run_id, step_id, item, round, attempt) DO UPDATE SET \
-                 finished_at = excluded.finished_at, status_code = excluded.status_code, \
-                 error = excluded.error, retryable = excluded.retryable",
-            )
-            .bind(&f.run_id)
-            .bind(&f.step_id)
-            .bind(item_to_db(f.item))
-            .bind(i64::from(f.round))
-            .bind(i64::from(f.attempt))
-            .bind(f.started_at)
-            .bind(f.finished_at)
-            .bind(f.status_code.map(i64::from))
-            .bind(&f.error)
-            .bind(f.retryable)
-            .bind(owner)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_err)?;
-            fenced(done.rows_affected(), &f.run_id)
+            let rows = tx
+                .prepare_cached(
+                    "INSERT INTO step_attempts (run_id, step_id, item, round, attempt, started_at, \
+                     finished_at, status_code, error, retryable) \
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 \
+                     WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND lease_owner = ?11 AND status = 'running') \
+                     ON CONFLICT (run_id, step_id, item, round, attempt) DO UPDATE SET \
+                     finished_at = excluded.finished_at, status_code = excluded.status_code, \
+                     error = excluded.error, retryable = excluded.retryable",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        f.run_id,
+                        f.step_id,
+                        item_to_db(f.item),
+                        i64::from(f.round),
+                        i64::from(f.attempt),
+                        f.started_at,
+                        f.finished_at,
+                        f.status_code.map(i64::from),
+                        f.error,
+                        f.retryable,
+                        owner,
+                    ])
+                })
+                .map_err(map_err)?;
+            fenced(rows, &f.run_id)
         }
         Op::Finish {
             id,
             owner,
             outcome,
             alerts,
-        } => finish(conn, id, owner, outcome, alerts).await,
-        Op::Cancel { id, reason } => cancel(conn, id, reason).await.map(Done::Cancel),
-        Op::Replay { id } => replay(conn, id).await.map(Done::Replay),
+        } => finish(tx, id, owner, outcome, alerts),
+        Op::Cancel { id, reason } => cancel(tx, id, reason).map(Done::Cancel),
+        Op::Replay { id } => replay(tx, id).map(Done::Replay),
         Op::Fire {
             workflow,
             slot,
             run,
         } => {
-            let inserted = sqlx::query(
-                "INSERT INTO schedule_fires (workflow, slot, run_id, fired_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (workflow, slot) DO NOTHING",
-            )
-            .bind(workflow)
-            .bind(slot)
-            .bind(run.as_ref().map(|r| r.id.as_str()))
-            .bind(now_ms())
-            .execute(&mut *conn)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO schedule_fires (workflow, slot, run_id, fired_at) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (workflow, slot) DO NOTHING",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![workflow, slot, run.as_ref().map(|r| r.id.as_str()), now_ms()])
+                })
+                .map_err(map_err)?;
             if inserted == 1
                 && let Some(run) = run
             {
-                insert_run(conn, run).await?;
+                insert_run(tx, run)?;
             }
             Ok(Done::Rows(inserted))
         }
@@ -621,28 +686,20 @@ async fn apply(conn: &mut SqliteConnection, op: &Op) -> Result<Done, StoreError>
                     (AlertStatus::Failed, now, Some(error.as_str()), None)
                 }
             };
-            sqlx::query(
-                "UPDATE alerts SET status = $2, attempts = attempts + 1, next_attempt_at = $3, \
-                 last_error = COALESCE($4, last_error), delivered_at = $5 WHERE id = $1",
+            tx.prepare_cached(
+                "UPDATE alerts SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3, \
+                 last_error = COALESCE(?4, last_error), delivered_at = ?5 WHERE id = ?1",
             )
-            .bind(id)
-            .bind(status.as_str())
-            .bind(next)
-            .bind(error)
-            .bind(delivered)
-            .execute(&mut *conn)
-            .await
+            .and_then(|mut st| st.execute(params![id, status.as_str(), next, error, delivered]))
             .map_err(map_err)?;
             Ok(Done::Unit)
         }
         Op::Ping => {
-            sqlx::query(
-                "INSERT INTO health (id, checked_at) VALUES (1, $1) \
+            tx.prepare_cached(
+                "INSERT INTO health (id, checked_at) VALUES (1, ?1) \
                  ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
             )
-            .bind(now_ms())
-            .execute(&mut *conn)
-            .await
+            .and_then(|mut st| st.execute(params![now_ms()]))
             .map_err(map_err)?;
             Ok(Done::Unit)
         }
@@ -650,7 +707,7 @@ async fn apply(conn: &mut SqliteConnection, op: &Op) -> Result<Done, StoreError>
     }
 }
 
-fn fenced(rows: u64, run_id: &str) -> Result<Done, StoreError> {
+fn fenced(rows: usize, run_id: &str) -> Result<Done, StoreError> {
     if rows == 0 {
         Err(StoreError::LeaseLost {
             run_id: run_id.to_owned(),
@@ -660,7 +717,7 @@ fn fenced(rows: u64, run_id: &str) -> Result<Done, StoreError> {
     }
 }
 
-async fn insert_run(conn: &mut SqliteConnection, run: &NewRun) -> Result<(), StoreError> {
+fn insert_run(tx: &Transaction<'_>, run: &NewRun) -> Result<(), StoreError> {
     let now = now_ms();
     let (status, owner, expires, started, claims) = match &run.lease {
         Some(l) => (
@@ -672,66 +729,63 @@ async fn insert_run(conn: &mut SqliteConnection, run: &NewRun) -> Result<(), Sto
         ),
         None => (RunStatus::Queued, None, None, None, 0),
     };
-    sqlx::query(
+    tx.prepare_cached(
         "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, created_at, \
          started_at, updated_at, lease_owner, lease_expires_at, max_concurrency) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7, ?9, ?10, ?11)",
     )
-    .bind(&run.id)
-    .bind(&run.workflow)
-    .bind(&run.version)
-    .bind(to_json_text(&run.trigger))
-    .bind(status.as_str())
-    .bind(claims)
-    .bind(now)
-    .bind(started)
-    .bind(owner)
-    .bind(expires)
-    .bind(run.max_concurrency.map(i64::from))
-    .execute(&mut *conn)
-    .await
+    .and_then(|mut st| {
+        st.execute(params![
+            run.id,
+            run.workflow,
+            run.version,
+            to_json_text(&run.trigger),
+            status.as_str(),
+            claims,
+            now,
+            started,
+            owner,
+            expires,
+            run.max_concurrency.map(i64::from),
+        ])
+    })
     .map_err(map_err)?;
     Ok(())
 }
 
-async fn select_run(conn: &mut SqliteConnection, id: &str) -> Result<Option<Run>, StoreError> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"
-    )))
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(map_err)?;
-    row.as_ref().map(run_from_row).transpose()
+fn select_run(conn: &Connection, id: &str) -> Result<Option<Run>, StoreError> {
+    conn.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))
+        .and_then(|mut st| st.query_row(params![id], run_from_row).optional())
+        .map_err(map_err)
 }
 
-async fn claim(
-    conn: &mut SqliteConnection,
+fn claim(
+    tx: &Transaction<'_>,
     id: &str,
     lease: &Lease,
     steal_from: Option<&str>,
 ) -> Result<Claim, StoreError> {
-    let now = now_ms();
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE runs SET status = 'running', claims = claims + 1, \
-         started_at = COALESCE(started_at, $2), updated_at = $2, \
-         lease_owner = $3, lease_expires_at = $4 \
-         WHERE id = $1 AND status IN ('queued', 'running') \
-         AND (lease_owner IS NULL OR lease_expires_at < $2 OR lease_owner = $5) \
-         RETURNING {RUN_COLUMNS}"
-    )))
-    .bind(id)
-    .bind(now)
-    .bind(&lease.owner)
-    .bind(lease.expires_at)
-    .bind(steal_from)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(map_err)?;
-    if let Some(row) = row {
-        return Ok(Claim::Claimed(Box::new(run_from_row(&row)?)));
+    let claimed = tx
+        .prepare_cached(&format!(
+            "UPDATE runs SET status = 'running', claims = claims + 1, \
+             started_at = COALESCE(started_at, ?2), updated_at = ?2, \
+             lease_owner = ?3, lease_expires_at = ?4 \
+             WHERE id = ?1 AND status IN ('queued', 'running') \
+             AND (lease_owner IS NULL OR lease_expires_at < ?2 OR lease_owner = ?5) \
+             RETURNING {RUN_COLUMNS}"
+        ))
+        .and_then(|mut st| {
+            st.query_row(
+                params![id, now_ms(), lease.owner, lease.expires_at, steal_from],
+                run_from_row,
+            )
+            .optional()
+        })
+        .map_err(map_err)?;
+    if let Some(run) = claimed {
+        return Ok(Claim::Claimed(Box::new(run)));
     }
-    Ok(match select_run(conn, id).await? {
+    Ok(match select_run(tx, id)? {
         None => Claim::NotFound,
         Some(run) if run.status.is_terminal() => Claim::Ended(run.status),
         Some(run) => Claim::Busy {
@@ -741,44 +795,47 @@ async fn claim(
     })
 }
 
-async fn claim_next(
-    conn: &mut SqliteConnection,
-    lease: &Lease,
-) -> Result<Option<Box<Run>>, StoreError> {
-    let now = now_ms();
+/// A claim candidate `r` whose workflow is under its concurrency limit.
+const UNDER_LIMIT: &str = "(r.max_concurrency IS NULL OR (SELECT count(*) FROM runs x \
+    WHERE x.workflow = r.workflow AND x.status = 'running' AND x.lease_owner IS NOT NULL \
+    AND x.lease_expires_at >= ?1) < r.max_concurrency)";
+
+fn claim_next(tx: &Transaction<'_>, lease: &Lease) -> Result<Option<Box<Run>>, StoreError> {
     // Interrupted runs (running, no live lease) first, then the queue, oldest
-    // first; skipping any workflow already at its concurrency limit.
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE runs SET status = 'running', claims = claims + 1, \
-         started_at = COALESCE(started_at, $1), updated_at = $1, \
-         lease_owner = $2, lease_expires_at = $3 \
-         WHERE id = ( \
-           SELECT c.id FROM ( \
-             SELECT id, workflow, max_concurrency, 0 AS lane, created_at FROM runs \
-               WHERE status = 'running' AND (lease_owner IS NULL OR lease_expires_at < $1) \
-             UNION ALL \
-             SELECT id, workflow, max_concurrency, 1 AS lane, created_at FROM runs \
-               WHERE status = 'queued' \
-           ) AS c \
-           WHERE c.max_concurrency IS NULL OR ( \
-             SELECT count(*) FROM runs x WHERE x.workflow = c.workflow AND x.status = 'running' \
-               AND x.lease_owner IS NOT NULL AND x.lease_expires_at >= $1) < c.max_concurrency \
-           ORDER BY c.lane, c.created_at, c.id LIMIT 1) \
-         RETURNING {RUN_COLUMNS}"
-    )))
-    .bind(now)
-    .bind(&lease.owner)
-    .bind(lease.expires_at)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(map_err)?;
-    row.as_ref()
-        .map(|r| run_from_row(r).map(Box::new))
-        .transpose()
+    // first; skipping any workflow already at its concurrency limit. Two
+    // statements, so each walks its index and stops at the first match.
+    let lanes = [
+        "r.status = 'running' AND (r.lease_owner IS NULL OR r.lease_expires_at < ?1)",
+        "r.status = 'queued'",
+    ];
+    for lane in lanes {
+        let sql = format!(
+            "UPDATE runs SET status = 'running', claims = claims + 1, \
+             started_at = COALESCE(started_at, ?1), updated_at = ?1, \
+             lease_owner = ?2, lease_expires_at = ?3 \
+             WHERE id = (SELECT r.id FROM runs r WHERE {lane} AND {UNDER_LIMIT} \
+               ORDER BY r.created_at, r.id LIMIT 1) \
+             RETURNING {RUN_COLUMNS}"
+        );
+        let claimed = tx
+            .prepare_cached(&sql)
+            .and_then(|mut st| {
+                st.query_row(
+                    params![now_ms(), lease.owner, lease.expires_at],
+                    run_from_row,
+                )
+                .optional()
+            })
+            .map_err(map_err)?;
+        if let Some(run) = claimed {
+            return Ok(Some(Box::new(run)));
+        }
+    }
+    Ok(None)
 }
 
-async fn finish(
-    conn: &mut SqliteConnection,
+fn finish(
+    tx: &Transaction<'_>,
     id: &str,
     owner: &str,
     outcome: &RunOutcome,
@@ -798,90 +855,87 @@ async fn finish(
     };
     let f = failure.unwrap_or_default();
     let has_failure = !f.message.is_empty();
-    let done = sqlx::query(
-        "UPDATE runs SET status = $3, finished_at = $4, updated_at = $4, \
-         error = $5, failed_step = $6, failed_item = $7, failed_attempt = $8, \
-         failed_status_code = $9, lease_owner = NULL, lease_expires_at = NULL \
-         WHERE id = $1 AND lease_owner = $2 AND status = 'running' \
-         RETURNING workflow",
-    )
-    .bind(id)
-    .bind(owner)
-    .bind(status.as_str())
-    .bind(now)
-    .bind(has_failure.then_some(f.message.as_str()))
-    .bind(f.step.as_deref())
-    .bind(f.item.map(i64::from))
-    .bind(f.attempt.map(i64::from))
-    .bind(f.status_code.map(i64::from))
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(map_err)?;
-    let Some(row) = done else {
+    let workflow: Option<String> = tx
+        .prepare_cached(
+            "UPDATE runs SET status = ?3, finished_at = ?4, updated_at = ?4, \
+             error = ?5, failed_step = ?6, failed_item = ?7, failed_attempt = ?8, \
+             failed_status_code = ?9, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' \
+             RETURNING workflow",
+        )
+        .and_then(|mut st| {
+            st.query_row(
+                params![
+                    id,
+                    owner,
+                    status.as_str(),
+                    now,
+                    has_failure.then_some(f.message.as_str()),
+                    f.step,
+                    f.item.map(i64::from),
+                    f.attempt.map(i64::from),
+                    f.status_code.map(i64::from),
+                ],
+                |row| row.get(0),
+            )
+            .optional()
+        })
+        .map_err(map_err)?;
+    let Some(workflow) = workflow else {
         return Err(StoreError::LeaseLost {
             run_id: id.to_owned(),
         });
     };
-    let workflow: String = get(&row, "workflow")?;
     for alert in alerts {
-        sqlx::query(
+        tx.prepare_cached(
             "INSERT INTO alerts (id, run_id, workflow, channel, payload, status, attempts, \
-             next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $6)",
+             next_attempt_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6)",
         )
-        .bind(&alert.id)
-        .bind(id)
-        .bind(&workflow)
-        .bind(&alert.channel)
-        .bind(to_json_text(&alert.payload))
-        .bind(now)
-        .execute(&mut *conn)
-        .await
+        .and_then(|mut st| {
+            st.execute(params![
+                alert.id,
+                id,
+                workflow,
+                alert.channel,
+                to_json_text(&alert.payload),
+                now
+            ])
+        })
         .map_err(map_err)?;
     }
     Ok(Done::Unit)
 }
 
-async fn cancel(
-    conn: &mut SqliteConnection,
-    id: &str,
-    reason: &str,
-) -> Result<CancelResult, StoreError> {
-    let now = now_ms();
-    let done = sqlx::query(
-        "UPDATE runs SET status = 'cancelled', finished_at = $2, updated_at = $2, error = $3, \
-         lease_owner = NULL, lease_expires_at = NULL \
-         WHERE id = $1 AND status IN ('queued', 'running')",
-    )
-    .bind(id)
-    .bind(now)
-    .bind(reason)
-    .execute(&mut *conn)
-    .await
-    .map_err(map_err)?;
-    if done.rows_affected() == 1 {
+fn cancel(tx: &Transaction<'_>, id: &str, reason: &str) -> Result<CancelResult, StoreError> {
+    let rows = tx
+        .prepare_cached(
+            "UPDATE runs SET status = 'cancelled', finished_at = ?2, updated_at = ?2, error = ?3, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ?1 AND status IN ('queued', 'running')",
+        )
+        .and_then(|mut st| st.execute(params![id, now_ms(), reason]))
+        .map_err(map_err)?;
+    if rows == 1 {
         return Ok(CancelResult::Cancelled);
     }
-    Ok(match select_run(conn, id).await? {
+    Ok(match select_run(tx, id)? {
         None => CancelResult::NotFound,
         Some(run) => CancelResult::AlreadyEnded(run.status),
     })
 }
 
-async fn replay(conn: &mut SqliteConnection, id: &str) -> Result<ReplayResult, StoreError> {
-    let now = now_ms();
-    let done = sqlx::query(
-        "UPDATE runs SET status = 'queued', replays = replays + 1, updated_at = $2, \
-         finished_at = NULL, error = NULL, failed_step = NULL, failed_item = NULL, \
-         failed_attempt = NULL, failed_status_code = NULL, lease_owner = NULL, \
-         lease_expires_at = NULL WHERE id = $1 AND status = 'failed'",
-    )
-    .bind(id)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(map_err)?;
-    if done.rows_affected() == 0 {
-        return Ok(match select_run(conn, id).await? {
+fn replay(tx: &Transaction<'_>, id: &str) -> Result<ReplayResult, StoreError> {
+    let rows = tx
+        .prepare_cached(
+            "UPDATE runs SET status = 'queued', replays = replays + 1, updated_at = ?2, \
+             finished_at = NULL, error = NULL, failed_step = NULL, failed_item = NULL, \
+             failed_attempt = NULL, failed_status_code = NULL, lease_owner = NULL, \
+             lease_expires_at = NULL WHERE id = ?1 AND status = 'failed'",
+        )
+        .and_then(|mut st| st.execute(params![id, now_ms()]))
+        .map_err(map_err)?;
+    if rows == 0 {
+        return Ok(match select_run(tx, id)? {
             None => ReplayResult::NotFound,
             Some(run) => ReplayResult::NotFailed(run.status),
         });
@@ -890,18 +944,14 @@ async fn replay(conn: &mut SqliteConnection, id: &str) -> Result<ReplayResult, S
     // keys stay the same) and becomes "in progress" again; every other
     // failed row is removed so the step, or item, runs afresh. Succeeded
     // rows stay: they are not run again.
-    sqlx::query(
+    tx.prepare_cached(
         "UPDATE steps SET status = 'running', error = NULL, finished_at = NULL, output = NULL \
-         WHERE run_id = $1 AND status = 'failed' AND item = -1 AND state IS NOT NULL",
+         WHERE run_id = ?1 AND status = 'failed' AND item = -1 AND state IS NOT NULL",
     )
-    .bind(id)
-    .execute(&mut *conn)
-    .await
+    .and_then(|mut st| st.execute(params![id]))
     .map_err(map_err)?;
-    sqlx::query("DELETE FROM steps WHERE run_id = $1 AND status = 'failed'")
-        .bind(id)
-        .execute(&mut *conn)
-        .await
+    tx.prepare_cached("DELETE FROM steps WHERE run_id = ?1 AND status = 'failed'")
+        .and_then(|mut st| st.execute(params![id]))
         .map_err(map_err)?;
     Ok(ReplayResult::Replayed)
 }
@@ -913,23 +963,26 @@ impl Store for SqliteStore {
     }
 
     async fn workflow_version(&self, hash: &str) -> Result<Option<WorkflowVersion>, StoreError> {
-        let row = sqlx::query(
-            "SELECT hash, workflow, file, source, created_at FROM workflow_versions WHERE hash = $1",
-        )
-        .bind(hash)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_err)?;
-        row.map(|r| {
-            Ok(WorkflowVersion {
-                hash: get(&r, "hash")?,
-                workflow: get(&r, "workflow")?,
-                file: get(&r, "file")?,
-                source: get(&r, "source")?,
-                created_at: get(&r, "created_at")?,
+        let hash = hash.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT hash, workflow, file, source, created_at FROM workflow_versions WHERE hash = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![hash], |r| {
+                    Ok(WorkflowVersion {
+                        hash: r.get("hash")?,
+                        workflow: r.get("workflow")?,
+                        file: r.get("file")?,
+                        source: r.get("source")?,
+                        created_at: r.get("created_at")?,
+                    })
+                })
+                .optional()
             })
+            .map_err(map_err)
         })
-        .transpose()
+        .await
     }
 
     async fn create_run(&self, run: &NewRun) -> Result<(), StoreError> {
@@ -937,30 +990,27 @@ impl Store for SqliteStore {
     }
 
     async fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_err)?;
-        row.as_ref().map(run_from_row).transpose()
+        let id = id.to_owned();
+        self.read(move |conn| select_run(conn, &id)).await
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
         let limit = if filter.limit == 0 { 50 } else { filter.limit };
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM runs \
-             WHERE ($1 IS NULL OR workflow = $1) AND ($2 IS NULL OR status = $2) \
-             ORDER BY created_at DESC, id DESC LIMIT $3"
-        )))
-        .bind(filter.workflow.as_deref())
-        .bind(filter.status.map(RunStatus::as_str))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
+        let workflow = filter.workflow.clone();
+        let status = filter.status.map(RunStatus::as_str);
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs \
+                 WHERE (?1 IS NULL OR workflow = ?1) AND (?2 IS NULL OR status = ?2) \
+                 ORDER BY created_at DESC, id DESC LIMIT ?3"
+            ))
+            .and_then(|mut st| {
+                st.query_map(params![workflow, status, i64::from(limit)], run_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(map_err)
+        })
         .await
-        .map_err(map_err)?;
-        rows.iter().map(run_from_row).collect()
     }
 
     async fn claim_run(
@@ -1005,15 +1055,19 @@ impl Store for SqliteStore {
     }
 
     async fn journal(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT run_id, step_id, item, status, attempt, state, output, error, status_code, \
-             started_at, finished_at FROM steps WHERE run_id = $1 ORDER BY started_at, step_id, item",
-        )
-        .bind(run_id)
-        .fetch_all(&self.reader)
+        let run_id = run_id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT run_id, step_id, item, status, attempt, state, output, error, status_code, \
+                 started_at, finished_at FROM steps WHERE run_id = ?1 ORDER BY started_at, step_id, item",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![run_id], step_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(map_err)
+        })
         .await
-        .map_err(map_err)?;
-        rows.iter().map(step_from_row).collect()
     }
 
     async fn record_step(&self, owner: &str, record: &StepRecord) -> Result<(), StoreError> {
@@ -1039,31 +1093,33 @@ impl Store for SqliteStore {
     }
 
     async fn attempt_failures(&self, run_id: &str) -> Result<Vec<AttemptFailure>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT run_id, step_id, item, round, attempt, started_at, finished_at, status_code, \
-             error, retryable FROM step_attempts WHERE run_id = $1 \
-             ORDER BY started_at, step_id, item, round, attempt",
-        )
-        .bind(run_id)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_err)?;
-        rows.iter()
-            .map(|r| {
-                Ok(AttemptFailure {
-                    run_id: get(r, "run_id")?,
-                    step_id: get(r, "step_id")?,
-                    item: item_from_db(get(r, "item")?),
-                    round: opt_u32(Some(get(r, "round")?)).unwrap_or(0),
-                    attempt: opt_u32(Some(get(r, "attempt")?)).unwrap_or(0),
-                    started_at: get(r, "started_at")?,
-                    finished_at: get(r, "finished_at")?,
-                    status_code: opt_u16(get(r, "status_code")?),
-                    error: get(r, "error")?,
-                    retryable: get(r, "retryable")?,
-                })
+        let run_id = run_id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT run_id, step_id, item, round, attempt, started_at, finished_at, status_code, \
+                 error, retryable FROM step_attempts WHERE run_id = ?1 \
+                 ORDER BY started_at, step_id, item, round, attempt",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![run_id], |r| {
+                    Ok(AttemptFailure {
+                        run_id: r.get("run_id")?,
+                        step_id: r.get("step_id")?,
+                        item: item_from_db(r.get("item")?),
+                        round: opt_u32(r.get("round")?).unwrap_or(0),
+                        attempt: opt_u32(r.get("attempt")?).unwrap_or(0),
+                        started_at: r.get("started_at")?,
+                        finished_at: r.get("finished_at")?,
+                        status_code: opt_u16(r.get("status_code")?),
+                        error: r.get("error")?,
+                        retryable: r.get("retryable")?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
             })
-            .collect()
+            .map_err(map_err)
+        })
+        .await
     }
 
     async fn finish_run(
@@ -1091,15 +1147,17 @@ impl Store for SqliteStore {
     }
 
     async fn leased_runs(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, lease_owner FROM runs WHERE status = 'running' AND lease_owner IS NOT NULL",
-        )
-        .fetch_all(&self.reader)
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT id, lease_owner FROM runs WHERE status = 'running' AND lease_owner IS NOT NULL",
+            )
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(map_err)
+        })
         .await
-        .map_err(map_err)?;
-        rows.iter()
-            .map(|r| Ok((get(r, "id")?, get(r, "lease_owner")?)))
-            .collect()
     }
 
     async fn cancel_run(&self, id: &str, reason: &str) -> Result<CancelResult, StoreError> {
@@ -1123,12 +1181,13 @@ impl Store for SqliteStore {
     }
 
     async fn last_fire(&self, workflow: &str) -> Result<Option<Millis>, StoreError> {
-        let row = sqlx::query("SELECT max(slot) AS slot FROM schedule_fires WHERE workflow = $1")
-            .bind(workflow)
-            .fetch_one(&self.reader)
-            .await
-            .map_err(map_err)?;
-        get(&row, "slot")
+        let workflow = workflow.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT max(slot) FROM schedule_fires WHERE workflow = ?1")
+                .and_then(|mut st| st.query_row(params![workflow], |r| r.get(0)))
+                .map_err(map_err)
+        })
+        .await
     }
 
     async fn record_fire(
@@ -1151,16 +1210,18 @@ impl Store for SqliteStore {
     }
 
     async fn due_alerts(&self, now: Millis, limit: u32) -> Result<Vec<Alert>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {ALERT_COLUMNS} FROM alerts WHERE status = 'pending' AND next_attempt_at <= $1 \
-             ORDER BY next_attempt_at, id LIMIT $2"
-        )))
-        .bind(now)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {ALERT_COLUMNS} FROM alerts WHERE status = 'pending' AND next_attempt_at <= ?1 \
+                 ORDER BY next_attempt_at, id LIMIT ?2"
+            ))
+            .and_then(|mut st| {
+                st.query_map(params![now, i64::from(limit)], alert_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(map_err)
+        })
         .await
-        .map_err(map_err)?;
-        rows.iter().map(alert_from_row).collect()
     }
 
     async fn record_alert_attempt(
@@ -1177,44 +1238,48 @@ impl Store for SqliteStore {
     }
 
     async fn undelivered_alerts(&self, limit: u32) -> Result<Vec<Alert>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {ALERT_COLUMNS} FROM alerts WHERE status IN ('pending', 'failed') \
-             ORDER BY created_at DESC, id DESC LIMIT $1"
-        )))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {ALERT_COLUMNS} FROM alerts WHERE status IN ('pending', 'failed') \
+                 ORDER BY created_at DESC, id DESC LIMIT ?1"
+            ))
+            .and_then(|mut st| {
+                st.query_map(params![i64::from(limit)], alert_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(map_err)
+        })
         .await
-        .map_err(map_err)?;
-        rows.iter().map(alert_from_row).collect()
     }
 
     async fn workflow_stats(&self) -> Result<Vec<WorkflowStats>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT workflow, \
-               sum(status = 'queued') AS queued, sum(status = 'running') AS running, \
-               sum(status = 'failed') AS failed, \
-               max(CASE WHEN status = 'succeeded' THEN finished_at END) AS last_success, \
-               max(CASE WHEN status = 'failed' THEN finished_at END) AS last_failure \
-             FROM runs GROUP BY workflow ORDER BY workflow",
-        )
-        .fetch_all(&self.reader)
-        .await
-        .map_err(map_err)?;
-        rows.iter()
-            .map(|r| {
-                let count = |c: &str| -> Result<u64, StoreError> {
-                    Ok(u64::try_from(get::<i64>(r, c)?).unwrap_or(0))
-                };
-                Ok(WorkflowStats {
-                    workflow: get(r, "workflow")?,
-                    queued: count("queued")?,
-                    running: count("running")?,
-                    dead_letters: count("failed")?,
-                    last_success_at: get(r, "last_success")?,
-                    last_failure_at: get(r, "last_failure")?,
-                })
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT workflow, \
+                   sum(status = 'queued'), sum(status = 'running'), sum(status = 'failed'), \
+                   max(CASE WHEN status = 'succeeded' THEN finished_at END), \
+                   max(CASE WHEN status = 'failed' THEN finished_at END) \
+                 FROM runs GROUP BY workflow ORDER BY workflow",
+            )
+            .and_then(|mut st| {
+                st.query_map([], |r| {
+                    let count = |i: usize| -> rusqlite::Result<u64> {
+                        Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
+                    };
+                    Ok(WorkflowStats {
+                        workflow: r.get(0)?,
+                        queued: count(1)?,
+                        running: count(2)?,
+                        dead_letters: count(3)?,
+                        last_success_at: r.get(4)?,
+                        last_failure_at: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
             })
-            .collect()
+            .map_err(map_err)
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -1223,7 +1288,9 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         let _ = self.write(Op::Close).await;
-        self.reader.close().await;
+        if let Ok(mut idle) = self.readers.idle.lock() {
+            idle.clear();
+        }
     }
 }
 
