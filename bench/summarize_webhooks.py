@@ -17,7 +17,7 @@ def main(path):
             print(f"  target {r['target_rps']:>6}/s  got {r['rps']:>9}/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  codes {r['codes']}")
         if r["bench"] == "W1max":
             w = r["wrk"]
-            print(f"  closed loop c=64: {w['rps']}/s  p50 {w['p50_ms']:.2f} ms  p99 {w['p99_ms']:.2f} ms  non-2xx {w['non200'] - 0}")
+            print(f"  closed loop c=64: {w['rps']}/s  p50 {w['p50_ms']:.2f} ms  p99 {w['p99_ms']:.2f} ms  4xx/5xx {w['err_status']}")
     print("\nW6 webhook -> jq -> HTTP POST, end to end")
     print(f"  {'system':<9} {'c':>3} {'completed/s':>12} {'acks/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'delivered':>10} {'dups':>5}")
     for r in rows:

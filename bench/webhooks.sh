@@ -81,7 +81,7 @@ steps:
 EOF
 }
 
-start_plumb() {   # dir → PLUMB_PID, prints start-to-ready ms
+start_plumb() {   # dir → sets PLUMB_PID and READY_MS (process start → /readyz 200)
   local t0 t1
   t0=$(date +%s%N)
   "$PLUMB" --project "$1" serve > "$1/serve.log" 2>&1 &
@@ -92,7 +92,7 @@ start_plumb() {   # dir → PLUMB_PID, prints start-to-ready ms
     sleep 0.002
   done
   t1=$(date +%s%N)
-  echo $(( (t1 - t0) / 1000000 ))
+  READY_MS=$(( (t1 - t0) / 1000000 ))
 }
 
 wait_drained() {   # until no run is queued or running; prints seconds waited
@@ -110,9 +110,9 @@ wait_drained() {   # until no run is queued or running; prints seconds waited
 bench_plumb() {
   local dir=/tmp/plumb-bench-project
   plumb_project "$dir"
-  local ready; ready=$(start_plumb "$dir")
+  start_plumb "$dir"
   sleep 5
-  emit "{\"system\":\"plumb\",\"bench\":\"W5\",\"start_to_ready_ms\":$ready,\"idle_rss_mib\":$(rss_mib $PLUMB_PID)}"
+  emit "{\"system\":\"plumb\",\"bench\":\"W5\",\"start_to_ready_ms\":$READY_MS,\"idle_rss_mib\":$(rss_mib $PLUMB_PID)}"
 
   echo '{"id":"w1","name":"user","email":"u@example.com"}' > /tmp/w1-body.json
   for rate in $RATES; do
@@ -123,12 +123,12 @@ bench_plumb() {
     rps=$(echo "$h" | awk '/Requests\/sec/ {print $2}')
     p50=$(echo "$h" | awk '/50% in/ {print $3*1000}')
     p99=$(echo "$h" | awk '/99% in/ {print $3*1000}')
-    codes=$(echo "$h" | awk '/\[[0-9]+\]/ {gsub(/[\[\]]/,"",$1); printf "%s\"%s\":%s", sep, $1, $2; sep=","}')
+    codes=$(echo "$h" | awk '$1 ~ /^\[[0-9]+\]$/ {gsub(/[\[\]]/,"",$1); printf "%s\"%s\":%s", sep, $1, $2; sep=","}')
     emit "{\"system\":\"plumb\",\"bench\":\"W1\",\"target_rps\":$rate,\"rps\":$rps,\"p50_ms\":$p50,\"p99_ms\":$p99,\"codes\":{$codes},\"rss_mib\":$(rss_mib $PLUMB_PID)}"
     wait_drained > /dev/null
   done
-  log "plumb W1: closed loop c=64 for ${DUR}s"
-  local w; w=$(wrk -t2 -c64 -d${DUR}s -s "$PEERS/post.lua" http://127.0.0.1:18080/hooks/ack -- w1max | grep WRKJSON | cut -d' ' -f2-)
+  log "plumb W1: closed loop c=64 for 10s"
+  local w; w=$(wrk -t2 -c64 -d10s -s "$PEERS/post.lua" http://127.0.0.1:18080/hooks/ack -- w1max | grep WRKJSON | cut -d' ' -f2-)
   emit "{\"system\":\"plumb\",\"bench\":\"W1max\",\"c\":64,\"wrk\":$w}"
   local drain; drain=$(wait_drained)
   emit "{\"system\":\"plumb\",\"bench\":\"W1max-drain\",\"drain_s\":$drain}"
@@ -149,8 +149,11 @@ bench_plumb() {
 bench_peers() {
   [ -n "$PEERS" ] || { log "no ../shared/bench/peers"; return; }
   # shellcheck source=/dev/null
+  local bench_here=$HERE
   source "$PEERS/run.sh"       # functions only (it returns when sourced)
+  HERE=$PEERS                  # run.sh's helpers find their flows through HERE
   start_sink() { :; }          # bench-sink already listens on 9999
+  trap 'cleanup; for t in "${STARTED[@]}"; do pkill -P "$t" 2>/dev/null; kill "$t" 2>/dev/null; done' EXIT INT TERM
   for peer in node-red n8n; do
     local startfn=start_nodered
     if [ $peer = n8n ]; then setup_n8n || { log "n8n setup failed"; continue; }; startfn=start_n8n; fi
@@ -170,6 +173,7 @@ bench_peers() {
     done
     stop_peer
   done
+  HERE=$bench_here
 }
 
 case "$WHAT" in

@@ -82,6 +82,8 @@ pub(crate) struct Execution<'e> {
     /// Outputs of steps so far, as jq values: `.steps` in expressions.
     outputs: jaq_json::Map,
     trigger: Val,
+    /// The outcome of the workflow's last step, committed with the run's end.
+    last_outcome: std::sync::Mutex<Option<StepRecord>>,
 }
 
 /// How an action attempt ended well.
@@ -115,7 +117,22 @@ impl<'e> Execution<'e> {
             stop,
             outputs: jaq_json::Map::default(),
             trigger,
+            last_outcome: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether `step` is the last top-level step: after it, only the run's
+    /// end is left to commit.
+    fn is_last_step(&self, step: &Step) -> bool {
+        self.workflow
+            .steps
+            .last()
+            .is_some_and(|last| std::ptr::eq(last, step))
+    }
+
+    /// The last step's outcome, to be committed with the run's end.
+    pub(crate) fn take_last_outcome(&self) -> Option<StepRecord> {
+        self.last_outcome.lock().ok().and_then(|mut l| l.take())
     }
 
     pub(crate) async fn run_all(&mut self) -> Result<(), Halt> {
@@ -836,7 +853,7 @@ impl<'e> Execution<'e> {
         elapsed: Duration,
         summary: String,
     ) -> Result<(), Halt> {
-        self.write_step(&StepRecord {
+        let record = StepRecord {
             run_id: self.run.id.clone(),
             step_id: step.id.clone(),
             item,
@@ -848,8 +865,16 @@ impl<'e> Execution<'e> {
             status_code,
             started_at: started,
             finished_at: Some(now_ms()),
-        })
-        .await?;
+        };
+        if item.is_none() && self.is_last_step(step) {
+            // Nothing runs after it: its outcome is committed together with
+            // the run's end, one commit instead of two.
+            if let Ok(mut last) = self.last_outcome.lock() {
+                *last = Some(record);
+            }
+        } else {
+            self.write_step(&record).await?;
+        }
         metrics::histogram!(
             "plumb_step_duration_seconds",
             "workflow" => self.run.workflow.clone(),

@@ -30,8 +30,8 @@ use plumb_connectors::http::{ClientError, HttpClient};
 use plumb_core::model::{Project, Workflow};
 use plumb_core::{SourceFile, load_workflow};
 use plumb_store::{
-    Claim, Failure, Lease, NewAlert, NewRun, Run, RunOutcome, RunStatus, Store, StoreError,
-    WorkflowVersion, now_ms,
+    Claim, Failure, Lease, NewAlert, NewRun, Run, RunOutcome, RunStatus, StepRecord, Store,
+    StoreError, WorkflowVersion, now_ms,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -387,6 +387,7 @@ impl Engine {
                         &run_id,
                         &owner,
                         RunOutcome::Failed(failure),
+                        None,
                         &alerts,
                         observer,
                         began,
@@ -416,6 +417,7 @@ impl Engine {
             stop.clone(),
         );
         let result = execution.run_all().await;
+        let last_outcome = execution.take_last_outcome();
         heartbeat.abort();
         drop(execution);
 
@@ -426,6 +428,7 @@ impl Engine {
                     &run_id,
                     &owner,
                     RunOutcome::Succeeded,
+                    last_outcome.as_ref(),
                     &[],
                     observer,
                     began,
@@ -440,6 +443,7 @@ impl Engine {
                     &run_id,
                     &owner,
                     RunOutcome::Failed(failure),
+                    None,
                     &alerts,
                     observer,
                     began,
@@ -520,11 +524,16 @@ impl Engine {
         run_id: &str,
         owner: &str,
         outcome: RunOutcome,
+        last_step: Option<&StepRecord>,
         alerts: &[NewAlert],
         observer: &dyn Observer,
         began: Instant,
     ) -> Result<RunEnd, EngineError> {
-        match self.store.finish_run(run_id, owner, &outcome, alerts).await {
+        match self
+            .store
+            .finish_run(run_id, owner, &outcome, last_step, alerts)
+            .await
+        {
             Ok(()) => {}
             Err(StoreError::LeaseLost { .. }) => {
                 let reason = "another process took over this run before it could end".to_owned();

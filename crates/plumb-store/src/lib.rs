@@ -574,14 +574,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every failed attempt of a run.
     async fn attempt_failures(&self, run_id: &str) -> Result<Vec<AttemptFailure>, StoreError>;
 
-    /// Ends a run and releases its lease; fenced by the lease. The alerts
-    /// are committed in the same transaction, so a failure is never recorded
-    /// without the alerts that report it.
+    /// Ends a run and releases its lease; fenced by the lease. The last
+    /// step's outcome (when given) and the alerts are committed in the same
+    /// transaction: a failure is never recorded without the alerts that
+    /// report it, and the last step costs no commit of its own.
     async fn finish_run(
         &self,
         id: &str,
         owner: &str,
         outcome: &RunOutcome,
+        last_step: Option<&StepRecord>,
         alerts: &[NewAlert],
     ) -> Result<(), StoreError>;
 

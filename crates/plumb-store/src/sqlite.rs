@@ -150,6 +150,7 @@ enum Op {
         id: String,
         owner: String,
         outcome: RunOutcome,
+        last_step: Option<StepRecord>,
         alerts: Vec<NewAlert>,
     },
     Cancel {
@@ -585,38 +586,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
             .map_err(map_err)?;
             Ok(Done::Unit)
         }
-        Op::RecordStep { owner, record: r } => {
-            let rows = tx
-                .prepare_cached(
-                    "INSERT INTO steps (run_id, step_id, item, status, attempt, state, output, error, \
-                     status_code, started_at, finished_at) \
-                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 \
-                     WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND lease_owner = ?12 AND status = 'running') \
-                     ON CONFLICT (run_id, step_id, item) DO UPDATE SET \
-                     status = excluded.status, attempt = excluded.attempt, \
-                     state = COALESCE(excluded.state, steps.state), output = excluded.output, \
-                     error = excluded.error, status_code = excluded.status_code, \
-                     started_at = excluded.started_at, finished_at = excluded.finished_at",
-                )
-                .and_then(|mut st| {
-                    st.execute(params![
-                        r.run_id,
-                        r.step_id,
-                        item_to_db(r.item),
-                        r.status.as_str(),
-                        i64::from(r.attempt),
-                        r.state.as_ref().map(to_json_text),
-                        r.output.as_ref().map(to_json_text),
-                        r.error,
-                        r.status_code.map(i64::from),
-                        r.started_at,
-                        r.finished_at,
-                        owner,
-                    ])
-                })
-                .map_err(map_err)?;
-            fenced(rows, &r.run_id)
-        }
+        Op::RecordStep { owner, record } => record_step(tx, owner, record),
         Op::RecordAttempt { owner, failure: f } => {
             let rows = tx
                 .prepare_cached(
@@ -650,8 +620,14 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
             id,
             owner,
             outcome,
+            last_step,
             alerts,
-        } => finish(tx, id, owner, outcome, alerts),
+        } => {
+            if let Some(record) = last_step {
+                record_step(tx, owner, record)?;
+            }
+            finish(tx, id, owner, outcome, alerts)
+        }
         Op::Cancel { id, reason } => cancel(tx, id, reason).map(Done::Cancel),
         Op::Replay { id } => replay(tx, id).map(Done::Replay),
         Op::Fire {
@@ -705,6 +681,39 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
         }
         Op::Close => Ok(Done::Unit),
     }
+}
+
+fn record_step(tx: &Transaction<'_>, owner: &str, r: &StepRecord) -> Result<Done, StoreError> {
+    let rows = tx
+        .prepare_cached(
+            "INSERT INTO steps (run_id, step_id, item, status, attempt, state, output, error, \
+             status_code, started_at, finished_at) \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 \
+             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND lease_owner = ?12 AND status = 'running') \
+             ON CONFLICT (run_id, step_id, item) DO UPDATE SET \
+             status = excluded.status, attempt = excluded.attempt, \
+             state = COALESCE(excluded.state, steps.state), output = excluded.output, \
+             error = excluded.error, status_code = excluded.status_code, \
+             started_at = excluded.started_at, finished_at = excluded.finished_at",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                r.run_id,
+                r.step_id,
+                item_to_db(r.item),
+                r.status.as_str(),
+                i64::from(r.attempt),
+                r.state.as_ref().map(to_json_text),
+                r.output.as_ref().map(to_json_text),
+                r.error,
+                r.status_code.map(i64::from),
+                r.started_at,
+                r.finished_at,
+                owner,
+            ])
+        })
+        .map_err(map_err)?;
+    fenced(rows, &r.run_id)
 }
 
 fn fenced(rows: usize, run_id: &str) -> Result<Done, StoreError> {
@@ -1127,12 +1136,14 @@ impl Store for SqliteStore {
         id: &str,
         owner: &str,
         outcome: &RunOutcome,
+        last_step: Option<&StepRecord>,
         alerts: &[NewAlert],
     ) -> Result<(), StoreError> {
         self.write(Op::Finish {
             id: id.to_owned(),
             owner: owner.to_owned(),
             outcome: outcome.clone(),
+            last_step: last_step.cloned(),
             alerts: alerts.to_vec(),
         })
         .await

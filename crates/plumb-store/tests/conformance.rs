@@ -116,7 +116,7 @@ async fn journal_writes_are_fenced_by_the_lease(store: &dyn Store) {
         .expect_err("non-owner is fenced");
     assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
     store
-        .finish_run("r3", "a", &RunOutcome::Succeeded, &[])
+        .finish_run("r3", "a", &RunOutcome::Succeeded, None, &[])
         .await
         .expect("finish");
     let err = store
@@ -188,7 +188,7 @@ async fn failures_are_kept_with_the_run(store: &dyn Store) {
         status_code: Some(400),
     };
     store
-        .finish_run("r5", "a", &RunOutcome::Failed(failure.clone()), &[])
+        .finish_run("r5", "a", &RunOutcome::Failed(failure.clone()), None, &[])
         .await
         .expect("finish");
     let run = store.run("r5").await.expect("get").expect("exists");
@@ -277,7 +277,7 @@ async fn claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(
     );
     assert!(!order.contains(&"q3".to_owned()));
     store
-        .finish_run("q2", "a", &RunOutcome::Succeeded, &[])
+        .finish_run("q2", "a", &RunOutcome::Succeeded, None, &[])
         .await
         .expect("finish");
     assert_eq!(
@@ -297,6 +297,36 @@ async fn claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(
         .expect("a run");
     assert_eq!(next.id, "q1");
     assert_eq!(next.claims, 2);
+}
+
+async fn the_last_step_is_committed_with_the_runs_end(store: &dyn Store) {
+    seed(store, "l1", Some(lease("a", 60_000))).await;
+    let last = step("l1", "final", None, StepStatus::Succeeded);
+    store
+        .finish_run("l1", "a", &RunOutcome::Succeeded, Some(&last), &[])
+        .await
+        .expect("finish");
+    let journal = store.journal("l1").await.expect("journal");
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].step_id, "final");
+    assert_eq!(
+        store.run("l1").await.expect("get").expect("run").status,
+        RunStatus::Succeeded
+    );
+    // Fenced like any journal write: a process without the lease writes neither.
+    seed(store, "l2", Some(lease("a", 60_000))).await;
+    let err = store
+        .finish_run(
+            "l2",
+            "b",
+            &RunOutcome::Succeeded,
+            Some(&step("l2", "final", None, StepStatus::Succeeded)),
+            &[],
+        )
+        .await
+        .expect_err("not the owner");
+    assert!(matches!(err, StoreError::LeaseLost { .. }));
+    assert!(store.journal("l2").await.expect("journal").is_empty());
 }
 
 async fn cancel_and_replay_move_runs_between_states(store: &dyn Store) {
@@ -352,6 +382,7 @@ async fn cancel_and_replay_move_runs_between_states(store: &dyn Store) {
                 message: "1 of 2 items failed".into(),
                 ..Failure::default()
             }),
+            None,
             &[],
         )
         .await
@@ -428,6 +459,7 @@ async fn alerts_are_committed_with_the_failure_and_tracked_to_delivery(store: &d
                 message: "boom".into(),
                 ..Failure::default()
             }),
+            None,
             &[alert],
         )
         .await
@@ -510,6 +542,7 @@ async fn sqlite_conforms_to_the_store_contract() {
     released_runs_can_be_claimed_at_once(&store).await;
     claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(&store).await;
     cancel_and_replay_move_runs_between_states(&store).await;
+    the_last_step_is_committed_with_the_runs_end(&store).await;
     a_schedule_slot_is_recorded_once(&store).await;
     alerts_are_committed_with_the_failure_and_tracked_to_delivery(&store).await;
 }

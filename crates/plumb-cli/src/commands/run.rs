@@ -65,6 +65,13 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
     tokio::spawn(stop_on_signal(cancel.clone()));
     let progress = Progress::new(global.json);
     let end = engine.execute(run, &progress, cancel).await;
+    if let Ok(RunEnd::Finished {
+        status: RunStatus::Failed,
+        ..
+    }) = &end
+    {
+        deliver_alerts(&engine, global.json).await;
+    }
     store.close().await;
     match end? {
         RunEnd::Finished {
@@ -73,6 +80,30 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
         } => Ok(Exit::Success),
         RunEnd::Finished { .. } => Ok(Exit::Failure),
         RunEnd::Interrupted { .. } => Ok(Exit::Interrupted),
+    }
+}
+
+/// A failed run's alerts are already committed; try to deliver them now
+/// rather than leaving them for the next `plumb serve`.
+async fn deliver_alerts(engine: &Engine, json: bool) {
+    let pending = match engine.store().undelivered_alerts(100).await {
+        Ok(a) => a.len(),
+        Err(_) => return,
+    };
+    if pending == 0 {
+        return;
+    }
+    let delivered = plumb_engine::alerts::deliver_due(engine).await.unwrap_or(0);
+    if !json {
+        if delivered > 0 {
+            println!("  alert sent ({delivered})");
+        }
+        if delivered < pending {
+            println!(
+                "  {} alert(s) not delivered yet: `plumb serve` keeps retrying them; see `plumb status`",
+                pending - delivered
+            );
+        }
     }
 }
 
