@@ -24,6 +24,10 @@ use plumb_engine::{Engine, Quiet, RunEnd, manual_trigger};
 use plumb_store::{RunStatus, SqliteStore, Store, Synchronous};
 use tokio_util::sync::CancellationToken;
 
+// The allocator the `plumb` binary ships with, so this measures what runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const HEAD: &str = "owner: bench@example.com\ndescription: benchmark\n";
 
 fn jq_workflow(name: &str, steps: usize) -> String {

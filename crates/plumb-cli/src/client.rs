@@ -13,8 +13,10 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// The server of this project, if one answers at `listen`.
-    pub async fn detect(listen: &str) -> Option<Self> {
+    /// The server of this project, if one answers at `listen` and serves
+    /// the store with id `store` (another project's server on the same
+    /// address is ignored).
+    pub async fn detect(listen: &str, store: &str) -> Option<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         // A server bound to all interfaces is reached on loopback.
         let host = listen
@@ -32,8 +34,9 @@ impl ApiClient {
             .await
             .ok()?;
         let body: Value = probe.json().await.ok()?;
-        (body.get("service").and_then(Value::as_str) == Some("plumb"))
-            .then_some(Self { http, base })
+        let ours = body.get("service").and_then(Value::as_str) == Some("plumb")
+            && body.get("store").and_then(Value::as_str) == Some(store);
+        ours.then_some(Self { http, base })
     }
 
     /// Where the server is.

@@ -34,20 +34,35 @@ pub fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(secs).min(MAX_BACKOFF)
 }
 
-/// Sends every alert that is due now; returns how many were delivered.
+/// Sends the alerts due now — all of them, or only those of `only_run` —
+/// and returns how many were delivered. Stops early when `stop` fires.
 ///
 /// # Errors
 ///
 /// Returns the store error if the outbox cannot be read or updated.
-pub async fn deliver_due(engine: &Engine) -> Result<usize, StoreError> {
+pub async fn deliver_due(
+    engine: &Engine,
+    only_run: Option<&str>,
+    stop: Option<&CancellationToken>,
+) -> Result<usize, StoreError> {
     let due = engine.store.due_alerts(now_ms(), 100).await?;
     let mut delivered = 0;
     for alert in due {
-        let result = match send(engine, &alert).await {
-            Ok(()) => {
-                delivered += 1;
-                AlertAttempt::Delivered
-            }
+        if stop.is_some_and(CancellationToken::is_cancelled) {
+            break;
+        }
+        if only_run.is_some_and(|r| r != alert.run_id) {
+            continue;
+        }
+        let sent = match stop {
+            Some(stop) => tokio::select! {
+                () = stop.cancelled() => break,
+                r = send(engine, &alert) => r,
+            },
+            None => send(engine, &alert).await,
+        };
+        let result = match sent {
+            Ok(()) => AlertAttempt::Delivered,
             Err(error) if alert.attempts + 1 >= MAX_ATTEMPTS => {
                 tracing::error!(alert = %alert.id, run_id = %alert.run_id, channel = %alert.channel, error, "Giving up on an alert; it stays listed by `plumb status`.");
                 AlertAttempt::GaveUp { error }
@@ -61,10 +76,16 @@ pub async fn deliver_due(engine: &Engine) -> Result<usize, StoreError> {
                 }
             }
         };
-        engine
+        // `false`: another deliverer (a second process) recorded this attempt
+        // first; its result stands. The receiver sees the same
+        // Idempotency-Key for both sends.
+        let recorded = engine
             .store
-            .record_alert_attempt(&alert.id, &result)
+            .record_alert_attempt(&alert.id, alert.attempts, &result)
             .await?;
+        if recorded && result == AlertAttempt::Delivered {
+            delivered += 1;
+        }
     }
     Ok(delivered)
 }
@@ -115,7 +136,7 @@ async fn send(engine: &Engine, alert: &Alert) -> Result<(), String> {
 /// at least every second (for retries and other processes' failures).
 pub async fn run_delivery(engine: Arc<Engine>, wake: Arc<Notify>, shutdown: CancellationToken) {
     loop {
-        if let Err(e) = deliver_due(&engine).await {
+        if let Err(e) = deliver_due(&engine, None, Some(&shutdown)).await {
             tracing::warn!(error = %e, "Could not read or update the alert outbox.");
         }
         tokio::select! {

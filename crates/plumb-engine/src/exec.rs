@@ -84,6 +84,8 @@ pub(crate) struct Execution<'e> {
     trigger: Val,
     /// The outcome of the workflow's last step, committed with the run's end.
     last_outcome: std::sync::Mutex<Option<StepRecord>>,
+    /// This execution's claim token (fences every journal write).
+    token: String,
 }
 
 /// How an action attempt ended well.
@@ -103,6 +105,10 @@ impl<'e> Execution<'e> {
         stop: CancellationToken,
     ) -> Self {
         let trigger = json_to_val(&run.trigger);
+        let token = run
+            .lease_owner
+            .clone()
+            .unwrap_or_else(|| engine.owner.as_str().to_owned());
         let journal = journal
             .into_iter()
             .map(|r| ((r.step_id.clone(), r.item), r))
@@ -118,16 +124,21 @@ impl<'e> Execution<'e> {
             outputs: jaq_json::Map::default(),
             trigger,
             last_outcome: std::sync::Mutex::new(None),
+            token,
         }
     }
 
     /// Whether `step` is the last top-level step: after it, only the run's
     /// end is left to commit.
     fn is_last_step(&self, step: &Step) -> bool {
-        self.workflow
-            .steps
-            .last()
-            .is_some_and(|last| std::ptr::eq(last, step))
+        // An `if` is never deferred: its branch decision must be committed
+        // before the branch runs.
+        !matches!(step.action, Action::If(_))
+            && self
+                .workflow
+                .steps
+                .last()
+                .is_some_and(|last| std::ptr::eq(last, step))
     }
 
     /// The last step's outcome, to be committed with the run's end.
@@ -658,7 +669,7 @@ impl<'e> Execution<'e> {
     /// trouble) are retried briefly; if the write still fails, or the lease
     /// is gone, every other part of this run stops too.
     async fn write_step(&self, record: &StepRecord) -> Result<(), Halt> {
-        let owner = self.engine.owner.as_str();
+        let owner = self.token.as_str();
         with_store_retries(|| self.engine.store.record_step(owner, record))
             .await
             .map_err(|e| self.halt(e))
@@ -666,7 +677,7 @@ impl<'e> Execution<'e> {
 
     /// Keeps a failed attempt for the timeline, like [`Self::write_step`].
     async fn write_attempt(&self, failure: &AttemptFailure) -> Result<(), Halt> {
-        let owner = self.engine.owner.as_str();
+        let owner = self.token.as_str();
         with_store_retries(|| self.engine.store.record_attempt_failure(owner, failure))
             .await
             .map_err(|e| self.halt(e))
@@ -980,7 +991,7 @@ fn k(s: &str) -> Val {
 
 /// Retries a store operation that failed transiently (busy, I/O), a few
 /// times over about four seconds, before giving up.
-async fn with_store_retries<F, Fut>(mut op: F) -> Result<(), StoreError>
+pub(crate) async fn with_store_retries<F, Fut>(mut op: F) -> Result<(), StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), StoreError>>,

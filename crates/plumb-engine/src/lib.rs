@@ -204,7 +204,7 @@ impl Engine {
     }
 
     /// Stores the workflow's version and describes a new run of it.
-    async fn new_run(
+    pub(crate) async fn new_run(
         &self,
         workflow: &Workflow,
         trigger: Value,
@@ -235,11 +235,15 @@ impl Engine {
             trigger,
             lease,
             max_concurrency: workflow.concurrency,
+            deadline: None,
         })
     }
 
     /// Commits a new queued run of `workflow` for the workers, and returns
-    /// its id. When this returns the run is durable (SPEC G1).
+    /// its id. When this returns the run is durable (SPEC G1). With a
+    /// `deadline`, the run is committed before it or not at all (the error
+    /// then is transient): a caller that answers "not accepted" after the
+    /// deadline can be sure the run does not exist.
     ///
     /// # Errors
     ///
@@ -248,12 +252,13 @@ impl Engine {
         &self,
         workflow: &Workflow,
         trigger: Value,
+        deadline: Option<std::time::Instant>,
     ) -> Result<String, EngineError> {
-        let run = self.new_run(workflow, trigger, None).await?;
+        let mut run = self.new_run(workflow, trigger, None).await?;
+        run.deadline = deadline;
         self.store.create_run(&run).await?;
         Ok(run.id)
     }
-
     /// Commits a new run of `workflow`, already leased to this process, and
     /// returns it. When this returns the run is durable: if the process dies
     /// now, `plumb run --resume` (or a worker) will run it.
@@ -356,14 +361,25 @@ impl Engine {
         cancel: CancellationToken,
     ) -> Result<RunEnd, EngineError> {
         let began = Instant::now();
-        let owner = self.owner.as_str().to_owned();
+        // The claim's token: every fenced write of this execution uses it,
+        // so a second execution of the same run can never interleave.
+        let owner = run
+            .lease_owner
+            .clone()
+            .unwrap_or_else(|| self.owner.as_str().to_owned());
         let run_id = run.id.clone();
         let workflow_name = run.workflow.clone();
         let project = self.project();
         // A run claimed for the first time cannot have journal rows: writing
         // one needs a lease, and this is the first.
         let journal = if run.claims > 1 {
-            self.store.journal(&run.id).await?
+            match self.store.journal(&run.id).await {
+                Ok(j) => j,
+                Err(e) => {
+                    let _ = self.store.release_run(&run_id, &owner).await;
+                    return Err(EngineError::Journal { run_id, source: e });
+                }
+            }
         } else {
             Vec::new()
         };
@@ -373,7 +389,17 @@ impl Engine {
             version: run.version.clone(),
             resumed: run.claims > 1 || !journal.is_empty(),
         });
-        let workflow = match self.pinned_workflow(&project, &run).await? {
+        let pinned = match self.pinned_workflow(&project, &run).await {
+            Ok(p) => p,
+            Err(EngineError::Store(e)) => {
+                let _ = self.store.release_run(&run_id, &owner).await;
+                return Err(EngineError::Journal { run_id, source: e });
+            }
+            // A version that is not stored can never run: fail the run
+            // (a dead letter, with alerts) rather than retry it forever.
+            Err(other) => Err(other.to_string()),
+        };
+        let workflow = match pinned {
             Ok(w) => w,
             Err(message) => {
                 let failure = Failure {
@@ -529,11 +555,12 @@ impl Engine {
         observer: &dyn Observer,
         began: Instant,
     ) -> Result<RunEnd, EngineError> {
-        match self
-            .store
-            .finish_run(run_id, owner, &outcome, last_step, alerts)
-            .await
-        {
+        let finished = exec::with_store_retries(|| {
+            self.store
+                .finish_run(run_id, owner, &outcome, last_step, alerts)
+        })
+        .await;
+        match finished {
             Ok(()) => {}
             Err(StoreError::LeaseLost { .. }) => {
                 let reason = "another process took over this run before it could end".to_owned();
@@ -543,7 +570,15 @@ impl Engine {
                 });
                 return Ok(RunEnd::Interrupted { reason });
             }
-            Err(e) => return Err(e.into()),
+            Err(source) => {
+                // Leave the run for the next claim (its last step's effect
+                // carries the same key if it is sent again).
+                let _ = self.store.release_run(run_id, owner).await;
+                return Err(EngineError::Journal {
+                    run_id: run_id.to_owned(),
+                    source,
+                });
+            }
         }
         let (status, failure) = match outcome {
             RunOutcome::Succeeded => (RunStatus::Succeeded, None),

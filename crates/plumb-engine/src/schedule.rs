@@ -14,7 +14,6 @@
 //! A workflow that has never fired does not fire for the past: it waits for
 //! its next slot.
 
-use std::collections::VecDeque;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +33,10 @@ use crate::{Engine, EngineError};
 
 /// Most missed slots fired by `catch_up: all`.
 pub const MAX_CATCH_UP: usize = 1000;
+
+/// How long after its time a slot still counts as due rather than missed
+/// (`catch_up: none` fires it).
+const GRACE_MS: Millis = 60_000;
 
 /// A parsed schedule.
 #[derive(Clone, Debug)]
@@ -78,23 +81,34 @@ impl Schedule {
             .map(|t: DateTime<Tz>| t.timestamp_millis())
     }
 
+    /// The latest slot at or before `at`.
+    #[must_use]
+    pub fn latest_at_or_before(&self, at: Millis) -> Option<Millis> {
+        let at = self.tz.timestamp_millis_opt(at).single()?;
+        self.cron
+            .find_previous_occurrence(&at, true)
+            .ok()
+            .map(|t: DateTime<Tz>| t.timestamp_millis())
+    }
+
     /// Slots in `(after, until]`, oldest first, keeping only the newest
-    /// `limit`.
+    /// `limit`. Walks back from `until`, so it costs at most `limit` steps
+    /// however long plumb was down.
     #[must_use]
     pub fn slots_between(&self, after: Millis, until: Millis, limit: usize) -> Vec<Millis> {
-        let mut out = VecDeque::new();
-        let mut cursor = after;
-        while let Some(next) = self.next_after(cursor) {
-            if next > until {
-                break;
+        let mut out = Vec::new();
+        let mut cursor = until;
+        while out.len() < limit {
+            match self.latest_at_or_before(cursor) {
+                Some(slot) if slot > after => {
+                    out.push(slot);
+                    cursor = slot - 1;
+                }
+                _ => break,
             }
-            if out.len() == limit {
-                out.pop_front();
-            }
-            out.push_back(next);
-            cursor = next;
         }
-        out.into()
+        out.reverse();
+        out
     }
 
     fn slot_document(&self, slot: Millis) -> serde_json::Value {
@@ -173,14 +187,20 @@ async fn tick(
             CatchUp::All => missed,
             CatchUp::Latest => missed.last().copied().into_iter().collect(),
             CatchUp::None => {
-                if let Some(latest) = missed.last() {
+                // A slot only just passed (a reload or a retry around its
+                // time) was not missed to downtime: it still fires.
+                let (recent, old): (Vec<Millis>, Vec<Millis>) =
+                    missed.into_iter().partition(|s| now - *s <= GRACE_MS);
+                if let Some(latest) = old.last()
+                    && recent.is_empty()
+                {
                     engine
                         .store
                         .record_fire(&workflow.name, *latest, None)
                         .await?;
-                    tracing::info!(workflow = %workflow.name, skipped = missed.len(), "Missed schedule slots skipped (catch_up: none).");
+                    tracing::info!(workflow = %workflow.name, skipped = old.len(), "Missed schedule slots skipped (catch_up: none).");
                 }
-                Vec::new()
+                recent
             }
         };
         for slot in to_fire {
@@ -204,7 +224,23 @@ async fn tick(
         () = shutdown.cancelled() => return Ok(()),
         () = tokio::time::sleep(wait) => {}
     }
-    fire(engine, workflow, schedule, next, wake_workers).await
+    // This slot is due: retry it where it failed, so a passing store error
+    // delays it instead of handing it to the catch-up policy.
+    let mut failures = 0_u32;
+    loop {
+        match fire(engine, workflow, schedule, next, wake_workers).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                failures += 1;
+                let retry = Duration::from_millis(200 * u64::from(failures.min(25)));
+                tracing::warn!(workflow = %workflow.name, slot = next, error = %e, "Could not fire a due slot; retrying.");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(retry) => {}
+                }
+            }
+        }
+    }
 }
 
 async fn fire(

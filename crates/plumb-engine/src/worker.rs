@@ -123,7 +123,9 @@ async fn sweep_dead_owners(engine: Arc<Engine>, shutdown: CancellationToken) {
         match engine.store.leased_runs().await {
             Ok(leased) => {
                 for (run_id, holder) in leased {
-                    if holder != engine.owner.as_str() && owner::is_certainly_dead(&holder) {
+                    // Holders are claim tokens, `<owner>#<claim>`.
+                    let process = holder.split('#').next().unwrap_or_default();
+                    if process != engine.owner.as_str() && owner::is_certainly_dead(&holder) {
                         tracing::info!(run_id, previous_owner = %holder, "Its process is gone; releasing the run for resumption.");
                         if let Err(e) = engine.store.release_run(&run_id, &holder).await {
                             tracing::warn!(run_id, error = %e, "Could not release the run.");

@@ -34,9 +34,16 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/status", get(status))
 }
 
-/// `GET /healthz`: the process is up.
-pub async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok", "service": "plumb", "version": env!("CARGO_PKG_VERSION") }))
+/// `GET /healthz`: the process is up. `store` identifies the store it
+/// serves (a hash, not the path), so a CLI can tell its project's server
+/// from another one on the same address.
+pub async fn healthz(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "service": "plumb",
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": state.store_id,
+    }))
 }
 
 /// `GET /readyz`: the store can commit now.
@@ -98,25 +105,20 @@ async fn start_run(
         return Err(ApiError::not_found(format!("no workflow named `{name}`")));
     };
     let limit = usize::try_from(project.config.serve.body_limit).unwrap_or(usize::MAX);
-    let bytes = to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the input is larger than serve.body_limit",
-        )
-    })?;
+    let bytes = to_bytes(body, limit)
+        .await
+        .map_err(|e| crate::webhook::body_error(&e, project.config.serve.body_limit))?;
     let input: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
         serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::bad_request(format!("the input is not valid JSON: {e}")))?
     };
-    let id = tokio::time::timeout(
-        COMMIT_DEADLINE,
-        state.engine.enqueue_run(workflow, manual_trigger(input)),
-    )
-    .await
-    .map_err(|_| ApiError::unavailable("the store could not commit the run in time"))??;
+    let deadline = std::time::Instant::now() + COMMIT_DEADLINE;
+    let id = state
+        .engine
+        .enqueue_run(workflow, manual_trigger(input), Some(deadline))
+        .await?;
     state.wake_workers.notify_one();
     Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": id }))).into_response())
 }

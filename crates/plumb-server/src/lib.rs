@@ -32,6 +32,9 @@ pub use metrics_setup::Metrics;
 /// `503`: past this the caller is better off retrying than waiting.
 pub const COMMIT_DEADLINE: Duration = Duration::from_secs(3);
 
+/// How long shutdown waits for in-flight requests and executions.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
 /// Shared by every request handler.
 #[derive(Clone)]
 pub struct AppState {
@@ -41,6 +44,18 @@ pub struct AppState {
     pub wake_workers: Arc<Notify>,
     /// Prometheus rendering.
     pub metrics: Metrics,
+    /// Identifies the store served (see [`store_id`]).
+    pub store_id: String,
+}
+
+/// A stable, non-revealing id for a store location: the CLI compares it
+/// with its own project's to know it talks to the right server.
+pub fn store_id(location: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    // Not a secret: only distinguishes projects on one machine.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    location.hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 /// The HTTP routes.
@@ -82,6 +97,7 @@ impl Service {
         listener: Option<TcpListener>,
         roles: Roles,
         observer: Arc<dyn Observer>,
+        store_location: &str,
     ) -> std::io::Result<Self> {
         let metrics = Metrics::install();
         let shutdown = CancellationToken::new();
@@ -95,6 +111,7 @@ impl Service {
                 engine: Arc::clone(&engine),
                 wake_workers: Arc::clone(&wake_workers),
                 metrics: metrics.clone(),
+                store_id: store_id(store_location),
             };
             let app = router(state);
             let stop = shutdown.clone();
@@ -166,7 +183,19 @@ impl Service {
             let _ = handle.await;
         }
         let mut tasks = self.tasks.lock().await;
-        while tasks.join_next().await.is_some() {}
+        // A slow client must not hold the process: give the HTTP server and
+        // in-flight work a bounded time, then stop waiting.
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                grace_s = SHUTDOWN_GRACE.as_secs(),
+                "Shutdown grace period over; stopping anyway."
+            );
+            tasks.abort_all();
+        }
     }
 }
 

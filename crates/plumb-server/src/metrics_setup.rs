@@ -60,7 +60,7 @@ impl Metrics {
 /// Samples store-derived gauges until `shutdown`.
 pub async fn sample_gauges(engine: Arc<Engine>, shutdown: CancellationToken) {
     loop {
-        match engine.store().workflow_stats().await {
+        match engine.store().open_counts().await {
             Ok(stats) => {
                 for s in &stats {
                     let w = s.workflow.clone();

@@ -86,13 +86,7 @@ async fn accept(
     let limit = project.config.serve.body_limit;
     let bytes = to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the body is larger than the limit of {limit} bytes (serve.body_limit)"),
-            )
-        })?;
+        .map_err(|e| body_error(&e, limit))?;
     let parsed: Value = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(format!(
             "the body is not valid JSON: {e} (line {}, column {})",
@@ -109,19 +103,40 @@ async fn enqueue(
     workflow: &Workflow,
     trigger: Value,
 ) -> Result<String, ApiError> {
-    match tokio::time::timeout(COMMIT_DEADLINE, state.engine.enqueue_run(workflow, trigger)).await {
-        Ok(Ok(run_id)) => {
+    // The deadline travels with the write: the store commits it before then
+    // or not at all, and this handler always waits for the store's answer,
+    // so a 503 always means "not committed" and a 202 always "committed".
+    let deadline = std::time::Instant::now() + COMMIT_DEADLINE;
+    match state
+        .engine
+        .enqueue_run(workflow, trigger, Some(deadline))
+        .await
+    {
+        Ok(run_id) => {
             state.wake_workers.notify_one();
             Ok(run_id)
         }
-        Ok(Err(e)) => Err(e.into()),
-        Err(_) => {
-            tracing::warn!(workflow = %workflow.name, "The store did not commit in time; answering 503.");
-            Err(ApiError::unavailable(
-                "the store could not commit the event in time; retry later",
-            ))
+        Err(e) => {
+            tracing::warn!(workflow = %workflow.name, error = %e, "The event was not committed; answering 503.");
+            Err(e.into())
         }
     }
+}
+
+/// A body that could not be read: too large (413), or cut off (400).
+pub(crate) fn body_error(e: &axum::Error, limit: u64) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is larger than the limit of {limit} bytes (serve.body_limit)"),
+            );
+        }
+        source = err.source();
+    }
+    ApiError::bad_request(format!("the body could not be read: {e}"))
 }
 
 fn is_json(content_type: &str) -> bool {

@@ -225,12 +225,23 @@ pub struct NewRun {
     pub lease: Option<Lease>,
     /// The workflow's concurrency limit, enforced when runs are claimed.
     pub max_concurrency: Option<u32>,
+    /// Commit only before this instant, or not at all: a webhook that has
+    /// answered `503` must not have its run committed afterwards. `None`
+    /// waits as long as it takes.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// A lease on a run.
+///
+/// When a run is claimed the store records `<owner>#<claim number>` as its
+/// holder, and the claimed [`Run`]'s `lease_owner` is that token: every
+/// fenced write of that execution uses it. Two executions of one run — even
+/// in the same process, after a heartbeat gap let the lease expire — hold
+/// different tokens, so the older one is fenced off.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
-    /// Who holds it.
+    /// Who holds it: the process's owner id when claiming, the claim's
+    /// token (`lease_owner` of the claimed run) when renewing.
     pub owner: String,
     /// Until when.
     pub expires_at: Millis,
@@ -621,15 +632,24 @@ pub trait Store: Send + Sync + 'static {
     /// Pending alerts due at `now`, oldest first.
     async fn due_alerts(&self, now: Millis, limit: u32) -> Result<Vec<Alert>, StoreError>;
 
-    /// Records the result of a delivery attempt.
-    async fn record_alert_attempt(&self, id: &str, result: &AlertAttempt)
-    -> Result<(), StoreError>;
+    /// Records the result of delivery attempt number `attempts + 1`; `false`
+    /// when another deliverer recorded that attempt first (its result wins).
+    async fn record_alert_attempt(
+        &self,
+        id: &str,
+        attempts: u32,
+        result: &AlertAttempt,
+    ) -> Result<bool, StoreError>;
 
     /// Alerts not delivered (pending or given up), newest first.
     async fn undelivered_alerts(&self, limit: u32) -> Result<Vec<Alert>, StoreError>;
 
     /// Run counts and last outcomes per workflow.
     async fn workflow_stats(&self) -> Result<Vec<WorkflowStats>, StoreError>;
+
+    /// Queued, running and failed runs per workflow: cheap (it reads no
+    /// finished run), for gauges sampled often.
+    async fn open_counts(&self) -> Result<Vec<WorkflowStats>, StoreError>;
 
     /// Commits a tiny write: proves the store can commit right now.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -71,8 +71,9 @@ impl FromStr for Synchronous {
 }
 
 /// How long a write waits for another process's lock before the store
-/// reports [`StoreError::Busy`].
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// reports [`StoreError::Busy`]. Shorter than a webhook's commit deadline,
+/// so a locked store is reported (503) rather than waited out.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -167,6 +168,7 @@ enum Op {
     },
     AlertAttempt {
         id: String,
+        attempts: u32,
         result: AlertAttempt,
     },
     Ping,
@@ -369,15 +371,38 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
     let mut fatal: Option<StoreError> = None;
     for job in batch.iter() {
         // Waiting for the lock may have outlasted a caller's deadline: a
-        // webhook that already answered 503 must not be committed now.
-        if job.reply.is_closed() {
-            results.push(Err(StoreError::Unavailable("the caller gave up".into())));
+        // write that may no longer be committed is skipped. One applied here
+        // is committed below and its caller told so, however late.
+        let expired = match &job.op {
+            Op::CreateRun(run) => run.deadline.is_some_and(|d| std::time::Instant::now() > d),
+            _ => false,
+        };
+        if job.reply.is_closed() || expired {
+            results.push(Err(StoreError::Unavailable(
+                "the store could not commit before the deadline".into(),
+            )));
             continue;
         }
+        // Each write in its own savepoint: one that fails is undone whole
+        // (a half-applied schedule fire or claim must not be committed).
+        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+            fatal = Some(map_err(e));
+            break;
+        }
         let r = apply(&tx, &job.op);
+        let settled = match &r {
+            Ok(_) => tx.execute_batch("RELEASE job"),
+            Err(_) => tx.execute_batch("ROLLBACK TO job; RELEASE job"),
+        };
+        if let Err(e) = settled {
+            fatal = Some(map_err(e));
+            break;
+        }
         if let Err(e) = &r
-            && e.is_transient()
+            && (e.is_transient() || tx.is_autocommit())
         {
+            // The database itself failed (or SQLite already rolled the
+            // transaction back): nothing in this batch can be committed.
             fatal = Some(clone_err(e));
             break;
         }
@@ -651,7 +676,11 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
             }
             Ok(Done::Rows(inserted))
         }
-        Op::AlertAttempt { id, result } => {
+        Op::AlertAttempt {
+            id,
+            attempts,
+            result,
+        } => {
             let now = now_ms();
             let (status, next, error, delivered) = match result {
                 AlertAttempt::Delivered => (AlertStatus::Delivered, now, None, Some(now)),
@@ -664,11 +693,21 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
             };
             tx.prepare_cached(
                 "UPDATE alerts SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3, \
-                 last_error = COALESCE(?4, last_error), delivered_at = ?5 WHERE id = ?1",
+                 last_error = COALESCE(?4, last_error), delivered_at = ?5 \
+                 WHERE id = ?1 AND status = 'pending' AND attempts = ?6",
             )
-            .and_then(|mut st| st.execute(params![id, status.as_str(), next, error, delivered]))
-            .map_err(map_err)?;
-            Ok(Done::Unit)
+            .and_then(|mut st| {
+                st.execute(params![
+                    id,
+                    status.as_str(),
+                    next,
+                    error,
+                    delivered,
+                    i64::from(*attempts)
+                ])
+            })
+            .map(Done::Rows)
+            .map_err(map_err)
         }
         Op::Ping => {
             tx.prepare_cached(
@@ -731,7 +770,7 @@ fn insert_run(tx: &Transaction<'_>, run: &NewRun) -> Result<(), StoreError> {
     let (status, owner, expires, started, claims) = match &run.lease {
         Some(l) => (
             RunStatus::Running,
-            Some(l.owner.as_str()),
+            Some(format!("{}#1", l.owner)),
             Some(l.expires_at),
             Some(now),
             1_i64,
@@ -778,7 +817,7 @@ fn claim(
         .prepare_cached(&format!(
             "UPDATE runs SET status = 'running', claims = claims + 1, \
              started_at = COALESCE(started_at, ?2), updated_at = ?2, \
-             lease_owner = ?3, lease_expires_at = ?4 \
+             lease_owner = ?3 || '#' || (claims + 1), lease_expires_at = ?4 \
              WHERE id = ?1 AND status IN ('queued', 'running') \
              AND (lease_owner IS NULL OR lease_expires_at < ?2 OR lease_owner = ?5) \
              RETURNING {RUN_COLUMNS}"
@@ -821,7 +860,7 @@ fn claim_next(tx: &Transaction<'_>, lease: &Lease) -> Result<Option<Box<Run>>, S
         let sql = format!(
             "UPDATE runs SET status = 'running', claims = claims + 1, \
              started_at = COALESCE(started_at, ?1), updated_at = ?1, \
-             lease_owner = ?2, lease_expires_at = ?3 \
+             lease_owner = ?2 || '#' || (claims + 1), lease_expires_at = ?3 \
              WHERE id = (SELECT r.id FROM runs r WHERE {lane} AND {UNDER_LIMIT} \
                ORDER BY r.created_at, r.id LIMIT 1) \
              RETURNING {RUN_COLUMNS}"
@@ -1238,14 +1277,20 @@ impl Store for SqliteStore {
     async fn record_alert_attempt(
         &self,
         id: &str,
+        attempts: u32,
         result: &AlertAttempt,
-    ) -> Result<(), StoreError> {
-        self.write(Op::AlertAttempt {
-            id: id.to_owned(),
-            result: result.clone(),
-        })
-        .await
-        .map(|_| ())
+    ) -> Result<bool, StoreError> {
+        match self
+            .write(Op::AlertAttempt {
+                id: id.to_owned(),
+                attempts,
+                result: result.clone(),
+            })
+            .await?
+        {
+            Done::Rows(n) => Ok(n == 1),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn undelivered_alerts(&self, limit: u32) -> Result<Vec<Alert>, StoreError> {
@@ -1287,6 +1332,47 @@ impl Store for SqliteStore {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn open_counts(&self) -> Result<Vec<WorkflowStats>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT workflow, status, count(*) FROM runs \
+                 WHERE status IN ('queued', 'running', 'failed') GROUP BY workflow, status",
+            )
+            .and_then(|mut st| {
+                let mut out: Vec<WorkflowStats> = Vec::new();
+                let rows = st.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (workflow, status, n) = row?;
+                    let n = u64::try_from(n).unwrap_or(0);
+                    let i = match out.iter().position(|s| s.workflow == workflow) {
+                        Some(i) => i,
+                        None => {
+                            out.push(WorkflowStats {
+                                workflow,
+                                ..WorkflowStats::default()
+                            });
+                            out.len() - 1
+                        }
+                    };
+                    match status.as_str() {
+                        "queued" => out[i].queued = n,
+                        "running" => out[i].running = n,
+                        _ => out[i].dead_letters = n,
+                    }
+                }
+                Ok(out)
             })
             .map_err(map_err)
         })

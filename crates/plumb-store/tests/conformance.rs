@@ -44,6 +44,7 @@ async fn seed(store: &dyn Store, id: &str, lease: Option<Lease>) {
             trigger: json!({"body": {"n": 1}}),
             lease,
             max_concurrency: None,
+            deadline: None,
         })
         .await
         .expect("create run");
@@ -72,17 +73,17 @@ async fn a_leased_run_cannot_be_claimed_by_another_owner_until_it_expires(store:
         .await
         .expect("claim")
     {
-        Claim::Busy { owner, .. } => assert_eq!(owner, "a"),
+        Claim::Busy { owner, .. } => assert_eq!(owner, "a#1"),
         other => panic!("expected Busy, got {other:?}"),
     }
     // The caller proved `a` is dead: it may take the lease from exactly `a`.
     match store
-        .claim_run("r1", &lease("b", 60_000), Some("a"))
+        .claim_run("r1", &lease("b", 60_000), Some("a#1"))
         .await
         .expect("steal")
     {
         Claim::Claimed(run) => {
-            assert_eq!(run.lease_owner.as_deref(), Some("b"));
+            assert_eq!(run.lease_owner.as_deref(), Some("b#2"));
             assert_eq!(run.claims, 2);
         }
         other => panic!("expected Claimed, got {other:?}"),
@@ -104,10 +105,39 @@ async fn a_leased_run_cannot_be_claimed_by_another_owner_until_it_expires(store:
     );
 }
 
+async fn a_second_claim_by_the_same_process_fences_the_first(store: &dyn Store) {
+    // The same owner claims a run twice (its lease expired in between, say
+    // after missed heartbeats): each claim gets its own token, and the first
+    // execution's writes are refused.
+    seed(store, "t1", Some(lease("a", -1))).await;
+    let again = store
+        .claim_next(&lease("a", 60_000))
+        .await
+        .expect("claim")
+        .expect("the expired run");
+    assert_eq!(again.id, "t1");
+    assert_eq!(again.lease_owner.as_deref(), Some("a#2"));
+    let err = store
+        .record_step("a#1", &step("t1", "s", None, StepStatus::Succeeded))
+        .await
+        .expect_err("the first claim is fenced off");
+    assert!(matches!(err, StoreError::LeaseLost { .. }));
+    store
+        .record_step("a#2", &step("t1", "s", None, StepStatus::Succeeded))
+        .await
+        .expect("the current claim writes");
+    assert!(
+        !store
+            .renew_lease("t1", &lease("a#1", 60_000))
+            .await
+            .expect("renew")
+    );
+}
+
 async fn journal_writes_are_fenced_by_the_lease(store: &dyn Store) {
     seed(store, "r3", Some(lease("a", 60_000))).await;
     store
-        .record_step("a", &step("r3", "s1", None, StepStatus::Succeeded))
+        .record_step("a#1", &step("r3", "s1", None, StepStatus::Succeeded))
         .await
         .expect("owner writes");
     let err = store
@@ -116,11 +146,11 @@ async fn journal_writes_are_fenced_by_the_lease(store: &dyn Store) {
         .expect_err("non-owner is fenced");
     assert!(matches!(err, StoreError::LeaseLost { .. }), "{err}");
     store
-        .finish_run("r3", "a", &RunOutcome::Succeeded, None, &[])
+        .finish_run("r3", "a#1", &RunOutcome::Succeeded, None, &[])
         .await
         .expect("finish");
     let err = store
-        .record_step("a", &step("r3", "s3", None, StepStatus::Succeeded))
+        .record_step("a#1", &step("r3", "s3", None, StepStatus::Succeeded))
         .await
         .expect_err("an ended run takes no more journal rows");
     assert!(matches!(err, StoreError::LeaseLost { .. }));
@@ -140,14 +170,14 @@ async fn upsert_replaces_the_row_but_keeps_state(store: &dyn Store) {
     seed(store, "r4", Some(lease("a", 60_000))).await;
     let mut running = step("r4", "each", None, StepStatus::Running);
     running.state = Some(json!({"items": [1, 2, 3]}));
-    store.record_step("a", &running).await.expect("running");
+    store.record_step("a#1", &running).await.expect("running");
     let mut item = step("r4", "each", Some(2), StepStatus::Failed);
     item.error = Some("boom".into());
     item.status_code = Some(400);
-    store.record_step("a", &item).await.expect("item");
+    store.record_step("a#1", &item).await.expect("item");
     let mut done = step("r4", "each", None, StepStatus::Succeeded);
     done.attempt = 2;
-    store.record_step("a", &done).await.expect("done");
+    store.record_step("a#1", &done).await.expect("done");
     let journal = store.journal("r4").await.expect("journal");
     let whole = journal.iter().find(|r| r.item.is_none()).expect("step row");
     assert_eq!(whole.status, StepStatus::Succeeded);
@@ -176,7 +206,7 @@ async fn failures_are_kept_with_the_run(store: &dyn Store) {
         retryable: true,
     };
     store
-        .record_attempt_failure("a", &f)
+        .record_attempt_failure("a#1", &f)
         .await
         .expect("attempt");
     assert_eq!(store.attempt_failures("r5").await.expect("list"), vec![f]);
@@ -188,7 +218,7 @@ async fn failures_are_kept_with_the_run(store: &dyn Store) {
         status_code: Some(400),
     };
     store
-        .finish_run("r5", "a", &RunOutcome::Failed(failure.clone()), None, &[])
+        .finish_run("r5", "a#1", &RunOutcome::Failed(failure.clone()), None, &[])
         .await
         .expect("finish");
     let run = store.run("r5").await.expect("get").expect("exists");
@@ -209,7 +239,7 @@ async fn failures_are_kept_with_the_run(store: &dyn Store) {
 
 async fn released_runs_can_be_claimed_at_once(store: &dyn Store) {
     seed(store, "r6", Some(lease("a", 60_000))).await;
-    store.release_run("r6", "a").await.expect("release");
+    store.release_run("r6", "a#1").await.expect("release");
     assert!(matches!(
         store
             .claim_run("r6", &lease("b", 60_000), None)
@@ -219,13 +249,13 @@ async fn released_runs_can_be_claimed_at_once(store: &dyn Store) {
     ));
     assert!(
         !store
-            .renew_lease("r6", &lease("a", 60_000))
+            .renew_lease("r6", &lease("a#1", 60_000))
             .await
             .expect("renew")
     );
     assert!(
         store
-            .renew_lease("r6", &lease("b", 90_000))
+            .renew_lease("r6", &lease("b#2", 90_000))
             .await
             .expect("renew")
     );
@@ -239,6 +269,7 @@ fn queued(id: &str, workflow: &str, max_concurrency: Option<u32>) -> NewRun {
         trigger: json!({}),
         lease: None,
         max_concurrency,
+        deadline: None,
     }
 }
 
@@ -260,7 +291,10 @@ async fn claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(
         let mut got = Vec::new();
         while let Some(run) = store.claim_next(&a).await.expect("claim") {
             assert_eq!(run.status, RunStatus::Running);
-            assert_eq!(run.lease_owner.as_deref(), Some("a"));
+            assert_eq!(
+                run.lease_owner.as_deref(),
+                Some(format!("a#{}", run.claims).as_str())
+            );
             got.push(run.id);
         }
         got
@@ -277,7 +311,7 @@ async fn claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(
     );
     assert!(!order.contains(&"q3".to_owned()));
     store
-        .finish_run("q2", "a", &RunOutcome::Succeeded, None, &[])
+        .finish_run("q2", "a#1", &RunOutcome::Succeeded, None, &[])
         .await
         .expect("finish");
     assert_eq!(
@@ -289,7 +323,7 @@ async fn claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(
         .create_run(&queued("q5", "w", None))
         .await
         .expect("queue");
-    store.release_run("q1", "a").await.expect("release");
+    store.release_run("q1", "a#1").await.expect("release");
     let next = store
         .claim_next(&lease("b", 60_000))
         .await
@@ -303,7 +337,7 @@ async fn the_last_step_is_committed_with_the_runs_end(store: &dyn Store) {
     seed(store, "l1", Some(lease("a", 60_000))).await;
     let last = step("l1", "final", None, StepStatus::Succeeded);
     store
-        .finish_run("l1", "a", &RunOutcome::Succeeded, Some(&last), &[])
+        .finish_run("l1", "a#1", &RunOutcome::Succeeded, Some(&last), &[])
         .await
         .expect("finish");
     let journal = store.journal("l1").await.expect("journal");
@@ -354,22 +388,22 @@ async fn cancel_and_replay_move_runs_between_states(store: &dyn Store) {
 
     seed(store, "d1", Some(lease("a", 60_000))).await;
     store
-        .record_step("a", &step("d1", "ok", None, StepStatus::Succeeded))
+        .record_step("a#1", &step("d1", "ok", None, StepStatus::Succeeded))
         .await
         .expect("ok step");
     let mut each = step("d1", "each", None, StepStatus::Running);
     each.state = Some(json!({"items": [1, 2]}));
-    store.record_step("a", &each).await.expect("each");
+    store.record_step("a#1", &each).await.expect("each");
     store
-        .record_step("a", &step("d1", "each", Some(0), StepStatus::Succeeded))
+        .record_step("a#1", &step("d1", "each", Some(0), StepStatus::Succeeded))
         .await
         .expect("item 0");
     let mut bad = step("d1", "each", Some(1), StepStatus::Failed);
     bad.error = Some("bad item".into());
-    store.record_step("a", &bad).await.expect("item 1");
+    store.record_step("a#1", &bad).await.expect("item 1");
     let mut whole = step("d1", "each", None, StepStatus::Failed);
     whole.error = Some("1 of 2 items failed".into());
-    store.record_step("a", &whole).await.expect("step failed");
+    store.record_step("a#1", &whole).await.expect("step failed");
     assert_eq!(
         store.replay_run("d1").await.expect("replay running"),
         ReplayResult::NotFailed(RunStatus::Running)
@@ -377,7 +411,7 @@ async fn cancel_and_replay_move_runs_between_states(store: &dyn Store) {
     store
         .finish_run(
             "d1",
-            "a",
+            "a#1",
             &RunOutcome::Failed(Failure {
                 message: "1 of 2 items failed".into(),
                 ..Failure::default()
@@ -454,7 +488,7 @@ async fn alerts_are_committed_with_the_failure_and_tracked_to_delivery(store: &d
     store
         .finish_run(
             "al1",
-            "a",
+            "a#1",
             &RunOutcome::Failed(Failure {
                 message: "boom".into(),
                 ..Failure::default()
@@ -471,6 +505,7 @@ async fn alerts_are_committed_with_the_failure_and_tracked_to_delivery(store: &d
     store
         .record_alert_attempt(
             "alert-1",
+            0,
             &AlertAttempt::RetryAt {
                 error: "503".into(),
                 at: now_ms() + 60_000,
@@ -491,6 +526,7 @@ async fn alerts_are_committed_with_the_failure_and_tracked_to_delivery(store: &d
     store
         .record_alert_attempt(
             "alert-1",
+            1,
             &AlertAttempt::GaveUp {
                 error: "still 503".into(),
             },
@@ -503,6 +539,85 @@ async fn alerts_are_committed_with_the_failure_and_tracked_to_delivery(store: &d
     let w = stats.iter().find(|s| s.workflow == "w").expect("w stats");
     assert!(w.dead_letters >= 1);
     assert!(w.last_failure_at.is_some());
+}
+
+async fn stale_alert_results_and_expired_deadlines_are_not_committed(store: &dyn Store) {
+    seed(store, "al2", Some(lease("a", 60_000))).await;
+    let alert = NewAlert {
+        id: "alert-2".into(),
+        channel: "ops".into(),
+        payload: json!({}),
+    };
+    store
+        .finish_run(
+            "al2",
+            "a#1",
+            &RunOutcome::Failed(Failure {
+                message: "x".into(),
+                ..Failure::default()
+            }),
+            None,
+            &[alert],
+        )
+        .await
+        .expect("finish");
+    assert!(
+        store
+            .record_alert_attempt("alert-2", 0, &AlertAttempt::Delivered)
+            .await
+            .expect("deliver")
+    );
+    // A slower deliverer reporting the same attempt must not undo "delivered".
+    assert!(
+        !store
+            .record_alert_attempt(
+                "alert-2",
+                0,
+                &AlertAttempt::GaveUp {
+                    error: "late".into()
+                }
+            )
+            .await
+            .expect("stale")
+    );
+    assert!(
+        store
+            .undelivered_alerts(10)
+            .await
+            .expect("list")
+            .iter()
+            .all(|a| a.id != "alert-2")
+    );
+
+    let mut late = queued("late", "w", None);
+    late.deadline = Some(std::time::Instant::now() - std::time::Duration::from_millis(1));
+    let err = store
+        .create_run(&late)
+        .await
+        .expect_err("past its deadline");
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        store.run("late").await.expect("get").is_none(),
+        "never committed"
+    );
+
+    // A fire whose run cannot be inserted (duplicate id) leaves no slot row.
+    store
+        .create_run(&queued("dup-run", "w", None))
+        .await
+        .expect("queue");
+    let clash = queued("dup-run", "fires", None);
+    assert!(
+        store
+            .record_fire("fires", 5_000, Some(&clash))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store.last_fire("fires").await.expect("last"),
+        None,
+        "the slot can still fire"
+    );
 }
 
 async fn concurrent_writes_share_commits_and_all_land(store: Arc<dyn Store>) {
@@ -537,12 +652,14 @@ async fn sqlite_conforms_to_the_store_contract() {
     let (_dir, store) = sqlite().await;
     a_leased_run_cannot_be_claimed_by_another_owner_until_it_expires(&store).await;
     journal_writes_are_fenced_by_the_lease(&store).await;
+    a_second_claim_by_the_same_process_fences_the_first(&store).await;
     upsert_replaces_the_row_but_keeps_state(&store).await;
     failures_are_kept_with_the_run(&store).await;
     released_runs_can_be_claimed_at_once(&store).await;
     claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(&store).await;
     cancel_and_replay_move_runs_between_states(&store).await;
     the_last_step_is_committed_with_the_runs_end(&store).await;
+    stale_alert_results_and_expired_deadlines_are_not_committed(&store).await;
     a_schedule_slot_is_recorded_once(&store).await;
     alerts_are_committed_with_the_failure_and_tracked_to_delivery(&store).await;
 }
@@ -563,7 +680,7 @@ async fn sqlite_committed_rows_survive_reopening_the_file() {
             .expect("open");
         seed(&store, "r1", Some(lease("a", 60_000))).await;
         store
-            .record_step("a", &step("r1", "s1", None, StepStatus::Succeeded))
+            .record_step("a#1", &step("r1", "s1", None, StepStatus::Succeeded))
             .await
             .expect("write");
         // Dropped without close(): like a process that dies.

@@ -210,6 +210,7 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
     let store = super::open_store(&project.config, &root).await?;
     let store_dyn: Arc<dyn Store> = store.clone();
     let engine = Arc::new(Engine::new(store_dyn, Arc::clone(&project), "serve")?);
+    let mut signals = super::serve::Signals::new()?;
     let service = Service::start(
         Arc::clone(&engine),
         Some(listener),
@@ -218,6 +219,7 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
             scheduler: true,
         },
         Arc::new(DemoObserver { style }),
+        &super::store_id_location(store.path()),
     )
     .await?;
     let base = format!("http://{addr}");
@@ -252,7 +254,7 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     println!(
-        "\nwhile it runs, try (in another terminal):\n  plumb --project {p} status\n  plumb --project {p} runs list\n  plumb --project {p} dlq list\n  plumb --project {p} dlq replay --all --workflow orders\n  curl -s {base}/api/v1/status\n  curl -s {base}/metrics | grep plumb_\n  curl -s -X POST {base}/hooks/orders -H 'content-type: application/json' -d '{{\"id\": \"o-9\", \"total\": 9}}'\n\nCtrl-C stops the demo and removes {p}.\n"
+        "\nwhile it runs, try (in another terminal):\n  plumb --project {p} status\n  plumb --project {p} runs list\n  plumb --project {p} dlq list\n  plumb --project {p} dlq replay --all --workflow orders\n  curl -s {base}/api/v1/status\n  curl -s {base}/metrics | grep plumb_\n  curl -s -X POST {base}/hooks/orders -H 'content-type: application/json' -d '{{\"id\": \"o-9\", \"total\": 9}}'\n\nCtrl-C (or SIGTERM) stops the demo and removes {p}.\n"
     );
     if global.json {
         println!(
@@ -261,7 +263,7 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
         );
     }
 
-    let _ = tokio::signal::ctrl_c().await;
+    signals.stop().await;
     println!("\nstopping…");
     service.shutdown().await;
     store.close().await;

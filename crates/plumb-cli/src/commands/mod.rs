@@ -46,6 +46,20 @@ pub fn load_config(root: &Path) -> anyhow::Result<ProjectConfig> {
     })
 }
 
+/// The id a server of this project reports in `/healthz` (see
+/// `plumb_server::store_id`), from the store's canonical path.
+pub fn store_id_of(path: &Path) -> String {
+    plumb_server::store_id(&store_id_location(path))
+}
+
+/// The location string a server hashes into its store id.
+pub fn store_id_location(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
+}
+
 /// Opens the store `plumb.yaml` names.
 pub async fn open_store(config: &ProjectConfig, root: &Path) -> anyhow::Result<Arc<SqliteStore>> {
     let (path, synchronous) =

@@ -20,7 +20,9 @@ impl Backend {
     async fn open(global: &Global) -> anyhow::Result<Self> {
         let root = global.project_dir();
         let config = super::load_config(&root)?;
-        if let Some(client) = ApiClient::detect(&config.listen).await {
+        let (path, _) = plumb_engine::project_dir::sqlite_location(&config, &root)
+            .map_err(anyhow::Error::msg)?;
+        if let Some(client) = ApiClient::detect(&config.listen, &super::store_id_of(&path)).await {
             tracing::debug!(server = client.base(), "Using the running server's API.");
             return Ok(Self::Api(client));
         }
@@ -44,7 +46,11 @@ pub async fn dlq(global: &Global, command: DlqCommand) -> anyhow::Result<Exit> {
                 Backend::Api(api) => {
                     let mut path = format!("dlq?limit={limit}");
                     if let Some(w) = &workflow {
-                        path.push_str(&format!("&workflow={w}"));
+                        let query: String = url::form_urlencoded::Serializer::new(String::new())
+                            .append_pair("workflow", w)
+                            .finish();
+                        path.push('&');
+                        path.push_str(&query);
                     }
                     api.get(&path).await?["dead_letters"].take()
                 }
@@ -97,7 +103,10 @@ pub async fn dlq(global: &Global, command: DlqCommand) -> anyhow::Result<Exit> {
 
 async fn replay_one(global: &Global, backend: &Backend, id: &str) -> anyhow::Result<Exit> {
     let result = match backend {
-        Backend::Api(api) => match api.post(&format!("dlq/{id}/replay"), &json!({})).await {
+        Backend::Api(api) => match api
+            .post(&format!("dlq/{}/replay", encode_segment(id)), &json!({}))
+            .await
+        {
             Ok(_) => ReplayResult::Replayed,
             Err(e) => return Err(UsageError(e.to_string()).into()),
         },
@@ -125,6 +134,12 @@ async fn replay_one(global: &Global, backend: &Backend, id: &str) -> anyhow::Res
         .into()),
         ReplayResult::NotFound => Err(UsageError(format!("no run with id `{id}`")).into()),
     }
+}
+
+/// A run id as one path segment (ids are UUIDs, but the argument is user
+/// input).
+fn encode_segment(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 fn print_dead_letters(global: &Global, letters: &Value) {
@@ -163,7 +178,7 @@ pub async fn cancel(global: &Global, run_id: &str, reason: Option<String>) -> an
         Backend::Api(api) => {
             let answer = api
                 .post(
-                    &format!("runs/{run_id}/cancel"),
+                    &format!("runs/{}/cancel", encode_segment(run_id)),
                     &json!({ "reason": reason }),
                 )
                 .await

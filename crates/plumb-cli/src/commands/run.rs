@@ -64,13 +64,14 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(cancel.clone()));
     let progress = Progress::new(global.json);
+    let run_id = run.id.clone();
     let end = engine.execute(run, &progress, cancel).await;
     if let Ok(RunEnd::Finished {
         status: RunStatus::Failed,
         ..
     }) = &end
     {
-        deliver_alerts(&engine, global.json).await;
+        deliver_alerts(&engine, &run_id, global.json).await;
     }
     store.close().await;
     match end? {
@@ -85,15 +86,17 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
 
 /// A failed run's alerts are already committed; try to deliver them now
 /// rather than leaving them for the next `plumb serve`.
-async fn deliver_alerts(engine: &Engine, json: bool) {
+async fn deliver_alerts(engine: &Engine, run_id: &str, json: bool) {
     let pending = match engine.store().undelivered_alerts(100).await {
-        Ok(a) => a.len(),
+        Ok(a) => a.iter().filter(|a| a.run_id == run_id).count(),
         Err(_) => return,
     };
     if pending == 0 {
         return;
     }
-    let delivered = plumb_engine::alerts::deliver_due(engine).await.unwrap_or(0);
+    let delivered = plumb_engine::alerts::deliver_due(engine, Some(run_id), None)
+        .await
+        .unwrap_or(0);
     if !json {
         if delivered > 0 {
             println!("  alert sent ({delivered})");

@@ -100,6 +100,9 @@ pub async fn run(global: &Global, args: Option<ServeArgs>) -> anyhow::Result<Exi
         }
         None => None,
     };
+    // Signals are caught from here on: a SIGTERM during start-up must stop
+    // the service cleanly, not kill it.
+    let signals = Signals::new()?;
     let service = Service::start(
         Arc::clone(&engine),
         listener,
@@ -108,11 +111,12 @@ pub async fn run(global: &Global, args: Option<ServeArgs>) -> anyhow::Result<Exi
             scheduler: http,
         },
         Arc::new(LogObserver),
+        &super::store_id_location(store.path()),
     )
     .await?;
     announce(global, &service, &project, store.path());
 
-    wait_for_signals(&root, &engine, &service).await;
+    wait_for_signals(signals, &root, &engine, &service).await;
     service.shutdown().await;
     store.close().await;
     if !global.json {
@@ -154,29 +158,64 @@ fn announce(global: &Global, service: &Service, project: &plumb_core::Project, s
     }
 }
 
-async fn wait_for_signals(root: &Path, engine: &Arc<Engine>, service: &Service) {
+/// The signals the service reacts to, registered before it starts.
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => return,
-                _ = term.recv() => return,
-                _ = hup.recv() => reload(root, engine, service).await,
-            }
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts catching SIGTERM, SIGINT and SIGHUP.
+    pub fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate())?,
+                hup: signal(SignalKind::hangup())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
+        }
+    }
+
+    /// Waits for SIGTERM or SIGINT (SIGHUP is handled by the caller).
+    pub async fn stop(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn wait_for_signals(
+    mut signals: Signals,
+    root: &Path,
+    engine: &Arc<Engine>,
+    service: &Service,
+) {
+    #[cfg(unix)]
+    loop {
+        tokio::select! {
+            _ = signals.term.recv() => return,
+            _ = signals.int.recv() => return,
+            _ = signals.hup.recv() => reload(root, engine, service).await,
         }
     }
     #[cfg(not(unix))]
     {
         let _ = (root, engine, service);
-        let _ = tokio::signal::ctrl_c().await;
+        signals.stop().await;
     }
 }
 
