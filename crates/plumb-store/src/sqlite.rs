@@ -755,6 +755,17 @@ fn record_step(tx: &Transaction<'_>, owner: &str, r: &StepRecord) -> Result<Done
     fenced(rows, &r.run_id)
 }
 
+/// Every row of a cached query, mapped.
+fn query_all<T, P, F>(conn: &Connection, sql: &str, params: P, map: F) -> Result<Vec<T>, StoreError>
+where
+    P: rusqlite::Params,
+    F: FnMut(&Row<'_>) -> rusqlite::Result<T>,
+{
+    conn.prepare_cached(sql)
+        .and_then(|mut st| st.query_map(params, map)?.collect())
+        .map_err(map_err)
+}
+
 fn fenced(rows: usize, run_id: &str) -> Result<Done, StoreError> {
     if rows == 0 {
         Err(StoreError::LeaseLost {
@@ -1047,16 +1058,16 @@ impl Store for SqliteStore {
         let workflow = filter.workflow.clone();
         let status = filter.status.map(RunStatus::as_str);
         self.read(move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs \
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM runs \
                  WHERE (?1 IS NULL OR workflow = ?1) AND (?2 IS NULL OR status = ?2) \
                  ORDER BY created_at DESC, id DESC LIMIT ?3"
-            ))
-            .and_then(|mut st| {
-                st.query_map(params![workflow, status, i64::from(limit)], run_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(map_err)
+                ),
+                params![workflow, status, i64::from(limit)],
+                run_from_row,
+            )
         })
         .await
     }
@@ -1105,15 +1116,8 @@ impl Store for SqliteStore {
     async fn journal(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError> {
         let run_id = run_id.to_owned();
         self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT run_id, step_id, item, status, attempt, state, output, error, status_code, \
-                 started_at, finished_at FROM steps WHERE run_id = ?1 ORDER BY started_at, step_id, item",
-            )
-            .and_then(|mut st| {
-                st.query_map(params![run_id], step_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(map_err)
+            query_all(conn, "SELECT run_id, step_id, item, status, attempt, state, output, error, status_code, \
+                 started_at, finished_at FROM steps WHERE run_id = ?1 ORDER BY started_at, step_id, item", params![run_id], step_from_row)
         })
         .await
     }
@@ -1261,15 +1265,10 @@ impl Store for SqliteStore {
 
     async fn due_alerts(&self, now: Millis, limit: u32) -> Result<Vec<Alert>, StoreError> {
         self.read(move |conn| {
-            conn.prepare_cached(&format!(
+            query_all(conn, &format!(
                 "SELECT {ALERT_COLUMNS} FROM alerts WHERE status = 'pending' AND next_attempt_at <= ?1 \
                  ORDER BY next_attempt_at, id LIMIT ?2"
-            ))
-            .and_then(|mut st| {
-                st.query_map(params![now, i64::from(limit)], alert_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(map_err)
+            ), params![now, i64::from(limit)], alert_from_row)
         })
         .await
     }
@@ -1295,15 +1294,15 @@ impl Store for SqliteStore {
 
     async fn undelivered_alerts(&self, limit: u32) -> Result<Vec<Alert>, StoreError> {
         self.read(move |conn| {
-            conn.prepare_cached(&format!(
-                "SELECT {ALERT_COLUMNS} FROM alerts WHERE status IN ('pending', 'failed') \
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {ALERT_COLUMNS} FROM alerts WHERE status IN ('pending', 'failed') \
                  ORDER BY created_at DESC, id DESC LIMIT ?1"
-            ))
-            .and_then(|mut st| {
-                st.query_map(params![i64::from(limit)], alert_from_row)?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(map_err)
+                ),
+                params![i64::from(limit)],
+                alert_from_row,
+            )
         })
         .await
     }
