@@ -203,18 +203,12 @@ impl<'e> Execution<'e> {
         match &step.action {
             Action::If(branch) => {
                 let started = now_ms();
-                let context = self.context(step, None, 1);
-                let condition = match self.eval(step, &branch.condition, context).await {
-                    Ok(Value::Bool(b)) => b,
-                    Ok(other) => {
-                        let message = format!("the condition yielded {other}, not true or false");
-                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
-                    }
-                    Err(e) => {
-                        let message = e.to_string();
-                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
-                    }
-                };
+                let condition = self
+                    .eval_own(step, &branch.condition, started, |v| match v {
+                        Value::Bool(b) => Ok(b),
+                        other => Err(format!("the condition yielded {other}, not true or false")),
+                    })
+                    .await?;
                 let output = json!({
                     "branch": if condition { "then" } else { "else" },
                     "condition": condition,
@@ -279,6 +273,27 @@ impl<'e> Execution<'e> {
         eval_bounded(template.clone(), context, step.timeout).await
     }
 
+    /// Evaluates one of the step's own expressions (a condition, a sleep
+    /// duration, a `for_each` list) and checks its shape with `accept`; a
+    /// failure of either fails the step (committed) and ends the run.
+    async fn eval_own<T>(
+        &self,
+        step: &Step,
+        template: &Template,
+        started: i64,
+        accept: impl FnOnce(Value) -> Result<T, String>,
+    ) -> Result<T, Halt> {
+        let context = self.context(step, None, 1);
+        let checked = match self.eval(step, template, context).await {
+            Ok(value) => accept(value),
+            Err(e) => Err(e.to_string()),
+        };
+        match checked {
+            Ok(v) => Ok(v),
+            Err(message) => Err(self.fail_step(step, None, 1, started, &message, None).await),
+        }
+    }
+
     async fn run_sleep(
         &mut self,
         step: &Step,
@@ -293,20 +308,11 @@ impl<'e> Execution<'e> {
         let wake_at = match wake_at {
             Some(w) => w,
             None => {
-                let context = self.context(step, None, 1);
-                let value = match self.eval(step, duration, context).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let message = e.to_string();
-                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
-                    }
-                };
-                let d = match plumb_core::load::sleep_duration(&value) {
-                    Ok(d) => d,
-                    Err(message) => {
-                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
-                    }
-                };
+                let d = self
+                    .eval_own(step, duration, started, |v| {
+                        plumb_core::load::sleep_duration(&v)
+                    })
+                    .await?;
                 let wake_at = now_ms() + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2);
                 self.write_step(&self.running(
                     step,
@@ -352,21 +358,15 @@ impl<'e> Execution<'e> {
         let items = match journaled_items {
             Some(items) => items,
             None => {
-                let context = self.context(step, None, 1);
-                let items = match self.eval(step, &for_each.items, context).await {
-                    Ok(Value::Array(items)) => items,
-                    Ok(other) => {
-                        let message = format!(
+                let items = self
+                    .eval_own(step, &for_each.items, started, |v| match v {
+                        Value::Array(items) => Ok(items),
+                        other => Err(format!(
                             "`for_each` must yield a list, but it yielded {}",
                             preview(&other, 80)
-                        );
-                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
-                    }
-                    Err(e) => {
-                        let message = e.to_string();
-                        return Err(self.fail_step(step, None, 1, started, &message, None).await);
-                    }
-                };
+                        )),
+                    })
+                    .await?;
                 // Commit the list first: indices (and so idempotency keys)
                 // must mean the same items on every resume.
                 self.write_step(&self.running(
