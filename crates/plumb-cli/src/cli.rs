@@ -74,6 +74,109 @@ pub enum Command {
     },
     /// One screen: each workflow's health, queue, dead letters, next fire, undelivered alerts.
     Status,
+    /// Sealed secrets: set, list, rotate, delete, rekey.
+    Secrets {
+        /// What to do.
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+    /// API tokens with roles.
+    Tokens {
+        /// What to do.
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// The tamper-evident audit log.
+    Audit {
+        /// What to do.
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// `plumb secrets …`.
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Seal a new secret. The value is read from stdin (or a prompt that does not echo), never from the command line.
+    Set {
+        /// The secret's name.
+        name: String,
+    },
+    /// Names, dates and which connections use each secret (never values).
+    List,
+    /// Replace a secret's value (read like `set`).
+    Rotate {
+        /// The secret's name.
+        name: String,
+    },
+    /// Delete a secret; refused while a connection uses it.
+    Delete {
+        /// The secret's name.
+        name: String,
+        /// Delete even though something uses it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a new master key and re-seal every secret with it, in one transaction.
+    Rekey,
+}
+
+/// `plumb tokens …`.
+#[derive(Debug, Subcommand)]
+pub enum TokensCommand {
+    /// Create a token; it is printed once and only its hash is kept.
+    Create {
+        /// A unique name (who or what uses it).
+        #[arg(long)]
+        name: String,
+        /// What it may do.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    /// Tokens, their roles and whether they are revoked.
+    List,
+    /// Revoke a token by name.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
+
+/// A role on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    /// Reads.
+    Viewer,
+    /// Also replays and cancels.
+    Operator,
+    /// Also manages secrets, tokens and deployments.
+    Admin,
+}
+
+impl From<RoleArg> for plumb_store::Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Viewer => Self::Viewer,
+            RoleArg::Operator => Self::Operator,
+            RoleArg::Admin => Self::Admin,
+        }
+    }
+}
+
+/// `plumb audit …`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Entries, oldest first.
+    List {
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// How many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Check the hash chain; exit 1 and name the first bad entry if any was edited, deleted, reordered or inserted.
+    Verify,
 }
 
 /// `plumb serve`.

@@ -15,16 +15,21 @@ pub struct ApiClient {
 impl ApiClient {
     /// The server of this project, if one answers at `listen` and serves
     /// the store with id `store` (another project's server on the same
-    /// address is ignored).
-    pub async fn detect(listen: &str, store: &str) -> Option<Self> {
+    /// address is ignored). Every call carries `token` as a bearer token.
+    pub async fn detect(listen: &str, store: &str, token: &str) -> Option<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         // A server bound to all interfaces is reached on loopback.
         let host = listen
             .replace("0.0.0.0:", "127.0.0.1:")
             .replace("[::]:", "[::1]:");
         let base = format!("http://{host}");
+        let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+        auth.set_sensitive(true);
+        let headers =
+            reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, auth)]);
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
+            .default_headers(headers)
             .build()
             .ok()?;
         let probe = http

@@ -95,7 +95,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Exit> {
     let global = cli.global;
     match cli.command {
         Command::Init { dir } => commands::init::run(&global, dir.as_deref()),
-        Command::Check => commands::check::run(&global),
+        Command::Check => commands::check::run(&global).await,
         Command::Run(args) => commands::run::run(&global, args).await,
         Command::Runs { command } => match command {
             RunsCommand::List(args) => commands::runs::list(&global, args).await,
@@ -107,6 +107,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Exit> {
         Command::Dlq { command } => commands::ops::dlq(&global, command).await,
         Command::Cancel { run_id, reason } => commands::ops::cancel(&global, &run_id, reason).await,
         Command::Status => commands::ops::status(&global).await,
+        Command::Secrets { command } => commands::secrets::secrets(&global, command).await,
+        Command::Tokens { command } => commands::secrets::tokens(&global, command).await,
+        Command::Audit { command } => commands::secrets::audit(&global, command).await,
     }
 }
 

@@ -9,11 +9,14 @@
 
 pub mod diag;
 pub mod expr;
+pub mod lint;
 pub mod load;
 pub mod model;
 pub mod spec;
 pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics};
-pub use load::{SourceFile, load_config, load_project, load_workflow};
+pub use load::{
+    SourceFile, load_config, load_project, load_project_checking_secrets, load_workflow,
+};
 pub use model::{Project, ProjectConfig, Workflow};

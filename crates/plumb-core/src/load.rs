@@ -18,14 +18,16 @@ use url::Url;
 
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::expr::{Program, Template};
+use crate::lint::LintAllow;
 use crate::model::{
     Action, AlertChannel, Connection, DEFAULT_LISTEN, DEFAULT_RETRY, DEFAULT_STORE,
-    DEFAULT_TIMEOUT, Defaults, ForEach, HttpAction, HttpConnection, IfBranch, Project,
-    ProjectConfig, RetryPolicy, ServeConfig, Step, Trigger, Workflow,
+    DEFAULT_TIMEOUT, Defaults, ForEach, HttpAction, HttpAuth, HttpConnection, IfBranch, Project,
+    ProjectConfig, RedactPath, RetryPolicy, ServeConfig, Step, Trigger, WebhookAuth, WebhookPreset,
+    Workflow,
 };
 use crate::spec::{
-    AlertChannelSpec, AssertSpec, ConnectionSpec, HttpStepSpec, ProjectSpec, RetrySpec, ServeSpec,
-    StepSpec, TriggerSpec, WorkflowSpec,
+    AlertChannelSpec, AssertSpec, ConnectionSpec, HttpAuthSpec, HttpStepSpec, ProjectSpec,
+    RetrySpec, ServeSpec, StepSpec, TriggerSpec, WebhookAuthSpec, WorkflowSpec,
 };
 use crate::yaml::{self, Document, FieldPath, Segment};
 
@@ -50,8 +52,22 @@ pub const MAX_ATTEMPTS: u32 = 100;
 ///
 /// Returns every problem found in any file.
 pub fn load_project(config: &SourceFile, workflows: &[SourceFile]) -> Result<Project, Diagnostics> {
+    load_project_checking_secrets(config, workflows, None)
+}
+
+/// Like [`load_project`], and also reports every secret reference that is
+/// not among `known_secrets` (the names in the store).
+///
+/// # Errors
+///
+/// Returns every problem found in any file.
+pub fn load_project_checking_secrets(
+    config: &SourceFile,
+    workflows: &[SourceFile],
+    known_secrets: Option<&std::collections::BTreeSet<String>>,
+) -> Result<Project, Diagnostics> {
     let mut diags = Diagnostics::default();
-    let config = match load_config(config) {
+    let config = match load_config_inner(config, known_secrets) {
         Ok(c) => Arc::new(c),
         Err(d) => {
             diags.0.extend(d.0);
@@ -59,7 +75,7 @@ pub fn load_project(config: &SourceFile, workflows: &[SourceFile]) -> Result<Pro
             // their own problems are reported in the same pass; references to
             // connections are not judged then, since we could not read them.
             for file in workflows {
-                if let Err(d) = load_workflow_inner(file, None) {
+                if let Err(d) = load_workflow_inner(file, None, known_secrets) {
                     diags.0.extend(d.0);
                 }
             }
@@ -71,7 +87,7 @@ pub fn load_project(config: &SourceFile, workflows: &[SourceFile]) -> Result<Pro
     let mut names: HashMap<String, String> = HashMap::new();
     let mut hooks: HashMap<String, String> = HashMap::new();
     for file in workflows {
-        match load_workflow(file, &config) {
+        match load_workflow_inner(file, Some(&config), known_secrets) {
             Ok(w) => {
                 if let Some(first) = names.get(&w.name) {
                     diags.push(
@@ -86,7 +102,7 @@ pub fn load_project(config: &SourceFile, workflows: &[SourceFile]) -> Result<Pro
                     );
                     continue;
                 }
-                if let Trigger::Webhook { path } = &w.trigger {
+                if let Trigger::Webhook { path, .. } = &w.trigger {
                     if let Some(first) = hooks.get(path) {
                         diags.push(
                             Diagnostic::file(
@@ -123,8 +139,33 @@ pub fn load_project(config: &SourceFile, workflows: &[SourceFile]) -> Result<Pro
 ///
 /// Returns every problem found in the file.
 pub fn load_config(file: &SourceFile) -> Result<ProjectConfig, Diagnostics> {
+    load_config_inner(file, None)
+}
+
+fn load_config_inner(
+    file: &SourceFile,
+    known_secrets: Option<&std::collections::BTreeSet<String>>,
+) -> Result<ProjectConfig, Diagnostics> {
     let doc = parse_yaml(file)?;
     let mut cx = Checker::new(&file.path, &doc);
+    cx.known_secrets = known_secrets;
+    // The allow list is read leniently here so the lint runs even when the
+    // rest of the file does not deserialize; the typed read below checks it.
+    let lenient_allow: Vec<LintAllow> = doc
+        .value
+        .pointer("/lint/allow")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            Some(LintAllow {
+                fingerprint: a.get("fingerprint")?.as_str()?.to_owned(),
+                reason: a.get("reason")?.as_str()?.to_owned(),
+            })
+        })
+        .collect();
+    cx.diags
+        .extend(crate::lint::lint(&file.path, &doc, &lenient_allow));
     let root = FieldPath::root();
     let value = if doc.value.is_null() {
         Value::Object(serde_json::Map::new())
@@ -143,6 +184,16 @@ pub fn load_config(file: &SourceFile) -> Result<ProjectConfig, Diagnostics> {
     let timeout = spec.defaults.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
     cx.check_timeout(timeout, &defaults_path.key("timeout"));
     let mut connections = BTreeMap::new();
+    let connection_versions = spec
+        .connections
+        .iter()
+        .map(|(name, raw)| {
+            (
+                name.clone(),
+                hex::encode(Sha256::digest(raw.to_string().as_bytes())),
+            )
+        })
+        .collect();
     for (name, raw) in &spec.connections {
         let path = root.key("connections").key(name.clone());
         if !is_identifier(name) {
@@ -174,6 +225,9 @@ pub fn load_config(file: &SourceFile) -> Result<ProjectConfig, Diagnostics> {
         defaults: Defaults { retry, timeout },
         alerts,
         serve,
+        version: hex::encode(Sha256::digest(file.text.as_bytes())),
+        connection_versions,
+        lint_allow: cx.lint_allow(&spec.lint, &root.key("lint")),
     };
     if cx.diags.is_empty() {
         Ok(config)
@@ -188,16 +242,23 @@ pub fn load_config(file: &SourceFile) -> Result<ProjectConfig, Diagnostics> {
 ///
 /// Returns every problem found in the file.
 pub fn load_workflow(file: &SourceFile, config: &ProjectConfig) -> Result<Workflow, Diagnostics> {
-    load_workflow_inner(file, Some(config))
+    load_workflow_inner(file, Some(config), None)
 }
 
 fn load_workflow_inner(
     file: &SourceFile,
     config: Option<&ProjectConfig>,
+    known_secrets: Option<&std::collections::BTreeSet<String>>,
 ) -> Result<Workflow, Diagnostics> {
     let doc = parse_yaml(file)?;
     let mut cx = Checker::new(&file.path, &doc);
     cx.config = config;
+    cx.known_secrets = known_secrets;
+    cx.diags.extend(crate::lint::lint(
+        &file.path,
+        &doc,
+        config.map_or(&[][..], |c| c.lint_allow.as_slice()),
+    ));
     let root = FieldPath::root();
     if !doc.value.is_object() {
         cx.error(
@@ -271,6 +332,7 @@ fn load_workflow_inner(
             }
         }
     }
+    let redact = cx.redact_paths(&spec.redact, &root.key("redact"), &steps);
     let version = hex::encode(Sha256::digest(file.text.as_bytes()));
     if !cx.diags.is_empty() {
         return Err(cx.finish());
@@ -283,6 +345,7 @@ fn load_workflow_inner(
         steps,
         concurrency: spec.concurrency,
         alerts_on_failure,
+        redact,
         file: file.path.clone(),
         version,
         source: Arc::from(file.text.as_str()),
@@ -317,9 +380,34 @@ struct Checker<'a> {
     ids: HashMap<String, FieldPath>,
     /// Where each step was written, for reference errors.
     step_paths: HashMap<String, FieldPath>,
+    /// Secret names in the store, when the caller could read them.
+    known_secrets: Option<&'a std::collections::BTreeSet<String>>,
 }
 
 impl<'a> Checker<'a> {
+    fn lint_allow(&mut self, spec: &crate::spec::LintSpec, path: &FieldPath) -> Vec<LintAllow> {
+        let mut out = Vec::new();
+        for (i, a) in spec.allow.iter().enumerate() {
+            let at = path.key("allow").index(i);
+            if a.fingerprint.len() != 16 || !a.fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+                self.error(
+                    &at.key("fingerprint"),
+                    format!("`{}` is not a lint fingerprint", a.fingerprint),
+                )
+                .help = Some("copy the 16 hex digits `plumb check` printed for the finding".into());
+            }
+            if a.reason.trim().is_empty() {
+                self.error(&at.key("reason"), "an allowed finding needs a reason")
+                    .help = Some("say why the value is not a credential; the reason is audited with the deployment".into());
+            }
+            out.push(LintAllow {
+                fingerprint: a.fingerprint.to_ascii_lowercase(),
+                reason: a.reason.clone(),
+            });
+        }
+        out
+    }
+
     fn new(file: &'a str, doc: &'a Document) -> Self {
         Self {
             file,
@@ -328,6 +416,7 @@ impl<'a> Checker<'a> {
             config: None,
             ids: HashMap::new(),
             step_paths: HashMap::new(),
+            known_secrets: None,
         }
     }
 
@@ -503,11 +592,187 @@ impl<'a> Checker<'a> {
         if let Some(t) = timeout {
             self.check_timeout(t, &path.key("http").key("timeout"));
         }
+        let auth = match &http.auth {
+            Some(a) => self.http_auth(a, &path.key("http").key("auth")),
+            None => None,
+        };
         Some(Connection::Http(HttpConnection {
             base_url,
             headers: http.headers.into_iter().collect(),
             timeout,
+            auth,
         }))
+    }
+
+    fn secret_name(&mut self, name: &str, path: &FieldPath) {
+        if !is_identifier(name) {
+            self.error_at_value(path, format!("invalid secret name `{name}`"))
+                .help = Some(
+                "secret names are letters, digits and `_`, starting with a letter or `_`".into(),
+            );
+        } else if self
+            .known_secrets
+            .is_some_and(|known| !known.contains(name))
+        {
+            self.error_at_value(path, format!("no secret named `{name}`"))
+                .help = Some(format!(
+                "set it with `plumb secrets set {name}` (the value is read from stdin or a prompt, never from the command line)"
+            ));
+        }
+    }
+
+    fn http_auth(&mut self, spec: &HttpAuthSpec, path: &FieldPath) -> Option<HttpAuth> {
+        let count = usize::from(spec.bearer.is_some())
+            + usize::from(spec.basic.is_some())
+            + usize::from(spec.header.is_some());
+        if count != 1 {
+            self.error(path, "`auth` needs exactly one kind").help = Some(
+                "write one of `bearer: { secret: NAME }`, `basic: { username: …, password: { secret: NAME } }` or `header: { name: X-Api-Key, secret: NAME }`".into(),
+            );
+            return None;
+        }
+        if let Some(b) = &spec.bearer {
+            self.secret_name(&b.secret, &path.key("bearer").key("secret"));
+            return Some(HttpAuth::Bearer {
+                secret: b.secret.clone(),
+            });
+        }
+        if let Some(b) = &spec.basic {
+            self.secret_name(
+                &b.password.secret,
+                &path.key("basic").key("password").key("secret"),
+            );
+            return Some(HttpAuth::Basic {
+                username: b.username.clone(),
+                secret: b.password.secret.clone(),
+            });
+        }
+        let h = spec.header.as_ref()?;
+        self.secret_name(&h.secret, &path.key("header").key("secret"));
+        if !is_header_name(&h.name) {
+            self.error_at_value(
+                &path.key("header").key("name"),
+                format!("invalid header name `{}`", h.name),
+            )
+            .help = Some("header names are letters, digits and `-`".into());
+        }
+        Some(HttpAuth::Header {
+            name: h.name.clone(),
+            secret: h.secret.clone(),
+        })
+    }
+
+    fn webhook_auth(&mut self, spec: &WebhookAuthSpec, path: &FieldPath) -> Option<WebhookAuth> {
+        let count = usize::from(spec.hmac_sha256.is_some())
+            + usize::from(spec.bearer.is_some())
+            + usize::from(spec.preset.is_some());
+        if count != 1 {
+            self.error(path, "webhook `auth` needs exactly one kind").help = Some(
+                "write one of `preset: github` (with `secret: NAME`), `hmac_sha256: { secret, header, … }` or `bearer: { secret: NAME }`".into(),
+            );
+            return None;
+        }
+        if let Some(h) = &spec.hmac_sha256 {
+            self.secret_name(&h.secret, &path.key("hmac_sha256").key("secret"));
+            if !is_header_name(&h.header) {
+                self.error_at_value(
+                    &path.key("hmac_sha256").key("header"),
+                    format!("invalid header name `{}`", h.header),
+                )
+                .help = Some("header names are letters, digits and `-`".into());
+            }
+            return Some(WebhookAuth::Hmac {
+                secret: h.secret.clone(),
+                header: h.header.to_ascii_lowercase(),
+                prefix: h.prefix.clone().unwrap_or_default(),
+                timestamp_header: h.timestamp_header.as_ref().map(|t| t.to_ascii_lowercase()),
+                tolerance: h.tolerance.map_or(Duration::from_secs(300), |d| d.0),
+            });
+        }
+        if let Some(b) = &spec.bearer {
+            self.secret_name(&b.secret, &path.key("bearer").key("secret"));
+            return Some(WebhookAuth::Bearer {
+                secret: b.secret.clone(),
+            });
+        }
+        let name = spec.preset.as_deref()?;
+        let Some(preset) = WebhookPreset::parse(name) else {
+            self.error_at_value(
+                &path.key("preset"),
+                format!("unknown webhook preset `{name}`"),
+            )
+            .help = Some("use github, stripe, slack, shopify or standard_webhooks".into());
+            return None;
+        };
+        let Some(secret) = &spec.secret else {
+            self.error(path, format!("the `{name}` preset needs `secret: NAME`"))
+                .help = Some(
+                "name the secret holding the sender's signing secret (`plumb secrets set NAME`)"
+                    .into(),
+            );
+            return None;
+        };
+        self.secret_name(secret, &path.key("secret"));
+        Some(WebhookAuth::Preset {
+            preset,
+            secret: secret.clone(),
+        })
+    }
+
+    /// `redact:` paths: `.trigger…` or `.steps.<id>…`, keys and `[n]`.
+    fn redact_paths(
+        &mut self,
+        raws: &[String],
+        path: &FieldPath,
+        steps: &[Step],
+    ) -> Vec<RedactPath> {
+        let mut ids: Vec<&str> = Vec::new();
+        fn walk<'s>(steps: &'s [Step], out: &mut Vec<&'s str>) {
+            for s in steps {
+                out.push(&s.id);
+                if let Action::If(b) = &s.action {
+                    walk(&b.then, out);
+                    walk(&b.otherwise, out);
+                }
+            }
+        }
+        walk(steps, &mut ids);
+        let mut out = Vec::new();
+        for (i, raw) in raws.iter().enumerate() {
+            let at = path.index(i);
+            let segments = match parse_field_path(raw) {
+                Some(s) if s.len() >= 2 => s,
+                _ => {
+                    self.error_at_value(&at, format!("`{raw}` is not a field path")).help = Some(
+                        "write a path such as `.trigger.body.ssn` or `.steps.fetch.body.card.number`".into(),
+                    );
+                    continue;
+                }
+            };
+            match segments[0].as_str() {
+                "trigger" => {}
+                "steps" if segments.len() >= 3 && ids.contains(&segments[1].as_str()) => {}
+                "steps" => {
+                    self.error_at_value(&at, format!("`{raw}` names no step of this workflow"))
+                        .help = Some("write `.steps.<id>.<field>` with the id of a step".into());
+                    continue;
+                }
+                _ => {
+                    self.error_at_value(
+                        &at,
+                        format!("`{raw}` is neither under `.trigger` nor `.steps`"),
+                    )
+                    .help =
+                        Some("only payloads are journaled: the trigger and step outputs".into());
+                    continue;
+                }
+            }
+            out.push(RedactPath {
+                text: raw.clone(),
+                segments,
+            });
+        }
+        out
     }
 
     fn alert_channel(
@@ -632,7 +897,11 @@ impl<'a> Checker<'a> {
                 self.error_at_value(&path.key("webhook").key("path"), format!("invalid webhook path `{}`", w.path))
                     .help = Some("use letters, digits, `-`, `_`, `.` and `/`, e.g. `orders` (served at POST /hooks/orders)".into());
             }
-            return Some(Trigger::Webhook { path: hook });
+            let auth = match &w.auth {
+                Some(a) => self.webhook_auth(a, &path.key("webhook").key("auth")),
+                None => None,
+            };
+            return Some(Trigger::Webhook { path: hook, auth });
         }
         if let Some(s) = spec.schedule {
             let parser = croner::parser::CronParser::builder()
@@ -1228,6 +1497,43 @@ fn check_store_url(url: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `.a.b[0].c` → `["a", "b", "0", "c"]`; `None` if it is not such a path.
+fn parse_field_path(text: &str) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    let mut rest = text.trim().strip_prefix('.')?;
+    loop {
+        let end = rest.find(['.', '[']).unwrap_or(rest.len());
+        let key = &rest[..end];
+        if !key.is_empty() {
+            if !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return None;
+            }
+            out.push(key.to_owned());
+        }
+        rest = &rest[end..];
+        if let Some(r) = rest.strip_prefix('[') {
+            let close = r.find(']')?;
+            let index = &r[..close];
+            if index.is_empty() || !index.chars().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            out.push(index.to_owned());
+            rest = &r[close + 1..];
+        } else if let Some(r) = rest.strip_prefix('.') {
+            if r.is_empty() || r.starts_with('.') {
+                return None;
+            }
+            rest = r;
+        } else {
+            break;
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 fn is_identifier(s: &str) -> bool {

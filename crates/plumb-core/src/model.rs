@@ -56,6 +56,38 @@ impl Project {
     pub fn workflow(&self, name: &str) -> Option<&Arc<Workflow>> {
         self.workflows.iter().find(|w| w.name == name)
     }
+
+    /// Every secret the project uses, with who uses it
+    /// (`connection crm`, `webhook of workflow orders`).
+    #[must_use]
+    pub fn secret_uses(&self) -> BTreeMap<String, Vec<String>> {
+        let mut uses = self.config.secret_uses();
+        for w in &self.workflows {
+            if let Trigger::Webhook { auth: Some(a), .. } = &w.trigger {
+                uses.entry(a.secret().to_owned())
+                    .or_default()
+                    .push(format!("webhook of workflow {}", w.name));
+            }
+        }
+        uses
+    }
+}
+
+impl ProjectConfig {
+    /// The secrets connections use, with the connections using them.
+    #[must_use]
+    pub fn secret_uses(&self) -> BTreeMap<String, Vec<String>> {
+        let mut uses: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, c) in &self.connections {
+            let Connection::Http(h) = c;
+            if let Some(a) = &h.auth {
+                uses.entry(a.secret().to_owned())
+                    .or_default()
+                    .push(format!("connection {name}"));
+            }
+        }
+        uses
+    }
 }
 
 /// `plumb.yaml`, validated.
@@ -74,6 +106,13 @@ pub struct ProjectConfig {
     pub alerts: BTreeMap<String, AlertChannel>,
     /// Settings of `plumb serve`.
     pub serve: ServeConfig,
+    /// SHA-256 of `plumb.yaml` (hex), recorded when it is deployed.
+    pub version: String,
+    /// SHA-256 of each connection's definition (hex), so a deployment can
+    /// say which connections changed.
+    pub connection_versions: BTreeMap<String, String>,
+    /// Lint findings allowed as not being credentials.
+    pub lint_allow: Vec<crate::lint::LintAllow>,
 }
 
 /// Settings of `plumb serve`, with defaults applied.
@@ -149,6 +188,117 @@ pub struct HttpConnection {
     pub headers: Vec<(String, String)>,
     /// Timeout for requests on this connection, if set.
     pub timeout: Option<Duration>,
+    /// Credentials, from secrets.
+    pub auth: Option<HttpAuth>,
+}
+
+/// How an http connection authenticates; every kind names a secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpAuth {
+    /// `Authorization: Bearer <secret>`.
+    Bearer {
+        /// Secret name.
+        secret: String,
+    },
+    /// `Authorization: Basic base64(username:<secret>)`.
+    Basic {
+        /// User name.
+        username: String,
+        /// Secret name of the password.
+        secret: String,
+    },
+    /// `<name>: <secret>`.
+    Header {
+        /// Header name.
+        name: String,
+        /// Secret name.
+        secret: String,
+    },
+}
+
+impl HttpAuth {
+    /// The secret this auth sends.
+    #[must_use]
+    pub fn secret(&self) -> &str {
+        match self {
+            Self::Bearer { secret } | Self::Basic { secret, .. } | Self::Header { secret, .. } => {
+                secret
+            }
+        }
+    }
+}
+
+/// How a webhook sender proves who it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WebhookAuth {
+    /// A generic HMAC-SHA256 over the body (or `{timestamp}.{body}`).
+    Hmac {
+        /// Secret name.
+        secret: String,
+        /// Signature header.
+        header: String,
+        /// Text before the hex signature.
+        prefix: String,
+        /// Signed timestamp header, if any.
+        timestamp_header: Option<String>,
+        /// Oldest accepted timestamp age.
+        tolerance: Duration,
+    },
+    /// `Authorization: Bearer <secret>`.
+    Bearer {
+        /// Secret name.
+        secret: String,
+    },
+    /// A known sender's published scheme.
+    Preset {
+        /// Which sender.
+        preset: WebhookPreset,
+        /// Secret name.
+        secret: String,
+    },
+}
+
+impl WebhookAuth {
+    /// The secret it checks against.
+    #[must_use]
+    pub fn secret(&self) -> &str {
+        match self {
+            Self::Hmac { secret, .. } | Self::Bearer { secret } | Self::Preset { secret, .. } => {
+                secret
+            }
+        }
+    }
+}
+
+/// Senders whose signing schemes plumb knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookPreset {
+    /// `X-Hub-Signature-256: sha256=<hex>` over the body.
+    Github,
+    /// `Stripe-Signature: t=<ts>,v1=<hex>` over `{t}.{body}`.
+    Stripe,
+    /// `X-Slack-Signature: v0=<hex>` over `v0:{ts}:{body}`.
+    Slack,
+    /// `X-Shopify-Hmac-Sha256: <base64>` over the body.
+    Shopify,
+    /// Standard Webhooks: `webhook-signature: v1,<base64>` over
+    /// `{id}.{timestamp}.{body}`, secret `whsec_<base64>`.
+    StandardWebhooks,
+}
+
+impl WebhookPreset {
+    /// Parses a preset name as written in a workflow.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "github" => Self::Github,
+            "stripe" => Self::Stripe,
+            "slack" => Self::Slack,
+            "shopify" => Self::Shopify,
+            "standard_webhooks" => Self::StandardWebhooks,
+            _ => return None,
+        })
+    }
 }
 
 /// A resolved retry policy.
@@ -175,6 +325,8 @@ pub enum Trigger {
     Webhook {
         /// The path below `/hooks/`.
         path: String,
+        /// How senders authenticate, if they must.
+        auth: Option<WebhookAuth>,
     },
     /// A cron schedule.
     Schedule {
@@ -204,6 +356,8 @@ pub struct Workflow {
     pub concurrency: Option<u32>,
     /// Alert channels told when a run fails for good.
     pub alerts_on_failure: Vec<String>,
+    /// Fields masked before payloads are journaled.
+    pub redact: Vec<RedactPath>,
     /// The file, relative to the project directory.
     pub file: String,
     /// SHA-256 of the file text, hex: the version a run is pinned to.
@@ -235,6 +389,15 @@ impl Workflow {
         walk(&self.steps, &mut out);
         out
     }
+}
+
+/// A field path under `.trigger` or `.steps.<id>`, as keys and indices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedactPath {
+    /// As written (`.trigger.body.card.number`).
+    pub text: String,
+    /// The segments after the leading `.`: `["trigger", "body", "card", "number"]`.
+    pub segments: Vec<String>,
 }
 
 /// The first 12 hex digits of a version hash.

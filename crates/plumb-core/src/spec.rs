@@ -73,6 +73,28 @@ pub struct ProjectSpec {
     /// Settings of `plumb serve`.
     #[serde(default)]
     pub serve: ServeSpec,
+    /// Settings of the hard-coded secrets lint.
+    #[serde(default)]
+    pub lint: LintSpec,
+}
+
+/// `lint:` in `plumb.yaml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LintSpec {
+    /// Findings that are not credentials.
+    #[serde(default)]
+    pub allow: Vec<LintAllowSpec>,
+}
+
+/// One entry of `lint.allow`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LintAllowSpec {
+    /// The fingerprint a finding printed.
+    pub fingerprint: String,
+    /// Why the value is not a credential.
+    pub reason: String,
 }
 
 /// `serve:` in `plumb.yaml`.
@@ -164,6 +186,48 @@ pub struct HttpConnectionSpec {
     pub headers: BTreeMap<String, String>,
     /// Request timeout for this connection.
     pub timeout: Option<Dur>,
+    /// Credentials, from secrets only.
+    pub auth: Option<HttpAuthSpec>,
+}
+
+/// `auth:` of an http connection: exactly one kind, always naming a secret.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuthSpec {
+    /// `Authorization: Bearer <secret>`.
+    pub bearer: Option<SecretRef>,
+    /// `Authorization: Basic base64(username:<secret>)`.
+    pub basic: Option<BasicAuthSpec>,
+    /// A custom header carrying the secret (e.g. `X-Api-Key`).
+    pub header: Option<HeaderAuthSpec>,
+}
+
+/// `{ secret: NAME }`: a reference to a sealed secret.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    /// The secret's name (`plumb secrets set NAME`).
+    pub secret: String,
+}
+
+/// `auth.basic`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthSpec {
+    /// The user name (not a secret).
+    pub username: String,
+    /// The password.
+    pub password: SecretRef,
+}
+
+/// `auth.header`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderAuthSpec {
+    /// Header name.
+    pub name: String,
+    /// The secret sent as its value.
+    pub secret: String,
 }
 
 /// A workflow file.
@@ -188,6 +252,9 @@ pub struct WorkflowSpec {
     pub concurrency: Option<u32>,
     /// Who hears about failures.
     pub alerts: Option<WorkflowAlertsSpec>,
+    /// Fields masked before payloads are journaled (`.trigger.body.ssn`).
+    #[serde(default)]
+    pub redact: Vec<String>,
 }
 
 /// `alerts:` in a workflow.
@@ -217,6 +284,39 @@ pub struct TriggerSpec {
 pub struct WebhookSpec {
     /// Served at `POST /hooks/<path>`.
     pub path: String,
+    /// How senders prove who they are.
+    pub auth: Option<WebhookAuthSpec>,
+}
+
+/// `trigger.webhook.auth`: exactly one of `hmac_sha256`, `bearer`, `preset`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookAuthSpec {
+    /// A generic HMAC-SHA256 signature header.
+    pub hmac_sha256: Option<HmacSpec>,
+    /// `Authorization: Bearer <secret>`.
+    pub bearer: Option<SecretRef>,
+    /// A known sender's scheme: `github`, `stripe`, `slack`, `shopify`,
+    /// `standard_webhooks`.
+    pub preset: Option<String>,
+    /// The signing secret, with `preset`.
+    pub secret: Option<String>,
+}
+
+/// `hmac_sha256:` settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HmacSpec {
+    /// The signing secret.
+    pub secret: String,
+    /// The header holding the signature.
+    pub header: String,
+    /// Text before the hex signature (e.g. `sha256=`).
+    pub prefix: Option<String>,
+    /// Header holding a Unix timestamp that is signed too (`{ts}.{body}`).
+    pub timestamp_header: Option<String>,
+    /// How old a timestamp may be.
+    pub tolerance: Option<Dur>,
 }
 
 /// `trigger.schedule`.

@@ -560,6 +560,15 @@ impl<'e> Execution<'e> {
                     }),
                 },
             };
+            // Nothing an upstream sends back — output or error — may carry a
+            // secret value into the journal, the events or later expressions.
+            let result = match result {
+                Ok(mut outcome) => {
+                    self.engine.redact_json(&mut outcome.output);
+                    Ok(outcome)
+                }
+                Err(e) => Err(redact_error(self.engine, e)),
+            };
             match result {
                 Ok(outcome) => {
                     let summary = summarize(step, &outcome);
@@ -670,6 +679,19 @@ impl<'e> Execution<'e> {
     /// is gone, every other part of this run stops too.
     async fn write_step(&self, record: &StepRecord) -> Result<(), Halt> {
         let owner = self.token.as_str();
+        let mut record = record.clone();
+        let redactor = self.engine.secrets();
+        let redactor = redactor.redactor();
+        for v in [&mut record.output, &mut record.state]
+            .into_iter()
+            .flatten()
+        {
+            redactor.redact_json(v);
+        }
+        if let Some(e) = &mut record.error {
+            *e = redactor.redact(e).into_owned();
+        }
+        let record = &record;
         with_store_retries(|| self.engine.store.record_step(owner, record))
             .await
             .map_err(|e| self.halt(e))
@@ -678,6 +700,9 @@ impl<'e> Execution<'e> {
     /// Keeps a failed attempt for the timeline, like [`Self::write_step`].
     async fn write_attempt(&self, failure: &AttemptFailure) -> Result<(), Halt> {
         let owner = self.token.as_str();
+        let mut failure = failure.clone();
+        failure.error = self.engine.redact(&failure.error);
+        let failure = &failure;
         with_store_retries(|| self.engine.store.record_attempt_failure(owner, failure))
             .await
             .map_err(|e| self.halt(e))
@@ -802,6 +827,13 @@ impl<'e> Execution<'e> {
         // the idempotency key is always plumb's own.
         let mut headers: Vec<(String, String)> = Vec::new();
         for (name, value) in connection.headers.iter().cloned().chain(rendered.headers) {
+            headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+            headers.push((name, value));
+        }
+        // The connection's credential goes last, so no step header can
+        // replace it; it is only ever sent to this connection's origin.
+        if let Some(auth) = &connection.auth {
+            let (name, value) = auth_header(self.engine, &http.connection, auth)?;
             headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
             headers.push((name, value));
         }
@@ -991,6 +1023,57 @@ fn k(s: &str) -> Val {
 
 /// Retries a store operation that failed transiently (busy, I/O), a few
 /// times over about four seconds, before giving up.
+/// The header that carries a connection's credential.
+fn auth_header(
+    engine: &Engine,
+    connection: &str,
+    auth: &plumb_core::model::HttpAuth,
+) -> Result<(String, String), ActionError> {
+    use base64::Engine as _;
+    use plumb_core::model::HttpAuth;
+    let secrets = engine.secrets();
+    let Some(value) = secrets.get(auth.secret()) else {
+        return Err(ActionError::Permanent {
+            message: format!(
+                "the connection `{connection}` needs the secret `{}`, which is not available; set it with `plumb secrets set {}`",
+                auth.secret(),
+                auth.secret()
+            ),
+            status: None,
+        });
+    };
+    Ok(match auth {
+        HttpAuth::Bearer { .. } => (
+            "Authorization".to_owned(),
+            format!("Bearer {}", value.expose()),
+        ),
+        HttpAuth::Basic { username, .. } => {
+            let raw = format!("{username}:{}", value.expose());
+            let encoded = base64::engine::general_purpose::STANDARD.encode(raw.as_bytes());
+            ("Authorization".to_owned(), format!("Basic {encoded}"))
+        }
+        HttpAuth::Header { name, .. } => (name.clone(), value.expose().to_owned()),
+    })
+}
+
+fn redact_error(engine: &Engine, e: ActionError) -> ActionError {
+    match e {
+        ActionError::Retryable {
+            message,
+            status,
+            retry_after,
+        } => ActionError::Retryable {
+            message: engine.redact(&message),
+            status,
+            retry_after,
+        },
+        ActionError::Permanent { message, status } => ActionError::Permanent {
+            message: engine.redact(&message),
+            status,
+        },
+    }
+}
+
 pub(crate) async fn with_store_retries<F, Fut>(mut op: F) -> Result<(), StoreError>
 where
     F: FnMut() -> Fut,

@@ -19,6 +19,7 @@ pub mod owner;
 pub mod project_dir;
 pub mod retry;
 pub mod schedule;
+pub mod secrets;
 pub mod status;
 pub mod worker;
 
@@ -123,6 +124,10 @@ pub struct Engine {
     /// Workflow versions this process has already stored: a webhook should
     /// cost one write, not two.
     stored_versions: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The master key, or why there is none.
+    master_key: RwLock<Result<Arc<plumb_vault::MasterKey>, String>>,
+    /// Opened secrets and their redactor.
+    secrets: RwLock<Arc<secrets::Secrets>>,
 }
 
 /// The trigger document of a run started by hand with `input` (SPEC §2:
@@ -150,6 +155,8 @@ impl Engine {
             project: RwLock::new(project),
             owner: Owner::this_process(role),
             stored_versions: std::sync::Mutex::new(std::collections::HashSet::new()),
+            master_key: RwLock::new(Err("no master key was loaded".to_owned())),
+            secrets: RwLock::new(Arc::new(secrets::Secrets::default())),
         })
     }
 
@@ -176,6 +183,80 @@ impl Engine {
             Ok(mut p) => *p = project,
             Err(poisoned) => *poisoned.into_inner() = project,
         }
+    }
+
+    /// Sets the master key (or why there is none) used to open secrets.
+    pub fn set_master_key(&self, key: Result<Arc<plumb_vault::MasterKey>, String>) {
+        match self.master_key.write() {
+            Ok(mut k) => *k = key,
+            Err(poisoned) => *poisoned.into_inner() = key,
+        }
+    }
+
+    /// The master key, or why there is none.
+    ///
+    /// # Errors
+    ///
+    /// The reason no key is available.
+    pub fn master_key(&self) -> Result<Arc<plumb_vault::MasterKey>, String> {
+        match self.master_key.read() {
+            Ok(k) => k.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Opens the stored secrets for the current project and builds the
+    /// redactor. Call at start, after a reload, and when secrets change.
+    ///
+    /// # Errors
+    ///
+    /// When a secret the project uses is missing or cannot be opened.
+    pub async fn load_secrets(&self) -> Result<(), secrets::SecretsError> {
+        let key = self.master_key();
+        let project = self.project();
+        let loaded = match &key {
+            Ok(k) => secrets::load(self.store.as_ref(), Ok(k.as_ref()), &project).await?,
+            Err(why) => secrets::load(self.store.as_ref(), Err(why.as_str()), &project).await?,
+        };
+        match self.secrets.write() {
+            Ok(mut s) => *s = loaded,
+            Err(poisoned) => *poisoned.into_inner() = loaded,
+        }
+        Ok(())
+    }
+
+    /// Reloads secrets if another process set, rotated or deleted one.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::load_secrets`]; the secrets held before stay in use.
+    pub async fn refresh_secrets(&self) -> Result<bool, secrets::SecretsError> {
+        let version = self.store.secrets_version().await?;
+        if version == self.secrets().version {
+            return Ok(false);
+        }
+        self.load_secrets().await?;
+        Ok(true)
+    }
+
+    /// The opened secrets.
+    #[must_use]
+    pub fn secrets(&self) -> Arc<secrets::Secrets> {
+        match self.secrets.read() {
+            Ok(s) => Arc::clone(&s),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Redacts every secret value from a JSON value.
+    pub fn redact_json(&self, value: &mut Value) {
+        self.secrets().redactor().redact_json(value);
+    }
+
+    /// Redacts every secret value from a text.
+    #[must_use]
+    pub fn redact(&self, text: &str) -> String {
+        self.secrets().redactor().redact(text).into_owned()
     }
 
     /// The HTTP client (shared with alert delivery).
@@ -207,9 +288,12 @@ impl Engine {
     pub(crate) async fn new_run(
         &self,
         workflow: &Workflow,
-        trigger: Value,
+        mut trigger: Value,
         lease: Option<Lease>,
     ) -> Result<NewRun, EngineError> {
+        // An event may carry a secret value (a sender echoing a token): it is
+        // redacted before it is stored or seen by any expression.
+        self.redact_json(&mut trigger);
         let known = self
             .stored_versions
             .lock()
@@ -555,6 +639,24 @@ impl Engine {
         observer: &dyn Observer,
         began: Instant,
     ) -> Result<RunEnd, EngineError> {
+        // The last line of defence before anything leaves the engine: no
+        // failure message or alert carries a secret value.
+        let outcome = match outcome {
+            RunOutcome::Failed(mut f) => {
+                f.message = self.redact(&f.message);
+                RunOutcome::Failed(f)
+            }
+            other => other,
+        };
+        let alerts: Vec<NewAlert> = alerts
+            .iter()
+            .cloned()
+            .map(|mut a| {
+                self.redact_json(&mut a.payload);
+                a
+            })
+            .collect();
+        let alerts = alerts.as_slice();
         let finished = exec::with_store_retries(|| {
             self.store
                 .finish_run(run_id, owner, &outcome, last_step, alerts)

@@ -72,13 +72,75 @@ pub async fn dead_letters(
 /// # Errors
 ///
 /// Returns the store error.
-pub async fn replay_all(store: &dyn Store, workflow: &str) -> Result<Vec<String>, StoreError> {
+pub async fn replay_all(
+    store: &dyn Store,
+    workflow: &str,
+    actor: &str,
+) -> Result<Vec<String>, StoreError> {
     let failed = dead_letters(store, Some(workflow), 10_000).await?;
     let mut replayed = Vec::new();
     for letter in failed {
-        if store.replay_run(&letter.run_id).await? == ReplayResult::Replayed {
+        if store.replay_run(&letter.run_id, actor).await? == ReplayResult::Replayed {
             replayed.push(letter.run_id);
         }
     }
     Ok(replayed)
+}
+
+/// The whole audit log, in order.
+///
+/// # Errors
+///
+/// Returns the store error.
+pub async fn all_audit_entries(
+    store: &dyn Store,
+) -> Result<Vec<plumb_store::AuditEntry>, StoreError> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.audit_entries(after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        out.extend(page);
+    }
+    Ok(out)
+}
+
+/// Records the project a process is about to run: `plumb.yaml`, each
+/// connection and each workflow whose definition changed since the last deployment gets an audit
+/// entry. Returns the changes as `kind:name`.
+///
+/// # Errors
+///
+/// Returns the store error.
+pub async fn record_deployment(
+    store: &dyn Store,
+    project: &plumb_core::Project,
+    actor: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut items = vec![plumb_store::Deployed {
+        kind: "config".to_owned(),
+        name: "plumb.yaml".to_owned(),
+        version: project.config.version.clone(),
+        file: "plumb.yaml".to_owned(),
+    }];
+    items.extend(
+        project
+            .config
+            .connection_versions
+            .iter()
+            .map(|(name, version)| plumb_store::Deployed {
+                kind: "connection".to_owned(),
+                name: name.clone(),
+                version: version.clone(),
+                file: "plumb.yaml".to_owned(),
+            }),
+    );
+    items.extend(project.workflows.iter().map(|w| plumb_store::Deployed {
+        kind: "workflow".to_owned(),
+        name: w.name.clone(),
+        version: w.version.clone(),
+        file: w.file.clone(),
+    }));
+    store.record_deployment(&items, actor).await
 }

@@ -116,6 +116,21 @@ pub fn load_project(root: &Path) -> Result<Project, LoadError> {
     plumb_core::load_project(&project, &workflows).map_err(LoadError::Invalid)
 }
 
+/// Like [`load_project`], and also reports every secret the files name
+/// that is not among `known_secrets`.
+///
+/// # Errors
+///
+/// As [`load_project`].
+pub fn load_project_checking_secrets(
+    root: &Path,
+    known_secrets: &std::collections::BTreeSet<String>,
+) -> Result<Project, LoadError> {
+    let (project, workflows) = read_sources(root)?;
+    plumb_core::load_project_checking_secrets(&project, &workflows, Some(known_secrets))
+        .map_err(LoadError::Invalid)
+}
+
 /// The file a `sqlite:` store URL points to (relative paths are taken from
 /// the project directory) and its durability mode: `?synchronous=normal`
 /// trades the last commits on power loss for speed; the default is `full`.
@@ -172,6 +187,9 @@ mod tests {
             },
             alerts: std::collections::BTreeMap::new(),
             serve: plumb_core::model::ServeConfig::default(),
+            version: String::new(),
+            connection_versions: std::collections::BTreeMap::new(),
+            lint_allow: Vec::new(),
         }
     }
 

@@ -58,7 +58,7 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
                 owner: w.owner.clone(),
                 trigger: match &w.trigger {
                     Trigger::Manual => "manual".to_owned(),
-                    Trigger::Webhook { path } => format!("webhook /hooks/{path}"),
+                    Trigger::Webhook { path, .. } => format!("webhook /hooks/{path}"),
                     Trigger::Schedule { cron, timezone, .. } => {
                         format!("schedule {cron} ({timezone})")
                     }

@@ -17,6 +17,7 @@ use plumb_store::{RunFilter, RunStatus};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::{Admin, Auth, Operator, Viewer};
 use crate::error::ApiError;
 use crate::{AppState, COMMIT_DEADLINE};
 
@@ -32,6 +33,15 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/dlq/replay", post(replay_all))
         .route("/dlq/{id}/replay", post(replay_one))
         .route("/status", get(status))
+        .route("/secrets", get(list_secrets).post(set_secret))
+        .route(
+            "/secrets/{name}",
+            axum::routing::put(rotate_secret).delete(delete_secret),
+        )
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{name}", axum::routing::delete(revoke_token))
+        .route("/audit", get(audit))
+        .route("/audit/verify", get(audit_verify))
 }
 
 /// `GET /healthz`: the process is up. `store` identifies the store it
@@ -67,7 +77,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn workflows(State(state): State<AppState>) -> Json<Value> {
+async fn workflows(_auth: Auth<Viewer>, State(state): State<AppState>) -> Json<Value> {
     let project = state.engine.project();
     let list: Vec<Value> = project
         .workflows
@@ -75,7 +85,7 @@ async fn workflows(State(state): State<AppState>) -> Json<Value> {
         .map(|w| {
             let trigger = match &w.trigger {
                 Trigger::Manual => json!({ "type": "manual" }),
-                Trigger::Webhook { path } => json!({ "type": "webhook", "path": format!("/hooks/{path}") }),
+                Trigger::Webhook { path, auth } => json!({ "type": "webhook", "path": format!("/hooks/{path}"), "authenticated": auth.is_some() }),
                 Trigger::Schedule { cron, timezone, catch_up } => {
                     json!({ "type": "schedule", "cron": cron, "timezone": timezone, "catch_up": catch_up })
                 }
@@ -96,6 +106,7 @@ async fn workflows(State(state): State<AppState>) -> Json<Value> {
 }
 
 async fn start_run(
+    _auth: Auth<Operator>,
     State(state): State<AppState>,
     Path(name): Path<String>,
     body: Body,
@@ -142,6 +153,7 @@ fn parse_status(s: Option<&str>) -> Result<Option<RunStatus>, ApiError> {
 }
 
 async fn list_runs(
+    _auth: Auth<Viewer>,
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -158,6 +170,7 @@ async fn list_runs(
 }
 
 async fn show_run(
+    _auth: Auth<Viewer>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -178,6 +191,7 @@ struct CancelBody {
 }
 
 async fn cancel_run(
+    auth: Auth<Operator>,
     State(state): State<AppState>,
     Path(id): Path<String>,
     body: Option<Json<CancelBody>>,
@@ -185,7 +199,11 @@ async fn cancel_run(
     let reason = body
         .and_then(|b| b.0.reason)
         .unwrap_or_else(|| "cancelled through the API".to_owned());
-    let result = state.engine.store().cancel_run(&id, &reason).await?;
+    let result = state
+        .engine
+        .store()
+        .cancel_run(&id, &reason, &auth.actor())
+        .await?;
     match result {
         plumb_store::CancelResult::NotFound => {
             Err(ApiError::not_found(format!("no run with id `{id}`")))
@@ -195,6 +213,7 @@ async fn cancel_run(
 }
 
 async fn dead_letters(
+    _auth: Auth<Viewer>,
     State(state): State<AppState>,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
@@ -212,10 +231,11 @@ async fn dead_letters(
 }
 
 async fn replay_one(
+    auth: Auth<Operator>,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let result = state.engine.store().replay_run(&id).await?;
+    let result = state.engine.store().replay_run(&id, &auth.actor()).await?;
     match result {
         plumb_store::ReplayResult::NotFound => {
             Err(ApiError::not_found(format!("no run with id `{id}`")))
@@ -238,21 +258,280 @@ struct ReplayAll {
 }
 
 async fn replay_all(
+    auth: Auth<Operator>,
     State(state): State<AppState>,
     Json(body): Json<ReplayAll>,
 ) -> Result<Json<Value>, ApiError> {
     let replayed =
-        plumb_engine::ops::replay_all(state.engine.store().as_ref(), &body.workflow).await?;
+        plumb_engine::ops::replay_all(state.engine.store().as_ref(), &body.workflow, &auth.actor())
+            .await?;
     state.wake_workers.notify_waiters();
     Ok(Json(
         json!({ "workflow": body.workflow, "replayed": replayed }),
     ))
 }
 
-async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn status(
+    _auth: Auth<Viewer>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
     let project = state.engine.project();
     let status = plumb_engine::status::collect(state.engine.store().as_ref(), &project).await?;
     Ok(Json(
         serde_json::to_value(status).map_err(|e| ApiError::internal(&e))?,
     ))
+}
+
+async fn list_secrets(
+    _auth: Auth<Viewer>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let uses = state.engine.project().secret_uses();
+    let secrets: Vec<Value> = state
+        .engine
+        .store()
+        .list_secrets()
+        .await?
+        .into_iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "created_at": m.created_at,
+                "rotated_at": m.rotated_at,
+                "key_id": m.key_id,
+                "used_by": uses.get(&m.name).cloned().unwrap_or_default(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "secrets": secrets })))
+}
+
+#[derive(Deserialize)]
+struct SecretBody {
+    name: Option<String>,
+    value: String,
+}
+
+fn is_secret_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 100
+}
+
+async fn write_secret(
+    state: &AppState,
+    actor: &str,
+    name: &str,
+    value: String,
+    mode: plumb_store::SecretWrite,
+) -> Result<Json<Value>, ApiError> {
+    if !is_secret_name(name) {
+        return Err(ApiError::bad_request(
+            "secret names are letters, digits and `_`, starting with a letter or `_`",
+        ));
+    }
+    if value.is_empty() {
+        return Err(ApiError::bad_request("the value is empty"));
+    }
+    let key = state.engine.master_key().map_err(|why| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_master_key",
+            format!("this server has no master key: {why}"),
+        )
+    })?;
+    let sealed = key.seal(name, &plumb_vault::SecretValue::new(value));
+    let result = state
+        .engine
+        .store()
+        .put_secret(name, &plumb_engine::secrets::to_store(sealed), mode, actor)
+        .await?;
+    let answer = match result {
+        plumb_store::SecretWriteResult::Created => "created",
+        plumb_store::SecretWriteResult::Rotated => "rotated",
+        plumb_store::SecretWriteResult::AlreadyExists => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "exists",
+                format!("the secret `{name}` exists; rotate it with PUT /api/v1/secrets/{name}"),
+            ));
+        }
+        plumb_store::SecretWriteResult::NotFound => {
+            return Err(ApiError::not_found(format!("no secret named `{name}`")));
+        }
+    };
+    if let Err(e) = state.engine.load_secrets().await {
+        tracing::warn!(error = %e, "Secrets changed but could not be reloaded.");
+    }
+    Ok(Json(json!({ "name": name, "result": answer })))
+}
+
+async fn set_secret(
+    auth: Auth<Admin>,
+    State(state): State<AppState>,
+    Json(body): Json<SecretBody>,
+) -> Result<Json<Value>, ApiError> {
+    let name = body
+        .name
+        .ok_or_else(|| ApiError::bad_request("give the secret's `name` and `value`"))?;
+    write_secret(
+        &state,
+        &auth.actor(),
+        &name,
+        body.value,
+        plumb_store::SecretWrite::Create,
+    )
+    .await
+}
+
+async fn rotate_secret(
+    auth: Auth<Admin>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<SecretBody>,
+) -> Result<Json<Value>, ApiError> {
+    write_secret(
+        &state,
+        &auth.actor(),
+        &name,
+        body.value,
+        plumb_store::SecretWrite::Rotate,
+    )
+    .await
+}
+
+async fn delete_secret(
+    auth: Auth<Admin>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let users = state
+        .engine
+        .project()
+        .secret_uses()
+        .remove(&name)
+        .unwrap_or_default();
+    let force = q.get("force").is_some_and(|v| v == "true");
+    if !users.is_empty() && !force {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            format!(
+                "the secret `{name}` is used by {}; remove those uses first, or pass ?force=true",
+                users.join(", ")
+            ),
+        ));
+    }
+    if !state
+        .engine
+        .store()
+        .delete_secret(&name, &auth.actor())
+        .await?
+    {
+        return Err(ApiError::not_found(format!("no secret named `{name}`")));
+    }
+    let _ = state.engine.load_secrets().await;
+    Ok(Json(json!({ "name": name, "result": "deleted" })))
+}
+
+async fn list_tokens(
+    _auth: Auth<Admin>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let tokens = state.engine.store().list_tokens().await?;
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    name: String,
+    role: plumb_store::Role,
+}
+
+async fn create_token(
+    auth: Auth<Admin>,
+    State(state): State<AppState>,
+    Json(body): Json<TokenBody>,
+) -> Result<Response, ApiError> {
+    let token = plumb_vault::new_api_token();
+    let record = plumb_store::ApiToken {
+        id: uuid_like(),
+        name: body.name.clone(),
+        role: body.role,
+        created_at: plumb_store::now_ms(),
+        revoked_at: None,
+    };
+    let created = state
+        .engine
+        .store()
+        .create_token(&record, &plumb_vault::token_hash(&token), &auth.actor())
+        .await?;
+    if !created {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "exists",
+            format!(
+                "a token named `{}` exists; revoke it or choose another name",
+                body.name
+            ),
+        ));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": body.name, "role": body.role, "token": token.as_str() })),
+    )
+        .into_response())
+}
+
+fn uuid_like() -> String {
+    // 128 random bits, hex: an id only, not a credential.
+    let token = plumb_vault::new_api_token();
+    plumb_vault::token_hash(&token)[..32].to_owned()
+}
+
+async fn revoke_token(
+    auth: Auth<Admin>,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !state
+        .engine
+        .store()
+        .revoke_token(&name, &auth.actor())
+        .await?
+    {
+        return Err(ApiError::not_found(format!(
+            "no active token named `{name}`"
+        )));
+    }
+    Ok(Json(json!({ "name": name, "result": "revoked" })))
+}
+
+async fn audit(
+    _auth: Auth<Admin>,
+    State(state): State<AppState>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let after = q.get("after").and_then(|v| v.parse().ok()).unwrap_or(0_i64);
+    let limit = q
+        .get("limit")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_u32)
+        .min(1000);
+    let entries = state.engine.store().audit_entries(after, limit).await?;
+    Ok(Json(json!({ "entries": entries })))
+}
+
+async fn audit_verify(
+    _auth: Auth<Admin>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let entries = plumb_engine::ops::all_audit_entries(state.engine.store().as_ref()).await?;
+    let head = entries.last().map(|e| e.hash.clone());
+    Ok(Json(match plumb_store::audit::verify_chain(&entries) {
+        Ok(n) => json!({ "ok": true, "entries": n, "head": head }),
+        Err(problem) => json!({ "ok": false, "problem": problem, "message": problem.to_string() }),
+    }))
 }

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub message: String,
     /// `Retry-After` seconds, for 503s.
     pub retry_after: Option<u32>,
+    /// Whether to ask for a bearer token (`WWW-Authenticate`), for 401s.
+    pub www_authenticate: bool,
 }
 
 impl ApiError {
@@ -28,6 +30,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            www_authenticate: false,
         }
     }
 
@@ -88,6 +91,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({ "error": { "code": self.code, "message": self.message } }));
         let mut response = (self.status, body).into_response();
+        if self.www_authenticate {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()

@@ -10,6 +10,7 @@
 //! to the log, not to the caller.
 
 mod api;
+pub mod auth;
 mod error;
 mod metrics_setup;
 mod webhook;
@@ -89,6 +90,30 @@ pub struct Service {
     wake_workers: Arc<Notify>,
 }
 
+/// How often a running service looks for secrets set or rotated by another
+/// process (`plumb secrets rotate` on the command line).
+const SECRETS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reloads the secrets whenever the store's secrets version changes, so a
+/// rotation takes effect without a restart.
+async fn follow_secrets(engine: Arc<Engine>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SECRETS_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match engine.refresh_secrets().await {
+            Ok(true) => tracing::info!("Secrets changed; the new values are in use."),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "Secrets changed but cannot be loaded; the previous values stay in use.")
+            }
+        }
+    }
+}
+
 impl Service {
     /// Starts the HTTP server (on `listener`), the workers, the scheduler
     /// and alert delivery.
@@ -145,6 +170,7 @@ impl Service {
             Arc::clone(&engine),
             shutdown.clone(),
         ));
+        tasks.spawn(follow_secrets(Arc::clone(&engine), shutdown.clone()));
         let service = Self {
             addr,
             shutdown,

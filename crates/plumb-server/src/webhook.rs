@@ -59,7 +59,7 @@ async fn accept(
     let Some(workflow) = project
         .workflows
         .iter()
-        .find(|w| matches!(&w.trigger, Trigger::Webhook { path: p } if p == path))
+        .find(|w| matches!(&w.trigger, Trigger::Webhook { path: p, .. } if p == path))
     else {
         return Err(ApiError::not_found(format!(
             "no workflow is triggered by POST /hooks/{path}"

@@ -24,8 +24,10 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
 
+pub mod audit;
 pub mod sqlite;
 
+pub use audit::{AuditEntry, AuditProblem, NewAuditEntry};
 pub use sqlite::{SqliteStore, Synchronous};
 
 /// Unix time in milliseconds.
@@ -517,6 +519,132 @@ pub enum ReplayResult {
     NotFound,
 }
 
+/// A secret as stored: sealed, never plaintext.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedSecret {
+    /// The AEAD nonce.
+    pub nonce: Vec<u8>,
+    /// Ciphertext and tag.
+    pub ciphertext: Vec<u8>,
+    /// Fingerprint of the master key that sealed it.
+    pub key_id: String,
+}
+
+impl fmt::Debug for SealedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SealedSecret(key {}, {} bytes)",
+            self.key_id,
+            self.ciphertext.len()
+        )
+    }
+}
+
+/// What is known of a secret without opening it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SecretMeta {
+    /// Name.
+    pub name: String,
+    /// Fingerprint of the key that sealed it.
+    pub key_id: String,
+    /// First set.
+    pub created_at: Millis,
+    /// Last rotated.
+    pub rotated_at: Option<Millis>,
+}
+
+/// How `put_secret` treats an existing name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretWrite {
+    /// Only a new name (`plumb secrets set`).
+    Create,
+    /// Only an existing name (`plumb secrets rotate`).
+    Rotate,
+}
+
+/// What `put_secret` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretWriteResult {
+    /// Stored under a new name.
+    Created,
+    /// Replaced an existing value.
+    Rotated,
+    /// `Create` of a name that exists.
+    AlreadyExists,
+    /// `Rotate` of a name that does not exist.
+    NotFound,
+}
+
+/// A role of an API token; each includes the ones before it.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads.
+    Viewer,
+    /// Also replays and cancels.
+    Operator,
+    /// Also manages secrets, tokens and deployments.
+    Admin,
+}
+
+impl Role {
+    /// As stored.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Parses a stored role.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Corrupt`] for an unknown value.
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "viewer" => Self::Viewer,
+            "operator" => Self::Operator,
+            "admin" => Self::Admin,
+            other => return Err(StoreError::Corrupt(format!("unknown role `{other}`"))),
+        })
+    }
+}
+
+/// One deployed definition: `plumb.yaml` (`kind` `config`), a
+/// `connection` or a `workflow`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deployed {
+    /// `config`, `connection` or `workflow`.
+    pub kind: String,
+    /// The connection's or workflow's name, or `plumb.yaml`.
+    pub name: String,
+    /// SHA-256 of the file (hex).
+    pub version: String,
+    /// The file, relative to the project.
+    pub file: String,
+}
+
+/// An API token as stored (only its hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ApiToken {
+    /// Id.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Created.
+    pub created_at: Millis,
+    /// Revoked, if it was.
+    pub revoked_at: Option<Millis>,
+}
+
 /// Which runs to list.
 #[derive(Clone, Debug, Default)]
 pub struct RunFilter {
@@ -608,13 +736,88 @@ pub trait Store: Send + Sync + 'static {
     async fn leased_runs(&self) -> Result<Vec<(String, String)>, StoreError>;
 
     /// Cancels a queued or running run. A worker executing it stops at its
-    /// next journal write or heartbeat.
-    async fn cancel_run(&self, id: &str, reason: &str) -> Result<CancelResult, StoreError>;
+    /// next journal write or heartbeat. Audited as `actor`.
+    async fn cancel_run(
+        &self,
+        id: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<CancelResult, StoreError>;
 
     /// Queues a failed run again, keeping its id (so its idempotency keys)
     /// and every succeeded step: it resumes at the step that failed, and a
     /// failed `for_each` re-runs only its failed items.
-    async fn replay_run(&self, id: &str) -> Result<ReplayResult, StoreError>;
+    /// Audited as `actor`.
+    async fn replay_run(&self, id: &str, actor: &str) -> Result<ReplayResult, StoreError>;
+
+    /// Stores a sealed secret (and its audit entry, in one commit).
+    async fn put_secret(
+        &self,
+        name: &str,
+        sealed: &SealedSecret,
+        mode: SecretWrite,
+        actor: &str,
+    ) -> Result<SecretWriteResult, StoreError>;
+
+    /// One sealed secret.
+    async fn secret(&self, name: &str) -> Result<Option<(SealedSecret, SecretMeta)>, StoreError>;
+
+    /// Every secret's metadata, by name.
+    async fn list_secrets(&self) -> Result<Vec<SecretMeta>, StoreError>;
+
+    /// Deletes a secret (audited); `false` if there was none.
+    async fn delete_secret(&self, name: &str, actor: &str) -> Result<bool, StoreError>;
+
+    /// Replaces every secret's sealed value in one transaction (a new master
+    /// key). Fails, changing nothing, unless `resealed` names exactly the
+    /// stored secrets.
+    async fn rekey_secrets(
+        &self,
+        resealed: &[(String, SealedSecret)],
+        actor: &str,
+    ) -> Result<(), StoreError>;
+
+    /// A value that changes whenever a secret is set, rotated or deleted.
+    async fn secrets_version(&self) -> Result<String, StoreError>;
+
+    /// Stores a new API token (its hash); `false` if the name is taken.
+    async fn create_token(
+        &self,
+        token: &ApiToken,
+        token_hash: &str,
+        actor: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// Revokes a token by name; `false` if none was active.
+    async fn revoke_token(&self, name: &str, actor: &str) -> Result<bool, StoreError>;
+
+    /// The token with this hash, revoked or not.
+    async fn token_by_hash(&self, token_hash: &str) -> Result<Option<ApiToken>, StoreError>;
+
+    /// Every token.
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>, StoreError>;
+
+    /// Appends an audit entry.
+    async fn append_audit(&self, entry: &NewAuditEntry) -> Result<(), StoreError>;
+
+    /// Records what a starting or reloading process deploys, in one
+    /// transaction: every item whose version differs from the one recorded
+    /// gets an audit entry (`config.changed`, `connection.changed`,
+    /// `workflow.deployed`), and every recorded connection or workflow
+    /// missing from `items` a `connection.removed` or `workflow.removed`.
+    /// Returns the audited changes as `kind:name`.
+    async fn record_deployment(
+        &self,
+        items: &[Deployed],
+        actor: &str,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Audit entries after `after_seq`, in order.
+    async fn audit_entries(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
 
     /// The latest schedule slot recorded for a workflow (fired or skipped).
     async fn last_fire(&self, workflow: &str) -> Result<Option<Millis>, StoreError>;

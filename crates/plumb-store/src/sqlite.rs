@@ -41,9 +41,10 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Alert, AlertAttempt, AlertStatus, AttemptFailure, CancelResult, Claim, Failure, Lease, Millis,
-    NewAlert, NewRun, ReplayResult, Run, RunFilter, RunOutcome, RunStatus, StepRecord, StepStatus,
-    Store, StoreError, WorkflowStats, WorkflowVersion, now_ms,
+    Alert, AlertAttempt, AlertStatus, ApiToken, AttemptFailure, AuditEntry, CancelResult, Claim,
+    Deployed, Failure, Lease, Millis, NewAlert, NewAuditEntry, NewRun, ReplayResult, Role, Run,
+    RunFilter, RunOutcome, RunStatus, SealedSecret, SecretMeta, SecretWrite, SecretWriteResult,
+    StepRecord, StepStatus, Store, StoreError, WorkflowStats, WorkflowVersion, now_ms,
 };
 
 /// How hard SQLite works to make each commit durable.
@@ -157,9 +158,39 @@ enum Op {
     Cancel {
         id: String,
         reason: String,
+        actor: String,
     },
     Replay {
         id: String,
+        actor: String,
+    },
+    PutSecret {
+        name: String,
+        sealed: SealedSecret,
+        mode: SecretWrite,
+        actor: String,
+    },
+    DeleteSecret {
+        name: String,
+        actor: String,
+    },
+    Rekey {
+        resealed: Vec<(String, SealedSecret)>,
+        actor: String,
+    },
+    CreateToken {
+        token: ApiToken,
+        hash: String,
+        actor: String,
+    },
+    RevokeToken {
+        name: String,
+        actor: String,
+    },
+    Audit(NewAuditEntry),
+    Deploy {
+        items: Vec<Deployed>,
+        actor: String,
     },
     Fire {
         workflow: String,
@@ -183,6 +214,9 @@ enum Done {
     MaybeRun(Option<Box<Run>>),
     Cancel(CancelResult),
     Replay(ReplayResult),
+    Secret(SecretWriteResult),
+    Flag(bool),
+    Names(Vec<String>),
 }
 
 struct Job {
@@ -199,6 +233,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0002_queue_schedules_alerts.sql"),
     include_str!("../migrations/sqlite/0003_health.sql"),
     include_str!("../migrations/sqlite/0004_queue_index.sql"),
+    include_str!("../migrations/sqlite/0005_secrets_tokens_audit.sql"),
 ];
 
 fn migrate(conn: &mut Connection) -> Result<(), String> {
@@ -653,8 +688,97 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
             }
             finish(tx, id, owner, outcome, alerts)
         }
-        Op::Cancel { id, reason } => cancel(tx, id, reason).map(Done::Cancel),
-        Op::Replay { id } => replay(tx, id).map(Done::Replay),
+        Op::Cancel { id, reason, actor } => {
+            let result = cancel(tx, id, reason)?;
+            if result == CancelResult::Cancelled {
+                append_audit(
+                    tx,
+                    &NewAuditEntry::new(
+                        actor,
+                        "run.cancelled",
+                        id,
+                        serde_json::json!({ "reason": reason }),
+                    ),
+                )?;
+            }
+            Ok(Done::Cancel(result))
+        }
+        Op::Replay { id, actor } => {
+            let result = replay(tx, id)?;
+            if result == ReplayResult::Replayed {
+                append_audit(
+                    tx,
+                    &NewAuditEntry::new(actor, "run.replayed", id, serde_json::json!({})),
+                )?;
+            }
+            Ok(Done::Replay(result))
+        }
+        Op::PutSecret {
+            name,
+            sealed,
+            mode,
+            actor,
+        } => put_secret(tx, name, sealed, *mode, actor).map(Done::Secret),
+        Op::DeleteSecret { name, actor } => {
+            let rows = tx
+                .prepare_cached("DELETE FROM secrets WHERE name = ?1")
+                .and_then(|mut st| st.execute(params![name]))
+                .map_err(map_err)?;
+            if rows == 1 {
+                append_audit(
+                    tx,
+                    &NewAuditEntry::new(actor, "secret.deleted", name, serde_json::json!({})),
+                )?;
+            }
+            Ok(Done::Flag(rows == 1))
+        }
+        Op::Rekey { resealed, actor } => rekey(tx, resealed, actor).map(|()| Done::Unit),
+        Op::CreateToken { token, hash, actor } => {
+            let rows = tx
+                .prepare_cached(
+                    "INSERT INTO api_tokens (id, name, role, token_hash, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (name) DO NOTHING",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        token.id,
+                        token.name,
+                        token.role.as_str(),
+                        hash,
+                        token.created_at
+                    ])
+                })
+                .map_err(map_err)?;
+            if rows == 1 {
+                append_audit(
+                    tx,
+                    &NewAuditEntry::new(
+                        actor,
+                        "token.created",
+                        &token.name,
+                        serde_json::json!({ "role": token.role.as_str(), "id": token.id }),
+                    ),
+                )?;
+            }
+            Ok(Done::Flag(rows == 1))
+        }
+        Op::RevokeToken { name, actor } => {
+            let rows = tx
+                .prepare_cached(
+                    "UPDATE api_tokens SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
+                )
+                .and_then(|mut st| st.execute(params![name, now_ms()]))
+                .map_err(map_err)?;
+            if rows == 1 {
+                append_audit(
+                    tx,
+                    &NewAuditEntry::new(actor, "token.revoked", name, serde_json::json!({})),
+                )?;
+            }
+            Ok(Done::Flag(rows == 1))
+        }
+        Op::Audit(entry) => append_audit(tx, entry).map(|()| Done::Unit),
+        Op::Deploy { items, actor } => record_deployment(tx, items, actor).map(Done::Names),
         Op::Fire {
             workflow,
             slot,
@@ -753,6 +877,216 @@ fn record_step(tx: &Transaction<'_>, owner: &str, r: &StepRecord) -> Result<Done
         })
         .map_err(map_err)?;
     fenced(rows, &r.run_id)
+}
+
+/// Appends an audit entry, chained to the last one, inside the caller's
+/// transaction (so the change and its record commit together).
+fn append_audit(tx: &Transaction<'_>, e: &NewAuditEntry) -> Result<(), StoreError> {
+    let last: Option<(i64, String)> = tx
+        .prepare_cached("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .and_then(|mut st| st.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(map_err)?;
+    let (last_seq, prev) = last.unwrap_or_else(|| (0, crate::audit::GENESIS.to_owned()));
+    let seq = last_seq + 1;
+    let at = now_ms();
+    let hash =
+        crate::audit::entry_hash(&prev, seq, at, &e.actor, &e.action, &e.subject, &e.details);
+    tx.prepare_cached(
+        "INSERT INTO audit_log (seq, at, actor, action, subject, details, prev_hash, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            seq,
+            at,
+            e.actor,
+            e.action,
+            e.subject,
+            crate::audit::canonical_json(&e.details),
+            prev,
+            hash
+        ])
+    })
+    .map_err(map_err)?;
+    Ok(())
+}
+
+fn record_deployment(
+    tx: &Transaction<'_>,
+    items: &[Deployed],
+    actor: &str,
+) -> Result<Vec<String>, StoreError> {
+    let recorded: Vec<(String, String, String)> = tx
+        .prepare_cached("SELECT kind, name, version FROM deployments")
+        .and_then(|mut st| {
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()
+        })
+        .map_err(map_err)?;
+    let mut changed = Vec::new();
+    let now = now_ms();
+    for item in items {
+        let before = recorded
+            .iter()
+            .find(|(k, n, _)| *k == item.kind && *n == item.name)
+            .map(|(_, _, v)| v.as_str());
+        if before == Some(item.version.as_str()) {
+            continue;
+        }
+        tx.prepare_cached(
+            "INSERT INTO deployments (kind, name, version, file, deployed_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (kind, name) DO UPDATE SET version = excluded.version, file = excluded.file, \
+             deployed_at = excluded.deployed_at",
+        )
+        .and_then(|mut st| st.execute(params![item.kind, item.name, item.version, item.file, now]))
+        .map_err(map_err)?;
+        let action = match item.kind.as_str() {
+            "config" => "config.changed",
+            "connection" => "connection.changed",
+            _ => "workflow.deployed",
+        };
+        append_audit(
+            tx,
+            &NewAuditEntry::new(
+                actor,
+                action,
+                &item.name,
+                serde_json::json!({ "file": item.file, "version": item.version, "previous": before }),
+            ),
+        )?;
+        changed.push(format!("{}:{}", item.kind, item.name));
+    }
+    for (kind, name, version) in &recorded {
+        if kind == "config" || items.iter().any(|i| i.kind == *kind && i.name == *name) {
+            continue;
+        }
+        tx.prepare_cached("DELETE FROM deployments WHERE kind = ?1 AND name = ?2")
+            .and_then(|mut st| st.execute(params![kind, name]))
+            .map_err(map_err)?;
+        append_audit(
+            tx,
+            &NewAuditEntry::new(
+                actor,
+                &format!("{kind}.removed"),
+                name,
+                serde_json::json!({ "previous": version }),
+            ),
+        )?;
+        changed.push(format!("{kind}:{name}"));
+    }
+    Ok(changed)
+}
+
+fn put_secret(
+    tx: &Transaction<'_>,
+    name: &str,
+    sealed: &SealedSecret,
+    mode: SecretWrite,
+    actor: &str,
+) -> Result<SecretWriteResult, StoreError> {
+    let exists: bool = tx
+        .prepare_cached("SELECT 1 FROM secrets WHERE name = ?1")
+        .and_then(|mut st| st.exists(params![name]))
+        .map_err(map_err)?;
+    let now = now_ms();
+    let (sql, result, action) = match (mode, exists) {
+        (SecretWrite::Create, true) => return Ok(SecretWriteResult::AlreadyExists),
+        (SecretWrite::Rotate, false) => return Ok(SecretWriteResult::NotFound),
+        (SecretWrite::Create, false) => (
+            "INSERT INTO secrets (name, nonce, ciphertext, key_id, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            SecretWriteResult::Created,
+            "secret.set",
+        ),
+        (SecretWrite::Rotate, true) => (
+            "UPDATE secrets SET nonce = ?2, ciphertext = ?3, key_id = ?4, rotated_at = ?5, \
+             updated_at = ?5 WHERE name = ?1",
+            SecretWriteResult::Rotated,
+            "secret.rotated",
+        ),
+    };
+    tx.prepare_cached(sql)
+        .and_then(|mut st| {
+            st.execute(params![
+                name,
+                sealed.nonce,
+                sealed.ciphertext,
+                sealed.key_id,
+                now
+            ])
+        })
+        .map_err(map_err)?;
+    append_audit(
+        tx,
+        &NewAuditEntry::new(
+            actor,
+            action,
+            name,
+            serde_json::json!({ "key_id": sealed.key_id }),
+        ),
+    )?;
+    Ok(result)
+}
+
+fn rekey(
+    tx: &Transaction<'_>,
+    resealed: &[(String, SealedSecret)],
+    actor: &str,
+) -> Result<(), StoreError> {
+    let stored: Vec<String> = query_all(tx, "SELECT name FROM secrets ORDER BY name", [], |r| {
+        r.get(0)
+    })?;
+    let mut given: Vec<&str> = resealed.iter().map(|(n, _)| n.as_str()).collect();
+    given.sort_unstable();
+    if given != stored.iter().map(String::as_str).collect::<Vec<_>>() {
+        return Err(StoreError::Other(
+            "the secrets changed while rekeying; nothing was changed, run rekey again".into(),
+        ));
+    }
+    let now = now_ms();
+    for (name, sealed) in resealed {
+        tx.prepare_cached(
+            "UPDATE secrets SET nonce = ?2, ciphertext = ?3, key_id = ?4, updated_at = ?5 WHERE name = ?1",
+        )
+        .and_then(|mut st| st.execute(params![name, sealed.nonce, sealed.ciphertext, sealed.key_id, now]))
+        .map_err(map_err)?;
+    }
+    let key_id = resealed
+        .first()
+        .map(|(_, s)| s.key_id.clone())
+        .unwrap_or_default();
+    append_audit(
+        tx,
+        &NewAuditEntry::new(
+            actor,
+            "secrets.rekeyed",
+            "*",
+            serde_json::json!({ "secrets": resealed.len(), "key_id": key_id }),
+        ),
+    )
+}
+
+fn token_from_row(r: &Row<'_>) -> rusqlite::Result<ApiToken> {
+    Ok(ApiToken {
+        id: r.get("id")?,
+        name: r.get("name")?,
+        role: parse_col(Role::parse(&r.get::<_, String>("role")?))?,
+        created_at: r.get("created_at")?,
+        revoked_at: r.get("revoked_at")?,
+    })
+}
+
+fn audit_from_row(r: &Row<'_>) -> rusqlite::Result<AuditEntry> {
+    Ok(AuditEntry {
+        seq: r.get("seq")?,
+        at: r.get("at")?,
+        actor: r.get("actor")?,
+        action: r.get("action")?,
+        subject: r.get("subject")?,
+        details: json_col(r, "details")?.unwrap_or(Value::Null),
+        prev_hash: r.get("prev_hash")?,
+        hash: r.get("hash")?,
+    })
 }
 
 /// Every row of a cached query, mapped.
@@ -1214,11 +1548,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn cancel_run(&self, id: &str, reason: &str) -> Result<CancelResult, StoreError> {
+    async fn cancel_run(
+        &self,
+        id: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<CancelResult, StoreError> {
         match self
             .write(Op::Cancel {
                 id: id.to_owned(),
                 reason: reason.to_owned(),
+                actor: actor.to_owned(),
             })
             .await?
         {
@@ -1227,11 +1567,227 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn replay_run(&self, id: &str) -> Result<ReplayResult, StoreError> {
-        match self.write(Op::Replay { id: id.to_owned() }).await? {
+    async fn replay_run(&self, id: &str, actor: &str) -> Result<ReplayResult, StoreError> {
+        match self
+            .write(Op::Replay {
+                id: id.to_owned(),
+                actor: actor.to_owned(),
+            })
+            .await?
+        {
             Done::Replay(r) => Ok(r),
             other => Err(unexpected(&other)),
         }
+    }
+
+    async fn put_secret(
+        &self,
+        name: &str,
+        sealed: &SealedSecret,
+        mode: SecretWrite,
+        actor: &str,
+    ) -> Result<SecretWriteResult, StoreError> {
+        match self
+            .write(Op::PutSecret {
+                name: name.to_owned(),
+                sealed: sealed.clone(),
+                mode,
+                actor: actor.to_owned(),
+            })
+            .await?
+        {
+            Done::Secret(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn secret(&self, name: &str) -> Result<Option<(SealedSecret, SecretMeta)>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT name, nonce, ciphertext, key_id, created_at, rotated_at FROM secrets WHERE name = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![name], |r| {
+                    Ok((
+                        SealedSecret {
+                            nonce: r.get("nonce")?,
+                            ciphertext: r.get("ciphertext")?,
+                            key_id: r.get("key_id")?,
+                        },
+                        SecretMeta {
+                            name: r.get("name")?,
+                            key_id: r.get("key_id")?,
+                            created_at: r.get("created_at")?,
+                            rotated_at: r.get("rotated_at")?,
+                        },
+                    ))
+                })
+                .optional()
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn list_secrets(&self) -> Result<Vec<SecretMeta>, StoreError> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                "SELECT name, key_id, created_at, rotated_at FROM secrets ORDER BY name",
+                [],
+                |r| {
+                    Ok(SecretMeta {
+                        name: r.get("name")?,
+                        key_id: r.get("key_id")?,
+                        created_at: r.get("created_at")?,
+                        rotated_at: r.get("rotated_at")?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn delete_secret(&self, name: &str, actor: &str) -> Result<bool, StoreError> {
+        match self
+            .write(Op::DeleteSecret {
+                name: name.to_owned(),
+                actor: actor.to_owned(),
+            })
+            .await?
+        {
+            Done::Flag(b) => Ok(b),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn rekey_secrets(
+        &self,
+        resealed: &[(String, SealedSecret)],
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        self.write(Op::Rekey {
+            resealed: resealed.to_vec(),
+            actor: actor.to_owned(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn secrets_version(&self) -> Result<String, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                // Every seal draws a fresh random nonce, so the nonces change
+                // on each set, rotation and rekey even within one millisecond.
+                "SELECT count(*), coalesce(max(updated_at), 0), coalesce(group_concat(name || ':' || hex(nonce)), '') FROM secrets",
+                [],
+                |r| {
+                    Ok(format!(
+                        "{}:{}:{}",
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?
+                    ))
+                },
+            )
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn create_token(
+        &self,
+        token: &ApiToken,
+        token_hash: &str,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        match self
+            .write(Op::CreateToken {
+                token: token.clone(),
+                hash: token_hash.to_owned(),
+                actor: actor.to_owned(),
+            })
+            .await?
+        {
+            Done::Flag(b) => Ok(b),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn revoke_token(&self, name: &str, actor: &str) -> Result<bool, StoreError> {
+        match self
+            .write(Op::RevokeToken {
+                name: name.to_owned(),
+                actor: actor.to_owned(),
+            })
+            .await?
+        {
+            Done::Flag(b) => Ok(b),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn token_by_hash(&self, token_hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        let token_hash = token_hash.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT id, name, role, created_at, revoked_at FROM api_tokens WHERE token_hash = ?1",
+            )
+            .and_then(|mut st| st.query_row(params![token_hash], token_from_row).optional())
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                "SELECT id, name, role, created_at, revoked_at FROM api_tokens ORDER BY created_at, name",
+                [],
+                token_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn append_audit(&self, entry: &NewAuditEntry) -> Result<(), StoreError> {
+        self.write(Op::Audit(entry.clone())).await.map(|_| ())
+    }
+
+    async fn record_deployment(
+        &self,
+        items: &[Deployed],
+        actor: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        match self
+            .write(Op::Deploy {
+                items: items.to_vec(),
+                actor: actor.to_owned(),
+            })
+            .await?
+        {
+            Done::Names(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn audit_entries(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(move |conn| {
+            query_all(
+                conn,
+                "SELECT seq, at, actor, action, subject, details, prev_hash, hash FROM audit_log \
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                params![after_seq, i64::from(limit)],
+                audit_from_row,
+            )
+        })
+        .await
     }
 
     async fn last_fire(&self, workflow: &str) -> Result<Option<Millis>, StoreError> {

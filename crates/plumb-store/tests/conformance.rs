@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
+use plumb_store::audit::verify_chain;
 use plumb_store::{
-    AlertAttempt, AlertStatus, AttemptFailure, CancelResult, Claim, Failure, Lease, NewAlert,
-    NewRun, ReplayResult, RunFilter, RunOutcome, RunStatus, SqliteStore, StepRecord, StepStatus,
-    Store, StoreError, Synchronous, WorkflowVersion, now_ms,
+    AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
+    Lease, NewAlert, NewRun, ReplayResult, Role, RunFilter, RunOutcome, RunStatus, SealedSecret,
+    SecretWrite, SecretWriteResult, SqliteStore, StepRecord, StepStatus, Store, StoreError,
+    Synchronous, WorkflowVersion, now_ms,
 };
 use serde_json::json;
 
@@ -367,17 +369,23 @@ async fn cancel_and_replay_move_runs_between_states(store: &dyn Store) {
     seed(store, "c1", None).await;
     assert_eq!(
         store
-            .cancel_run("c1", "no longer needed")
+            .cancel_run("c1", "no longer needed", "cli:ada")
             .await
             .expect("cancel"),
         CancelResult::Cancelled
     );
     assert_eq!(
-        store.cancel_run("c1", "again").await.expect("cancel"),
+        store
+            .cancel_run("c1", "again", "cli:ada")
+            .await
+            .expect("cancel"),
         CancelResult::AlreadyEnded(RunStatus::Cancelled)
     );
     assert_eq!(
-        store.cancel_run("nope", "x").await.expect("cancel"),
+        store
+            .cancel_run("nope", "x", "cli:ada")
+            .await
+            .expect("cancel"),
         CancelResult::NotFound
     );
     let run = store.run("c1").await.expect("get").expect("exists");
@@ -405,7 +413,10 @@ async fn cancel_and_replay_move_runs_between_states(store: &dyn Store) {
     whole.error = Some("1 of 2 items failed".into());
     store.record_step("a#1", &whole).await.expect("step failed");
     assert_eq!(
-        store.replay_run("d1").await.expect("replay running"),
+        store
+            .replay_run("d1", "api:ops")
+            .await
+            .expect("replay running"),
         ReplayResult::NotFailed(RunStatus::Running)
     );
     store
@@ -422,7 +433,7 @@ async fn cancel_and_replay_move_runs_between_states(store: &dyn Store) {
         .await
         .expect("finish");
     assert_eq!(
-        store.replay_run("d1").await.expect("replay"),
+        store.replay_run("d1", "api:ops").await.expect("replay"),
         ReplayResult::Replayed
     );
     let run = store.run("d1").await.expect("get").expect("exists");
@@ -451,6 +462,250 @@ async fn cancel_and_replay_move_runs_between_states(store: &dyn Store) {
         Some(json!({"items": [1, 2]})),
         "the item list is kept"
     );
+
+    // Only the operations that changed something are audited, with who.
+    let audit = store.audit_entries(0, 100).await.expect("audit");
+    let actions: Vec<(&str, &str, &str)> = audit
+        .iter()
+        .map(|e| (e.action.as_str(), e.subject.as_str(), e.actor.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("run.cancelled", "c1", "cli:ada"),
+            ("run.replayed", "d1", "api:ops")
+        ]
+    );
+    assert_eq!(verify_chain(&audit), Ok(2));
+}
+
+fn sealed(tag: u8, key: &str) -> SealedSecret {
+    SealedSecret {
+        nonce: vec![tag; 24],
+        ciphertext: vec![tag; 40],
+        key_id: key.into(),
+    }
+}
+
+async fn secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(store: &dyn Store) {
+    let before = store.audit_entries(0, 1000).await.expect("audit").len();
+    let v0 = store.secrets_version().await.expect("version");
+    assert_eq!(
+        store
+            .put_secret(
+                "crm_token",
+                &sealed(1, "k1"),
+                SecretWrite::Create,
+                "cli:ada"
+            )
+            .await
+            .expect("set"),
+        SecretWriteResult::Created
+    );
+    assert_eq!(
+        store
+            .put_secret(
+                "crm_token",
+                &sealed(2, "k1"),
+                SecretWrite::Create,
+                "cli:ada"
+            )
+            .await
+            .expect("set again"),
+        SecretWriteResult::AlreadyExists,
+        "set never overwrites"
+    );
+    assert_eq!(
+        store
+            .put_secret("nope", &sealed(2, "k1"), SecretWrite::Rotate, "cli:ada")
+            .await
+            .expect("rotate missing"),
+        SecretWriteResult::NotFound
+    );
+    let v1 = store.secrets_version().await.expect("version");
+    assert_ne!(v0, v1, "a new secret changes the version");
+    assert_eq!(
+        store
+            .put_secret(
+                "crm_token",
+                &sealed(3, "k1"),
+                SecretWrite::Rotate,
+                "cli:ada"
+            )
+            .await
+            .expect("rotate"),
+        SecretWriteResult::Rotated
+    );
+    let v2 = store.secrets_version().await.expect("version");
+    assert_ne!(v1, v2, "a rotation changes the version");
+    let (value, meta) = store
+        .secret("crm_token")
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(value, sealed(3, "k1"));
+    assert!(meta.rotated_at.is_some());
+
+    store
+        .put_secret("other", &sealed(4, "k1"), SecretWrite::Create, "cli:ada")
+        .await
+        .expect("second secret");
+    let partial = store
+        .rekey_secrets(&[("crm_token".into(), sealed(5, "k2"))], "cli:ada")
+        .await;
+    assert!(partial.is_err(), "a rekey must cover every secret");
+    assert_eq!(
+        store.secret("crm_token").await.expect("read").map(|s| s.0),
+        Some(sealed(3, "k1")),
+        "a refused rekey changes nothing"
+    );
+    store
+        .rekey_secrets(
+            &[
+                ("crm_token".into(), sealed(5, "k2")),
+                ("other".into(), sealed(6, "k2")),
+            ],
+            "cli:ada",
+        )
+        .await
+        .expect("rekey");
+    let metas = store.list_secrets().await.expect("list");
+    assert!(metas.iter().all(|m| m.key_id == "k2"));
+    assert!(
+        store
+            .delete_secret("other", "cli:ada")
+            .await
+            .expect("delete")
+    );
+    assert!(
+        !store
+            .delete_secret("other", "cli:ada")
+            .await
+            .expect("again")
+    );
+    assert_eq!(store.list_secrets().await.expect("list").len(), 1);
+
+    let audit = store.audit_entries(0, 1000).await.expect("audit");
+    let actions: Vec<&str> = audit[before..].iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "secret.set",
+            "secret.rotated",
+            "secret.set",
+            "secrets.rekeyed",
+            "secret.deleted"
+        ]
+    );
+    assert!(verify_chain(&audit).is_ok());
+}
+
+async fn tokens_are_found_by_hash_until_revoked(store: &dyn Store) {
+    let token = ApiToken {
+        id: "t1".into(),
+        name: "ci".into(),
+        role: Role::Operator,
+        created_at: now_ms(),
+        revoked_at: None,
+    };
+    assert!(
+        store
+            .create_token(&token, "hash-1", "cli:ada")
+            .await
+            .expect("create")
+    );
+    let taken = ApiToken {
+        id: "t2".into(),
+        ..token.clone()
+    };
+    assert!(
+        !store
+            .create_token(&taken, "hash-2", "cli:ada")
+            .await
+            .expect("dup"),
+        "names are unique"
+    );
+    let found = store
+        .token_by_hash("hash-1")
+        .await
+        .expect("find")
+        .expect("exists");
+    assert_eq!((found.name.as_str(), found.role), ("ci", Role::Operator));
+    assert!(found.revoked_at.is_none());
+    assert!(store.revoke_token("ci", "cli:ada").await.expect("revoke"));
+    assert!(!store.revoke_token("ci", "cli:ada").await.expect("again"));
+    let found = store
+        .token_by_hash("hash-1")
+        .await
+        .expect("find")
+        .expect("kept");
+    assert!(
+        found.revoked_at.is_some(),
+        "a revoked token is kept, marked"
+    );
+    assert!(store.token_by_hash("hash-2").await.expect("find").is_none());
+}
+
+fn deployed(kind: &str, name: &str, version: &str) -> Deployed {
+    Deployed {
+        kind: kind.into(),
+        name: name.into(),
+        version: version.into(),
+        file: format!("{name}.yaml"),
+    }
+}
+
+async fn deployments_are_audited_only_when_something_changed(store: &dyn Store) {
+    let first = [
+        deployed("config", "plumb.yaml", "c1"),
+        deployed("connection", "crm", "x1"),
+        deployed("workflow", "orders", "o1"),
+        deployed("workflow", "refunds", "r1"),
+    ];
+    assert_eq!(
+        store
+            .record_deployment(&first, "serve")
+            .await
+            .expect("first")
+            .len(),
+        4
+    );
+    assert!(
+        store
+            .record_deployment(&first, "serve")
+            .await
+            .expect("same")
+            .is_empty(),
+        "a restart with the same files changes nothing"
+    );
+    let second = [
+        deployed("config", "plumb.yaml", "c2"),
+        deployed("workflow", "orders", "o2"),
+        deployed("workflow", "refunds", "r1"),
+    ];
+    let changed = store
+        .record_deployment(&second, "serve")
+        .await
+        .expect("second");
+    assert_eq!(
+        changed,
+        ["config:plumb.yaml", "workflow:orders", "connection:crm"]
+    );
+    let audit = store.audit_entries(0, 1000).await.expect("audit");
+    let last: Vec<(&str, &str)> = audit[audit.len() - 3..]
+        .iter()
+        .map(|e| (e.action.as_str(), e.subject.as_str()))
+        .collect();
+    assert_eq!(
+        last,
+        [
+            ("config.changed", "plumb.yaml"),
+            ("workflow.deployed", "orders"),
+            ("connection.removed", "crm")
+        ]
+    );
+    assert_eq!(audit[audit.len() - 2].details["previous"], json!("o1"));
+    assert!(verify_chain(&audit).is_ok());
 }
 
 async fn a_schedule_slot_is_recorded_once(store: &dyn Store) {
@@ -662,6 +917,9 @@ async fn sqlite_conforms_to_the_store_contract() {
     stale_alert_results_and_expired_deadlines_are_not_committed(&store).await;
     a_schedule_slot_is_recorded_once(&store).await;
     alerts_are_committed_with_the_failure_and_tracked_to_delivery(&store).await;
+    secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(&store).await;
+    tokens_are_found_by_hash_until_revoked(&store).await;
+    deployments_are_audited_only_when_something_changed(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -289,6 +289,27 @@ impl MasterKey {
     }
 }
 
+/// A new random API token (`plb_` and 32 random bytes, base64url): shown
+/// once, stored only as its [`token_hash`].
+#[must_use]
+pub fn new_api_token() -> Zeroizing<String> {
+    let bytes = Key::generate();
+    Zeroizing::new(format!(
+        "plb_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_slice())
+    ))
+}
+
+/// The stored form of an API token: SHA-256, hex. Tokens have 256 bits of
+/// entropy, so a fast hash is enough: there is nothing to brute-force.
+#[must_use]
+pub fn token_hash(token: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"plumb api token v1\0");
+    h.update(token.as_bytes());
+    hex::encode(h.finalize())
+}
+
 fn aad(name: &str) -> String {
     format!("plumb secret v1\0{name}")
 }

@@ -1,7 +1,10 @@
 //! `plumb check`: validate the whole project and list every problem.
 
+use std::collections::BTreeSet;
+
 use plumb_core::Diagnostics;
 use plumb_engine::project_dir::{self, LoadError};
+use plumb_store::Store;
 use serde_json::json;
 
 use crate::Exit;
@@ -9,9 +12,12 @@ use crate::cli::Global;
 use crate::output::Style;
 
 /// Runs the check; exit 1 when anything is wrong.
-pub fn run(global: &Global) -> anyhow::Result<Exit> {
+pub async fn run(global: &Global) -> anyhow::Result<Exit> {
     let root = global.project_dir();
-    let result = project_dir::load_project(&root);
+    let result = match stored_secret_names(&root).await {
+        Some(names) => project_dir::load_project_checking_secrets(&root, &names),
+        None => project_dir::load_project(&root),
+    };
     let (diags, workflows) = match result {
         Ok(project) => (Diagnostics::default(), project.workflows.len()),
         Err(LoadError::Invalid(d)) => (d, 0),
@@ -42,4 +48,23 @@ pub fn run(global: &Global) -> anyhow::Result<Exit> {
     } else {
         Exit::Failure
     })
+}
+
+/// The names of the secrets in the project's store, when the store exists
+/// (a check never creates one). `None` when they cannot be read: secret
+/// references are then checked when the project starts.
+async fn stored_secret_names(root: &std::path::Path) -> Option<BTreeSet<String>> {
+    let config = super::load_config(root).ok()?;
+    let (path, _) = project_dir::sqlite_location(&config, root).ok()?;
+    if !path.is_file() {
+        return Some(BTreeSet::new());
+    }
+    let store = super::open_store(&config, root).await.ok()?;
+    let names = store
+        .list_secrets()
+        .await
+        .ok()
+        .map(|list| list.into_iter().map(|m| m.name).collect::<BTreeSet<_>>());
+    store.close().await;
+    names
 }

@@ -210,6 +210,7 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
     let store = super::open_store(&project.config, &root).await?;
     let store_dyn: Arc<dyn Store> = store.clone();
     let engine = Arc::new(Engine::new(store_dyn, Arc::clone(&project), "serve")?);
+    super::load_secrets(&engine, &root).await?;
     let mut signals = super::serve::Signals::new()?;
     let service = Service::start(
         Arc::clone(&engine),

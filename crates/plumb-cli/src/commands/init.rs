@@ -62,7 +62,8 @@ steps:
 
 const INPUT_JSON: &str = "{\"names\": [\"ada\", \"grace\", \"linus\"]}\n";
 
-const GITIGNORE: &str = "plumb.db\nplumb.db-wal\nplumb.db-shm\n";
+// `.plumb/` holds the master key: it must never be committed.
+const GITIGNORE: &str = "plumb.db\nplumb.db-wal\nplumb.db-shm\n.plumb/\n";
 
 /// Creates the project files; refuses to overwrite an existing project.
 pub fn run(global: &Global, dir: Option<&Path>) -> anyhow::Result<Exit> {
@@ -92,7 +93,20 @@ pub fn run(global: &Global, dir: Option<&Path>) -> anyhow::Result<Exit> {
             continue;
         }
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        created.push(name);
+        created.push(name.to_owned());
+    }
+    // The key that seals secrets, outside the store and readable by the
+    // owner only; not when the key comes from the environment.
+    let key_file = super::master_key_file(&root);
+    if std::env::var_os(plumb_vault::MASTER_KEY_ENV).is_none() && !key_file.exists() {
+        plumb_vault::MasterKey::create_file(&key_file)?;
+        created.push(
+            key_file
+                .strip_prefix(&root)
+                .unwrap_or(&key_file)
+                .display()
+                .to_string(),
+        );
     }
     if global.json {
         println!(
@@ -103,6 +117,11 @@ pub fn run(global: &Global, dir: Option<&Path>) -> anyhow::Result<Exit> {
         println!("created a plumb project in {}:", root.display());
         for name in &created {
             println!("  {name}");
+        }
+        if created.iter().any(|c| c.ends_with("master.key")) {
+            println!(
+                "\nthe master key seals your secrets: back it up somewhere safe, outside the project (losing it loses every secret)"
+            );
         }
         let cd = if root == Path::new(".") {
             String::new()

@@ -7,6 +7,7 @@ pub mod init;
 pub mod ops;
 pub mod run;
 pub mod runs;
+pub mod secrets;
 pub mod serve;
 
 use std::path::Path;
@@ -50,6 +51,42 @@ pub fn load_config(root: &Path) -> anyhow::Result<ProjectConfig> {
 /// `plumb_server::store_id`), from the store's canonical path.
 pub fn store_id_of(path: &Path) -> String {
     plumb_server::store_id(&store_id_location(path))
+}
+
+/// Who the audit log says did something from this command line.
+pub fn cli_actor() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    format!("cli:{user}")
+}
+
+/// The master key file of a project: `$PLUMB_MASTER_KEY_FILE`, else
+/// `.plumb/master.key` in the project directory (outside the store, and
+/// ignored by git).
+pub fn master_key_file(root: &Path) -> std::path::PathBuf {
+    std::env::var_os("PLUMB_MASTER_KEY_FILE").map_or_else(
+        || root.join(".plumb").join("master.key"),
+        std::path::PathBuf::from,
+    )
+}
+
+/// The master key from `$PLUMB_MASTER_KEY` or the key file, or why there is
+/// none (an exposed key file is an error, not an absence).
+pub fn load_master_key(root: &Path) -> anyhow::Result<Result<Arc<plumb_vault::MasterKey>, String>> {
+    let env = std::env::var(plumb_vault::MASTER_KEY_ENV).ok();
+    match plumb_vault::MasterKey::load(env.as_deref(), &master_key_file(root)) {
+        Ok(k) => Ok(Ok(Arc::new(k))),
+        Err(e @ plumb_vault::VaultError::NoKey { .. }) => Ok(Err(e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Gives the engine the master key and opens the secrets the project uses.
+pub async fn load_secrets(engine: &plumb_engine::Engine, root: &Path) -> anyhow::Result<()> {
+    engine.set_master_key(load_master_key(root)?);
+    engine.load_secrets().await?;
+    Ok(())
 }
 
 /// The location string a server hashes into its store id.

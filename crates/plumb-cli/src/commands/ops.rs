@@ -1,5 +1,6 @@
 //! `plumb dlq`, `plumb cancel`, `plumb status`: through a running server's
-//! API when one answers, on the store directly otherwise.
+//! API when `PLUMB_TOKEN` is set and the server answers, on the store
+//! directly otherwise (whoever can open the store file needs no token).
 
 use std::sync::Arc;
 
@@ -22,7 +23,10 @@ impl Backend {
         let config = super::load_config(&root)?;
         let (path, _) = plumb_engine::project_dir::sqlite_location(&config, &root)
             .map_err(anyhow::Error::msg)?;
-        if let Some(client) = ApiClient::detect(&config.listen, &super::store_id_of(&path)).await {
+        if let Ok(token) = std::env::var("PLUMB_TOKEN")
+            && let Some(client) =
+                ApiClient::detect(&config.listen, &super::store_id_of(&path), &token).await
+        {
             tracing::debug!(server = client.base(), "Using the running server's API.");
             return Ok(Self::Api(client));
         }
@@ -74,7 +78,9 @@ pub async fn dlq(global: &Global, command: DlqCommand) -> anyhow::Result<Exit> {
                 Backend::Api(api) => serde_json::from_value(
                     api.post("dlq/replay", &json!({ "workflow": w })).await?["replayed"].take(),
                 )?,
-                Backend::Store(store) => plumb_engine::ops::replay_all(store.as_ref(), &w).await?,
+                Backend::Store(store) => {
+                    plumb_engine::ops::replay_all(store.as_ref(), &w, &super::cli_actor()).await?
+                }
             };
             if global.json {
                 println!("{}", json!({ "workflow": w, "replayed": replayed }));
@@ -110,7 +116,7 @@ async fn replay_one(global: &Global, backend: &Backend, id: &str) -> anyhow::Res
             Ok(_) => ReplayResult::Replayed,
             Err(e) => return Err(UsageError(e.to_string()).into()),
         },
-        Backend::Store(store) => store.replay_run(id).await?,
+        Backend::Store(store) => store.replay_run(id, &super::cli_actor()).await?,
     };
     match result {
         ReplayResult::Replayed => {
@@ -185,7 +191,11 @@ pub async fn cancel(global: &Global, run_id: &str, reason: Option<String>) -> an
                 .map_err(|e| UsageError(e.to_string()))?;
             serde_json::from_value::<CancelResult>(answer["result"].clone())?
         }
-        Backend::Store(store) => store.cancel_run(run_id, &reason).await?,
+        Backend::Store(store) => {
+            store
+                .cancel_run(run_id, &reason, &super::cli_actor())
+                .await?
+        }
     };
     backend.close().await;
     match result {

@@ -29,6 +29,7 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
     let store = super::open_store(&project.config, &root).await?;
     let store_dyn: Arc<dyn Store> = store.clone();
     let engine = Engine::new(store_dyn, Arc::clone(&project), "cli")?;
+    super::load_secrets(&engine, &root).await?;
 
     let run = match (&args.resume, &args.workflow) {
         (Some(run_id), _) => match engine.claim(run_id).await {

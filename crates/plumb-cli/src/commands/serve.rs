@@ -87,6 +87,11 @@ pub async fn run(global: &Global, args: Option<ServeArgs>) -> anyhow::Result<Exi
         Arc::clone(&project),
         if http { "serve" } else { "worker" },
     )?);
+    super::load_secrets(&engine, &root).await?;
+    if http {
+        // One process records deployments: workers run what serve deployed.
+        plumb_engine::ops::record_deployment(store.as_ref(), &project, "serve").await?;
+    }
     let listener = match &args {
         Some(a) => {
             let addr = a
@@ -146,7 +151,7 @@ fn announce(global: &Global, service: &Service, project: &plumb_core::Project, s
                 store.display()
             );
             for w in &project.workflows {
-                if let plumb_core::model::Trigger::Webhook { path } = &w.trigger {
+                if let plumb_core::model::Trigger::Webhook { path, .. } = &w.trigger {
                     println!("  webhook  POST http://{addr}/hooks/{path} → {}", w.name);
                 }
             }
@@ -223,7 +228,25 @@ async fn reload(root: &Path, engine: &Arc<Engine>, service: &Service) {
     match project_dir::load_project(root) {
         Ok(project) => {
             let count = project.workflows.len();
-            engine.set_project(Arc::new(project));
+            let project = Arc::new(project);
+            let previous = engine.project();
+            engine.set_project(Arc::clone(&project));
+            // The new project may name secrets the old one did not.
+            if let Err(e) = engine.load_secrets().await {
+                engine.set_project(previous);
+                tracing::error!(error = %e, "Reload rejected; the previous project keeps running.");
+                eprintln!("reload rejected: {e}");
+                return;
+            }
+            if let Err(e) = plumb_engine::ops::record_deployment(
+                engine.store().as_ref(),
+                &project,
+                "serve (SIGHUP)",
+            )
+            .await
+            {
+                tracing::error!(error = %e, "Could not record the deployment in the audit log.");
+            }
             service.restart_scheduler().await;
             tracing::info!(workflows = count, "Reloaded the project (SIGHUP).");
             println!("reloaded: {count} workflows");

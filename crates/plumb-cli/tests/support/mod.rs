@@ -23,6 +23,19 @@ pub fn plumb_bin() -> &'static str {
 /// A project in a temporary directory.
 pub struct Project {
     pub dir: tempfile::TempDir,
+    admin_token: std::sync::OnceLock<String>,
+}
+
+/// The API token for each started server's base URL, so the JSON helpers
+/// below authenticate to `/api/v1` the way a real operator would.
+static TOKENS: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+fn token_for(url: &str) -> Option<String> {
+    let tokens = TOKENS.lock().unwrap_or_else(|e| e.into_inner());
+    tokens
+        .iter()
+        .find(|(base, _)| url.starts_with(base.as_str()))
+        .map(|(_, token)| token.clone())
 }
 
 impl Project {
@@ -31,7 +44,36 @@ impl Project {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("workflows")).expect("workflows dir");
         std::fs::write(dir.path().join("plumb.yaml"), config).expect("write plumb.yaml");
-        Self { dir }
+        Self {
+            dir,
+            admin_token: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// An admin API token for this project, created once through the CLI.
+    pub async fn admin_token(&self) -> String {
+        if let Some(token) = self.admin_token.get() {
+            return token.clone();
+        }
+        let out = self
+            .run(&[
+                "tokens", "create", "--name", "tests", "--role", "admin", "--json",
+            ])
+            .await;
+        assert_eq!(out.code, Some(0), "tokens create failed: {out}");
+        let doc: Value = serde_json::from_str(&out.stdout).expect("tokens create --json");
+        let token = doc["token"].as_str().expect("token").to_owned();
+        self.admin_token.get_or_init(|| token).clone()
+    }
+
+    /// Creates a token with `role` and returns it.
+    pub async fn token(&self, name: &str, role: &str) -> String {
+        let out = self
+            .run(&["tokens", "create", "--name", name, "--role", role, "--json"])
+            .await;
+        assert_eq!(out.code, Some(0), "tokens create failed: {out}");
+        let doc: Value = serde_json::from_str(&out.stdout).expect("tokens create --json");
+        doc["token"].as_str().expect("token").to_owned()
     }
 
     /// A project with one http connection `rx` to `base_url`.
@@ -308,6 +350,7 @@ pub struct Server {
 impl Project {
     /// Starts `plumb serve --listen ADDR` and waits until it listens.
     pub async fn serve(&self, listen: &str) -> Server {
+        let token = self.admin_token().await;
         let mut child = self
             .cmd(&["serve", "--listen", listen])
             .stdout(std::process::Stdio::piped())
@@ -328,6 +371,11 @@ impl Project {
             .find(|w| w.starts_with("http://"))
             .unwrap_or_else(|| panic!("no address in {first:?}"))
             .to_owned();
+        {
+            let mut tokens = TOKENS.lock().unwrap_or_else(|e| e.into_inner());
+            tokens.retain(|(base, _)| base != &base_url);
+            tokens.push((base_url.clone(), token));
+        }
         Server {
             child,
             base_url,
@@ -397,16 +445,22 @@ pub fn http() -> reqwest::Client {
 
 /// POSTs JSON; returns status and body.
 pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
-    let r = http().post(url).json(body).send().await.expect("request");
+    let mut req = http().post(url).json(body);
+    if let Some(token) = token_for(url) {
+        req = req.bearer_auth(token);
+    }
+    let r = req.send().await.expect("request");
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// GETs JSON.
 pub async fn get_json(url: &str) -> Value {
-    http()
-        .get(url)
-        .send()
+    let mut req = http().get(url);
+    if let Some(token) = token_for(url) {
+        req = req.bearer_auth(token);
+    }
+    req.send()
         .await
         .expect("request")
         .json()

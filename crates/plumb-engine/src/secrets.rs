@@ -1,0 +1,155 @@
+//! The secrets a running engine holds: opened once (and again when they
+//! change), used only where a connection's or webhook's auth names them,
+//! and the redactor built from all of them.
+//!
+//! Expressions never see a secret: values are not part of the context
+//! document, and every step output is redacted before it enters it, so an
+//! upstream that echoes a token cannot hand it to another host.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use plumb_core::model::Project;
+use plumb_store::{SealedSecret, Store, StoreError};
+use plumb_vault::{MasterKey, Redactor, Sealed, SecretValue, VaultError};
+
+/// Why secrets could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A key or a sealed value is wrong.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// The project uses secrets but no master key is available.
+    #[error("the project uses secrets ({names}) but no master key is available: {why}")]
+    NoKey {
+        /// The secrets used.
+        names: String,
+        /// Why the key could not be loaded.
+        why: String,
+    },
+    /// A referenced secret is not in the store.
+    #[error(
+        "{used_by} names the secret `{name}`, which is not set; set it with `plumb secrets set {name}`"
+    )]
+    Missing {
+        /// The secret.
+        name: String,
+        /// Who names it.
+        used_by: String,
+    },
+}
+
+/// Opened secrets and the redactor for them.
+#[derive(Debug, Default)]
+pub struct Secrets {
+    values: HashMap<String, SecretValue>,
+    redactor: Redactor,
+    /// The store's secrets version these were loaded at.
+    pub version: String,
+}
+
+impl Secrets {
+    /// A secret's value.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&SecretValue> {
+        self.values.get(name)
+    }
+
+    /// Redacts every secret value.
+    #[must_use]
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+}
+
+/// Converts between the vault's and the store's view of a sealed value.
+#[must_use]
+pub fn to_store(sealed: Sealed) -> SealedSecret {
+    SealedSecret {
+        nonce: sealed.nonce,
+        ciphertext: sealed.ciphertext,
+        key_id: sealed.key_id,
+    }
+}
+
+/// The vault's view of a stored sealed value.
+#[must_use]
+pub fn from_store(sealed: SealedSecret) -> Sealed {
+    Sealed {
+        nonce: sealed.nonce,
+        ciphertext: sealed.ciphertext,
+        key_id: sealed.key_id,
+    }
+}
+
+/// Opens every stored secret (so all of them are redacted) and checks that
+/// each secret the project uses exists.
+///
+/// `key` is the master key, or why there is none.
+///
+/// # Errors
+///
+/// [`SecretsError`] when a used secret is missing or cannot be opened, or
+/// secrets are used without a key.
+pub async fn load(
+    store: &dyn Store,
+    key: Result<&MasterKey, &str>,
+    project: &Project,
+) -> Result<Arc<Secrets>, SecretsError> {
+    let version = store.secrets_version().await?;
+    let uses = project.secret_uses();
+    let stored = store.list_secrets().await?;
+    let key = match key {
+        Ok(k) => k,
+        Err(why) => {
+            if uses.is_empty() {
+                if !stored.is_empty() {
+                    tracing::warn!(
+                        why,
+                        "Secrets are stored but no master key is available; none is used by the project."
+                    );
+                }
+                return Ok(Arc::new(Secrets {
+                    version,
+                    ..Secrets::default()
+                }));
+            }
+            return Err(SecretsError::NoKey {
+                names: uses.keys().cloned().collect::<Vec<_>>().join(", "),
+                why: why.to_owned(),
+            });
+        }
+    };
+    let mut values = HashMap::new();
+    for meta in &stored {
+        let Some((sealed, _)) = store.secret(&meta.name).await? else {
+            continue;
+        };
+        match key.open(&meta.name, &from_store(sealed)) {
+            Ok(v) => {
+                values.insert(meta.name.clone(), v);
+            }
+            Err(e) if !uses.contains_key(&meta.name) => {
+                tracing::warn!(secret = %meta.name, error = %e, "An unused secret cannot be opened.");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for (name, users) in &uses {
+        if !values.contains_key(name) {
+            return Err(SecretsError::Missing {
+                name: name.clone(),
+                used_by: users.join(", "),
+            });
+        }
+    }
+    let redactor = Redactor::new(values.iter().map(|(k, v)| (k.as_str(), v)));
+    Ok(Arc::new(Secrets {
+        values,
+        redactor,
+        version,
+    }))
+}
