@@ -400,6 +400,81 @@ pub struct RedactPath {
     pub segments: Vec<String>,
 }
 
+/// What a masked field holds instead of its value.
+pub const MASKED: &str = "[redacted]";
+
+impl RedactPath {
+    /// Masks this path in a trigger document, if it is a `.trigger` path.
+    pub fn mask_trigger(&self, trigger: &mut serde_json::Value) {
+        if self.segments.first().map(String::as_str) == Some("trigger") {
+            mask(trigger, &self.segments[1..]);
+        }
+    }
+
+    /// Masks this path in the output of step `step_id`, if it names that
+    /// step. For a `for_each` step, `items` says the output is one result
+    /// per item (or one item's result), and the path applies to each.
+    pub fn mask_step_output(
+        &self,
+        step_id: &str,
+        output: &mut serde_json::Value,
+        items: ForEachShape,
+    ) {
+        let [first, id, rest @ ..] = self.segments.as_slice() else {
+            return;
+        };
+        if first != "steps" || id != step_id {
+            return;
+        }
+        match (items, output) {
+            (ForEachShape::AllItems, serde_json::Value::Array(results)) => {
+                for result in results {
+                    mask(result, rest);
+                }
+            }
+            (_, output) => mask(output, rest),
+        }
+    }
+}
+
+/// The shape of a step output being masked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForEachShape {
+    /// A plain step's output, or one item's result.
+    One,
+    /// A `for_each` step's list of item results.
+    AllItems,
+}
+
+/// Replaces the value at `segments` (keys, or indices for arrays) with
+/// [`MASKED`]; a path that is not there changes nothing.
+fn mask(value: &mut serde_json::Value, segments: &[String]) {
+    let Some((last, parents)) = segments.split_last() else {
+        *value = serde_json::Value::String(MASKED.to_owned());
+        return;
+    };
+    let mut at = value;
+    for seg in parents {
+        let next = match at {
+            serde_json::Value::Object(map) => map.get_mut(seg.as_str()),
+            serde_json::Value::Array(list) => {
+                seg.parse::<usize>().ok().and_then(|i| list.get_mut(i))
+            }
+            _ => None,
+        };
+        let Some(next) = next else { return };
+        at = next;
+    }
+    let slot = match at {
+        serde_json::Value::Object(map) => map.get_mut(last.as_str()),
+        serde_json::Value::Array(list) => last.parse::<usize>().ok().and_then(|i| list.get_mut(i)),
+        _ => None,
+    };
+    if let Some(slot) = slot {
+        *slot = serde_json::Value::String(MASKED.to_owned());
+    }
+}
+
 /// The first 12 hex digits of a version hash.
 #[must_use]
 pub fn short_version(version: &str) -> &str {

@@ -29,7 +29,7 @@ use jaq_json::Val;
 use plumb_connectors::ActionError;
 use plumb_connectors::http::{HttpRequest, same_origin};
 use plumb_core::expr::{EvalError, Template, json_to_val};
-use plumb_core::model::{Action, Connection, HttpAction, Project, Step, Workflow};
+use plumb_core::model::{Action, Connection, ForEachShape, HttpAction, Project, Step, Workflow};
 use plumb_store::{AttemptFailure, Failure, Run, StepRecord, StepStatus, StoreError, now_ms};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -54,6 +54,15 @@ impl From<StoreError> for Halt {
             StoreError::LeaseLost { .. } => Self::Stopped,
             other => Self::Store(other),
         }
+    }
+}
+
+/// Whether a step's committed output is a list of item results.
+fn output_shape(step: &Step, item: Option<u32>) -> ForEachShape {
+    if step.for_each.is_some() && item.is_none() {
+        ForEachShape::AllItems
+    } else {
+        ForEachShape::One
     }
 }
 
@@ -245,8 +254,34 @@ impl<'e> Execution<'e> {
     }
 
     fn set_output(&mut self, step_id: &str, output: &Value) {
+        let shape = if self.is_for_each(step_id) {
+            ForEachShape::AllItems
+        } else {
+            ForEachShape::One
+        };
+        let kept = self.sanitized(step_id, output, shape);
         self.outputs
-            .insert(Val::from(step_id.to_owned()), json_to_val(output));
+            .insert(Val::from(step_id.to_owned()), json_to_val(&kept));
+    }
+
+    fn is_for_each(&self, step_id: &str) -> bool {
+        self.workflow
+            .all_steps()
+            .iter()
+            .any(|s| s.id == step_id && s.for_each.is_some())
+    }
+
+    /// A step output as it may be kept and seen: secret values redacted and
+    /// the workflow's `redact:` paths masked. Later steps see exactly what
+    /// the journal holds, so a resumed run behaves like the first one, and
+    /// an upstream echoing a secret cannot hand it to another step.
+    fn sanitized(&self, step_id: &str, output: &Value, shape: ForEachShape) -> Value {
+        let mut kept = output.clone();
+        for path in &self.workflow.redact {
+            path.mask_step_output(step_id, &mut kept, shape);
+        }
+        self.engine.redact_json(&mut kept);
+        kept
     }
 
     /// The parts of the context document that do not depend on the step.
@@ -680,13 +715,18 @@ impl<'e> Execution<'e> {
     async fn write_step(&self, record: &StepRecord) -> Result<(), Halt> {
         let owner = self.token.as_str();
         let mut record = record.clone();
+        if let Some(output) = &record.output {
+            let shape = if record.item.is_none() && self.is_for_each(&record.step_id) {
+                ForEachShape::AllItems
+            } else {
+                ForEachShape::One
+            };
+            record.output = Some(self.sanitized(&record.step_id, output, shape));
+        }
         let redactor = self.engine.secrets();
         let redactor = redactor.redactor();
-        for v in [&mut record.output, &mut record.state]
-            .into_iter()
-            .flatten()
-        {
-            redactor.redact_json(v);
+        if let Some(state) = &mut record.state {
+            redactor.redact_json(state);
         }
         if let Some(e) = &mut record.error {
             *e = redactor.redact(e).into_owned();
@@ -870,6 +910,7 @@ impl<'e> Execution<'e> {
         summary: Option<String>,
     ) -> Result<(), Halt> {
         let elapsed = Duration::from_millis(u64::try_from(now_ms() - started).unwrap_or(0));
+        let output = &self.sanitized(&step.id, output, output_shape(step, item));
         let summary = summary.unwrap_or_else(|| preview(output, 60));
         self.commit_success_timed(
             step,
@@ -896,6 +937,7 @@ impl<'e> Execution<'e> {
         elapsed: Duration,
         summary: String,
     ) -> Result<(), Halt> {
+        let output = &self.sanitized(&step.id, output, output_shape(step, item));
         let record = StepRecord {
             run_id: self.run.id.clone(),
             step_id: step.id.clone(),

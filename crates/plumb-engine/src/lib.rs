@@ -294,6 +294,9 @@ impl Engine {
         // An event may carry a secret value (a sender echoing a token): it is
         // redacted before it is stored or seen by any expression.
         self.redact_json(&mut trigger);
+        for path in &workflow.redact {
+            path.mask_trigger(&mut trigger);
+        }
         let known = self
             .stored_versions
             .lock()

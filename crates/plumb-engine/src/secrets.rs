@@ -146,7 +146,27 @@ pub async fn load(
             });
         }
     }
-    let redactor = Redactor::new(values.iter().map(|(k, v)| (k.as_str(), v)));
+    // Basic auth sends base64("user:password"), which is not the base64 of
+    // the password alone: redact that credential as a whole too, so an
+    // upstream echoing the Authorization header cannot leak it.
+    let mut derived: Vec<(String, SecretValue)> = Vec::new();
+    for connection in project.config.connections.values() {
+        let plumb_core::model::Connection::Http(http) = connection;
+        if let Some(plumb_core::model::HttpAuth::Basic { username, secret }) = &http.auth
+            && let Some(value) = values.get(secret)
+        {
+            derived.push((
+                secret.clone(),
+                SecretValue::new(format!("{username}:{}", value.expose())),
+            ));
+        }
+    }
+    let redactor = Redactor::new(
+        values
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .chain(derived.iter().map(|(k, v)| (k.as_str(), v))),
+    );
     Ok(Arc::new(Secrets {
         values,
         redactor,

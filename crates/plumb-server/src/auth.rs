@@ -64,6 +64,18 @@ fn failures() -> &'static DefaultKeyedRateLimiter<String> {
     LIMITER.get_or_init(|| RateLimiter::keyed(Quota::per_minute(NonZeroU32::MIN)))
 }
 
+/// Audits a failed authentication, at most once a minute for the same
+/// action, subject and details, so a scanner cannot flood the audit log.
+pub(crate) async fn audit_failure(state: &AppState, entry: NewAuditEntry) {
+    let key = format!("{}|{}|{}", entry.action, entry.subject, entry.details);
+    if failures().check_key(&key).is_err() {
+        return;
+    }
+    if let Err(e) = state.engine.store().append_audit(&entry).await {
+        tracing::warn!(error = %e, "Could not audit a failed authentication.");
+    }
+}
+
 async fn refuse(
     state: &AppState,
     parts: &Parts,
@@ -72,18 +84,16 @@ async fn refuse(
     who: &str,
 ) -> ApiError {
     let route = parts.uri.path().to_owned();
-    let key = format!("{reason}|{route}");
-    if failures().check_key(&key).is_ok() {
-        let entry = NewAuditEntry::new(
+    audit_failure(
+        state,
+        NewAuditEntry::new(
             who,
             "auth.failed",
             &route,
             json!({ "reason": reason, "method": parts.method.as_str() }),
-        );
-        if let Err(e) = state.engine.store().append_audit(&entry).await {
-            tracing::warn!(error = %e, "Could not audit a failed authentication.");
-        }
-    }
+        ),
+    )
+    .await;
     let (code, message) = if status == StatusCode::FORBIDDEN {
         (
             "forbidden",

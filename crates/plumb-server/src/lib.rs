@@ -13,6 +13,7 @@ mod api;
 pub mod auth;
 mod error;
 mod metrics_setup;
+pub mod signature;
 mod webhook;
 
 use std::net::SocketAddr;

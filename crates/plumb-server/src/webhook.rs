@@ -1,7 +1,8 @@
 //! `POST /hooks/<path>`: accept an event durably, or say why not.
 //!
-//! Order of checks: unknown path (404), content type (415), size (413),
-//! JSON (400), then the commit. Only a committed run gets `202`; if the
+//! Order of checks: unknown path (404), size (413), the sender's signature
+//! or bearer secret (401, checked over the raw bytes before anything is
+//! parsed), content type (415), JSON (400), then the commit. Only a committed run gets `202`; if the
 //! store cannot commit within [`crate::COMMIT_DEADLINE`] the answer is `503`
 //! with `Retry-After`, and the write is withdrawn if it has not started (the
 //! store skips writes whose caller gave up).
@@ -13,10 +14,12 @@ use axum::body::{Body, to_bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use plumb_core::model::{Trigger, Workflow};
+use plumb_core::model::{Trigger, WebhookAuth, Workflow};
+use plumb_store::NewAuditEntry;
 use serde_json::{Map, Value, json};
 
-use crate::{AppState, COMMIT_DEADLINE, error::ApiError};
+use crate::auth::audit_failure;
+use crate::{AppState, COMMIT_DEADLINE, error::ApiError, signature};
 
 /// Request headers never copied into the trigger document (and so never
 /// journaled): credentials a sender might use.
@@ -65,6 +68,16 @@ async fn accept(
             "no workflow is triggered by POST /hooks/{path}"
         )));
     };
+    let limit = project.config.serve.body_limit;
+    let bytes = to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .await
+        .map_err(|e| body_error(&e, limit))?;
+    if let Trigger::Webhook {
+        auth: Some(auth), ..
+    } = &workflow.trigger
+    {
+        authenticate(state, workflow, auth, headers, &bytes).await?;
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -83,10 +96,6 @@ async fn accept(
             ),
         ));
     }
-    let limit = project.config.serve.body_limit;
-    let bytes = to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .await
-        .map_err(|e| body_error(&e, limit))?;
     let parsed: Value = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_request(format!(
             "the body is not valid JSON: {e} (line {}, column {})",
@@ -96,6 +105,56 @@ async fn accept(
     })?;
     let trigger = trigger_document(path, parsed, &query, headers);
     enqueue(state, workflow, trigger).await
+}
+
+/// Checks the sender. A refusal is a `401` that creates no run, and is
+/// audited (rate-limited).
+async fn authenticate(
+    state: &AppState,
+    workflow: &Workflow,
+    auth: &WebhookAuth,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let secrets = state.engine.secrets();
+    let Some(secret) = secrets.get(auth.secret()) else {
+        // A configuration fault, not the sender's: 503 so a retrying sender
+        // delivers the event once an operator sets the secret.
+        tracing::error!(workflow = %workflow.name, secret = auth.secret(), "A webhook names a secret that is not set; answering 503. Fix: plumb secrets set NAME");
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "misconfigured",
+            "this webhook cannot verify senders right now",
+        );
+        e.retry_after = Some(60);
+        return Err(e);
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    match signature::verify(auth, secret.expose(), headers, body, now) {
+        Ok(()) => Ok(()),
+        Err(why) => {
+            tracing::warn!(workflow = %workflow.name, reason = %why, "Webhook refused: the sender is not authenticated.");
+            audit_failure(
+                state,
+                NewAuditEntry::new(
+                    "webhook:anonymous",
+                    "webhook.auth_failed",
+                    &workflow.name,
+                    json!({ "reason": why.to_string() }),
+                ),
+            )
+            .await;
+            let mut e = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("the sender is not authenticated: {why}"),
+            );
+            e.www_authenticate = matches!(auth, WebhookAuth::Bearer { .. });
+            Err(e)
+        }
+    }
 }
 
 async fn enqueue(

@@ -51,7 +51,7 @@ pub enum VaultError {
     },
     /// No key configured.
     #[error(
-        "no master key: set {MASTER_KEY_ENV}, or create the key file {path} with `plumb init` (or `plumb secrets init-key`)"
+        "no master key: set {MASTER_KEY_ENV}, or create the key file {path} with `plumb init` (the first `plumb secrets set` also creates it)"
     )]
     NoKey {
         /// The key file looked for.

@@ -138,6 +138,35 @@ impl Project {
         }
     }
 
+    /// `plumb secrets set NAME`, the value on stdin as a user would pipe it.
+    pub async fn set_secret(&self, name: &str, value: &str) -> Output {
+        use tokio::io::AsyncWriteExt;
+        let mut child = self
+            .cmd(&["secrets", "set", name])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn plumb secrets set");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(value.as_bytes())
+            .await
+            .expect("write stdin");
+        drop(stdin);
+        let out = child.wait_with_output().await.expect("secrets set");
+        Output {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// The SQLite store file (`plumb.db` unless plumb.yaml says otherwise).
+    pub fn store_file(&self) -> PathBuf {
+        self.dir.path().join("plumb.db")
+    }
+
     /// `plumb runs show ID --json`.
     pub async fn show(&self, run_id: &str) -> Value {
         let out = self.run(&["runs", "show", run_id, "--json"]).await;
@@ -218,7 +247,11 @@ struct Inner {
 /// * `/flaky/<status>/<n>`: answers `<status>` with `Retry-After: 1` to the
 ///   first `n` requests of each idempotency key, then 200;
 /// * `/status/<code>`: always answers `<code>` with a JSON error body;
-/// * `/echo`: 200 with the request body and headers.
+/// * `/echo`: 200 with the request body and headers, and the request's
+///   `Authorization` in `X-Echo-Authorization`;
+/// * `/echo-fail/<code>`: answers `<code>` with the request's
+///   `Authorization` in the error message;
+/// * `/redirect?to=URL`: 302 to `URL`.
 #[derive(Clone)]
 pub struct Receiver {
     inner: Arc<Mutex<Inner>>,
@@ -227,11 +260,17 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// A receiver on another loopback address (`127.0.0.2`): another host
+    /// as far as a URL's origin is concerned.
+    pub async fn start_on(ip: &str) -> Self {
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = Router::new()
             .route("/{*rest}", any(handle))
             .with_state(Arc::clone(&inner));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
             .await
             .expect("bind receiver");
         let addr = listener.local_addr().expect("addr");
@@ -335,7 +374,29 @@ async fn handle(
             )
                 .into_response()
         }
-        ["echo"] => axum::Json(json!({"body": body, "headers": header_map})).into_response(),
+        ["echo"] => {
+            // Echoes the credential back in a response header too, as some
+            // upstreams do in debug modes.
+            let auth = header_map.get("authorization").cloned().unwrap_or_default();
+            (
+                [("x-echo-authorization", auth)],
+                axum::Json(json!({"body": body, "headers": header_map})),
+            )
+                .into_response()
+        }
+        ["echo-fail", code] => {
+            let code: u16 = code.parse().unwrap_or(400);
+            let auth = header_map.get("authorization").cloned().unwrap_or_default();
+            (
+                StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+                axum::Json(json!({"error": format!("rejected credential {auth}")})),
+            )
+                .into_response()
+        }
+        ["redirect"] => {
+            let to = query.get("to").cloned().unwrap_or_default();
+            (StatusCode::FOUND, [(header::LOCATION, to)]).into_response()
+        }
         _ => (StatusCode::NOT_FOUND, "no such route").into_response(),
     }
 }
