@@ -565,13 +565,7 @@ impl<'a> Checker<'a> {
             .help = Some("write a full URL such as `https://api.example.com/v1`".into());
             return None;
         }
-        if !base_url.username().is_empty() || base_url.password().is_some() {
-            self.error_at_value(&url_path, "base_url holds credentials")
-                .help = Some(
-                "remove the user and password from the URL; credentials never belong in plumb.yaml"
-                    .into(),
-            );
-        }
+        // Userinfo in the URL is reported by the secrets lint, with the fix.
         if base_url.query().is_some() || base_url.fragment().is_some() {
             self.error_at_value(&url_path, "base_url has a query or fragment")
                 .help = Some("put query parameters in each step's `query:` instead".into());
