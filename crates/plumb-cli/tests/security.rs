@@ -278,6 +278,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/api/v1/tokens", "admin"),
     ("POST", "/api/v1/tokens", "admin"),
     ("DELETE", "/api/v1/tokens/nope", "admin"),
+    ("POST", "/api/v1/deployments", "admin"),
     ("GET", "/api/v1/audit", "admin"),
     ("GET", "/api/v1/audit/verify", "admin"),
 ];
@@ -845,4 +846,76 @@ async fn redact_paths_mask_fields_before_anything_is_journaled() {
             assert_absent("the store", &bytes, "4111411141114111");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_deploys_through_the_api_and_a_rekey_takes_effect_without_a_restart() {
+    let rx = Receiver::start().await;
+    let project = Project::new(&format!(
+        "connections:\n  api:\n    http:\n      base_url: {}\n      auth: {{ bearer: {{ secret: tok }} }}\ndefaults:\n  retry: {{ attempts: 1 }}\n",
+        rx.base_url
+    ));
+    let flow = |path: &str| {
+        format!(
+            "name: call\n{HEAD}trigger: manual\nsteps:\n  - id: go\n    http: {{ connection: api, method: POST, path: {path} }}\n"
+        )
+    };
+    project.workflow("call", &flow("/ok/v1"));
+    must_set(&project, "tok", "deploy-test-token").await;
+    let operator = project.token("op", "operator").await;
+    let server = project.serve("127.0.0.1:0").await;
+    let base = server.base_url.clone();
+    let deploy = format!("{base}/api/v1/deployments");
+
+    project.workflow("call", &flow("/ok/v2"));
+    let (status, _) = call("POST", &deploy, Some(&operator), None).await;
+    assert_eq!(status, 403, "an operator cannot deploy");
+    let (status, doc) = post_json(&deploy, &json!({})).await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["changed"], json!(["workflow:call"]), "{doc}");
+
+    // A broken file is refused with every problem; the old version runs on.
+    project.workflow("call", "name: call\nsteps: [\n");
+    let (status, doc) = post_json(&deploy, &json!({})).await;
+    assert_eq!(status, 422, "{doc}");
+    assert_eq!(doc["error"]["code"], "invalid_project");
+    assert!(
+        doc["error"]["diagnostics"][0]["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("call.yaml")),
+        "{doc}"
+    );
+    project.workflow("call", &flow("/ok/v2"));
+
+    // Rekey on the command line, then deploy: the server picks up the new
+    // key and every secret still opens.
+    let out = project.run(&["secrets", "rekey"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let (status, doc) = post_json(&deploy, &json!({})).await;
+    assert_eq!(status, 200, "{doc}");
+    let (status, doc) = post_json(&format!("{base}/api/v1/workflows/call/runs"), &json!({})).await;
+    assert!(status == 200 || status == 202, "{doc}");
+    let run_id = doc["run_id"].as_str().expect("run id").to_owned();
+    let done = wait_run(&base, &run_id, Duration::from_secs(10)).await;
+    assert_eq!(done["run"]["status"], "succeeded", "{done}");
+    let hit = rx
+        .hits()
+        .into_iter()
+        .find(|h| h.path == "/ok/v2")
+        .expect("the deployed version ran");
+    assert_eq!(
+        hit.headers.get("authorization").map(String::as_str),
+        Some("Bearer deploy-test-token")
+    );
+    let audit = get_json(&format!("{base}/api/v1/audit?limit=1000")).await;
+    assert!(
+        audit["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .any(|e| e["action"] == "workflow.deployed"
+                && e["subject"] == "call"
+                && e["actor"] == "api:tests"),
+        "the deployment is audited with who made it: {audit}"
+    );
 }

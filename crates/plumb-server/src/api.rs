@@ -40,6 +40,7 @@ pub fn routes() -> axum::Router<AppState> {
         )
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{name}", axum::routing::delete(revoke_token))
+        .route("/deployments", post(deploy))
         .route("/audit", get(audit))
         .route("/audit/verify", get(audit_verify))
 }
@@ -507,6 +508,43 @@ async fn revoke_token(
         )));
     }
     Ok(Json(json!({ "name": name, "result": "revoked" })))
+}
+
+/// `POST /api/v1/deployments` (admin): deploy the project files as they
+/// are on disk, exactly like SIGHUP; `422` with every problem when they do
+/// not check, and the running project is unchanged.
+async fn deploy(auth: Auth<Admin>, State(state): State<AppState>) -> Result<Response, ApiError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = crate::DeployRequest {
+        actor: auth.actor(),
+        reply,
+    };
+    let unavailable = || {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "deploy_unavailable",
+            "this process cannot reload the project now; try again, or send SIGHUP",
+        );
+        e.retry_after = Some(5);
+        e
+    };
+    if state
+        .deploy
+        .send_timeout(request, Duration::from_secs(5))
+        .await
+        .is_err()
+    {
+        return Err(unavailable());
+    }
+    match tokio::time::timeout(Duration::from_secs(60), answer).await {
+        Ok(Ok(Ok(deployed))) => Ok(Json(json!({ "result": "deployed", "workflows": deployed.workflows, "changed": deployed.changed })).into_response()),
+        Ok(Ok(Err(rejected))) => Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({ "error": { "code": "invalid_project", "message": rejected.message, "diagnostics": rejected.diagnostics } })),
+        )
+            .into_response()),
+        Ok(Err(_)) | Err(_) => Err(unavailable()),
+    }
 }
 
 async fn audit(

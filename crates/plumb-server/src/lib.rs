@@ -42,6 +42,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 pub struct AppState {
     /// The engine (store, project, HTTP client).
     pub engine: Arc<Engine>,
+    /// Where `POST /api/v1/deployments` asks for a reload.
+    pub deploy: tokio::sync::mpsc::Sender<DeployRequest>,
     /// Wakes the workers when a run is queued here.
     pub wake_workers: Arc<Notify>,
     /// Prometheus rendering.
@@ -80,10 +82,39 @@ pub struct Roles {
     pub scheduler: bool,
 }
 
+/// A request to deploy the project files as they are on disk now, made
+/// through the API. Whoever runs the service (the CLI) loads the files,
+/// the same way as on SIGHUP, and answers.
+pub struct DeployRequest {
+    /// Who asked, for the audit log (`api:<token name>`).
+    pub actor: String,
+    /// The outcome.
+    pub reply: tokio::sync::oneshot::Sender<Result<Deployed, DeployRejected>>,
+}
+
+/// A deployment that took effect.
+#[derive(Debug, serde::Serialize)]
+pub struct Deployed {
+    /// Workflows now loaded.
+    pub workflows: usize,
+    /// What changed, as `kind:name` (changed first, then removed).
+    pub changed: Vec<String>,
+}
+
+/// Why a deployment was refused; the running project is unchanged.
+#[derive(Debug, serde::Serialize)]
+pub struct DeployRejected {
+    /// What is wrong.
+    pub message: String,
+    /// Each problem in the files, when they do not check.
+    pub diagnostics: Vec<plumb_core::Diagnostic>,
+}
+
 /// A running service; dropped or stopped through [`Service::shutdown`].
 pub struct Service {
     /// The address the HTTP server listens on, if it serves HTTP.
     pub addr: Option<SocketAddr>,
+    deploy_requests: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<DeployRequest>>>,
     shutdown: CancellationToken,
     scheduler: tokio::sync::Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
     tasks: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
@@ -131,10 +162,12 @@ impl Service {
         let wake_alerts = Arc::new(Notify::new());
         let mut tasks = tokio::task::JoinSet::new();
         let mut addr = None;
+        let (deploy, deploy_requests) = tokio::sync::mpsc::channel(4);
         if let Some(listener) = listener {
             addr = Some(listener.local_addr()?);
             let state = AppState {
                 engine: Arc::clone(&engine),
+                deploy,
                 wake_workers: Arc::clone(&wake_workers),
                 metrics: metrics.clone(),
                 store_id: store_id(store_location),
@@ -174,6 +207,7 @@ impl Service {
         tasks.spawn(follow_secrets(Arc::clone(&engine), shutdown.clone()));
         let service = Self {
             addr,
+            deploy_requests: std::sync::Mutex::new(Some(deploy_requests)),
             shutdown,
             scheduler: tokio::sync::Mutex::new(None),
             tasks: tokio::sync::Mutex::new(tasks),
@@ -184,6 +218,15 @@ impl Service {
             service.restart_scheduler().await;
         }
         Ok(service)
+    }
+
+    /// The deployments asked for through the API; taken once by whoever
+    /// can reload the project. Until then such requests time out with 503.
+    pub fn take_deploy_requests(&self) -> Option<tokio::sync::mpsc::Receiver<DeployRequest>> {
+        match self.deploy_requests.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
     }
 
     /// (Re)starts the scheduler with the engine's current project.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use plumb_engine::project_dir::{self, LoadError};
 use plumb_engine::{Engine, Observer, RunEvent};
-use plumb_server::{Roles, Service};
+use plumb_server::{DeployRejected, DeployRequest, Deployed, Roles, Service};
 use plumb_store::{RunStatus, Store};
 
 use crate::Exit;
@@ -203,18 +203,33 @@ impl Signals {
     }
 }
 
+/// The next deployment asked for through the API; never, without an API.
+async fn next_deploy(
+    requests: &mut Option<tokio::sync::mpsc::Receiver<DeployRequest>>,
+) -> Option<DeployRequest> {
+    match requests {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn wait_for_signals(
     mut signals: Signals,
     root: &Path,
     engine: &Arc<Engine>,
     service: &Service,
 ) {
+    let mut deploys = service.take_deploy_requests();
     #[cfg(unix)]
     loop {
         tokio::select! {
             _ = signals.term.recv() => return,
             _ = signals.int.recv() => return,
-            _ = signals.hup.recv() => reload(root, engine, service).await,
+            _ = signals.hup.recv() => reload_on_signal(root, engine, service).await,
+            Some(request) = next_deploy(&mut deploys) => {
+                let outcome = reload(root, engine, service, &request.actor).await;
+                let _ = request.reply.send(outcome);
+            }
         }
     }
     #[cfg(not(unix))]
@@ -224,42 +239,78 @@ async fn wait_for_signals(
     }
 }
 
-async fn reload(root: &Path, engine: &Arc<Engine>, service: &Service) {
-    match project_dir::load_project(root) {
-        Ok(project) => {
-            let count = project.workflows.len();
-            let project = Arc::new(project);
-            let previous = engine.project();
-            engine.set_project(Arc::clone(&project));
-            // The new project may name secrets the old one did not.
-            if let Err(e) = engine.load_secrets().await {
-                engine.set_project(previous);
-                tracing::error!(error = %e, "Reload rejected; the previous project keeps running.");
-                eprintln!("reload rejected: {e}");
-                return;
+/// Reloads on SIGHUP and prints the outcome.
+async fn reload_on_signal(root: &Path, engine: &Arc<Engine>, service: &Service) {
+    match reload(root, engine, service, "serve (SIGHUP)").await {
+        Ok(done) => println!("reloaded: {} workflows", done.workflows),
+        Err(rejected) => {
+            if rejected.diagnostics.is_empty() {
+                eprintln!("reload rejected: {}", rejected.message);
+            } else {
+                super::print_diagnostics(&plumb_core::Diagnostics(rejected.diagnostics));
             }
-            if let Err(e) = plumb_engine::ops::record_deployment(
-                engine.store().as_ref(),
-                &project,
-                "serve (SIGHUP)",
-            )
-            .await
-            {
-                tracing::error!(error = %e, "Could not record the deployment in the audit log.");
-            }
-            service.restart_scheduler().await;
-            tracing::info!(workflows = count, "Reloaded the project (SIGHUP).");
-            println!("reloaded: {count} workflows");
-        }
-        Err(LoadError::Invalid(d)) => {
-            tracing::error!(
-                problems = d.0.len(),
-                "Reload rejected; the previous project keeps running."
-            );
-            super::print_diagnostics(&d);
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "Reload rejected; the previous project keeps running.")
         }
     }
+}
+
+/// Loads the project files, the master key and the secrets they name, and
+/// switches to them; on any problem the running project is unchanged.
+async fn reload(
+    root: &Path,
+    engine: &Arc<Engine>,
+    service: &Service,
+    actor: &str,
+) -> Result<Deployed, DeployRejected> {
+    let reject = |message: String, diagnostics: Vec<plumb_core::Diagnostic>| {
+        tracing::error!(error = %message, "Reload rejected; the previous project keeps running.");
+        DeployRejected {
+            message,
+            diagnostics,
+        }
+    };
+    let project = match project_dir::load_project(root) {
+        Ok(project) => project,
+        Err(LoadError::Invalid(d)) => {
+            return Err(reject(
+                format!("{} problem(s) in the project files", d.0.len()),
+                d.0,
+            ));
+        }
+        Err(e) => return Err(reject(e.to_string(), Vec::new())),
+    };
+    // A rekey may have replaced the key file since the start.
+    let key = match super::load_master_key(root) {
+        Ok(key) => key,
+        Err(e) => return Err(reject(format!("{e:#}"), Vec::new())),
+    };
+    let count = project.workflows.len();
+    let project = Arc::new(project);
+    let previous = (engine.project(), engine.master_key());
+    engine.set_project(Arc::clone(&project));
+    engine.set_master_key(key);
+    // The new project may name secrets the old one did not.
+    if let Err(e) = engine.load_secrets().await {
+        engine.set_project(previous.0);
+        engine.set_master_key(previous.1);
+        return Err(reject(e.to_string(), Vec::new()));
+    }
+    let changed = match plumb_engine::ops::record_deployment(
+        engine.store().as_ref(),
+        &project,
+        actor,
+    )
+    .await
+    {
+        Ok(changed) => changed,
+        Err(e) => {
+            tracing::error!(error = %e, "Could not record the deployment in the audit log.");
+            Vec::new()
+        }
+    };
+    service.restart_scheduler().await;
+    tracing::info!(workflows = count, actor, "Reloaded the project.");
+    Ok(Deployed {
+        workflows: count,
+        changed,
+    })
 }
