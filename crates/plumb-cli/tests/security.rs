@@ -919,3 +919,118 @@ async fn an_admin_deploys_through_the_api_and_a_rekey_takes_effect_without_a_res
         "the deployment is audited with who made it: {audit}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_checked_set_listed_rotated_live_and_deleted_without_showing_a_value() {
+    let rx = Receiver::start().await;
+    let project = Project::new(&format!(
+        "connections:\n  crm:\n    http:\n      base_url: {}\n      auth: {{ bearer: {{ secret: crm_token }} }}\ndefaults:\n  retry: {{ attempts: 1 }}\n",
+        rx.base_url
+    ));
+    project.workflow(
+        "sync",
+        &format!(
+            "name: sync\n{HEAD}trigger: manual\nsteps:\n  - id: go\n    http: {{ connection: crm, method: POST, path: /ok/sync }}\n"
+        ),
+    );
+    project.workflow(
+        "gh",
+        &format!(
+            "name: gh\n{HEAD}trigger:\n  webhook: {{ path: gh, auth: {{ preset: github, secret: gh_hook }} }}\nsteps:\n  - id: a\n    jq: '1'\n"
+        ),
+    );
+    // `plumb check` names each missing secret, where it is used, and the fix.
+    let check = project.run(&["check"]).await;
+    assert_eq!(check.code, Some(1), "{check}");
+    let text = format!("{}{}", check.stdout, check.stderr);
+    assert!(text.contains("plumb.yaml:5:"), "{text}");
+    assert!(
+        text.contains("`crm_token`") && text.contains("`gh_hook`"),
+        "{text}"
+    );
+    assert!(text.contains("plumb secrets set crm_token"), "{text}");
+
+    must_set(&project, "crm_token", "crm-value-one").await;
+    must_set(&project, "gh_hook", "gh-hook-value").await;
+    let check = project.run(&["check"]).await;
+    assert_eq!(check.code, Some(0), "{check}");
+    let again = project.set_secret("crm_token", "other").await;
+    assert_eq!(again.code, Some(2), "set does not overwrite: {again}");
+    assert!(
+        again.stderr.contains("plumb secrets rotate crm_token"),
+        "{again}"
+    );
+    let empty = project.set_secret("spare", "").await;
+    assert_ne!(empty.code, Some(0), "an empty value is refused: {empty}");
+
+    let list = project.run(&["secrets", "list", "--json"]).await;
+    assert_eq!(list.code, Some(0), "{list}");
+    let doc: Value = serde_json::from_str(&list.stdout).expect("json");
+    let crm = doc
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|s| s["name"] == "crm_token")
+        .expect("listed");
+    assert_eq!(crm["used_by"], json!(["connection crm"]), "{doc}");
+    let human = project.run(&["secrets", "list"]).await;
+    for out in [&list, &human] {
+        assert!(!out.stdout.contains("crm-value-one") && !out.stdout.contains("gh-hook-value"));
+    }
+
+    // A rotation reaches a running server within seconds.
+    let server = project.serve("127.0.0.1:0").await;
+    let base = server.base_url.clone();
+    let run_now = || async {
+        let (status, doc) =
+            post_json(&format!("{base}/api/v1/workflows/sync/runs"), &json!({})).await;
+        assert!(status == 200 || status == 202, "{doc}");
+        let id = doc["run_id"].as_str().expect("run id").to_owned();
+        let done = wait_run(&base, &id, Duration::from_secs(10)).await;
+        assert_eq!(done["run"]["status"], "succeeded", "{done}");
+        rx.hits()
+            .last()
+            .and_then(|h| h.headers.get("authorization").cloned())
+            .expect("authorization sent")
+    };
+    assert_eq!(run_now().await, "Bearer crm-value-one");
+    let rotated = project
+        .set_secret_with("rotate", "crm_token", "crm-value-two")
+        .await;
+    assert_eq!(rotated.code, Some(0), "{rotated}");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        if run_now().await == "Bearer crm-value-two" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rotation was not picked up");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Deleting a secret in use is refused, unless forced.
+    let refused = project.run(&["secrets", "delete", "crm_token"]).await;
+    assert_eq!(refused.code, Some(2), "{refused}");
+    assert!(
+        refused.stderr.contains("connection crm") && refused.stderr.contains("--force"),
+        "{refused}"
+    );
+    let forced = project
+        .run(&["secrets", "delete", "crm_token", "--force"])
+        .await;
+    assert_eq!(forced.code, Some(0), "{forced}");
+
+    let audit = project.run(&["audit", "list", "--json"]).await;
+    let entries: Value = serde_json::from_str(&audit.stdout).expect("json");
+    let actions: Vec<&str> = entries
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["subject"] == "crm_token")
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(actions, ["secret.set", "secret.rotated", "secret.deleted"]);
+    assert!(
+        !audit.stdout.contains("crm-value"),
+        "the audit log holds no value"
+    );
+}

@@ -140,9 +140,14 @@ impl Project {
 
     /// `plumb secrets set NAME`, the value on stdin as a user would pipe it.
     pub async fn set_secret(&self, name: &str, value: &str) -> Output {
+        self.set_secret_with("set", name, value).await
+    }
+
+    /// `plumb secrets <verb> NAME` (`set` or `rotate`), the value on stdin.
+    pub async fn set_secret_with(&self, verb: &str, name: &str, value: &str) -> Output {
         use tokio::io::AsyncWriteExt;
         let mut child = self
-            .cmd(&["secrets", "set", name])
+            .cmd(&["secrets", verb, name])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
