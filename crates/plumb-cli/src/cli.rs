@@ -176,7 +176,12 @@ pub enum AuditCommand {
         limit: u32,
     },
     /// Check the hash chain; exit 1 and name the first bad entry if any was edited, deleted, reordered or inserted.
-    Verify,
+    Verify {
+        /// A `SEQ:HASH` printed by an earlier verify and kept outside the
+        /// store: proves the log up to SEQ was not rewritten (repeatable).
+        #[arg(long = "anchor", value_name = "SEQ:HASH")]
+        anchors: Vec<String>,
+    },
 }
 
 /// `plumb serve`.

@@ -1034,3 +1034,83 @@ async fn secrets_are_checked_set_listed_rotated_live_and_deleted_without_showing
         "the audit log holds no value"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_names_entries_deleted_at_the_end() {
+    let project = audited_project().await;
+    tamper(&project, "DELETE FROM audit_log WHERE seq >= 4");
+    verify_fails(&project, "entry 4 is missing").await;
+    // Later appends do not paper over the gap: they chain from the head.
+    project.token("t2", "viewer").await;
+    verify_fails(&project, "entry 4 is missing").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anchor_kept_outside_the_store_catches_a_chain_rewritten_from_scratch() {
+    let project = audited_project().await;
+    let verify = project.run(&["audit", "verify", "--json"]).await;
+    let doc: Value = serde_json::from_str(&verify.stdout).expect("json");
+    let anchor = doc["anchor"].as_str().expect("anchor").to_owned();
+    assert!(anchor.starts_with("5:"), "{anchor}");
+
+    // An attacker who knows the format rewrites entry 2 and recomputes
+    // every hash after it, head included: the chain alone cannot tell.
+    let conn = rusqlite::Connection::open(project.store_file()).expect("open");
+    let rows: Vec<(i64, i64, String, String, String, String)> = conn
+        .prepare("SELECT seq, at, actor, action, subject, details FROM audit_log ORDER BY seq")
+        .and_then(|mut st| {
+            st.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .and_then(Iterator::collect)
+        })
+        .expect("rows");
+    let mut prev = plumb_store::audit::GENESIS.to_owned();
+    for (seq, at, actor, action, subject, details) in rows {
+        let actor = if seq == 2 {
+            "cli:nobody".to_owned()
+        } else {
+            actor
+        };
+        let details: Value = serde_json::from_str(&details).expect("details");
+        let hash =
+            plumb_store::audit::entry_hash(&prev, seq, at, &actor, &action, &subject, &details);
+        conn.execute(
+            "UPDATE audit_log SET actor = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+            rusqlite::params![actor, prev, hash, seq],
+        )
+        .expect("rewrite");
+        conn.execute(
+            "UPDATE audit_head SET seq = ?1, hash = ?2",
+            rusqlite::params![seq, hash],
+        )
+        .expect("head");
+        prev = hash;
+    }
+    drop(conn);
+    let fooled = project.run(&["audit", "verify"]).await;
+    assert_eq!(
+        fooled.code,
+        Some(0),
+        "without an anchor a full rewrite passes (SECURITY.md says so): {fooled}"
+    );
+    let out = project.run(&["audit", "verify", "--anchor", &anchor]).await;
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr.contains("entry 5") && out.stderr.contains("rewritten"),
+        "{out}"
+    );
+    let bad = project.run(&["audit", "verify", "--anchor", "5:xyz"]).await;
+    assert_eq!(
+        bad.code,
+        Some(2),
+        "a malformed anchor is a usage error: {bad}"
+    );
+}

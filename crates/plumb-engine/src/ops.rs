@@ -106,6 +106,62 @@ pub async fn all_audit_entries(
     Ok(out)
 }
 
+/// A verified audit log: how many entries, and the head hash worth keeping
+/// outside the store as an anchor.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditVerified {
+    /// Entries checked.
+    pub entries: usize,
+    /// Sequence number of the last entry.
+    pub head_seq: i64,
+    /// Hash of the last entry.
+    pub head: String,
+}
+
+/// Verifies the whole audit log: the chain, the recorded head and the
+/// given anchors (`(seq, hash)` pairs kept outside the store).
+///
+/// # Errors
+///
+/// The store error; the inner `Err` is the first problem in the log.
+pub async fn verify_audit(
+    store: &dyn Store,
+    anchors: &[(i64, String)],
+) -> Result<Result<AuditVerified, plumb_store::AuditProblem>, StoreError> {
+    let entries = all_audit_entries(store).await?;
+    let head = store.audit_head().await?;
+    Ok(plumb_store::audit::verify_log(
+        &entries,
+        head.as_ref().map(|(s, h)| (*s, h.as_str())),
+        anchors,
+    )
+    .map(|n| AuditVerified {
+        entries: n,
+        head_seq: entries.last().map_or(0, |e| e.seq),
+        head: entries.last().map(|e| e.hash.clone()).unwrap_or_default(),
+    }))
+}
+
+/// Parses an anchor written as `SEQ:HASH`.
+///
+/// # Errors
+///
+/// What is wrong with it.
+pub fn parse_anchor(text: &str) -> Result<(i64, String), String> {
+    let (seq, hash) = text
+        .split_once(':')
+        .ok_or_else(|| format!("anchor `{text}` is not SEQ:HASH"))?;
+    let seq: i64 = seq
+        .parse()
+        .ok()
+        .filter(|s| *s > 0)
+        .ok_or_else(|| format!("anchor `{text}`: `{seq}` is not an entry number"))?;
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("anchor `{text}`: the hash must be 64 hex digits"));
+    }
+    Ok((seq, hash.to_ascii_lowercase()))
+}
+
 /// Records the project a process is about to run: `plumb.yaml`, each
 /// connection and each workflow whose definition changed since the last deployment gets an audit
 /// entry. Returns the changes as `kind:name`.

@@ -565,11 +565,23 @@ async fn audit(
 async fn audit_verify(
     _auth: Auth<Admin>,
     State(state): State<AppState>,
+    Query(q): Query<Vec<(String, String)>>,
 ) -> Result<Json<Value>, ApiError> {
-    let entries = plumb_engine::ops::all_audit_entries(state.engine.store().as_ref()).await?;
-    let head = entries.last().map(|e| e.hash.clone());
-    Ok(Json(match plumb_store::audit::verify_chain(&entries) {
-        Ok(n) => json!({ "ok": true, "entries": n, "head": head }),
-        Err(problem) => json!({ "ok": false, "problem": problem, "message": problem.to_string() }),
-    }))
+    let anchors = q
+        .iter()
+        .filter(|(k, _)| k == "anchor")
+        .map(|(_, v)| plumb_engine::ops::parse_anchor(v))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::bad_request)?;
+    Ok(Json(
+        match plumb_engine::ops::verify_audit(state.engine.store().as_ref(), &anchors).await? {
+            Ok(v) => json!({
+                "ok": true, "entries": v.entries, "head": v.head,
+                "anchor": format!("{}:{}", v.head_seq, v.head),
+            }),
+            Err(problem) => {
+                json!({ "ok": false, "problem": problem, "message": problem.to_string() })
+            }
+        },
+    ))
 }

@@ -152,6 +152,21 @@ pub enum AuditProblem {
         /// The entry.
         seq: i64,
     },
+    /// The log ends before the recorded head: entries at the end were
+    /// deleted (or the head was moved).
+    Truncated {
+        /// The head's sequence number.
+        head: i64,
+        /// The last entry present.
+        last: i64,
+    },
+    /// An entry does not have the hash recorded for it elsewhere (the
+    /// head, or an anchor kept outside the store): the chain up to it was
+    /// rewritten.
+    Rewritten {
+        /// The entry.
+        seq: i64,
+    },
 }
 
 impl fmt::Display for AuditProblem {
@@ -168,6 +183,15 @@ impl fmt::Display for AuditProblem {
             Self::BrokenLink { seq } => write!(
                 f,
                 "entry {seq} does not follow the entry before it: entries were inserted, reordered or rewritten"
+            ),
+            Self::Truncated { head, last } => write!(
+                f,
+                "entry {} is missing (the log ends at {last} but its head is {head}): entries at the end were deleted",
+                last + 1
+            ),
+            Self::Rewritten { seq } => write!(
+                f,
+                "entry {seq} does not have the hash recorded for it: the chain up to it was rewritten"
             ),
         }
     }
@@ -204,6 +228,47 @@ pub fn verify_chain(entries: &[AuditEntry]) -> Result<usize, AuditProblem> {
         prev.clone_from(&e.hash);
     }
     Ok(entries.len())
+}
+
+/// Checks the chain, then that it reaches the recorded `head` and passes
+/// through every `anchor` (`(seq, hash)` pairs kept outside the store,
+/// e.g. from an earlier `plumb audit verify --json`).
+///
+/// # Errors
+///
+/// The first [`AuditProblem`] found.
+pub fn verify_log(
+    entries: &[AuditEntry],
+    head: Option<(i64, &str)>,
+    anchors: &[(i64, String)],
+) -> Result<usize, AuditProblem> {
+    let n = verify_chain(entries)?;
+    let last = entries.last().map_or(0, |e| e.seq);
+    if let Some((head_seq, head_hash)) = head {
+        if head_seq > last {
+            return Err(AuditProblem::Truncated {
+                head: head_seq,
+                last,
+            });
+        }
+        // verify_chain proved seq == position + 1.
+        let at = usize::try_from(head_seq - 1)
+            .ok()
+            .and_then(|i| entries.get(i));
+        if at.is_none_or(|e| e.hash != head_hash) {
+            return Err(AuditProblem::Rewritten { seq: head_seq });
+        }
+    }
+    for (seq, hash) in anchors {
+        if *seq > last {
+            return Err(AuditProblem::Truncated { head: *seq, last });
+        }
+        let at = usize::try_from(seq - 1).ok().and_then(|i| entries.get(i));
+        if at.is_none_or(|e| &e.hash != hash) {
+            return Err(AuditProblem::Rewritten { seq: *seq });
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -819,6 +819,11 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError>;
 
+    /// The audit chain's head (sequence number and hash of the last entry
+    /// appended), kept apart from the entries so removing entries at the
+    /// end is detectable.
+    async fn audit_head(&self) -> Result<Option<(i64, String)>, StoreError>;
+
     /// The latest schedule slot recorded for a workflow (fired or skipped).
     async fn last_fire(&self, workflow: &str) -> Result<Option<Millis>, StoreError>;
 

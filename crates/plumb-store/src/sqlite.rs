@@ -883,7 +883,7 @@ fn record_step(tx: &Transaction<'_>, owner: &str, r: &StepRecord) -> Result<Done
 /// transaction (so the change and its record commit together).
 fn append_audit(tx: &Transaction<'_>, e: &NewAuditEntry) -> Result<(), StoreError> {
     let last: Option<(i64, String)> = tx
-        .prepare_cached("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")
         .and_then(|mut st| st.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
         .map_err(map_err)?;
     let (last_seq, prev) = last.unwrap_or_else(|| (0, crate::audit::GENESIS.to_owned()));
@@ -907,6 +907,12 @@ fn append_audit(tx: &Transaction<'_>, e: &NewAuditEntry) -> Result<(), StoreErro
             hash
         ])
     })
+    .map_err(map_err)?;
+    tx.prepare_cached(
+        "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?1, ?2) \
+         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+    )
+    .and_then(|mut st| st.execute(params![seq, hash]))
     .map_err(map_err)?;
     Ok(())
 }
@@ -1786,6 +1792,15 @@ impl Store for SqliteStore {
                 params![after_seq, i64::from(limit)],
                 audit_from_row,
             )
+        })
+        .await
+    }
+
+    async fn audit_head(&self) -> Result<Option<(i64, String)>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")
+                .and_then(|mut st| st.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .map_err(map_err)
         })
         .await
     }

@@ -421,15 +421,24 @@ pub async fn audit(global: &Global, command: AuditCommand) -> anyhow::Result<Exi
             }
             Exit::Success
         }
-        AuditCommand::Verify => {
-            let entries = plumb_engine::ops::all_audit_entries(store.as_ref()).await?;
-            match plumb_store::audit::verify_chain(&entries) {
-                Ok(n) => {
-                    let head = entries.last().map(|e| e.hash.clone()).unwrap_or_default();
+        AuditCommand::Verify { anchors } => {
+            let anchors = anchors
+                .iter()
+                .map(|a| plumb_engine::ops::parse_anchor(a))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(UsageError)?;
+            match plumb_engine::ops::verify_audit(store.as_ref(), &anchors).await? {
+                Ok(v) => {
                     if global.json {
-                        println!("{}", json!({ "ok": true, "entries": n, "head": head }));
+                        println!(
+                            "{}",
+                            json!({ "ok": true, "entries": v.entries, "head": v.head, "anchor": format!("{}:{}", v.head_seq, v.head) })
+                        );
                     } else {
-                        println!("audit log intact: {n} entries, head {head}");
+                        println!(
+                            "audit log intact: {} entries; keep this anchor outside the store and pass it to a later verify with --anchor:\n{}:{}",
+                            v.entries, v.head_seq, v.head
+                        );
                     }
                     Exit::Success
                 }

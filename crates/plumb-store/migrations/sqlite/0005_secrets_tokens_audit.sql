@@ -34,6 +34,15 @@ CREATE TABLE audit_log (
     hash       TEXT NOT NULL
 );
 
+-- The chain's head, moved in the same transaction as each append. New
+-- entries chain from here, not from the last row, so deleting entries at
+-- the end leaves a gap that `plumb audit verify` reports.
+CREATE TABLE audit_head (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    seq   INTEGER NOT NULL,
+    hash  TEXT NOT NULL
+);
+
 -- What is deployed: the version (SHA-256 of the file) of plumb.yaml and of
 -- each workflow last started or reloaded, so a change is audited once.
 CREATE TABLE deployments (
