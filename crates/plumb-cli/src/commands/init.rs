@@ -18,6 +18,7 @@ listen: 127.0.0.1:8080            # where `plumb serve` listens
 #     http:
 #       base_url: https://api.example.com/v1
 #       headers: { Accept: application/json }
+#       auth: { bearer: { secret: orders_token } }   # plumb secrets set orders_token
 #       timeout: 10s
 connections: {}
 
