@@ -394,6 +394,9 @@ fn hmac_hex(key: &[u8], parts: &[&[u8]]) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// Request headers as name/value pairs.
+type Headers = Vec<(&'static str, String)>;
+
 async fn post_raw(url: &str, body: &str, headers: &[(&str, String)]) -> (u16, Value) {
     let mut req = support::http()
         .post(url)
@@ -452,7 +455,7 @@ async fn signed_webhooks_run_only_with_a_good_fresh_signature_or_bearer_secret()
     wait_run(&base, &run_id, Duration::from_secs(10)).await;
 
     let stale_ts = (now.parse::<i64>().expect("ts") - 600).to_string();
-    let cases: Vec<(&str, Vec<(&str, String)>, &str)> = vec![
+    let cases: Vec<(&str, Headers, &str)> = vec![
         ("no signature", vec![("x-timestamp", now.clone())], body),
         (
             "wrong key",

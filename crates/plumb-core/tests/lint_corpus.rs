@@ -184,15 +184,11 @@ fn literal_credentials_in_headers_auth_fields_and_urls_are_found() {
     let cases = [
         (
             "Authorization header",
-            format!(
-                "  - id: b\n    http: {{ connection: crm, path: /x, headers: {{ Authorization: 'Bearer hunter2hunter2' }} }}\n"
-            ),
+            "  - id: b\n    http: { connection: crm, path: /x, headers: { Authorization: 'Bearer hunter2hunter2' } }\n".to_owned(),
         ),
         (
             "custom credential header",
-            format!(
-                "  - id: b\n    http: {{ connection: crm, path: /x, headers: {{ X-Api-Key: 'abc123def456' }} }}\n"
-            ),
+            "  - id: b\n    http: { connection: crm, path: /x, headers: { X-Api-Key: 'abc123def456' } }\n".to_owned(),
         ),
         (
             "random token in a header",
