@@ -23,6 +23,20 @@ impl ApiClient {
             .replace("0.0.0.0:", "127.0.0.1:")
             .replace("[::]:", "[::1]:");
         let base = format!("http://{host}");
+        // The probe carries no token: whoever listens there gets it only
+        // after answering as this project's server.
+        let probe = reqwest::Client::new()
+            .get(format!("{base}/healthz"))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?;
+        let body: Value = probe.json().await.ok()?;
+        let ours = body.get("service").and_then(Value::as_str) == Some("plumb")
+            && body.get("store").and_then(Value::as_str) == Some(store);
+        if !ours {
+            return None;
+        }
         let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
         auth.set_sensitive(true);
         let headers =
@@ -32,16 +46,7 @@ impl ApiClient {
             .default_headers(headers)
             .build()
             .ok()?;
-        let probe = http
-            .get(format!("{base}/healthz"))
-            .timeout(Duration::from_millis(500))
-            .send()
-            .await
-            .ok()?;
-        let body: Value = probe.json().await.ok()?;
-        let ours = body.get("service").and_then(Value::as_str) == Some("plumb")
-            && body.get("store").and_then(Value::as_str) == Some(store);
-        ours.then_some(Self { http, base })
+        Some(Self { http, base })
     }
 
     /// Where the server is.

@@ -14,9 +14,10 @@ use support::{Project, Receiver, get_json, post_json, wait_run};
 const HEAD: &str = "owner: qa@example.com\ndescription: security test workflow\n";
 
 /// A value that appears nowhere unless plumb leaks it. `+`, `/` and `=`
-/// make its URL-encoded and base64 forms differ from it.
+/// make its URL-encoded and base64 forms differ from it; `"` and `\` make
+/// it change when a JSON document holding it is printed.
 fn canary() -> String {
-    format!("cn+{}/x=", uuid_like())
+    format!("cn+{}/x=\"q\\", uuid_like())
 }
 
 fn uuid_like() -> String {
@@ -44,11 +45,13 @@ fn forms(value: &str) -> Vec<String> {
             }
         })
         .collect();
+    let escaped = serde_json::to_string(value).expect("json");
     vec![
         value.to_owned(),
         STANDARD.encode(value),
         URL_SAFE_NO_PAD.encode(value),
         url,
+        escaped[1..escaped.len() - 1].to_owned(),
     ]
 }
 
@@ -97,7 +100,7 @@ async fn a_canary_secret_reaches_its_upstream_and_appears_nowhere_else() {
     let pager = Receiver::start().await;
     let secret = canary();
     let project = Project::new(&format!(
-        "connections:\n  up:\n    http:\n      base_url: {0}\n      timeout: 10s\n      auth: {{ bearer: {{ secret: canary }} }}\n  up_basic:\n    http:\n      base_url: {0}\n      timeout: 10s\n      auth: {{ basic: {{ username: svc, password: {{ secret: canary }} }} }}\n  pager:\n    http:\n      base_url: {1}\n      timeout: 10s\ndefaults:\n  retry: {{ attempts: 2, initial: 100ms, max: 1s }}\nalerts:\n  ops:\n    http: {{ connection: pager, path: /ok/alert }}\n",
+        "connections:\n  up:\n    http:\n      base_url: {0}\n      timeout: 10s\n      auth: {{ bearer: {{ secret: canary }} }}\n  up_basic:\n    http:\n      base_url: {0}\n      timeout: 10s\n      auth: {{ basic: {{ username: svc, password: {{ secret: canary }} }} }}\n  pager:\n    http:\n      base_url: {1}\n      timeout: 10s\n      auth: {{ header: {{ name: X-Pager-Key, secret: pager_key }} }}\ndefaults:\n  retry: {{ attempts: 2, initial: 100ms, max: 1s }}\nalerts:\n  ops:\n    http: {{ connection: pager, path: /ok/alert }}\n",
         up.base_url, pager.base_url
     ));
     project.workflow(
@@ -108,6 +111,7 @@ async fn a_canary_secret_reaches_its_upstream_and_appears_nowhere_else() {
     );
     let set = project.set_secret("canary", &secret).await;
     assert_eq!(set.code, Some(0), "{set}");
+    must_set(&project, "pager_key", "pager-key-value").await;
 
     let log_path = project.path().join("serve.log");
     let log = std::fs::File::create(&log_path).expect("log file");
@@ -132,7 +136,7 @@ async fn a_canary_secret_reaches_its_upstream_and_appears_nowhere_else() {
         .to_owned();
 
     // The sender, too, posts the secret (and its encodings) in the event.
-    let [plain, b64, _, url] = <[String; 4]>::try_from(forms(&secret)).expect("forms");
+    let [plain, b64, _, url, _] = <[String; 5]>::try_from(forms(&secret)).expect("forms");
     let (status, body) = call(
         "POST",
         &format!("{base}/hooks/canary"),
@@ -195,6 +199,11 @@ async fn a_canary_secret_reaches_its_upstream_and_appears_nowhere_else() {
         .into_iter()
         .find(|h| h.path == "/ok/alert")
         .expect("alert");
+    assert_eq!(
+        alert.headers.get("x-pager-key").map(String::as_str),
+        Some("pager-key-value"),
+        "an alert channel's connection authenticates"
+    );
     let alert_text = alert.body.to_string();
     assert!(
         alert_text.contains("[redacted:canary]"),
@@ -894,6 +903,15 @@ async fn an_admin_deploys_through_the_api_and_a_rekey_takes_effect_without_a_res
     // key and every secret still opens.
     let out = project.run(&["secrets", "rekey"]).await;
     assert_eq!(out.code, Some(0), "{out}");
+    // Until it reloads, the server holds a retired key and must not seal
+    // with it.
+    let (status, doc) = post_json(
+        &format!("{base}/api/v1/secrets"),
+        &json!({"name": "late", "value": "sealed-too-late"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{doc}");
+    assert_eq!(doc["error"]["code"], "key_retired", "{doc}");
     let (status, doc) = post_json(&deploy, &json!({})).await;
     assert_eq!(status, 200, "{doc}");
     let (status, doc) = post_json(&format!("{base}/api/v1/workflows/call/runs"), &json!({})).await;
@@ -957,7 +975,7 @@ async fn secrets_are_checked_set_listed_rotated_live_and_deleted_without_showing
     must_set(&project, "gh_hook", "gh-hook-value").await;
     let check = project.run(&["check"]).await;
     assert_eq!(check.code, Some(0), "{check}");
-    let again = project.set_secret("crm_token", "other").await;
+    let again = project.set_secret("crm_token", "other-value").await;
     assert_eq!(again.code, Some(2), "set does not overwrite: {again}");
     assert!(
         again.stderr.contains("plumb secrets rotate crm_token"),
@@ -965,6 +983,9 @@ async fn secrets_are_checked_set_listed_rotated_live_and_deleted_without_showing
     );
     let empty = project.set_secret("spare", "").await;
     assert_ne!(empty.code, Some(0), "an empty value is refused: {empty}");
+    let short = project.set_secret("spare", "1234567").await;
+    assert_ne!(short.code, Some(0), "a short value is refused: {short}");
+    assert!(short.stderr.contains("shorter than 8"), "{short}");
 
     let list = project.run(&["secrets", "list", "--json"]).await;
     assert_eq!(list.code, Some(0), "{list}");
@@ -1046,6 +1067,13 @@ async fn audit_verify_names_entries_deleted_at_the_end() {
     // Later appends do not paper over the gap: they chain from the head.
     project.token("t2", "viewer").await;
     verify_fails(&project, "entry 4 is missing").await;
+    // Deleting the head record along with the last entries is reported too.
+    let project = audited_project().await;
+    tamper(
+        &project,
+        "DELETE FROM audit_log WHERE seq = 5; DELETE FROM audit_head;",
+    );
+    verify_fails(&project, "head record is missing").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,8 +24,13 @@ const MAX_REDIRECTS: usize = 5;
 /// upstream cannot park a run for days.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
+/// Removes secret values from text before it is kept (an error message
+/// quoting the upstream's answer). The engine supplies it; this crate does
+/// not know what is secret.
+pub type Scrub = std::sync::Arc<dyn Fn(&str) -> String + Send + Sync>;
+
 /// A request, fully built by the engine.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct HttpRequest {
     /// Upper-case method.
     pub method: String,
@@ -39,6 +44,33 @@ pub struct HttpRequest {
     pub timeout: Duration,
     /// Statuses counted as success; `None` means any 2xx.
     pub expect_status: Option<Vec<u16>>,
+    /// The header carrying the connection's credential, if any: marked
+    /// sensitive so no layer below prints it.
+    pub credential_header: Option<String>,
+    /// Applied to the upstream's answer before it is quoted in an error,
+    /// before truncation, so a secret it echoes is never cut in half.
+    pub scrub: Option<Scrub>,
+}
+
+impl std::fmt::Debug for HttpRequest {
+    // Header values and the body may hold credentials and payloads: only
+    // their shape is printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRequest")
+            .field("method", &self.method)
+            .field("url", &self.url.as_str())
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("body", &self.body.as_ref().map(|_| "…"))
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A response that counted as success.
@@ -138,7 +170,20 @@ impl HttpClient {
             .request(method, request.url.clone())
             .timeout(request.timeout);
         for (name, value) in &request.headers {
-            builder = builder.header(name.as_str(), value.as_str());
+            let mut value = reqwest::header::HeaderValue::from_str(value).map_err(|_| {
+                ActionError::Permanent {
+                    message: format!("the value of header `{name}` is not valid in HTTP"),
+                    status: None,
+                }
+            })?;
+            if request
+                .credential_header
+                .as_deref()
+                .is_some_and(|c| c.eq_ignore_ascii_case(name))
+            {
+                value.set_sensitive(true);
+            }
+            builder = builder.header(name.as_str(), value);
         }
         if let Some(body) = &request.body {
             builder = builder.json(body);
@@ -186,7 +231,10 @@ impl HttpClient {
                 body,
             });
         }
-        let message = format!("HTTP {status} {reason}{}", body_snippet(&body));
+        let message = format!(
+            "HTTP {status} {reason}{}",
+            body_snippet(&body, request.scrub.as_ref())
+        );
         if retryable_status {
             Err(ActionError::Retryable {
                 message,
@@ -306,11 +354,15 @@ fn decode_body(bytes: &[u8], is_json: bool) -> Value {
     Value::String(String::from_utf8_lossy(bytes).into_owned())
 }
 
-fn body_snippet(body: &Value) -> String {
+fn body_snippet(body: &Value, scrub: Option<&Scrub>) -> String {
     let text = match body {
         Value::Null => return String::new(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    };
+    let text = match scrub {
+        Some(scrub) => scrub(&text),
+        None => text,
     };
     const MAX: usize = 300;
     let trimmed = text.trim();

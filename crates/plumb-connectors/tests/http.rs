@@ -28,6 +28,8 @@ fn request(url: Url) -> HttpRequest {
         body: None,
         timeout: Duration::from_secs(5),
         expect_status: None,
+        credential_header: None,
+        scrub: None,
     }
 }
 

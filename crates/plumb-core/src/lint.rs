@@ -149,6 +149,13 @@ pub fn lint(file: &str, doc: &Document, allow: &[LintAllow]) -> Vec<Diagnostic> 
     out
 }
 
+/// Whether `text` at `path` is a finding (allowed or not): a caller must
+/// then not repeat the value in its own messages.
+#[must_use]
+pub fn is_flagged(path: &FieldPath, text: &str) -> bool {
+    finding(path, text).is_some()
+}
+
 /// A short, stable name for a flagged value that does not reveal it.
 #[must_use]
 pub fn fingerprint(text: &str) -> String {

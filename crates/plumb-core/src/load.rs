@@ -599,10 +599,16 @@ impl<'a> Checker<'a> {
     }
 
     fn secret_name(&mut self, name: &str, path: &FieldPath) {
+        // The field may hold the credential itself, pasted where its name
+        // belongs: the lint reports what looks like one, and nothing here
+        // repeats a value that is not a plain name.
+        if crate::lint::is_flagged(path, name) {
+            return;
+        }
         if !is_identifier(name) {
-            self.error_at_value(path, format!("invalid secret name `{name}`"))
+            self.error_at_value(path, "this is not a secret name")
                 .help = Some(
-                "secret names are letters, digits and `_`, starting with a letter or `_`".into(),
+                "write the name of a secret here (letters, digits and `_`, starting with a letter or `_`), never its value: seal the value with `plumb secrets set NAME` and write NAME".into(),
             );
         } else if self
             .known_secrets
@@ -656,6 +662,24 @@ impl<'a> Checker<'a> {
         })
     }
 
+    /// A signed timestamp's accepted age: 5 minutes unless set, at most an
+    /// hour (longer would make replay protection meaningless).
+    fn hmac_tolerance(&mut self, given: Option<Duration>, path: &FieldPath) -> Duration {
+        const MAX: Duration = Duration::from_secs(3600);
+        match given {
+            None => Duration::from_secs(300),
+            Some(d) if d > MAX || d.is_zero() => {
+                self.error_at_value(path, "the tolerance must be between 1s and 1h")
+                    .help = Some(
+                    "a signed timestamp older than this is refused as a replay; senders use 5m"
+                        .into(),
+                );
+                d
+            }
+            Some(d) => d,
+        }
+    }
+
     fn webhook_auth(&mut self, spec: &WebhookAuthSpec, path: &FieldPath) -> Option<WebhookAuth> {
         let count = usize::from(spec.hmac_sha256.is_some())
             + usize::from(spec.bearer.is_some())
@@ -680,7 +704,10 @@ impl<'a> Checker<'a> {
                 header: h.header.to_ascii_lowercase(),
                 prefix: h.prefix.clone().unwrap_or_default(),
                 timestamp_header: h.timestamp_header.as_ref().map(|t| t.to_ascii_lowercase()),
-                tolerance: h.tolerance.map_or(Duration::from_secs(300), |d| d.0),
+                tolerance: self.hmac_tolerance(
+                    h.tolerance.map(|d| d.0),
+                    &path.key("hmac_sha256").key("tolerance"),
+                ),
             });
         }
         if let Some(b) = &spec.bearer {

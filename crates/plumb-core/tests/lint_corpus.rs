@@ -309,3 +309,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_credential_pasted_where_a_secret_name_goes_is_never_repeated() {
+    let token = corpus()
+        .into_iter()
+        .find(|(what, _)| *what == "a GitHub token")
+        .map(|(_, t)| t)
+        .expect("github");
+    for value in [token.as_str(), "hunter 2 with spaces!"] {
+        let err = load_config(&SourceFile {
+            path: "plumb.yaml".into(),
+            text: format!(
+                "connections:\n  crm:\n    http:\n      base_url: 'https://api.example'\n      auth: {{ bearer: {{ secret: '{value}' }} }}\n"
+            ),
+        })
+        .expect_err("refused");
+        assert!(!err.is_empty());
+        let text = err.to_string();
+        assert!(!text.contains(value), "the value is repeated: {text}");
+        assert!(text.contains("plumb.yaml:5:"), "{text}");
+    }
+}

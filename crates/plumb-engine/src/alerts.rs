@@ -116,6 +116,16 @@ async fn send(engine: &Engine, alert: &Alert) -> Result<(), String> {
         ));
     }
     let mut headers = http.headers.clone();
+    // An alert channel's connection authenticates like any other.
+    let secrets = engine.secrets();
+    let mut credential_header = None;
+    if let Some(auth) = &http.auth {
+        let (name, value) = crate::exec::auth_header(&secrets, connection, auth)
+            .map_err(|e| engine.redact(&e.to_string()))?;
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+        credential_header = Some(name.clone());
+        headers.push((name, value));
+    }
     headers.push(("Idempotency-Key".to_owned(), format!("alert:{}", alert.id)));
     engine
         .http
@@ -126,10 +136,12 @@ async fn send(engine: &Engine, alert: &Alert) -> Result<(), String> {
             body: Some(alert.payload.clone()),
             timeout: http.timeout.unwrap_or(TIMEOUT),
             expect_status: None,
+            credential_header,
+            scrub: Some(crate::secrets::scrubber(Arc::clone(&secrets))),
         })
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| secrets.redactor().redact(&e.to_string()).into_owned())
 }
 
 /// Delivers alerts until `shutdown`: whenever woken (a run failed here) and

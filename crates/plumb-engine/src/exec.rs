@@ -599,7 +599,9 @@ impl<'e> Execution<'e> {
             // secret value into the journal, the events or later expressions.
             let result = match result {
                 Ok(mut outcome) => {
-                    self.engine.redact_json(&mut outcome.output);
+                    // Before anything sees it (the summary, later steps).
+                    outcome.output =
+                        self.sanitized(&step.id, &outcome.output, output_shape(step, index));
                     Ok(outcome)
                 }
                 Err(e) => Err(redact_error(self.engine, e)),
@@ -871,10 +873,15 @@ impl<'e> Execution<'e> {
             headers.push((name, value));
         }
         // The connection's credential goes last, so no step header can
-        // replace it; it is only ever sent to this connection's origin.
+        // replace it; it is only ever sent to this connection's origin. The
+        // same snapshot of the secrets redacts the answer, so a rotation in
+        // between cannot let the old value through.
+        let secrets = self.engine.secrets();
+        let mut credential_header = None;
         if let Some(auth) = &connection.auth {
-            let (name, value) = auth_header(self.engine, &http.connection, auth)?;
+            let (name, value) = auth_header(&secrets, &http.connection, auth)?;
             headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+            credential_header = Some(name.clone());
             headers.push((name, value));
         }
         headers.retain(|(n, _)| !n.eq_ignore_ascii_case("idempotency-key"));
@@ -889,6 +896,8 @@ impl<'e> Execution<'e> {
                 body: rendered.body,
                 timeout: step.timeout,
                 expect_status: http.expect_status.clone(),
+                credential_header,
+                scrub: Some(crate::secrets::scrubber(secrets)),
             })
             .await?;
         let status = response.status;
@@ -1066,14 +1075,13 @@ fn k(s: &str) -> Val {
 /// Retries a store operation that failed transiently (busy, I/O), a few
 /// times over about four seconds, before giving up.
 /// The header that carries a connection's credential.
-fn auth_header(
-    engine: &Engine,
+pub(crate) fn auth_header(
+    secrets: &crate::secrets::Secrets,
     connection: &str,
     auth: &plumb_core::model::HttpAuth,
 ) -> Result<(String, String), ActionError> {
     use base64::Engine as _;
     use plumb_core::model::HttpAuth;
-    let secrets = engine.secrets();
     let Some(value) = secrets.get(auth.secret()) else {
         return Err(ActionError::Permanent {
             message: format!(

@@ -30,6 +30,17 @@ pub enum SecretsError {
         /// Why the key could not be loaded.
         why: String,
     },
+    /// The key in use is not the one the stored secrets are sealed with
+    /// (a rekey happened since it was loaded, or another key is set).
+    #[error(
+        "the master key in use (fingerprint {current}) is not the one the stored secrets are sealed with ({stored}); after a rekey, reload (SIGHUP, POST /api/v1/deployments or a restart) or use the current key, so nothing is sealed under a retired key"
+    )]
+    KeyRetired {
+        /// The fingerprint of the key in use.
+        current: String,
+        /// The fingerprint the stored secrets carry.
+        stored: String,
+    },
     /// A referenced secret is not in the store.
     #[error(
         "{used_by} names the secret `{name}`, which is not set; set it with `plumb secrets set {name}`"
@@ -63,6 +74,39 @@ impl Secrets {
     pub fn redactor(&self) -> &Redactor {
         &self.redactor
     }
+}
+
+/// Shortest secret value accepted: shorter ones are guessable, and values
+/// under [`plumb_vault::MIN_REDACTED_LEN`] could not be redacted at all.
+pub const MIN_SECRET_LEN: usize = 8;
+
+/// Refuses to seal with `key` when the stored secrets were sealed with
+/// another key, so a process holding a retired key cannot write a secret
+/// nobody will be able to open.
+///
+/// # Errors
+///
+/// [`SecretsError::KeyRetired`], or the store error.
+pub async fn check_key_is_current(store: &dyn Store, key: &MasterKey) -> Result<(), SecretsError> {
+    let current = key.fingerprint();
+    if let Some(other) = store
+        .list_secrets()
+        .await?
+        .into_iter()
+        .find(|m| m.key_id != current)
+    {
+        return Err(SecretsError::KeyRetired {
+            current,
+            stored: other.key_id,
+        });
+    }
+    Ok(())
+}
+
+/// A scrubber for the HTTP connector that redacts with this snapshot.
+#[must_use]
+pub fn scrubber(secrets: Arc<Secrets>) -> plumb_connectors::http::Scrub {
+    Arc::new(move |text: &str| secrets.redactor().redact(text).into_owned())
 }
 
 /// Converts between the vault's and the store's view of a sealed value.

@@ -332,8 +332,11 @@ async fn write_secret(
             "secret names are letters, digits and `_`, starting with a letter or `_`",
         ));
     }
-    if value.is_empty() {
-        return Err(ApiError::bad_request("the value is empty"));
+    if value.chars().count() < plumb_engine::secrets::MIN_SECRET_LEN {
+        return Err(ApiError::bad_request(format!(
+            "the value is shorter than {} characters",
+            plumb_engine::secrets::MIN_SECRET_LEN
+        )));
     }
     let key = state.engine.master_key().map_err(|why| {
         ApiError::new(
@@ -342,6 +345,12 @@ async fn write_secret(
             format!("this server has no master key: {why}"),
         )
     })?;
+    plumb_engine::secrets::check_key_is_current(state.engine.store().as_ref(), &key)
+        .await
+        .map_err(|e| match e {
+            plumb_engine::secrets::SecretsError::Store(e) => ApiError::from(e),
+            other => ApiError::new(StatusCode::CONFLICT, "key_retired", other.to_string()),
+        })?;
     let sealed = key.seal(name, &plumb_vault::SecretValue::new(value));
     let result = state
         .engine

@@ -64,11 +64,25 @@ fn failures() -> &'static DefaultKeyedRateLimiter<String> {
     LIMITER.get_or_init(|| RateLimiter::keyed(Quota::per_minute(NonZeroU32::MIN)))
 }
 
-/// Audits a failed authentication, at most once a minute for the same
-/// action, subject and details, so a scanner cannot flood the audit log.
-pub(crate) async fn audit_failure(state: &AppState, entry: NewAuditEntry) {
-    let key = format!("{}|{}|{}", entry.action, entry.subject, entry.details);
-    if failures().check_key(&key).is_err() {
+/// Failed attempts audited per minute across all routes and reasons: a
+/// flood of distinct bad requests still costs the store little.
+const AUDITED_FAILURES_PER_MINUTE: NonZeroU32 = match NonZeroU32::new(30) {
+    Some(n) => n,
+    None => NonZeroU32::MIN,
+};
+
+fn all_failures() -> &'static governor::DefaultDirectRateLimiter {
+    static LIMITER: OnceLock<governor::DefaultDirectRateLimiter> = OnceLock::new();
+    LIMITER.get_or_init(|| RateLimiter::direct(Quota::per_minute(AUDITED_FAILURES_PER_MINUTE)))
+}
+
+/// Audits a failed authentication, at most once a minute per `kind` (a
+/// caller-chosen key from a small fixed set: action, route template and
+/// reason, never request data), and at most
+/// [`AUDITED_FAILURES_PER_MINUTE`] in all, so a scanner cannot flood the
+/// audit log or the store.
+pub(crate) async fn audit_failure(state: &AppState, kind: String, entry: NewAuditEntry) {
+    if failures().check_key(&kind).is_err() || all_failures().check().is_err() {
         return;
     }
     if let Err(e) = state.engine.store().append_audit(&entry).await {
@@ -84,8 +98,13 @@ async fn refuse(
     who: &str,
 ) -> ApiError {
     let route = parts.uri.path().to_owned();
+    let template = parts
+        .extensions
+        .get::<axum::extract::MatchedPath>()
+        .map_or("?", axum::extract::MatchedPath::as_str);
     audit_failure(
         state,
+        format!("auth.failed|{template}|{reason}"),
         NewAuditEntry::new(
             who,
             "auth.failed",

@@ -59,6 +59,22 @@ pub enum Rejection {
     BadSecret(&'static str),
 }
 
+impl Rejection {
+    /// A stable name for the kind of rejection (for rate limits and
+    /// metrics; carries no request data).
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::MissingHeader(_) => "missing_header",
+            Self::Malformed { .. } => "malformed",
+            Self::Stale { .. } => "stale",
+            Self::BadSignature => "bad_signature",
+            Self::BadBearer => "bad_bearer",
+            Self::BadSecret(_) => "bad_secret",
+        }
+    }
+}
+
 /// Checks a request against a trigger's `auth`, with `secret` the value of
 /// the secret it names and `now` in Unix seconds.
 ///

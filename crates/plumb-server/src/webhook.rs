@@ -138,6 +138,7 @@ async fn authenticate(
             tracing::warn!(workflow = %workflow.name, reason = %why, "Webhook refused: the sender is not authenticated.");
             audit_failure(
                 state,
+                format!("webhook.auth_failed|{}|{}", workflow.name, why.kind()),
                 NewAuditEntry::new(
                     "webhook:anonymous",
                     "webhook.auth_failed",

@@ -160,6 +160,8 @@ pub enum AuditProblem {
         /// The last entry present.
         last: i64,
     },
+    /// There are entries but no head record: it was deleted.
+    HeadMissing,
     /// An entry does not have the hash recorded for it elsewhere (the
     /// head, or an anchor kept outside the store): the chain up to it was
     /// rewritten.
@@ -188,6 +190,10 @@ impl fmt::Display for AuditProblem {
                 f,
                 "entry {} is missing (the log ends at {last} but its head is {head}): entries at the end were deleted",
                 last + 1
+            ),
+            Self::HeadMissing => write!(
+                f,
+                "the chain's head record is missing (deleted), so entries at the end may have been deleted too"
             ),
             Self::Rewritten { seq } => write!(
                 f,
@@ -244,6 +250,9 @@ pub fn verify_log(
 ) -> Result<usize, AuditProblem> {
     let n = verify_chain(entries)?;
     let last = entries.last().map_or(0, |e| e.seq);
+    if head.is_none() && !entries.is_empty() {
+        return Err(AuditProblem::HeadMissing);
+    }
     if let Some((head_seq, head_hash)) = head {
         if head_seq > last {
             return Err(AuditProblem::Truncated {

@@ -769,11 +769,14 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_secret(&self, name: &str, actor: &str) -> Result<bool, StoreError>;
 
     /// Replaces every secret's sealed value in one transaction (a new master
-    /// key). Fails, changing nothing, unless `resealed` names exactly the
-    /// stored secrets.
+    /// key). Fails, changing nothing, unless the secrets are still at
+    /// `expected_version` (the [`Store::secrets_version`] read before they
+    /// were opened, so a concurrent set or rotation is never undone) and
+    /// `resealed` names exactly the stored secrets.
     async fn rekey_secrets(
         &self,
         resealed: &[(String, SealedSecret)],
+        expected_version: &str,
         actor: &str,
     ) -> Result<(), StoreError>;
 

@@ -176,6 +176,7 @@ enum Op {
     },
     Rekey {
         resealed: Vec<(String, SealedSecret)>,
+        expected_version: String,
         actor: String,
     },
     CreateToken {
@@ -732,7 +733,11 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
             }
             Ok(Done::Flag(rows == 1))
         }
-        Op::Rekey { resealed, actor } => rekey(tx, resealed, actor).map(|()| Done::Unit),
+        Op::Rekey {
+            resealed,
+            expected_version,
+            actor,
+        } => rekey(tx, resealed, expected_version, actor).map(|()| Done::Unit),
         Op::CreateToken { token, hash, actor } => {
             let rows = tx
                 .prepare_cached(
@@ -1037,8 +1042,14 @@ fn put_secret(
 fn rekey(
     tx: &Transaction<'_>,
     resealed: &[(String, SealedSecret)],
+    expected_version: &str,
     actor: &str,
 ) -> Result<(), StoreError> {
+    if secrets_version(tx)? != expected_version {
+        return Err(StoreError::Other(
+            "a secret was set, rotated or deleted while rekeying; nothing was changed, run rekey again".into(),
+        ));
+    }
     let stored: Vec<String> = query_all(tx, "SELECT name FROM secrets ORDER BY name", [], |r| {
         r.get(0)
     })?;
@@ -1070,6 +1081,26 @@ fn rekey(
             serde_json::json!({ "secrets": resealed.len(), "key_id": key_id }),
         ),
     )
+}
+
+/// Every seal draws a fresh random nonce, so the nonces change on each
+/// set, rotation and rekey, even within one millisecond.
+fn secrets_version(conn: &Connection) -> Result<String, StoreError> {
+    conn.query_row(
+        "SELECT count(*), coalesce(max(updated_at), 0), \
+         coalesce(group_concat(name || ':' || hex(nonce)), '') \
+         FROM (SELECT * FROM secrets ORDER BY name)",
+        [],
+        |r| {
+            Ok(format!(
+                "{}:{}:{}",
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?
+            ))
+        },
+    )
+    .map_err(map_err)
 }
 
 fn token_from_row(r: &Row<'_>) -> rusqlite::Result<ApiToken> {
@@ -1671,10 +1702,12 @@ impl Store for SqliteStore {
     async fn rekey_secrets(
         &self,
         resealed: &[(String, SealedSecret)],
+        expected_version: &str,
         actor: &str,
     ) -> Result<(), StoreError> {
         self.write(Op::Rekey {
             resealed: resealed.to_vec(),
+            expected_version: expected_version.to_owned(),
             actor: actor.to_owned(),
         })
         .await
@@ -1682,24 +1715,7 @@ impl Store for SqliteStore {
     }
 
     async fn secrets_version(&self) -> Result<String, StoreError> {
-        self.read(|conn| {
-            conn.query_row(
-                // Every seal draws a fresh random nonce, so the nonces change
-                // on each set, rotation and rekey even within one millisecond.
-                "SELECT count(*), coalesce(max(updated_at), 0), coalesce(group_concat(name || ':' || hex(nonce)), '') FROM secrets",
-                [],
-                |r| {
-                    Ok(format!(
-                        "{}:{}:{}",
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?
-                    ))
-                },
-            )
-            .map_err(map_err)
-        })
-        .await
+        self.read(secrets_version).await
     }
 
     async fn create_token(

@@ -550,8 +550,13 @@ async fn secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(sto
         .put_secret("other", &sealed(4, "k1"), SecretWrite::Create, "cli:ada")
         .await
         .expect("second secret");
+    let version = store.secrets_version().await.expect("version");
     let partial = store
-        .rekey_secrets(&[("crm_token".into(), sealed(5, "k2"))], "cli:ada")
+        .rekey_secrets(
+            &[("crm_token".into(), sealed(5, "k2"))],
+            &version,
+            "cli:ada",
+        )
         .await;
     assert!(partial.is_err(), "a rekey must cover every secret");
     assert_eq!(
@@ -559,14 +564,28 @@ async fn secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(sto
         Some(sealed(3, "k1")),
         "a refused rekey changes nothing"
     );
+    let all = [
+        ("crm_token".to_owned(), sealed(5, "k2")),
+        ("other".to_owned(), sealed(6, "k2")),
+    ];
     store
-        .rekey_secrets(
-            &[
-                ("crm_token".into(), sealed(5, "k2")),
-                ("other".into(), sealed(6, "k2")),
-            ],
-            "cli:ada",
-        )
+        .put_secret("other", &sealed(7, "k1"), SecretWrite::Rotate, "cli:bob")
+        .await
+        .expect("a rotation during the rekey");
+    assert!(
+        store
+            .rekey_secrets(&all, &version, "cli:ada")
+            .await
+            .is_err(),
+        "a rekey never undoes a rotation made since it read the secrets"
+    );
+    assert_eq!(
+        store.secret("other").await.expect("read").map(|s| s.0),
+        Some(sealed(7, "k1"))
+    );
+    let version = store.secrets_version().await.expect("version");
+    store
+        .rekey_secrets(&all, &version, "cli:ada")
         .await
         .expect("rekey");
     let metas = store.list_secrets().await.expect("list");
@@ -593,6 +612,7 @@ async fn secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(sto
             "secret.set",
             "secret.rotated",
             "secret.set",
+            "secret.rotated",
             "secrets.rekeyed",
             "secret.deleted"
         ]

@@ -65,6 +65,18 @@ pub enum VaultError {
         /// The I/O error.
         reason: String,
     },
+    /// The key file belongs to another user.
+    #[error(
+        "the master key file {path} is owned by uid {owner}, not by the user plumb runs as (uid {me}); fix it with `chown {me} {path}` if that file is really yours"
+    )]
+    KeyFileOwner {
+        /// The file.
+        path: String,
+        /// Its owner.
+        owner: u32,
+        /// The effective uid plumb runs as.
+        me: u32,
+    },
     /// A value sealed under another key.
     #[error(
         "the secret `{name}` was sealed with another master key (fingerprint {sealed_with}, this key is {current}); use the key it was sealed with, or set the secret again"
@@ -171,17 +183,7 @@ impl MasterKey {
             return Self::from_base64(text, MASTER_KEY_ENV);
         }
         let path = file.display().to_string();
-        if !file.exists() {
-            return Err(VaultError::NoKey { path });
-        }
-        check_private(file)?;
-        let text =
-            Zeroizing::new(
-                std::fs::read_to_string(file).map_err(|e| VaultError::KeyFile {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?,
-            );
+        let text = read_private(file)?;
         Self::from_base64(&text, &path)
     }
 
@@ -314,30 +316,63 @@ fn aad(name: &str) -> String {
     format!("plumb secret v1\0{name}")
 }
 
-/// Refuses a key file that group or others can read.
+/// Reads the key file, refusing one that is not safe to trust: a symbolic
+/// link, a file owned by another user, or one group or others can read.
+/// The checks and the read use one open descriptor, so the file cannot be
+/// swapped between them.
 ///
 /// # Errors
 ///
-/// [`VaultError::KeyFileExposed`] or [`VaultError::KeyFile`].
-pub fn check_private(file: &Path) -> Result<(), VaultError> {
+/// [`VaultError::NoKey`] when there is no file, [`VaultError::KeyFileExposed`],
+/// [`VaultError::KeyFileOwner`] or [`VaultError::KeyFile`].
+pub fn read_private(file: &Path) -> Result<Zeroizing<String>, VaultError> {
+    use std::io::Read;
+    let path = file.display().to_string();
+    let io = |e: std::io::Error| VaultError::KeyFile {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(file).map_err(|e| VaultError::KeyFile {
-            path: file.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let mode = meta.permissions().mode() & 0o777;
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits().cast_signed());
+    }
+    let mut handle = match options.open(file) {
+        Ok(h) => h,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(VaultError::NoKey { path });
+        }
+        #[cfg(unix)]
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            return Err(VaultError::KeyFile {
+                path: path.clone(),
+                reason: "it is a symbolic link; point to the key file itself".into(),
+            });
+        }
+        Err(e) => return Err(io(e)),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = handle.metadata().map_err(io)?;
+        let mode = meta.mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(VaultError::KeyFileExposed {
-                path: file.display().to_string(),
-                mode,
+            return Err(VaultError::KeyFileExposed { path, mode });
+        }
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(VaultError::KeyFileOwner {
+                path,
+                owner: meta.uid(),
+                me,
             });
         }
     }
-    #[cfg(not(unix))]
-    let _ = file;
-    Ok(())
+    let mut text = Zeroizing::new(String::new());
+    handle.read_to_string(&mut text).map_err(io)?;
+    Ok(text)
 }
 
 /// A sealed secret as stored.
@@ -434,6 +469,15 @@ impl Redactor {
             }
             forms.push(Zeroizing::new(url_encode(v)));
             forms.push(Zeroizing::new(url_encode(v).replace("%20", "+")));
+            // A value with quotes, backslashes or control characters is
+            // escaped when a JSON document or a Debug string holding it is
+            // printed (an upstream's error body, a log field).
+            if let Ok(quoted) = serde_json::to_string(v)
+                && let Some(inner) = quoted.get(1..quoted.len() - 1)
+            {
+                forms.push(Zeroizing::new(inner.to_owned()));
+            }
+            forms.push(Zeroizing::new(v.escape_debug().to_string()));
             for form in forms {
                 if !patterns.iter().any(|p| p.as_str() == form.as_str()) {
                     patterns.push(form);
@@ -578,6 +622,27 @@ mod tests {
         ));
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_symlinked_or_foreign_key_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real.key");
+        MasterKey::create_file(&real).expect("create");
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let err = MasterKey::load(None, &link).expect_err("a symlink is refused");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        // Handing the file to another user needs root; elsewhere the
+        // ownership check cannot be exercised.
+        if std::os::unix::fs::chown(&real, Some(65_534), None).is_ok() {
+            let err = MasterKey::load(None, &real).expect_err("a foreign file is refused");
+            assert!(
+                matches!(err, VaultError::KeyFileOwner { owner: 65_534, .. }),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn redaction_covers_plain_base64_and_url_encoded_forms() {
         let v = SecretValue::new("tok+en/with=chars 42".into());
@@ -600,6 +665,19 @@ mod tests {
         r.redact_json(&mut doc);
         assert_eq!(doc["headers"]["authorization"], "Bearer [redacted:api]");
         assert_eq!(doc["list"][0], "[redacted:api]");
+    }
+
+    #[test]
+    fn values_escaped_inside_printed_json_are_redacted() {
+        let v = SecretValue::new("pa\"ss\\wo\nrd-42".into());
+        let r = Redactor::new([("pw", &v)]);
+        let body = serde_json::json!({"error": format!("bad credentials {}", v.expose())});
+        let printed = body.to_string();
+        let out = r.redact(&printed);
+        assert!(out.contains("[redacted:pw]"), "{out}");
+        assert!(!out.contains("wo\\nrd"), "{out}");
+        let debug = format!("{:?}", v.expose());
+        assert_eq!(r.redact(&debug), "\"[redacted:pw]\"");
     }
 
     #[test]

@@ -61,6 +61,13 @@ fn read_value(name: &str) -> anyhow::Result<SecretValue> {
         )
         .into());
     }
+    if text.chars().count() < plumb_engine::secrets::MIN_SECRET_LEN {
+        return Err(UsageError(format!(
+            "the value is shorter than {} characters: too easy to guess, and too short to redact reliably",
+            plumb_engine::secrets::MIN_SECRET_LEN
+        ))
+        .into());
+    }
     Ok(SecretValue::new(text.to_string()))
 }
 
@@ -198,6 +205,7 @@ async fn write(
     actor: &str,
 ) -> anyhow::Result<Exit> {
     let key = key_for_writing(root, store).await?;
+    plumb_engine::secrets::check_key_is_current(store, &key).await?;
     let value = read_value(name)?;
     let sealed = plumb_engine::secrets::to_store(key.seal(name, &value));
     drop(value);
@@ -240,6 +248,8 @@ async fn rekey(
         Err(why) => anyhow::bail!("{why}"),
     };
     let new = MasterKey::generate();
+    // Read first: the rekey commits only if no secret changed since.
+    let version = store.secrets_version().await?;
     let mut resealed = Vec::new();
     for meta in store.list_secrets().await? {
         let Some((sealed, _)) = store.secret(&meta.name).await? else {
@@ -267,7 +277,7 @@ async fn rekey(
         let _ = std::fs::remove_file(&staged);
         write_key_file(&staged, &new)?;
     }
-    if let Err(e) = store.rekey_secrets(&resealed, actor).await {
+    if let Err(e) = store.rekey_secrets(&resealed, &version, actor).await {
         let _ = std::fs::remove_file(&staged);
         return Err(e.into());
     }

@@ -303,8 +303,16 @@ async fn reload(
     {
         Ok(changed) => changed,
         Err(e) => {
-            tracing::error!(error = %e, "Could not record the deployment in the audit log.");
-            Vec::new()
+            // A deployment that cannot be audited does not happen (G8).
+            engine.set_project(previous.0);
+            engine.set_master_key(previous.1);
+            if let Err(e) = engine.load_secrets().await {
+                tracing::error!(error = %e, "Could not reopen the previous project's secrets.");
+            }
+            return Err(reject(
+                format!("the deployment could not be recorded in the audit log: {e}"),
+                Vec::new(),
+            ));
         }
     };
     service.restart_scheduler().await;
