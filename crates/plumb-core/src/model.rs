@@ -411,6 +411,12 @@ impl RedactPath {
         }
     }
 
+    /// Whether this path is in the output of step `step_id`.
+    #[must_use]
+    pub fn names_step(&self, step_id: &str) -> bool {
+        matches!(self.segments.as_slice(), [first, id, _, ..] if first == "steps" && id == step_id)
+    }
+
     /// Masks this path in the output of step `step_id`, if it names that
     /// step. For a `for_each` step, `items` says the output is one result
     /// per item (or one item's result), and the path applies to each.

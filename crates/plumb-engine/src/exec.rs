@@ -260,6 +260,7 @@ impl<'e> Execution<'e> {
             ForEachShape::One
         };
         let kept = self.sanitized(step_id, output, shape);
+        let kept = kept.as_ref();
         self.outputs
             .insert(Val::from(step_id.to_owned()), json_to_val(&kept));
     }
@@ -275,13 +276,24 @@ impl<'e> Execution<'e> {
     /// the workflow's `redact:` paths masked. Later steps see exactly what
     /// the journal holds, so a resumed run behaves like the first one, and
     /// an upstream echoing a secret cannot hand it to another step.
-    fn sanitized(&self, step_id: &str, output: &Value, shape: ForEachShape) -> Value {
+    fn sanitized<'v>(
+        &self,
+        step_id: &str,
+        output: &'v Value,
+        shape: ForEachShape,
+    ) -> std::borrow::Cow<'v, Value> {
+        let secrets = self.engine.secrets();
+        let masks = self.workflow.redact.iter().any(|p| p.names_step(step_id));
+        // The common case costs nothing: no secrets, no masks for this step.
+        if !masks && secrets.redactor().is_empty() {
+            return std::borrow::Cow::Borrowed(output);
+        }
         let mut kept = output.clone();
         for path in &self.workflow.redact {
             path.mask_step_output(step_id, &mut kept, shape);
         }
-        self.engine.redact_json(&mut kept);
-        kept
+        secrets.redactor().redact_json(&mut kept);
+        std::borrow::Cow::Owned(kept)
     }
 
     /// The parts of the context document that do not depend on the step.
@@ -601,7 +613,8 @@ impl<'e> Execution<'e> {
                 Ok(mut outcome) => {
                     // Before anything sees it (the summary, later steps).
                     outcome.output =
-                        self.sanitized(&step.id, &outcome.output, output_shape(step, index));
+                        self.sanitized(&step.id, &outcome.output, output_shape(step, index))
+                            .into_owned();
                     Ok(outcome)
                 }
                 Err(e) => Err(redact_error(self.engine, e)),
@@ -723,7 +736,13 @@ impl<'e> Execution<'e> {
             } else {
                 ForEachShape::One
             };
-            record.output = Some(self.sanitized(&record.step_id, output, shape));
+            let cleaned = match self.sanitized(&record.step_id, output, shape) {
+                std::borrow::Cow::Owned(v) => Some(v),
+                std::borrow::Cow::Borrowed(_) => None,
+            };
+            if let Some(v) = cleaned {
+                record.output = Some(v);
+            }
         }
         let redactor = self.engine.secrets();
         let redactor = redactor.redactor();
@@ -919,7 +938,8 @@ impl<'e> Execution<'e> {
         summary: Option<String>,
     ) -> Result<(), Halt> {
         let elapsed = Duration::from_millis(u64::try_from(now_ms() - started).unwrap_or(0));
-        let output = &self.sanitized(&step.id, output, output_shape(step, item));
+        let output = self.sanitized(&step.id, output, output_shape(step, item));
+        let output = output.as_ref();
         let summary = summary.unwrap_or_else(|| preview(output, 60));
         self.commit_success_timed(
             step,
@@ -946,7 +966,8 @@ impl<'e> Execution<'e> {
         elapsed: Duration,
         summary: String,
     ) -> Result<(), Halt> {
-        let output = &self.sanitized(&step.id, output, output_shape(step, item));
+        // Callers pass outputs already sanitized (attempts, commit_success),
+        // and write_step checks again before the store.
         let record = StepRecord {
             run_id: self.run.id.clone(),
             step_id: step.id.clone(),
