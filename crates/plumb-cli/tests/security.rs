@@ -1145,3 +1145,45 @@ async fn an_anchor_kept_outside_the_store_catches_a_chain_rewritten_from_scratch
         "a malformed anchor is a usage error: {bad}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plumb_run_audits_a_changed_workflow_once_with_who_ran_it() {
+    let project = Project::new("defaults:\n  retry: { attempts: 1 }\n");
+    let flow =
+        |n: u32| format!("name: w\n{HEAD}trigger: manual\nsteps:\n  - id: a\n    jq: '{n}'\n");
+    project.workflow("w", &flow(1));
+    let deployed = |stdout: &str| -> Vec<Value> {
+        let entries: Value = serde_json::from_str(stdout).expect("json");
+        entries
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["action"] == "workflow.deployed" && e["subject"] == "w")
+            .cloned()
+            .collect()
+    };
+    for _ in 0..2 {
+        let out = project.run(&["run", "w"]).await;
+        assert_eq!(out.code, Some(0), "{out}");
+    }
+    let audit = project.run(&["audit", "list", "--json"]).await;
+    let first = deployed(&audit.stdout);
+    assert_eq!(
+        first.len(),
+        1,
+        "an unchanged workflow is audited once: {first:?}"
+    );
+    assert!(
+        first[0]["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("cli:") && a.ends_with("(plumb run)")),
+        "{first:?}"
+    );
+    project.workflow("w", &flow(2));
+    let out = project.run(&["run", "w"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let audit = project.run(&["audit", "list", "--json"]).await;
+    let all = deployed(&audit.stdout);
+    assert_eq!(all.len(), 2, "the change is audited: {all:?}");
+    assert_ne!(all[0]["details"], all[1]["details"], "with its new version");
+}

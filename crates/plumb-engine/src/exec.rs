@@ -612,9 +612,9 @@ impl<'e> Execution<'e> {
             let result = match result {
                 Ok(mut outcome) => {
                     // Before anything sees it (the summary, later steps).
-                    outcome.output =
-                        self.sanitized(&step.id, &outcome.output, output_shape(step, index))
-                            .into_owned();
+                    outcome.output = self
+                        .sanitized(&step.id, &outcome.output, output_shape(step, index))
+                        .into_owned();
                     Ok(outcome)
                 }
                 Err(e) => Err(redact_error(self.engine, e)),

@@ -53,6 +53,14 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
                 .into());
             };
             let input = read_input(args.input.as_deref())?;
+            // Running the files on disk deploys them into this store: a
+            // change since the last deployment is audited with who ran it.
+            plumb_engine::ops::record_deployment(
+                store.as_ref(),
+                &project,
+                &format!("{} (plumb run)", super::cli_actor()),
+            )
+            .await?;
             engine.create_run(workflow, manual_trigger(input)).await?
         }
         (None, None) => {
