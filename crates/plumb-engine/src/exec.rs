@@ -262,7 +262,7 @@ impl<'e> Execution<'e> {
         let kept = self.sanitized(step_id, output, shape);
         let kept = kept.as_ref();
         self.outputs
-            .insert(Val::from(step_id.to_owned()), json_to_val(&kept));
+            .insert(Val::from(step_id.to_owned()), json_to_val(kept));
     }
 
     fn is_for_each(&self, step_id: &str) -> bool {
