@@ -1187,3 +1187,62 @@ async fn plumb_run_audits_a_changed_workflow_once_with_who_ran_it() {
     assert_eq!(all.len(), 2, "the change is audited: {all:?}");
     assert_ne!(all[0]["details"], all[1]["details"], "with its new version");
 }
+
+/// Vendor-SDK signatures without a signed timestamp still verify at any
+/// time, so they can go through a real server end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn github_and_shopify_deliveries_signed_by_their_sdks_are_accepted_by_a_real_server() {
+    let vectors: Vec<Value> = serde_json::from_str(include_str!(
+        "../../plumb-server/tests/fixtures/webhook-signatures/vectors.json"
+    ))
+    .expect("vectors");
+    let project = Project::new("defaults:\n  retry: { attempts: 1 }\n");
+    for preset in ["github", "shopify"] {
+        project.workflow(
+            preset,
+            &format!(
+                "name: {preset}\n{HEAD}trigger:\n  webhook: {{ path: {preset}, auth: {{ preset: {preset}, secret: {preset}_secret }} }}\nsteps:\n  - id: a\n    jq: '.trigger.body'\n"
+            ),
+        );
+        let v = vectors
+            .iter()
+            .find(|v| v["preset"] == preset)
+            .expect("vector");
+        must_set(
+            &project,
+            &format!("{preset}_secret"),
+            v["secret"].as_str().expect("secret"),
+        )
+        .await;
+    }
+    let server = project.serve("127.0.0.1:0").await;
+    let base = server.base_url.clone();
+    for preset in ["github", "shopify"] {
+        let v = vectors
+            .iter()
+            .find(|v| v["preset"] == preset)
+            .expect("vector");
+        let body = v["body"].as_str().expect("body");
+        let headers: Vec<(&str, String)> = v["headers"]
+            .as_object()
+            .expect("headers")
+            .iter()
+            .map(|(k, val)| (k.as_str(), val.as_str().expect("value").to_owned()))
+            .collect();
+        let hook = format!("{base}/hooks/{preset}");
+        let (status, doc) = post_raw(&hook, body, &headers).await;
+        assert_eq!(status, 202, "{preset}: {doc}");
+        let run_id = doc["run_id"].as_str().expect("run id").to_owned();
+        let done = wait_run(&base, &run_id, Duration::from_secs(10)).await;
+        assert_eq!(done["run"]["status"], "succeeded", "{done}");
+        let sent: Value = serde_json::from_str(body).expect("body");
+        assert_eq!(
+            done["run"]["trigger"]["body"], sent,
+            "the raw body was parsed as sent"
+        );
+        let tampered = body.replacen('{', "{ ", 1);
+        let (status, doc) = post_raw(&hook, &tampered, &headers).await;
+        assert_eq!(status, 401, "{preset}: {doc}");
+        assert_eq!(runs_of(&base, preset).await.len(), 1);
+    }
+}
