@@ -210,7 +210,7 @@ pub async fn load(
             .iter()
             .map(|(k, v)| (k.as_str(), v))
             .chain(derived.iter().map(|(k, v)| (k.as_str(), v))),
-    );
+    )?;
     Ok(Arc::new(Secrets {
         values,
         redactor,

@@ -77,6 +77,10 @@ pub enum VaultError {
         /// The effective uid plumb runs as.
         me: u32,
     },
+    /// The redaction matcher could not be built (only for an absurd
+    /// number or size of secrets); nothing runs without redaction.
+    #[error("cannot build the redaction of secret values: {0}")]
+    Redactor(String),
     /// A value sealed under another key.
     #[error(
         "the secret `{name}` was sealed with another master key (fingerprint {sealed_with}, this key is {current}); use the key it was sealed with, or set the secret again"
@@ -448,8 +452,13 @@ impl fmt::Debug for Redactor {
 
 impl Redactor {
     /// A redactor for these named values.
-    #[must_use]
-    pub fn new<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a SecretValue)>) -> Self {
+    ///
+    /// # Errors
+    ///
+    /// [`VaultError::Redactor`] if the matcher cannot be built.
+    pub fn new<'a>(
+        secrets: impl IntoIterator<Item = (&'a str, &'a SecretValue)>,
+    ) -> Result<Self, VaultError> {
         let mut patterns: Vec<Zeroizing<String>> = Vec::new();
         let mut replacements = Vec::new();
         for (name, value) in secrets {
@@ -486,16 +495,17 @@ impl Redactor {
             }
         }
         if patterns.is_empty() {
-            return Self::default();
+            return Ok(Self::default());
         }
+        // Fail closed: without a matcher nothing would be redacted.
         let matcher = aho_corasick::AhoCorasick::builder()
             .match_kind(aho_corasick::MatchKind::LeftmostLongest)
             .build(patterns.iter().map(|p| p.as_bytes()))
-            .ok();
-        Self {
-            matcher,
+            .map_err(|e| VaultError::Redactor(e.to_string()))?;
+        Ok(Self {
+            matcher: Some(matcher),
             replacements,
-        }
+        })
     }
 
     /// Whether there is anything to redact.
@@ -646,7 +656,7 @@ mod tests {
     #[test]
     fn redaction_covers_plain_base64_and_url_encoded_forms() {
         let v = SecretValue::new("tok+en/with=chars 42".into());
-        let r = Redactor::new([("api", &v)]);
+        let r = Redactor::new([("api", &v)]).expect("redactor");
         let b64 = base64::engine::general_purpose::STANDARD.encode(v.expose());
         let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.expose());
         let text = format!(
@@ -670,7 +680,7 @@ mod tests {
     #[test]
     fn values_escaped_inside_printed_json_are_redacted() {
         let v = SecretValue::new("pa\"ss\\wo\nrd-42".into());
-        let r = Redactor::new([("pw", &v)]);
+        let r = Redactor::new([("pw", &v)]).expect("redactor");
         let body = serde_json::json!({"error": format!("bad credentials {}", v.expose())});
         let printed = body.to_string();
         let out = r.redact(&printed);
@@ -683,7 +693,7 @@ mod tests {
     #[test]
     fn tiny_values_are_not_redacted_everywhere() {
         let v = SecretValue::new("ab".into());
-        let r = Redactor::new([("tiny", &v)]);
+        let r = Redactor::new([("tiny", &v)]).expect("redactor");
         assert_eq!(r.redact("about a cab"), "about a cab");
     }
 
@@ -691,7 +701,7 @@ mod tests {
         #[test]
         fn redacted_text_never_contains_the_value(value in "[ -~]{4,40}", prefix in ".{0,20}", suffix in ".{0,20}") {
             let v = SecretValue::new(value.clone());
-            let r = Redactor::new([("s", &v)]);
+            let r = Redactor::new([("s", &v)]).expect("redactor");
             let out = r.redact(&format!("{prefix}{value}{suffix}")).into_owned();
             // Between the markers, no piece of the text still holds the value.
             let leaked = out.split("[redacted:s]").any(|piece| piece.contains(value.as_str()));
