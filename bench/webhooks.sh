@@ -79,6 +79,9 @@ steps:
   - id: shape
     jq: '.trigger.body.id'
 EOF
+  # /api/v1 needs a token (issue #4): a viewer token for wait_drained.
+  TOKEN=$("$PLUMB" --project "$1" tokens create --name bench --role viewer --json \
+    | python3 -c "import json,sys; print(json.load(sys.stdin)['token'])")
 }
 
 start_plumb() {   # dir → sets PLUMB_PID and READY_MS (process start → /readyz 200)
@@ -99,7 +102,7 @@ wait_drained() {   # until no run is queued or running; prints seconds waited
   local t0=$SECONDS
   while :; do
     local q
-    q=$(curl -s http://127.0.0.1:18080/api/v1/status | python3 -c "import json,sys; d=json.load(sys.stdin); print(sum(w['queued']+w['running'] for w in d['workflows']))" 2>/dev/null)
+    q=$(curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:18080/api/v1/status | python3 -c "import json,sys; d=json.load(sys.stdin); print(sum(w['queued']+w['running'] for w in d['workflows']))" 2>/dev/null)
     [ "$q" = 0 ] && break
     [ $((SECONDS - t0)) -gt 600 ] && { log "not drained after 600 s"; break; }
     sleep 0.2

@@ -213,7 +213,10 @@ fn finding(path: &FieldPath, text: &str) -> Option<String> {
     }
     let url_field = matches!(key.as_str(), "url" | "base_url" | "path" | "public_url")
         || literal.contains("://");
-    if (in_headers || in_auth || url_field) && has_random_token(&literal) {
+    // `secret: github_app_private_key_2024` names a secret: snake_case
+    // names are not random tokens, however many letters they mix.
+    let secret_name = key == "secret" && looks_like_name(&literal);
+    if (in_headers || in_auth || url_field) && !secret_name && has_random_token(&literal) {
         return Some(if in_auth {
             "a random-looking value in an `auth` field (auth names a secret, it never holds one)"
                 .to_owned()
@@ -224,6 +227,19 @@ fn finding(path: &FieldPath, text: &str) -> Option<String> {
         });
     }
     None
+}
+
+/// A lower-case snake_case name (not a long hex string).
+fn looks_like_name(text: &str) -> bool {
+    let hexish = text.len() >= 32 && text.bytes().all(|b| b.is_ascii_hexdigit());
+    !hexish
+        && text
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 fn without_templates(text: &str) -> String {

@@ -600,9 +600,23 @@ impl<'a> Checker<'a> {
 
     fn secret_name(&mut self, name: &str, path: &FieldPath) {
         // The field may hold the credential itself, pasted where its name
-        // belongs: the lint reports what looks like one, and nothing here
-        // repeats a value that is not a plain name.
-        if crate::lint::is_flagged(path, name) {
+        // belongs: what the lint flags, or what is not a plain name, is
+        // shown only by its fingerprint.
+        let flagged = crate::lint::is_flagged(path, name);
+        if flagged {
+            if self
+                .known_secrets
+                .is_some_and(|known| !known.contains(name))
+            {
+                let fingerprint = crate::lint::fingerprint(name);
+                self.error_at_value(
+                    path,
+                    format!("no secret has this name (fingerprint {fingerprint}); it looks like a credential, not a name"),
+                )
+                .help = Some(
+                    "write the name of a secret here, never its value: seal the value with `plumb secrets set NAME` and write NAME".into(),
+                );
+            }
             return;
         }
         if !is_identifier(name) {
@@ -668,7 +682,7 @@ impl<'a> Checker<'a> {
         const MAX: Duration = Duration::from_secs(3600);
         match given {
             None => Duration::from_secs(300),
-            Some(d) if d > MAX || d.is_zero() => {
+            Some(d) if d > MAX || d < Duration::from_secs(1) => {
                 self.error_at_value(path, "the tolerance must be between 1s and 1h")
                     .help = Some(
                     "a signed timestamp older than this is refused as a replay; senders use 5m"

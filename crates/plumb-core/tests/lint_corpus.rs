@@ -331,3 +331,33 @@ fn a_credential_pasted_where_a_secret_name_goes_is_never_repeated() {
         assert!(text.contains("plumb.yaml:5:"), "{text}");
     }
 }
+
+#[test]
+fn with_known_secrets_a_pasted_credential_is_named_by_fingerprint_and_real_names_pass() {
+    let token = corpus()
+        .into_iter()
+        .find(|(what, _)| *what == "a Slack token")
+        .map(|(_, t)| t)
+        .expect("slack");
+    let config = SourceFile {
+        path: "plumb.yaml".into(),
+        text: "connections:\n  crm:\n    http:\n      base_url: 'https://api.example'\n      auth: { bearer: { secret: github_app_private_key_2024 } }\n".into(),
+    };
+    let workflow = SourceFile {
+        path: "workflows/w.yaml".into(),
+        text: format!(
+            "name: w\nowner: o@example.com\ndescription: d\ntrigger:\n  webhook: {{ path: w, auth: {{ preset: slack, secret: '{token}' }} }}\nsteps:\n  - id: a\n    jq: '1'\n"
+        ),
+    };
+    let known: std::collections::BTreeSet<String> =
+        ["github_app_private_key_2024".to_owned()].into();
+    let err = plumb_core::load::load_project_checking_secrets(&config, &[workflow], Some(&known))
+        .expect_err("the pasted token is refused");
+    let text = err.to_string();
+    assert!(!text.contains(&token), "the token is repeated: {text}");
+    assert!(
+        err.0.iter().all(|d| d.file == "workflows/w.yaml"),
+        "a long snake_case secret name is not a finding: {text}"
+    );
+    assert!(text.contains(&fingerprint(&token)), "{text}");
+}

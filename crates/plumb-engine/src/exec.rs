@@ -916,12 +916,16 @@ impl<'e> Execution<'e> {
                 timeout: step.timeout,
                 expect_status: http.expect_status.clone(),
                 credential_header,
-                scrub: Some(crate::secrets::scrubber(secrets)),
+                scrub: Some(crate::secrets::scrubber(Arc::clone(&secrets))),
             })
             .await?;
         let status = response.status;
+        // The snapshot that supplied the credential also redacts the answer:
+        // an upstream echoing a value rotated meanwhile is still caught.
+        let mut output = response.into_output();
+        secrets.redactor().redact_json(&mut output);
         Ok(Outcome {
-            output: response.into_output(),
+            output,
             status_code: Some(status),
         })
     }

@@ -225,6 +225,41 @@ impl Engine {
         Ok(())
     }
 
+    /// Opens the secrets `project` names with `key`, without using them yet
+    /// (see [`Engine::switch_to`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::load_secrets`].
+    pub async fn prepare_secrets(
+        &self,
+        project: &Project,
+        key: &Result<Arc<plumb_vault::MasterKey>, String>,
+    ) -> Result<Arc<secrets::Secrets>, secrets::SecretsError> {
+        match key {
+            Ok(k) => secrets::load(self.store.as_ref(), Ok(k.as_ref()), project).await,
+            Err(why) => secrets::load(self.store.as_ref(), Err(why.as_str()), project).await,
+        }
+    }
+
+    /// Switches to a reloaded project with its key and the secrets opened
+    /// for it by [`Engine::prepare_secrets`]. Secrets go first: they hold
+    /// every stored secret, so the old project keeps working with them
+    /// until the project itself is swapped.
+    pub fn switch_to(
+        &self,
+        project: Arc<Project>,
+        key: Result<Arc<plumb_vault::MasterKey>, String>,
+        opened: Arc<secrets::Secrets>,
+    ) {
+        match self.secrets.write() {
+            Ok(mut s) => *s = opened,
+            Err(poisoned) => *poisoned.into_inner() = opened,
+        }
+        self.set_master_key(key);
+        self.set_project(project);
+    }
+
     /// Reloads secrets if another process set, rotated or deleted one.
     ///
     /// # Errors

@@ -162,6 +162,35 @@ pub fn parse_anchor(text: &str) -> Result<(i64, String), String> {
     Ok((seq, hash.to_ascii_lowercase()))
 }
 
+/// Audits a run of a workflow version other than the deployed one
+/// (`workflow.run_undeployed`); nothing when it is the deployed version.
+///
+/// # Errors
+///
+/// Returns the store error.
+pub async fn audit_undeployed_run(
+    store: &dyn Store,
+    workflow: &plumb_core::model::Workflow,
+    actor: &str,
+) -> Result<(), StoreError> {
+    let deployed = store.deployed_version("workflow", &workflow.name).await?;
+    if deployed.as_deref() == Some(workflow.version.as_str()) {
+        return Ok(());
+    }
+    store
+        .append_audit(&plumb_store::NewAuditEntry::new(
+            actor,
+            "workflow.run_undeployed",
+            &workflow.name,
+            serde_json::json!({
+                "version": workflow.version,
+                "file": workflow.file,
+                "deployed_version": deployed,
+            }),
+        ))
+        .await
+}
+
 /// Records the project a process is about to run: `plumb.yaml`, each
 /// connection and each workflow whose definition changed since the last deployment gets an audit
 /// entry. Returns the changes as `kind:name`.

@@ -76,32 +76,10 @@ impl Secrets {
     }
 }
 
-/// Shortest secret value accepted: shorter ones are guessable, and values
-/// under [`plumb_vault::MIN_REDACTED_LEN`] could not be redacted at all.
-pub const MIN_SECRET_LEN: usize = 8;
-
-/// Refuses to seal with `key` when the stored secrets were sealed with
-/// another key, so a process holding a retired key cannot write a secret
-/// nobody will be able to open.
-///
-/// # Errors
-///
-/// [`SecretsError::KeyRetired`], or the store error.
-pub async fn check_key_is_current(store: &dyn Store, key: &MasterKey) -> Result<(), SecretsError> {
-    let current = key.fingerprint();
-    if let Some(other) = store
-        .list_secrets()
-        .await?
-        .into_iter()
-        .find(|m| m.key_id != current)
-    {
-        return Err(SecretsError::KeyRetired {
-            current,
-            stored: other.key_id,
-        });
-    }
-    Ok(())
-}
+/// Shortest secret value accepted: a shorter one could not be redacted
+/// (it would match everywhere). Third-party credentials are what they are,
+/// so this is not a strength policy.
+pub const MIN_SECRET_LEN: usize = plumb_vault::MIN_REDACTED_LEN;
 
 /// A scrubber for the HTTP connector that redacts with this snapshot.
 #[must_use]

@@ -345,12 +345,7 @@ async fn write_secret(
             format!("this server has no master key: {why}"),
         )
     })?;
-    plumb_engine::secrets::check_key_is_current(state.engine.store().as_ref(), &key)
-        .await
-        .map_err(|e| match e {
-            plumb_engine::secrets::SecretsError::Store(e) => ApiError::from(e),
-            other => ApiError::new(StatusCode::CONFLICT, "key_retired", other.to_string()),
-        })?;
+    let key_fingerprint = key.fingerprint();
     let sealed = key.seal(name, &plumb_vault::SecretValue::new(value));
     let result = state
         .engine
@@ -365,6 +360,17 @@ async fn write_secret(
                 StatusCode::CONFLICT,
                 "exists",
                 format!("the secret `{name}` exists; rotate it with PUT /api/v1/secrets/{name}"),
+            ));
+        }
+        plumb_store::SecretWriteResult::KeyMismatch { stored } => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "key_retired",
+                plumb_engine::secrets::SecretsError::KeyRetired {
+                    current: key_fingerprint,
+                    stored,
+                }
+                .to_string(),
             ));
         }
         plumb_store::SecretWriteResult::NotFound => {

@@ -64,25 +64,30 @@ fn failures() -> &'static DefaultKeyedRateLimiter<String> {
     LIMITER.get_or_init(|| RateLimiter::keyed(Quota::per_minute(NonZeroU32::MIN)))
 }
 
-/// Failed attempts audited per minute across all routes and reasons: a
-/// flood of distinct bad requests still costs the store little.
+/// Failed attempts audited per minute across all routes and reasons, for
+/// anonymous callers and for callers with a valid token each: a flood of
+/// distinct bad requests costs the store little, and anonymous noise
+/// cannot use up the budget that records a real token's refusals.
 const AUDITED_FAILURES_PER_MINUTE: NonZeroU32 = match NonZeroU32::new(30) {
     Some(n) => n,
     None => NonZeroU32::MIN,
 };
 
-fn all_failures() -> &'static governor::DefaultDirectRateLimiter {
-    static LIMITER: OnceLock<governor::DefaultDirectRateLimiter> = OnceLock::new();
-    LIMITER.get_or_init(|| RateLimiter::direct(Quota::per_minute(AUDITED_FAILURES_PER_MINUTE)))
+fn budget(anonymous: bool) -> &'static governor::DefaultDirectRateLimiter {
+    static ANONYMOUS: OnceLock<governor::DefaultDirectRateLimiter> = OnceLock::new();
+    static IDENTIFIED: OnceLock<governor::DefaultDirectRateLimiter> = OnceLock::new();
+    let slot = if anonymous { &ANONYMOUS } else { &IDENTIFIED };
+    slot.get_or_init(|| RateLimiter::direct(Quota::per_minute(AUDITED_FAILURES_PER_MINUTE)))
 }
 
 /// Audits a failed authentication, at most once a minute per `kind` (a
-/// caller-chosen key from a small fixed set: action, route template and
-/// reason, never request data), and at most
-/// [`AUDITED_FAILURES_PER_MINUTE`] in all, so a scanner cannot flood the
-/// audit log or the store.
+/// caller-chosen key from a bounded set: action, route template, reason
+/// and token name, never request data), and within the anonymous or
+/// identified budget of [`AUDITED_FAILURES_PER_MINUTE`], so a scanner
+/// cannot flood the audit log or the store.
 pub(crate) async fn audit_failure(state: &AppState, kind: String, entry: NewAuditEntry) {
-    if failures().check_key(&kind).is_err() || all_failures().check().is_err() {
+    let anonymous = entry.actor.ends_with(":anonymous");
+    if failures().check_key(&kind).is_err() || budget(anonymous).check().is_err() {
         return;
     }
     if let Err(e) = state.engine.store().append_audit(&entry).await {
@@ -104,7 +109,7 @@ async fn refuse(
         .map_or("?", axum::extract::MatchedPath::as_str);
     audit_failure(
         state,
-        format!("auth.failed|{template}|{reason}"),
+        format!("auth.failed|{template}|{reason}|{who}"),
         NewAuditEntry::new(
             who,
             "auth.failed",

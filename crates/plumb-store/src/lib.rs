@@ -564,7 +564,7 @@ pub enum SecretWrite {
 }
 
 /// What `put_secret` did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SecretWriteResult {
     /// Stored under a new name.
     Created,
@@ -574,6 +574,12 @@ pub enum SecretWriteResult {
     AlreadyExists,
     /// `Rotate` of a name that does not exist.
     NotFound,
+    /// Other secrets are sealed under another master key (a rekey
+    /// committed since this key was loaded): nothing was written.
+    KeyMismatch {
+        /// The key fingerprint the other secrets carry.
+        stored: String,
+    },
 }
 
 /// A role of an API token; each includes the ones before it.
@@ -814,6 +820,10 @@ pub trait Store: Send + Sync + 'static {
         items: &[Deployed],
         actor: &str,
     ) -> Result<Vec<String>, StoreError>;
+
+    /// The version last deployed of `kind`/`name` (`workflow`, `connection`,
+    /// `config`), if any.
+    async fn deployed_version(&self, kind: &str, name: &str) -> Result<Option<String>, StoreError>;
 
     /// Audit entries after `after_seq`, in order.
     async fn audit_entries(

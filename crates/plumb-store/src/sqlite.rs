@@ -999,6 +999,18 @@ fn put_secret(
         .prepare_cached("SELECT 1 FROM secrets WHERE name = ?1")
         .and_then(|mut st| st.exists(params![name]))
         .map_err(map_err)?;
+    // Checked in the writing transaction, so a rekey that commits while
+    // the value is being typed cannot leave it under a retired key.
+    let other_key: Option<String> = tx
+        .prepare_cached("SELECT key_id FROM secrets WHERE name <> ?1 AND key_id <> ?2 LIMIT 1")
+        .and_then(|mut st| {
+            st.query_row(params![name, sealed.key_id], |r| r.get(0))
+                .optional()
+        })
+        .map_err(map_err)?;
+    if let Some(stored) = other_key {
+        return Ok(SecretWriteResult::KeyMismatch { stored });
+    }
     let now = now_ms();
     let (sql, result, action) = match (mode, exists) {
         (SecretWrite::Create, true) => return Ok(SecretWriteResult::AlreadyExists),
@@ -1086,21 +1098,24 @@ fn rekey(
 /// Every seal draws a fresh random nonce, so the nonces change on each
 /// set, rotation and rekey, even within one millisecond.
 fn secrets_version(conn: &Connection) -> Result<String, StoreError> {
-    conn.query_row(
-        "SELECT count(*), coalesce(max(updated_at), 0), \
-         coalesce(group_concat(name || ':' || hex(nonce)), '') \
-         FROM (SELECT * FROM secrets ORDER BY name)",
+    // Built here in name order: group_concat's order is not guaranteed.
+    let rows: Vec<(String, Vec<u8>)> = query_all(
+        conn,
+        "SELECT name, nonce FROM secrets ORDER BY name",
         [],
-        |r| {
-            Ok(format!(
-                "{}:{}:{}",
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?
-            ))
-        },
-    )
-    .map_err(map_err)
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    for (name, nonce) in &rows {
+        sha2::Digest::update(&mut h, name.as_bytes());
+        sha2::Digest::update(&mut h, [0]);
+        sha2::Digest::update(&mut h, nonce);
+    }
+    Ok(format!(
+        "{}:{}",
+        rows.len(),
+        hex::encode(sha2::Digest::finalize(h))
+    ))
 }
 
 fn token_from_row(r: &Row<'_>) -> rusqlite::Result<ApiToken> {
@@ -1808,6 +1823,16 @@ impl Store for SqliteStore {
                 params![after_seq, i64::from(limit)],
                 audit_from_row,
             )
+        })
+        .await
+    }
+
+    async fn deployed_version(&self, kind: &str, name: &str) -> Result<Option<String>, StoreError> {
+        let (kind, name) = (kind.to_owned(), name.to_owned());
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT version FROM deployments WHERE kind = ?1 AND name = ?2")
+                .and_then(|mut st| st.query_row(params![kind, name], |r| r.get(0)).optional())
+                .map_err(map_err)
         })
         .await
     }

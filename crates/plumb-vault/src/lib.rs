@@ -321,7 +321,8 @@ fn aad(name: &str) -> String {
 }
 
 /// Reads the key file, refusing one that is not safe to trust: a symbolic
-/// link, a file owned by another user, or one group or others can read.
+/// link, something other than a regular file, a file owned by a user other
+/// than plumb's (or root), or one group or others can read.
 /// The checks and the read use one open descriptor, so the file cannot be
 /// swapped between them.
 ///
@@ -341,7 +342,12 @@ pub fn read_private(file: &Path) -> Result<Zeroizing<String>, VaultError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits().cast_signed());
+        // No symlink at the last component, and never block (a FIFO).
+        options.custom_flags(
+            (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK)
+                .bits()
+                .cast_signed(),
+        );
     }
     let mut handle = match options.open(file) {
         Ok(h) => h,
@@ -361,12 +367,19 @@ pub fn read_private(file: &Path) -> Result<Zeroizing<String>, VaultError> {
     {
         use std::os::unix::fs::MetadataExt;
         let meta = handle.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(VaultError::KeyFile {
+                path,
+                reason: "it is not a regular file".into(),
+            });
+        }
         let mode = meta.mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(VaultError::KeyFileExposed { path, mode });
         }
+        // Root's own files are trusted; any other owner could replace the key.
         let me = rustix::process::geteuid().as_raw();
-        if meta.uid() != me {
+        if meta.uid() != me && meta.uid() != 0 {
             return Err(VaultError::KeyFileOwner {
                 path,
                 owner: meta.uid(),

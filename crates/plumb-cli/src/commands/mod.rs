@@ -67,7 +67,13 @@ pub fn cli_actor() -> String {
 pub fn master_key_file(root: &Path) -> std::path::PathBuf {
     std::env::var_os("PLUMB_MASTER_KEY_FILE").map_or_else(
         || root.join(".plumb").join("master.key"),
-        std::path::PathBuf::from,
+        // An explicitly named file may be reached through links (a mounted
+        // secret volume): resolve them here; the file itself must not be
+        // one.
+        |named| {
+            let named = std::path::PathBuf::from(named);
+            std::fs::canonicalize(&named).unwrap_or(named)
+        },
     )
 }
 

@@ -53,11 +53,12 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
                 .into());
             };
             let input = read_input(args.input.as_deref())?;
-            // Running the files on disk deploys them into this store: a
-            // change since the last deployment is audited with who ran it.
-            plumb_engine::ops::record_deployment(
+            // A version that was never deployed (edited files, run by
+            // hand) is audited with who ran it; deployments stay what
+            // serve and the API deployed.
+            plumb_engine::ops::audit_undeployed_run(
                 store.as_ref(),
-                &project,
+                workflow,
                 &format!("{} (plumb run)", super::cli_actor()),
             )
             .await?;

@@ -63,7 +63,7 @@ fn read_value(name: &str) -> anyhow::Result<SecretValue> {
     }
     if text.chars().count() < plumb_engine::secrets::MIN_SECRET_LEN {
         return Err(UsageError(format!(
-            "the value is shorter than {} characters: too easy to guess, and too short to redact reliably",
+            "the value is shorter than {} characters: it could not be redacted from logs and output",
             plumb_engine::secrets::MIN_SECRET_LEN
         ))
         .into());
@@ -204,9 +204,10 @@ async fn write(
     mode: SecretWrite,
     actor: &str,
 ) -> anyhow::Result<Exit> {
-    let key = key_for_writing(root, store).await?;
-    plumb_engine::secrets::check_key_is_current(store, &key).await?;
+    // The value first: the prompt may wait for a person, and the key is
+    // checked against the stored secrets in the writing transaction.
     let value = read_value(name)?;
+    let key = key_for_writing(root, store).await?;
     let sealed = plumb_engine::secrets::to_store(key.seal(name, &value));
     drop(value);
     let result = store.put_secret(name, &sealed, mode, actor).await?;
@@ -217,6 +218,13 @@ async fn write(
             return Err(UsageError(format!(
                 "the secret `{name}` exists; replace its value with `plumb secrets rotate {name}`"
             ))
+            .into());
+        }
+        SecretWriteResult::KeyMismatch { stored } => {
+            return Err(plumb_engine::secrets::SecretsError::KeyRetired {
+                current: key.fingerprint(),
+                stored,
+            }
             .into());
         }
         SecretWriteResult::NotFound => {

@@ -285,15 +285,12 @@ async fn reload(
     };
     let count = project.workflows.len();
     let project = Arc::new(project);
-    let previous = (engine.project(), engine.master_key());
-    engine.set_project(Arc::clone(&project));
-    engine.set_master_key(key);
-    // The new project may name secrets the old one did not.
-    if let Err(e) = engine.load_secrets().await {
-        engine.set_project(previous.0);
-        engine.set_master_key(previous.1);
-        return Err(reject(e.to_string(), Vec::new()));
-    }
+    // Nothing changes for the running service until every step passed:
+    // the secrets open, and the deployment is in the audit log (G8).
+    let opened = match engine.prepare_secrets(&project, &key).await {
+        Ok(opened) => opened,
+        Err(e) => return Err(reject(e.to_string(), Vec::new())),
+    };
     let changed = match plumb_engine::ops::record_deployment(
         engine.store().as_ref(),
         &project,
@@ -303,18 +300,13 @@ async fn reload(
     {
         Ok(changed) => changed,
         Err(e) => {
-            // A deployment that cannot be audited does not happen (G8).
-            engine.set_project(previous.0);
-            engine.set_master_key(previous.1);
-            if let Err(e) = engine.load_secrets().await {
-                tracing::error!(error = %e, "Could not reopen the previous project's secrets.");
-            }
             return Err(reject(
                 format!("the deployment could not be recorded in the audit log: {e}"),
                 Vec::new(),
             ));
         }
     };
+    engine.switch_to(project, key, opened);
     service.restart_scheduler().await;
     tracing::info!(workflows = count, actor, "Reloaded the project.");
     Ok(Deployed {

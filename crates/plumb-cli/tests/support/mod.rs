@@ -254,8 +254,8 @@ struct Inner {
 /// * `/status/<code>`: always answers `<code>` with a JSON error body;
 /// * `/echo`: 200 with the request body and headers, and the request's
 ///   `Authorization` in `X-Echo-Authorization`;
-/// * `/echo-fail/<code>`: answers `<code>` with the request's
-///   `Authorization` in the error message;
+/// * `/echo-fail/<code>[?pad=N]`: answers `<code>` with the request's
+///   `Authorization` in the error message, after N filler characters;
 /// * `/redirect?to=URL`: 302 to `URL`.
 #[derive(Clone)]
 pub struct Receiver {
@@ -392,9 +392,12 @@ async fn handle(
         ["echo-fail", code] => {
             let code: u16 = code.parse().unwrap_or(400);
             let auth = header_map.get("authorization").cloned().unwrap_or_default();
+            // `?pad=N` puts N characters first, to move the credential to
+            // where an error message is cut.
+            let pad = "x".repeat(query.get("pad").and_then(|p| p.parse().ok()).unwrap_or(0));
             (
                 StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
-                axum::Json(json!({"error": format!("rejected credential {auth}")})),
+                axum::Json(json!({"error": format!("{pad}rejected credential {auth}")})),
             )
                 .into_response()
         }
