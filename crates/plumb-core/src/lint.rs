@@ -63,7 +63,10 @@ const FORMATS: &[(&str, &str)] = &[
         "a Stripe secret key",
         r"(?-u:\b)[sr]k_(?:live|test)_[A-Za-z0-9]{16,}",
     ),
-    ("a webhook signing secret", r"(?-u:\b)whsec_[A-Za-z0-9+/=]{16,}"),
+    (
+        "a webhook signing secret",
+        r"(?-u:\b)whsec_[A-Za-z0-9+/=]{16,}",
+    ),
     ("an npm token", r"(?-u:\b)npm_[A-Za-z0-9]{36}(?-u:\b)"),
     (
         "a SendGrid API key",
