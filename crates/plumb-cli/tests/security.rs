@@ -1276,3 +1276,16 @@ async fn github_and_shopify_deliveries_signed_by_their_sdks_are_accepted_by_a_re
         assert_eq!(runs_of(&base, preset).await.len(), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_a_credential_in_plumb_yaml_once_without_repeating_it() {
+    let project = Project::new(
+        "connections:\n  crm:\n    http:\n      base_url: https://api.example.com\n      headers: { Authorization: 'Bearer abcdef123456789' }\n",
+    );
+    let out = project.run(&["check"]).await;
+    assert_eq!(out.code, Some(1), "{out}");
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert_eq!(text.matches("plumb.yaml:5:").count(), 1, "{text}");
+    assert!(!text.contains("abcdef123456789"), "{text}");
+    assert!(text.contains("plumb secrets set NAME"), "{text}");
+}

@@ -54,7 +54,9 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
 /// (a check never creates one). `None` when they cannot be read: secret
 /// references are then checked when the project starts.
 async fn stored_secret_names(root: &std::path::Path) -> Option<BTreeSet<String>> {
-    let config = super::load_config(root).ok()?;
+    // Quietly: a broken plumb.yaml is reported once, by the check itself.
+    let (project_file, _) = project_dir::read_sources(root).ok()?;
+    let config = plumb_core::load_config(&project_file).ok()?;
     let (path, _) = project_dir::sqlite_location(&config, root).ok()?;
     if !path.is_file() {
         return Some(BTreeSet::new());

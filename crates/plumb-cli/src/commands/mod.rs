@@ -57,7 +57,19 @@ pub fn store_id_of(path: &Path) -> String {
 pub fn cli_actor() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".to_owned());
+        .ok()
+        .filter(|u| !u.is_empty())
+        // Without a login name (containers, cron), the real uid still
+        // says who it was.
+        .or_else(|| {
+            std::fs::read_to_string("/proc/self/status")
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next())
+                .map(|uid| format!("uid {uid}"))
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
     format!("cli:{user}")
 }
 
