@@ -131,16 +131,26 @@ const SECRETS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 async fn follow_secrets(engine: Arc<Engine>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SECRETS_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The same failure (a rekey awaiting a reload) is logged once, not
+    // every poll.
+    let mut last_error: Option<String> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         match engine.refresh_secrets().await {
-            Ok(true) => tracing::info!("Secrets changed; the new values are in use."),
+            Ok(true) => {
+                last_error = None;
+                tracing::info!("Secrets changed; the new values are in use.");
+            }
             Ok(false) => {}
             Err(e) => {
-                tracing::error!(error = %e, "Secrets changed but cannot be loaded; the previous values stay in use.")
+                let text = e.to_string();
+                if last_error.as_deref() != Some(text.as_str()) {
+                    tracing::error!(error = %text, "Secrets changed but cannot be loaded; the previous values stay in use.");
+                    last_error = Some(text);
+                }
             }
         }
     }
