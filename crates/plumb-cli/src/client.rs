@@ -13,10 +13,18 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// The server of this project, if one answers at `listen` and serves
-    /// the store with id `store` (another project's server on the same
-    /// address is ignored). Every call carries `token` as a bearer token.
-    pub async fn detect(listen: &str, store: &str, token: &str) -> Option<Self> {
+    /// The server of this project, if one answers at `listen`, serves the
+    /// store with id `store` (another project's server on the same address
+    /// is ignored) and proves it with an HMAC of a fresh challenge under
+    /// the store's `instance_secret`, so a process that merely took the
+    /// port never sees the token. Every call carries `token` as a bearer
+    /// token.
+    pub async fn detect(
+        listen: &str,
+        store: &str,
+        instance_secret: &str,
+        token: &str,
+    ) -> Option<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         // A server bound to all interfaces is reached on loopback.
         let host = listen
@@ -25,8 +33,10 @@ impl ApiClient {
         let base = format!("http://{host}");
         // The probe carries no token: whoever listens there gets it only
         // after answering as this project's server.
+        let challenge = plumb_vault::new_api_token();
         let probe = reqwest::Client::new()
-            .get(format!("{base}/healthz"))
+            // URL-safe base64 with a `plb_` prefix: nothing to escape.
+            .get(format!("{base}/healthz?challenge={}", challenge.as_str()))
             .timeout(Duration::from_millis(500))
             .send()
             .await
@@ -35,6 +45,14 @@ impl ApiClient {
         let ours = body.get("service").and_then(Value::as_str) == Some("plumb")
             && body.get("store").and_then(Value::as_str) == Some(store);
         if !ours {
+            return None;
+        }
+        let proof = body.get("proof").and_then(Value::as_str).unwrap_or("");
+        if !plumb_vault::healthz_proof_ok(instance_secret, &challenge, proof) {
+            tracing::warn!(
+                server = %base,
+                "Something at `listen` claims to be this project's server but cannot prove it; not sending the token."
+            );
             return None;
         }
         let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;

@@ -1289,3 +1289,97 @@ async fn check_reports_a_credential_in_plumb_yaml_once_without_repeating_it() {
     assert!(!text.contains("abcdef123456789"), "{text}");
     assert!(text.contains("plumb secrets set NAME"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_plumb_token_the_cli_uses_the_proven_server_and_never_an_impostor() {
+    // A real server: `cancel` goes through its API, audited as the token.
+    let port = support::free_port();
+    let project = Project::new(&format!(
+        "listen: 127.0.0.1:{port}\ndefaults:\n  retry: {{ attempts: 1 }}\n"
+    ));
+    project.workflow(
+        "nap",
+        &format!("name: nap\n{HEAD}trigger:\n  webhook: {{ path: nap }}\nsteps:\n  - id: z\n    sleep: 30s\n"),
+    );
+    let token = project.admin_token().await;
+    let server = project.serve(&format!("127.0.0.1:{port}")).await;
+    let base = server.base_url.clone();
+    let (status, doc) = post_json(&format!("{base}/hooks/nap"), &json!({})).await;
+    assert_eq!(status, 202, "{doc}");
+    let run_id = doc["run_id"].as_str().expect("run id").to_owned();
+    let out = project
+        .cmd(&["cancel", &run_id])
+        .env("PLUMB_TOKEN", &token)
+        .output()
+        .await
+        .expect("cancel");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let audit = get_json(&format!("{base}/api/v1/audit?limit=1000")).await;
+    let cancelled = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["action"] == "run.cancelled")
+        .cloned()
+        .expect("audited");
+    assert_eq!(
+        cancelled["actor"], "api:tests",
+        "through the API: {cancelled}"
+    );
+    assert_eq!(server.stop().await, Some(0));
+
+    // An impostor on the same port answers /healthz with the right store
+    // id but cannot prove it: the CLI never sends it the token.
+    let store_location = std::fs::canonicalize(project.store_file())
+        .expect("store")
+        .display()
+        .to_string();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<(String, bool)>>> = Default::default();
+    let app = {
+        let seen = std::sync::Arc::clone(&seen);
+        let store_id = plumb_server::store_id(&store_location);
+        axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let seen = std::sync::Arc::clone(&seen);
+            let store_id = store_id.clone();
+            async move {
+                let auth = req.headers().contains_key("authorization");
+                seen.lock()
+                    .expect("lock")
+                    .push((req.uri().path().to_owned(), auth));
+                axum::Json(
+                    json!({"status": "ok", "service": "plumb", "store": store_id, "proof": "00"}),
+                )
+            }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}"))
+        .await
+        .expect("bind the impostor");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let out = project
+        .cmd(&["status"])
+        .env("PLUMB_TOKEN", &token)
+        .output()
+        .await
+        .expect("status");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = seen.lock().expect("lock").clone();
+    assert!(
+        seen.iter().any(|(path, _)| path == "/healthz"),
+        "the CLI did probe: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|(path, auth)| path == "/healthz" && !auth),
+        "the impostor got a token or an API call: {seen:?}"
+    );
+}

@@ -48,13 +48,28 @@ pub fn routes() -> axum::Router<AppState> {
 /// `GET /healthz`: the process is up. `store` identifies the store it
 /// serves (a hash, not the path), so a CLI can tell its project's server
 /// from another one on the same address.
-pub async fn healthz(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
+///
+/// With `?challenge=C` it also proves it serves that store: `proof` is an
+/// HMAC of `C` under the store's instance secret, which only someone who
+/// can read the store file knows. The CLI checks it before it sends a
+/// token.
+pub async fn healthz(
+    State(state): State<AppState>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Json<Value> {
+    let mut doc = json!({
         "status": "ok",
         "service": "plumb",
         "version": env!("CARGO_PKG_VERSION"),
         "store": state.store_id,
-    }))
+    });
+    if let Some(challenge) = q.get("challenge").filter(|c| c.len() <= 128) {
+        doc["proof"] = json!(plumb_vault::healthz_proof(
+            &state.instance_secret,
+            challenge
+        ));
+    }
+    Json(doc)
 }
 
 /// `GET /readyz`: the store can commit now.

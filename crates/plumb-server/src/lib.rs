@@ -50,6 +50,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Identifies the store served (see [`store_id`]).
     pub store_id: String,
+    /// The store's instance secret, for `/healthz?challenge=` proofs.
+    pub instance_secret: Arc<str>,
 }
 
 /// A stable, non-revealing id for a store location: the CLI compares it
@@ -175,12 +177,19 @@ impl Service {
         let (deploy, deploy_requests) = tokio::sync::mpsc::channel(4);
         if let Some(listener) = listener {
             addr = Some(listener.local_addr()?);
+            let instance_secret: Arc<str> = engine
+                .store()
+                .instance_secret()
+                .await
+                .map_err(std::io::Error::other)?
+                .into();
             let state = AppState {
                 engine: Arc::clone(&engine),
                 deploy,
                 wake_workers: Arc::clone(&wake_workers),
                 metrics: metrics.clone(),
                 store_id: store_id(store_location),
+                instance_secret,
             };
             let app = router(state);
             let stop = shutdown.clone();

@@ -832,6 +832,10 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError>;
 
+    /// This store's instance secret (see [`Store::audit_head`]'s table
+    /// neighbour `instance`): proves a server serves this store.
+    async fn instance_secret(&self) -> Result<String, StoreError>;
+
     /// The audit chain's head (sequence number and hash of the last entry
     /// appended), kept apart from the entries so removing entries at the
     /// end is detectable.

@@ -1837,6 +1837,15 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn instance_secret(&self) -> Result<String, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT secret FROM instance WHERE id = 1")
+                .and_then(|mut st| st.query_row([], |r| r.get(0)))
+                .map_err(map_err)
+        })
+        .await
+    }
+
     async fn audit_head(&self) -> Result<Option<(i64, String)>, StoreError> {
         self.read(|conn| {
             conn.prepare_cached("SELECT seq, hash FROM audit_head WHERE id = 1")

@@ -306,6 +306,34 @@ pub fn new_api_token() -> Zeroizing<String> {
     ))
 }
 
+/// A server's answer to a `/healthz` challenge: HMAC-SHA256 of the
+/// challenge under the store's instance secret, hex.
+#[must_use]
+pub fn healthz_proof(instance_secret: &str, challenge: &str) -> String {
+    use hmac::{KeyInit, Mac};
+    // HMAC takes keys of any length.
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(instance_secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(b"plumb healthz v1\0");
+    mac.update(challenge.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Whether `proof` answers `challenge` for this instance secret (constant
+/// time).
+#[must_use]
+pub fn healthz_proof_ok(instance_secret: &str, challenge: &str, proof: &str) -> bool {
+    use hmac::{KeyInit, Mac};
+    let Ok(given) = hex::decode(proof) else {
+        return false;
+    };
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(instance_secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(b"plumb healthz v1\0");
+    mac.update(challenge.as_bytes());
+    mac.verify_slice(&given).is_ok()
+}
+
 /// The stored form of an API token: SHA-256, hex. Tokens have 256 bits of
 /// entropy, so a fast hash is enough: there is nothing to brute-force.
 #[must_use]

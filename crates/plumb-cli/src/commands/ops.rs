@@ -23,14 +23,22 @@ impl Backend {
         let config = super::load_config(&root)?;
         let (path, _) = plumb_engine::project_dir::sqlite_location(&config, &root)
             .map_err(anyhow::Error::msg)?;
-        if let Ok(token) = std::env::var("PLUMB_TOKEN")
-            && let Some(client) =
-                ApiClient::detect(&config.listen, &super::store_id_of(&path), &token).await
-        {
-            tracing::debug!(server = client.base(), "Using the running server's API.");
-            return Ok(Self::Api(client));
-        }
         let store = super::open_store(&config, &root).await?;
+        if let Ok(token) = std::env::var("PLUMB_TOKEN") {
+            let instance = store.instance_secret().await?;
+            if let Some(client) = ApiClient::detect(
+                &config.listen,
+                &super::store_id_of(&path),
+                &instance,
+                &token,
+            )
+            .await
+            {
+                tracing::debug!(server = client.base(), "Using the running server's API.");
+                store.close().await;
+                return Ok(Self::Api(client));
+            }
+        }
         Ok(Self::Store(store))
     }
 

@@ -43,6 +43,15 @@ CREATE TABLE audit_head (
     hash  TEXT NOT NULL
 );
 
+-- A random secret of this store, readable by whoever can read the store
+-- file: a server proves it serves this store by an HMAC of a challenge
+-- with it, before the CLI hands it an API token.
+CREATE TABLE instance (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    secret  TEXT NOT NULL
+);
+INSERT INTO instance (id, secret) VALUES (1, lower(hex(randomblob(32))));
+
 -- What is deployed: the version (SHA-256 of the file) of plumb.yaml and of
 -- each workflow last started or reloaded, so a change is audited once.
 CREATE TABLE deployments (
