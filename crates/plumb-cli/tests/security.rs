@@ -55,6 +55,36 @@ fn forms(value: &str) -> Vec<String> {
     ]
 }
 
+/// A project with one http connection `conn` to `base_url` sending the
+/// secret `secret` as a bearer token, and no retries.
+fn bearer_project(conn: &str, base_url: &str, secret: &str) -> Project {
+    Project::new(&format!(
+        "connections:\n  {conn}:\n    http:\n      base_url: {base_url}\n      auth: {{ bearer: {{ secret: {secret} }} }}\ndefaults:\n  retry: {{ attempts: 1 }}\n"
+    ))
+}
+
+/// A manual workflow `name` with one step `go` POSTing to `path` on `conn`.
+fn post_workflow(name: &str, conn: &str, path: &str) -> String {
+    format!(
+        "name: {name}\n{HEAD}trigger: manual\nsteps:\n  - id: go\n    http: {{ connection: {conn}, method: POST, path: {path} }}\n"
+    )
+}
+
+/// The audit log through the API (admin token of the test server).
+async fn api_audit(base: &str) -> Vec<Value> {
+    get_json(&format!("{base}/api/v1/audit?limit=1000")).await["entries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The audit log through `plumb audit list --json`.
+async fn cli_audit(project: &Project) -> Vec<Value> {
+    let out = project.run(&["audit", "list", "--json"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    serde_json::from_str(&out.stdout).expect("audit list --json is JSON")
+}
+
 async fn must_set(project: &Project, name: &str, value: &str) {
     let out = project.set_secret(name, value).await;
     assert_eq!(out.code, Some(0), "secrets set {name}: {out}");
@@ -385,22 +415,18 @@ async fn every_api_route_answers_401_without_a_token_and_403_below_its_role() {
         assert!(!text.contains("matrix-value"), "{open} reveals a secret");
     }
     // Failed attempts are in the audit log, but not one per request.
-    let audit = get_json(&format!("{base}/api/v1/audit?limit=1000")).await;
-    let failures = audit["entries"]
-        .as_array()
-        .expect("entries")
+    let audit = api_audit(&base).await;
+    let failures = audit
         .iter()
         .filter(|e| e["action"] == "auth.failed")
         .count();
-    assert!(failures > 0, "failed attempts are audited: {audit}");
+    assert!(failures > 0, "failed attempts are audited: {audit:?}");
     for who in ["api:v", "api:o"] {
         assert!(
-            audit["entries"]
-                .as_array()
-                .expect("entries")
+            audit
                 .iter()
                 .any(|e| e["action"] == "auth.failed" && e["actor"] == who),
-            "a refusal of a real token ({who}) is audited despite anonymous noise: {audit}"
+            "a refusal of a real token ({who}) is audited despite anonymous noise: {audit:?}"
         );
     }
     assert!(
@@ -543,14 +569,12 @@ async fn signed_webhooks_run_only_with_a_good_fresh_signature_or_bearer_secret()
             .is_none(),
         "the bearer secret is not journaled: {done}"
     );
-    let audit = get_json(&format!("{base}/api/v1/audit?limit=1000")).await;
+    let audit = api_audit(&base).await;
     assert!(
-        audit["entries"]
-            .as_array()
-            .expect("entries")
+        audit
             .iter()
             .any(|e| e["action"] == "webhook.auth_failed" && e["subject"] == "signed"),
-        "refusals are audited: {audit}"
+        "refusals are audited: {audit:?}"
     );
 }
 
@@ -596,16 +620,8 @@ async fn a_redirect_to_another_host_never_carries_the_credential() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wrong_master_key_is_refused_with_a_clear_error() {
     let rx = Receiver::start().await;
-    let project = Project::new(&format!(
-        "connections:\n  api:\n    http:\n      base_url: {}\n      auth: {{ bearer: {{ secret: tok }} }}\ndefaults:\n  retry: {{ attempts: 1 }}\n",
-        rx.base_url
-    ));
-    project.workflow(
-        "call",
-        &format!(
-            "name: call\n{HEAD}trigger: manual\nsteps:\n  - id: go\n    http: {{ connection: api, method: POST, path: /ok/x }}\n"
-        ),
-    );
+    let project = bearer_project("api", &rx.base_url, "tok");
+    project.workflow("call", &post_workflow("call", "api", "/ok/x"));
     must_set(&project, "tok", "sealed-under-key-one").await;
     let other_key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
     let out = project
@@ -746,8 +762,11 @@ async fn rekey_reseals_every_secret_under_a_new_key_and_all_stay_readable() {
         Some(format!("Basic {basic}"))
     );
     assert_eq!(header("/ok/c", "x-key").as_deref(), Some("value-three-3"));
-    let audit = project.run(&["audit", "list", "--json"]).await;
-    assert!(audit.stdout.contains("secrets.rekeyed"), "{audit}");
+    let audit = cli_audit(&project).await;
+    assert!(
+        audit.iter().any(|e| e["action"] == "secrets.rekeyed"),
+        "{audit:?}"
+    );
     let verify = project.run(&["audit", "verify"]).await;
     assert_eq!(verify.code, Some(0), "{verify}");
 }
@@ -884,15 +903,8 @@ async fn redact_paths_mask_fields_before_anything_is_journaled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_deploys_through_the_api_and_a_rekey_takes_effect_without_a_restart() {
     let rx = Receiver::start().await;
-    let project = Project::new(&format!(
-        "connections:\n  api:\n    http:\n      base_url: {}\n      auth: {{ bearer: {{ secret: tok }} }}\ndefaults:\n  retry: {{ attempts: 1 }}\n",
-        rx.base_url
-    ));
-    let flow = |path: &str| {
-        format!(
-            "name: call\n{HEAD}trigger: manual\nsteps:\n  - id: go\n    http: {{ connection: api, method: POST, path: {path} }}\n"
-        )
-    };
+    let project = bearer_project("api", &rx.base_url, "tok");
+    let flow = |path: &str| post_workflow("call", "api", path);
     project.workflow("call", &flow("/ok/v1"));
     must_set(&project, "tok", "deploy-test-token").await;
     let operator = project.token("op", "operator").await;
@@ -949,32 +961,20 @@ async fn an_admin_deploys_through_the_api_and_a_rekey_takes_effect_without_a_res
         hit.headers.get("authorization").map(String::as_str),
         Some("Bearer deploy-test-token")
     );
-    let audit = get_json(&format!("{base}/api/v1/audit?limit=1000")).await;
+    let audit = api_audit(&base).await;
     assert!(
-        audit["entries"]
-            .as_array()
-            .expect("entries")
-            .iter()
-            .any(|e| e["action"] == "workflow.deployed"
-                && e["subject"] == "call"
-                && e["actor"] == "api:tests"),
-        "the deployment is audited with who made it: {audit}"
+        audit.iter().any(|e| e["action"] == "workflow.deployed"
+            && e["subject"] == "call"
+            && e["actor"] == "api:tests"),
+        "the deployment is audited with who made it: {audit:?}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_are_checked_set_listed_rotated_live_and_deleted_without_showing_a_value() {
     let rx = Receiver::start().await;
-    let project = Project::new(&format!(
-        "connections:\n  crm:\n    http:\n      base_url: {}\n      auth: {{ bearer: {{ secret: crm_token }} }}\ndefaults:\n  retry: {{ attempts: 1 }}\n",
-        rx.base_url
-    ));
-    project.workflow(
-        "sync",
-        &format!(
-            "name: sync\n{HEAD}trigger: manual\nsteps:\n  - id: go\n    http: {{ connection: crm, method: POST, path: /ok/sync }}\n"
-        ),
-    );
+    let project = bearer_project("crm", &rx.base_url, "crm_token");
+    project.workflow("sync", &post_workflow("sync", "crm", "/ok/sync"));
     project.workflow(
         "gh",
         &format!(
@@ -1068,18 +1068,15 @@ async fn secrets_are_checked_set_listed_rotated_live_and_deleted_without_showing
         .await;
     assert_eq!(forced.code, Some(0), "{forced}");
 
-    let audit = project.run(&["audit", "list", "--json"]).await;
-    let entries: Value = serde_json::from_str(&audit.stdout).expect("json");
-    let actions: Vec<&str> = entries
-        .as_array()
-        .expect("entries")
+    let audit = cli_audit(&project).await;
+    let actions: Vec<&str> = audit
         .iter()
         .filter(|e| e["subject"] == "crm_token")
         .filter_map(|e| e["action"].as_str())
         .collect();
     assert_eq!(actions, ["secret.set", "secret.rotated", "secret.deleted"]);
     assert!(
-        !audit.stdout.contains("crm-value"),
+        !Value::from(audit).to_string().contains("crm-value"),
         "the audit log holds no value"
     );
 }
@@ -1177,11 +1174,8 @@ async fn plumb_run_of_an_undeployed_version_is_audited_and_deployments_stay_with
     let flow =
         |n: u32| format!("name: w\n{HEAD}trigger: manual\nsteps:\n  - id: a\n    jq: '{n}'\n");
     project.workflow("w", &flow(1));
-    let entries = |stdout: &str, action: &str| -> Vec<Value> {
-        let all: Value = serde_json::from_str(stdout).expect("json");
-        all.as_array()
-            .expect("entries")
-            .iter()
+    let entries = |all: &[Value], action: &str| -> Vec<Value> {
+        all.iter()
             .filter(|e| e["action"] == action && e["subject"] == "w")
             .cloned()
             .collect()
@@ -1191,18 +1185,18 @@ async fn plumb_run_of_an_undeployed_version_is_audited_and_deployments_stay_with
     assert_eq!(server.stop().await, Some(0));
     let out = project.run(&["run", "w"]).await;
     assert_eq!(out.code, Some(0), "{out}");
-    let audit = project.run(&["audit", "list", "--json"]).await;
-    assert_eq!(entries(&audit.stdout, "workflow.deployed").len(), 1);
+    let audit = cli_audit(&project).await;
+    assert_eq!(entries(&audit, "workflow.deployed").len(), 1);
     assert!(
-        entries(&audit.stdout, "workflow.run_undeployed").is_empty(),
+        entries(&audit, "workflow.run_undeployed").is_empty(),
         "running the deployed version is not news"
     );
     // An edited file run by hand is audited with who ran it.
     project.workflow("w", &flow(2));
     let out = project.run(&["run", "w"]).await;
     assert_eq!(out.code, Some(0), "{out}");
-    let audit = project.run(&["audit", "list", "--json"]).await;
-    let manual = entries(&audit.stdout, "workflow.run_undeployed");
+    let audit = cli_audit(&project).await;
+    let manual = entries(&audit, "workflow.run_undeployed");
     assert_eq!(manual.len(), 1, "{manual:?}");
     assert!(
         manual[0]["actor"]
@@ -1214,8 +1208,8 @@ async fn plumb_run_of_an_undeployed_version_is_audited_and_deployments_stay_with
     // The next start of serve still deploys (and audits) version 2.
     let server = project.serve("127.0.0.1:0").await;
     assert_eq!(server.stop().await, Some(0));
-    let audit = project.run(&["audit", "list", "--json"]).await;
-    assert_eq!(entries(&audit.stdout, "workflow.deployed").len(), 2);
+    let audit = cli_audit(&project).await;
+    assert_eq!(entries(&audit, "workflow.deployed").len(), 2);
 }
 
 /// Vendor-SDK signatures without a signed timestamp still verify at any
@@ -1319,13 +1313,10 @@ async fn with_plumb_token_the_cli_uses_the_proven_server_and_never_an_impostor()
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let audit = get_json(&format!("{base}/api/v1/audit?limit=1000")).await;
-    let cancelled = audit["entries"]
-        .as_array()
-        .expect("entries")
-        .iter()
+    let cancelled = api_audit(&base)
+        .await
+        .into_iter()
         .find(|e| e["action"] == "run.cancelled")
-        .cloned()
         .expect("audited");
     assert_eq!(
         cancelled["actor"], "api:tests",

@@ -1571,7 +1571,11 @@ fn parse_field_path(text: &str) -> Option<Vec<String>> {
     (!out.is_empty()).then_some(out)
 }
 
-fn is_identifier(s: &str) -> bool {
+/// Whether `s` is a valid name for a step id, a workflow name part or a
+/// secret: ASCII letters, digits and `_`, not starting with a digit, at
+/// most 100 bytes. The CLI and the API validate secret names with it too.
+#[must_use]
+pub fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -253,29 +253,21 @@ impl<'e> Execution<'e> {
         }
     }
 
+    /// Makes an output visible to later steps; it is already sanitized (it
+    /// comes from the journal, an attempt or `commit_success`).
     fn set_output(&mut self, step_id: &str, output: &Value) {
-        let shape = if self.is_for_each(step_id) {
-            ForEachShape::AllItems
-        } else {
-            ForEachShape::One
-        };
-        let kept = self.sanitized(step_id, output, shape);
-        let kept = kept.as_ref();
         self.outputs
-            .insert(Val::from(step_id.to_owned()), json_to_val(kept));
-    }
-
-    fn is_for_each(&self, step_id: &str) -> bool {
-        self.workflow
-            .all_steps()
-            .iter()
-            .any(|s| s.id == step_id && s.for_each.is_some())
+            .insert(Val::from(step_id.to_owned()), json_to_val(output));
     }
 
     /// A step output as it may be kept and seen: secret values redacted and
     /// the workflow's `redact:` paths masked. Later steps see exactly what
     /// the journal holds, so a resumed run behaves like the first one, and
     /// an upstream echoing a secret cannot hand it to another step.
+    ///
+    /// Applied once, where an output is produced: in `attempts` (actions,
+    /// and each `for_each` item) and in `commit_success` (`if`, `sleep` and
+    /// a `for_each` step's list). Nothing downstream sanitizes again.
     fn sanitized<'v>(
         &self,
         step_id: &str,
@@ -729,21 +721,9 @@ impl<'e> Execution<'e> {
     /// is gone, every other part of this run stops too.
     async fn write_step(&self, record: &StepRecord) -> Result<(), Halt> {
         let owner = self.token.as_str();
+        // Outputs arrive sanitized (see `sanitized`); the step's own state
+        // and error text are redacted here, the last stop before the store.
         let mut record = record.clone();
-        if let Some(output) = &record.output {
-            let shape = if record.item.is_none() && self.is_for_each(&record.step_id) {
-                ForEachShape::AllItems
-            } else {
-                ForEachShape::One
-            };
-            let cleaned = match self.sanitized(&record.step_id, output, shape) {
-                std::borrow::Cow::Owned(v) => Some(v),
-                std::borrow::Cow::Borrowed(_) => None,
-            };
-            if let Some(v) = cleaned {
-                record.output = Some(v);
-            }
-        }
         let redactor = self.engine.secrets();
         let redactor = redactor.redactor();
         if let Some(state) = &mut record.state {

@@ -328,13 +328,6 @@ struct SecretBody {
     value: String,
 }
 
-fn is_secret_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && s.len() <= 100
-}
-
 async fn write_secret(
     state: &AppState,
     actor: &str,
@@ -342,7 +335,7 @@ async fn write_secret(
     value: String,
     mode: plumb_store::SecretWrite,
 ) -> Result<Json<Value>, ApiError> {
-    if !is_secret_name(name) {
+    if !plumb_core::load::is_identifier(name) {
         return Err(ApiError::bad_request(
             "secret names are letters, digits and `_`, starting with a letter or `_`",
         ));

@@ -2,8 +2,9 @@
 //! role it needs, so a route cannot exist without its check.
 //!
 //! `401` without a valid token, `403` with a valid token of too low a role.
-//! Failed attempts are audited, at most once a minute per route and reason,
-//! so a scanner cannot flood the audit log.
+//! Failed attempts are audited, at most once a minute per route, reason and
+//! token, within per-minute budgets for anonymous callers and token
+//! holders, so a scanner cannot flood the audit log.
 
 use std::marker::PhantomData;
 use std::num::NonZeroU32;
@@ -85,14 +86,19 @@ fn budget(anonymous: bool) -> &'static governor::DefaultDirectRateLimiter {
 /// and token name, never request data), and within the anonymous or
 /// identified budget of [`AUDITED_FAILURES_PER_MINUTE`], so a scanner
 /// cannot flood the audit log or the store.
-pub(crate) async fn audit_failure(state: &AppState, kind: String, entry: NewAuditEntry) {
+pub(crate) fn audit_failure(state: &AppState, kind: String, entry: NewAuditEntry) {
     let anonymous = entry.actor.ends_with(":anonymous");
     if failures().check_key(&kind).is_err() || budget(anonymous).check().is_err() {
         return;
     }
-    if let Err(e) = state.engine.store().append_audit(&entry).await {
-        tracing::warn!(error = %e, "Could not audit a failed authentication.");
-    }
+    // In the background: a refusal is answered at once even when the store
+    // is busy, and the budget above bounds how many such writes exist.
+    let store = std::sync::Arc::clone(state.engine.store());
+    tokio::spawn(async move {
+        if let Err(e) = store.append_audit(&entry).await {
+            tracing::warn!(error = %e, "Could not audit a failed authentication.");
+        }
+    });
 }
 
 async fn refuse(
@@ -116,8 +122,7 @@ async fn refuse(
             &route,
             json!({ "reason": reason, "method": parts.method.as_str() }),
         ),
-    )
-    .await;
+    );
     let (code, message) = if status == StatusCode::FORBIDDEN {
         (
             "forbidden",

@@ -145,8 +145,7 @@ async fn authenticate(
                     &workflow.name,
                     json!({ "reason": why.to_string() }),
                 ),
-            )
-            .await;
+            );
             let mut e = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

@@ -306,32 +306,39 @@ pub fn new_api_token() -> Zeroizing<String> {
     ))
 }
 
-/// A server's answer to a `/healthz` challenge: HMAC-SHA256 of the
-/// challenge under the store's instance secret, hex.
-#[must_use]
-pub fn healthz_proof(instance_secret: &str, challenge: &str) -> String {
+/// The MAC behind a `/healthz` challenge proof.
+fn healthz_mac(instance_secret: &str, challenge: &str) -> hmac::Hmac<sha2::Sha256> {
     use hmac::{KeyInit, Mac};
-    // HMAC takes keys of any length.
+    // HMAC takes keys of any length, so this cannot fail.
     let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(instance_secret.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
     mac.update(b"plumb healthz v1\0");
     mac.update(challenge.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    mac
+}
+
+/// A server's answer to a `/healthz` challenge: HMAC-SHA256 of the
+/// challenge under the store's instance secret, hex.
+#[must_use]
+pub fn healthz_proof(instance_secret: &str, challenge: &str) -> String {
+    use hmac::Mac;
+    hex::encode(
+        healthz_mac(instance_secret, challenge)
+            .finalize()
+            .into_bytes(),
+    )
 }
 
 /// Whether `proof` answers `challenge` for this instance secret (constant
 /// time).
 #[must_use]
 pub fn healthz_proof_ok(instance_secret: &str, challenge: &str, proof: &str) -> bool {
-    use hmac::{KeyInit, Mac};
-    let Ok(given) = hex::decode(proof) else {
-        return false;
-    };
-    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(instance_secret.as_bytes())
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    mac.update(b"plumb healthz v1\0");
-    mac.update(challenge.as_bytes());
-    mac.verify_slice(&given).is_ok()
+    use hmac::Mac;
+    hex::decode(proof).is_ok_and(|given| {
+        healthz_mac(instance_secret, challenge)
+            .verify_slice(&given)
+            .is_ok()
+    })
 }
 
 /// The stored form of an API token: SHA-256, hex. Tokens have 256 bits of
@@ -729,6 +736,20 @@ mod tests {
         assert!(!out.contains("wo\\nrd"), "{out}");
         let debug = format!("{:?}", v.expose());
         assert_eq!(r.redact(&debug), "\"[redacted:pw]\"");
+    }
+
+    #[test]
+    fn a_healthz_proof_holds_only_for_its_secret_and_challenge() {
+        let proof = healthz_proof("instance-secret", "challenge-1");
+        assert!(healthz_proof_ok("instance-secret", "challenge-1", &proof));
+        assert!(!healthz_proof_ok("other-secret", "challenge-1", &proof));
+        assert!(!healthz_proof_ok("instance-secret", "challenge-2", &proof));
+        assert!(!healthz_proof_ok(
+            "instance-secret",
+            "challenge-1",
+            "not hex"
+        ));
+        assert!(!healthz_proof_ok("instance-secret", "challenge-1", ""));
     }
 
     #[test]

@@ -71,13 +71,6 @@ fn read_value(name: &str) -> anyhow::Result<SecretValue> {
     Ok(SecretValue::new(text.to_string()))
 }
 
-fn is_secret_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && s.len() <= 100
-}
-
 /// The master key, creating the key file when this is the project's first
 /// secret and no key exists anywhere yet.
 async fn key_for_writing(root: &Path, store: &SqliteStore) -> anyhow::Result<Arc<MasterKey>> {
@@ -104,7 +97,7 @@ pub async fn secrets(global: &Global, command: SecretsCommand) -> anyhow::Result
     let actor = super::cli_actor();
     let exit = match command {
         SecretsCommand::Set { name } | SecretsCommand::Rotate { name }
-            if !is_secret_name(&name) =>
+            if !plumb_core::load::is_identifier(&name) =>
         {
             return Err(UsageError(format!(
                 "invalid secret name `{name}`: use letters, digits and `_`, starting with a letter or `_`"
