@@ -75,8 +75,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(dispatch(cli));
-    // A jq program that never ends keeps its blocking thread busy after the
-    // step timed out; do not let it hold the process open.
+    // Whatever is still running when the command is done (a store read, a
+    // connection closing) must not hold the process open.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(exit) => exit.into(),

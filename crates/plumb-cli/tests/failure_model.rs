@@ -331,7 +331,7 @@ async fn a_jq_step_that_never_ends_fails_once_and_the_process_still_exits() {
     assert_eq!(out.code, Some(1), "{out}");
     assert!(
         out.stdout
-            .contains("did not finish within its timeout of 300ms"),
+            .contains("did not finish within the step's timeout of 300ms"),
         "{out}"
     );
     assert!(

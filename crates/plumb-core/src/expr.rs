@@ -13,17 +13,41 @@
 //! Programs must be deterministic in what they can reach: `env`, `input`,
 //! `halt` and friends are removed, so an expression cannot read the process
 //! environment (where the master key may live) or stop the process.
+//!
+//! # Bounded evaluation
+//!
+//! A program can loop forever (`last(repeat(1))`) or recurse without end
+//! (`def f: [f]; f`). Every evaluation runs under a [`Budget`]: jaq clones
+//! the evaluation context's data at every step it takes — each function
+//! call, pipe and loop iteration — and plumb's data type counts those
+//! clones. At each one it checks whether the budget was cancelled (the
+//! step timed out, the run was interrupted) and how much stack the
+//! evaluation has used; either ends the evaluation by unwinding out of it
+//! (a private panic payload, caught in [`Program::eval`]), so a timed-out
+//! expression stops using CPU at once instead of spinning on. `range` is
+//! redefined so that even a huge range advances through such steps (the
+//! native one counts to 10^18 without taking any).
+//!
+//! What this does not bound: the memory one operation may allocate
+//! (`"x" * 1e9` builds a gigabyte string) and values nested so deeply,
+//! inside one expression, that dropping or printing them exhausts the
+//! evaluating thread's stack. Results are checked against
+//! [`crate::limits`] before they leave the evaluation.
 
+use std::cell::Cell;
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once, OnceLock};
 
 use jaq_core::load::{Arena, File, Loader};
-use jaq_core::{Compiler, Ctx, Vars, data};
+use jaq_core::{Compiler, Ctx, DataT, Vars, data::HasLut};
 use jaq_json::Val;
 use serde::Deserialize;
 use serde_json::{Map, Number, Value};
 
-type JaqFilter = jaq_core::Filter<data::JustLut<Val>>;
+use crate::limits::{LimitError, MAX_DEPTH, MAX_DOCUMENT_BYTES};
+
+type JaqFilter = jaq_core::Filter<Metered>;
 
 /// Definitions that shadow the filters a workflow must not reach: they read
 /// the process environment or stdin, write to stderr, or stop the process.
@@ -43,6 +67,26 @@ def input_filename: null;
 def halt($code): error("halt is not available in plumb expressions");
 def debug_empty: empty;
 def stderr_empty: empty;
+def _plumb_native_range($from; $upto; $by): range($from; $upto; $by);
+def range($from; $upto; $by):
+  if ($from | type) == "number" and ($by | type) == "number"
+     and $by != 0 and $by == ($by | floor) and $from == ($from | floor)
+  then
+    ($by * 1024) as $step
+    | def chunks($x):
+        if ($by > 0 and $x < $upto) or ($by < 0 and $x > $upto) then
+          _plumb_native_range($x;
+            if $by > 0 then [$x + $step, $upto] | min else [$x + $step, $upto] | max end;
+            $by),
+          chunks($x + $step)
+        else empty end;
+      chunks($from)
+  elif $by > 0 then $from | while(. < $upto; . + $by)
+  elif $by < 0 then $from | while(. > $upto; . + $by)
+  else $from | while(. != $upto; . + $by)
+  end;
+def range($from; $upto): range($from; $upto; 1);
+def range($upto): range(0; $upto);
 "#;
 
 fn prelude() -> &'static [jaq_core::load::parse::Def<&'static str>] {
@@ -107,9 +151,9 @@ impl Program {
                 },
             )
             .map_err(|errors| load_error(source, errors))?;
-        let funs = jaq_core::funs()
-            .chain(jaq_std::funs())
-            .chain(jaq_json::funs());
+        let funs = jaq_core::funs::<Metered>()
+            .chain(jaq_std::funs::<Metered>())
+            .chain(jaq_json::funs::<Metered>());
         let filter = Compiler::default()
             .with_funs(funs)
             .compile(modules)
@@ -146,7 +190,8 @@ impl Program {
         &self.source
     }
 
-    /// Runs the program on `input` and returns its single output.
+    /// Runs the program on `input` under `budget` and returns its single
+    /// output, checked against [`crate::limits`].
     ///
     /// No output gives `null`. More than one output is an error: a workflow
     /// value is one JSON value, and silently keeping the first would hide
@@ -154,29 +199,252 @@ impl Program {
     ///
     /// # Errors
     ///
-    /// Returns an [`EvalError`] for a jq runtime error (including `error(…)`)
-    /// or more than one output.
-    pub fn eval(&self, input: &Val) -> Result<Value, EvalError> {
-        let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
-        let mut outputs = self
-            .filter
-            .id
-            .run((ctx, input.clone()))
-            .map(jaq_core::unwrap_valr);
-        let first = match outputs.next() {
-            None => return Ok(Value::Null),
-            Some(Ok(v)) => v,
-            Some(Err(e)) => return Err(runtime_error(&e)),
+    /// Returns an [`EvalError`] for a jq runtime error (including `error(…)`),
+    /// more than one output, a result over a limit, or an evaluation the
+    /// budget stopped (cancelled, or recursing past its stack).
+    pub fn eval(&self, input: &Val, budget: &Budget) -> Result<Value, EvalError> {
+        quiet_stops();
+        let clones = Cell::new(0u64);
+        let base = stack_position();
+        let meter = Meter {
+            lut: &self.filter.lut,
+            budget,
+            clones: &clones,
+            base,
         };
-        match outputs.next() {
-            None => Ok(val_to_json(&first)),
-            Some(Err(e)) => Err(runtime_error(&e)),
-            Some(Ok(_)) => Err(EvalError {
-                message: format!(
-                    "`{}` produced more than one value; wrap it in [ … ] to collect them into an array",
-                    self.source.trim()
-                ),
-            }),
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let ctx = Ctx::<Metered>::new(meter, Vars::new([]));
+            let mut outputs = self
+                .filter
+                .id
+                .run((ctx, input.clone()))
+                .map(jaq_core::unwrap_valr);
+            let first = match outputs.next() {
+                None => return Ok(Val::Null),
+                Some(Ok(v)) => v,
+                Some(Err(e)) => return Err(runtime_error(&e)),
+            };
+            match outputs.next() {
+                None => Ok(first),
+                Some(Err(e)) => Err(runtime_error(&e)),
+                Some(Ok(_)) => Err(EvalError {
+                    message: format!(
+                        "`{}` produced more than one value; wrap it in [ … ] to collect them into an array",
+                        self.source.trim()
+                    ),
+                }),
+            }
+        }));
+        let output = match run {
+            Ok(r) => r?,
+            Err(payload) => return Err(stopped(&*payload, budget)),
+        };
+        let value = checked_val_to_json(&output).map_err(|e| EvalError {
+            message: e.to_string(),
+        });
+        drop_deep(output);
+        value
+    }
+}
+
+/// Data that evaluations carry: the program's look-up table, plus the
+/// meter that counts evaluation steps and enforces the [`Budget`].
+pub struct Metered;
+
+impl DataT for Metered {
+    type V<'a> = Val;
+    type Data<'a> = Meter<'a>;
+}
+
+/// jaq clones this at every evaluation step; see the module docs.
+pub struct Meter<'a> {
+    lut: &'a jaq_core::Lut<Metered>,
+    budget: &'a Budget,
+    clones: &'a Cell<u64>,
+    /// Stack position when the evaluation started.
+    base: usize,
+}
+
+impl<'a> HasLut<'a, Metered> for Meter<'a> {
+    fn lut(&self) -> &'a jaq_core::Lut<Metered> {
+        self.lut
+    }
+}
+
+impl Clone for Meter<'_> {
+    fn clone(&self) -> Self {
+        let n = self.clones.get().wrapping_add(1);
+        self.clones.set(n);
+        // An atomic load is cheap, but not free: look every 256 steps.
+        if n.is_multiple_of(256) && self.budget.cancelled.load(Ordering::Relaxed) {
+            std::panic::panic_any(Stop::Cancelled);
+        }
+        if self.base.abs_diff(stack_position()) > self.budget.max_stack {
+            std::panic::panic_any(Stop::TooDeep);
+        }
+        Self {
+            lut: self.lut,
+            budget: self.budget,
+            clones: self.clones,
+            base: self.base,
+        }
+    }
+}
+
+/// Why the meter ended an evaluation; the panic payload it unwinds with.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Cancelled,
+    TooDeep,
+}
+
+/// The address of a local: how far down the stack this call is. Only ever
+/// compared with another such address on the same thread.
+#[inline(never)]
+fn stack_position() -> usize {
+    let marker = 0u8;
+    std::hint::black_box(&marker) as *const u8 as usize
+}
+
+/// The process-wide panic hook stays quiet about the meter's own stops
+/// (they are how a timed-out expression ends, not bugs) and reports every
+/// other panic as before.
+fn quiet_stops() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.payload().is::<Stop>() {
+                previous(info);
+            }
+        }));
+    });
+}
+
+fn stopped(payload: &(dyn std::any::Any + Send), budget: &Budget) -> EvalError {
+    let message = match payload.downcast_ref::<Stop>() {
+        Some(Stop::Cancelled) => match budget.reason() {
+            Some(why) => why,
+            None => "the expression was stopped".to_owned(),
+        },
+        Some(Stop::TooDeep) => format!(
+            "the expression recursed too deeply (it used more than {} of stack); look for a function that calls itself without end",
+            crate::limits::human_bytes(budget.max_stack)
+        ),
+        None => {
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".to_owned());
+            format!("the expression could not be evaluated (jq evaluator error: {text})")
+        }
+    };
+    EvalError { message }
+}
+
+/// What an evaluation may use: it stops when cancelled, or when it has used
+/// more than `max_stack` bytes of its thread's stack.
+#[derive(Debug)]
+pub struct Budget {
+    cancelled: AtomicBool,
+    reason: std::sync::Mutex<Option<String>>,
+    max_stack: usize,
+}
+
+impl Budget {
+    /// A budget allowing `max_stack` bytes of stack below the point where
+    /// the evaluation starts. The caller must run the evaluation on a thread
+    /// with at least that much stack to spare.
+    #[must_use]
+    pub fn new(max_stack: usize) -> Self {
+        Self {
+            cancelled: AtomicBool::new(false),
+            reason: std::sync::Mutex::new(None),
+            max_stack,
+        }
+    }
+
+    /// Stops the evaluation at its next step; `reason` becomes its error.
+    pub fn cancel(&self, reason: impl Into<String>) {
+        if let Ok(mut r) = self.reason.lock()
+            && r.is_none()
+        {
+            *r = Some(reason.into());
+        }
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Budget::cancel`] was called.
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.reason.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+/// Converts a jq result to JSON once it is known to be within
+/// [`MAX_DEPTH`] and [`MAX_DOCUMENT_BYTES`] (measured without recursion,
+/// so a deep result cannot overflow the converter).
+fn checked_val_to_json(val: &Val) -> Result<Value, LimitError> {
+    let what = "the expression's result";
+    let mut stack: Vec<(&Val, usize)> = vec![(val, 0)];
+    let mut bytes = 0usize;
+    while let Some((v, depth)) = stack.pop() {
+        match v {
+            Val::Arr(items) => {
+                if depth + 1 > MAX_DEPTH {
+                    return Err(LimitError::TooDeep { what: what.into() });
+                }
+                bytes += 2 + items.len();
+                stack.extend(items.iter().map(|i| (i, depth + 1)));
+            }
+            Val::Obj(map) => {
+                if depth + 1 > MAX_DEPTH {
+                    return Err(LimitError::TooDeep { what: what.into() });
+                }
+                bytes += 2;
+                for (k, item) in map.iter() {
+                    stack.push((k, depth + 1));
+                    stack.push((item, depth + 1));
+                }
+            }
+            Val::BStr(b) | Val::TStr(b) => bytes += b.len() + 2,
+            _ => bytes += 6,
+        }
+        if bytes > MAX_DOCUMENT_BYTES {
+            return Err(LimitError::TooLarge {
+                what: what.into(),
+                limit: MAX_DOCUMENT_BYTES,
+            });
+        }
+    }
+    Ok(val_to_json(val))
+}
+
+/// Drops a jq value without recursion: a result nested far past the limit
+/// would otherwise overflow the stack while being freed.
+fn drop_deep(val: Val) {
+    let mut stack = vec![val];
+    while let Some(v) = stack.pop() {
+        match v {
+            Val::Arr(items) => {
+                if let Ok(items) = Arc::try_unwrap(items) {
+                    stack.extend(items);
+                }
+            }
+            Val::Obj(map) => {
+                if let Ok(map) = Arc::try_unwrap(map) {
+                    for (k, item) in map {
+                        stack.push(k);
+                        stack.push(item);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -351,34 +619,35 @@ impl Template {
         matches!(self, Self::Literal(_))
     }
 
-    /// Evaluates every expression against `context` and builds the value.
+    /// Evaluates every expression against `context` under `budget` and
+    /// builds the value.
     ///
     /// # Errors
     ///
     /// Returns the first [`EvalError`] of an expression.
-    pub fn render(&self, context: &Val) -> Result<Value, EvalError> {
+    pub fn render(&self, context: &Val, budget: &Budget) -> Result<Value, EvalError> {
         match self {
             Self::Literal(v) => Ok(v.clone()),
-            Self::Expr(p) => p.eval(context),
+            Self::Expr(p) => p.eval(context, budget),
             Self::Text(parts) => {
                 let mut out = String::new();
                 for part in parts {
                     match part {
                         TextPart::Literal(s) => out.push_str(s),
-                        TextPart::Expr(p) => push_as_text(&mut out, &p.eval(context)?),
+                        TextPart::Expr(p) => push_as_text(&mut out, &p.eval(context, budget)?),
                     }
                 }
                 Ok(Value::String(out))
             }
             Self::Array(items) => items
                 .iter()
-                .map(|t| t.render(context))
+                .map(|t| t.render(context, budget))
                 .collect::<Result<Vec<_>, _>>()
                 .map(Value::Array),
             Self::Object(entries) => {
                 let mut out = Map::with_capacity(entries.len());
                 for (k, t) in entries {
-                    out.insert(k.clone(), t.render(context)?);
+                    out.insert(k.clone(), t.render(context, budget)?);
                 }
                 Ok(Value::Object(out))
             }
@@ -539,13 +808,19 @@ mod tests {
         json_to_val(&v)
     }
 
+    /// Test threads have 2 MiB of stack; leave the harness room.
+    fn budget() -> Budget {
+        Budget::new(512 * 1024)
+    }
+
     #[test]
     fn program_evaluates_with_jq_semantics() {
         let p = Program::compile("[.items[] | select(.ok) | .name]").expect("compiles");
         let out = p
-            .eval(&ctx(
-                json!({"items": [{"ok": true, "name": "ada"}, {"ok": false, "name": "bo"}]}),
-            ))
+            .eval(
+                &ctx(json!({"items": [{"ok": true, "name": "ada"}, {"ok": false, "name": "bo"}]})),
+                &budget(),
+            )
             .expect("runs");
         assert_eq!(out, json!(["ada"]));
     }
@@ -563,33 +838,42 @@ mod tests {
     #[test]
     fn env_and_input_are_not_reachable() {
         let p = Program::compile("env").expect("shadowed env compiles");
-        let e = p.eval(&Val::Null).expect_err("env is refused");
+        let e = p.eval(&Val::Null, &budget()).expect_err("env is refused");
         assert!(e.message.contains("not available"), "{e}");
         let p = Program::compile("$ENV");
         assert!(p.is_err(), "$ENV must not be defined");
         let p = Program::compile("input").expect("shadowed input compiles");
-        assert!(p.eval(&Val::Null).is_err());
+        assert!(p.eval(&Val::Null, &budget()).is_err());
     }
 
     #[test]
     fn multiple_outputs_are_an_error_with_the_fix() {
         let p = Program::compile(".[]").expect("compiles");
-        let e = p.eval(&ctx(json!([1, 2]))).expect_err("two outputs");
+        let e = p
+            .eval(&ctx(json!([1, 2])), &budget())
+            .expect_err("two outputs");
         assert!(e.message.contains("[ … ]"), "{e}");
-        assert_eq!(p.eval(&ctx(json!([]))).expect("no output"), Value::Null);
+        assert_eq!(
+            p.eval(&ctx(json!([])), &budget()).expect("no output"),
+            Value::Null
+        );
     }
 
     #[test]
     fn error_builtin_message_is_plain_text() {
         let p = Program::compile(r#"error("boom")"#).expect("compiles");
-        assert_eq!(p.eval(&Val::Null).expect_err("errors").message, "boom");
+        assert_eq!(
+            p.eval(&Val::Null, &budget()).expect_err("errors").message,
+            "boom"
+        );
     }
 
     #[test]
     fn whole_expression_template_yields_typed_json() {
         let t = Template::compile(&json!("${{ .a }}")).expect("compiles");
         assert_eq!(
-            t.render(&ctx(json!({"a": {"b": [1]}}))).expect("renders"),
+            t.render(&ctx(json!({"a": {"b": [1]}})), &budget())
+                .expect("renders"),
             json!({"b": [1]})
         );
     }
@@ -601,7 +885,7 @@ mod tests {
         ))
         .expect("compiles");
         let out = t
-            .render(&ctx(json!({"id": "A-1", "n": 3})))
+            .render(&ctx(json!({"id": "A-1", "n": 3})), &budget())
             .expect("renders");
         assert_eq!(out, json!("/orders/A-1/lines?n=3&x="));
     }
@@ -610,7 +894,7 @@ mod tests {
     fn closing_braces_inside_jq_objects_are_handled() {
         let t = Template::compile(&json!("${{ {a: {b: .x}} }}")).expect("compiles");
         assert_eq!(
-            t.render(&ctx(json!({"x": 1}))).expect("renders"),
+            t.render(&ctx(json!({"x": 1})), &budget()).expect("renders"),
             json!({"a": {"b": 1}})
         );
     }
@@ -619,7 +903,8 @@ mod tests {
     fn nested_values_keep_literals_and_report_error_paths() {
         let t = Template::compile(&json!({"k": 1, "v": ["${{ .x }}", "lit"]})).expect("compiles");
         assert_eq!(
-            t.render(&ctx(json!({"x": true}))).expect("renders"),
+            t.render(&ctx(json!({"x": true})), &budget())
+                .expect("renders"),
             json!({"k": 1, "v": [true, "lit"]})
         );
         let errs = Template::compile(&json!({"a": {"b": "${{ .x + }}"}})).expect_err("bad jq");
@@ -645,8 +930,73 @@ mod tests {
     fn numbers_round_trip_exactly() {
         let p = Program::compile(".").expect("compiles");
         let v = json!({"i": 12345678901_i64, "f": 1.5, "neg": -3});
-        assert_eq!(p.eval(&ctx(v.clone())).expect("runs"), v);
+        assert_eq!(p.eval(&ctx(v.clone()), &budget()).expect("runs"), v);
         let inf = Program::compile("1/0").expect("compiles");
-        assert_eq!(inf.eval(&Val::Null).expect("runs"), Value::Null);
+        assert_eq!(inf.eval(&Val::Null, &budget()).expect("runs"), Value::Null);
+    }
+
+    #[test]
+    fn a_cancelled_budget_stops_an_endless_loop() {
+        let endless = [
+            "last(repeat(1))",
+            "def f: f; f",
+            "last(range(1e18))",
+            "[range(0; 1e18; 7)] | length",
+        ];
+        for code in endless {
+            let started = std::time::Instant::now();
+            let budget = budget();
+            let p = Program::compile(code).expect("compiles");
+            let e = std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    budget.cancel("the step timed out");
+                });
+                p.eval(&Val::Null, &budget).expect_err("stopped")
+            });
+            assert_eq!(e.message, "the step timed out", "{code}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(2),
+                "{code} stopped promptly"
+            );
+        }
+    }
+
+    #[test]
+    fn endless_recursion_stops_at_the_stack_budget() {
+        let p = Program::compile("def f: [f]; f").expect("compiles");
+        let e = p.eval(&Val::Null, &budget()).expect_err("too deep");
+        assert!(e.message.contains("recursed too deeply"), "{e}");
+    }
+
+    #[test]
+    fn results_over_the_limits_are_errors_not_crashes() {
+        let p = Program::compile("reduce range(100000) as $i (null; [.])").expect("compiles");
+        let e = p.eval(&Val::Null, &budget()).expect_err("too deep");
+        assert!(e.message.contains("more than 64 levels"), "{e}");
+        let p = Program::compile("reduce range(64) as $i (null; [.])").expect("compiles");
+        assert!(p.eval(&Val::Null, &budget()).is_ok());
+        let p = Program::compile(r#""x" * 20000000"#).expect("compiles");
+        let e = p.eval(&Val::Null, &budget()).expect_err("too large");
+        assert!(e.message.contains("16 MiB"), "{e}");
+    }
+
+    #[test]
+    fn range_keeps_jq_semantics() {
+        let cases = [
+            ("[range(5)]", json!([0, 1, 2, 3, 4])),
+            ("[range(2; 12; 3)]", json!([2, 5, 8, 11])),
+            ("[range(10; 0; -4)]", json!([10, 6, 2])),
+            ("[range(0; 1; 0.25)]", json!([0, 0.25, 0.5, 0.75])),
+            ("[range(3; 3)]", json!([])),
+            ("[range(0; 3000)] | length", json!(3000)),
+            ("[range(0; 3000)] | .[2047:2050]", json!([2047, 2048, 2049])),
+            ("[limit(3; range(0; 5; 0))]", json!([0, 0, 0])),
+            ("[range(1, 2; 4)]", json!([1, 2, 3, 2, 3])),
+        ];
+        for (code, want) in cases {
+            let p = Program::compile(code).expect("compiles");
+            assert_eq!(p.eval(&Val::Null, &budget()).expect(code), want, "{code}");
+        }
     }
 }

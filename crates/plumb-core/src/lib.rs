@@ -9,6 +9,7 @@
 
 pub mod diag;
 pub mod expr;
+pub mod limits;
 pub mod lint;
 pub mod load;
 pub mod model;

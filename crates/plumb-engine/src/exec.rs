@@ -28,7 +28,7 @@ use futures::StreamExt;
 use jaq_json::Val;
 use plumb_connectors::ActionError;
 use plumb_connectors::http::{HttpRequest, same_origin};
-use plumb_core::expr::{EvalError, Template, json_to_val};
+use plumb_core::expr::{Budget, EvalError, Template, json_to_val};
 use plumb_core::model::{Action, Connection, ForEachShape, HttpAction, Project, Step, Workflow};
 use plumb_store::{AttemptFailure, Failure, Run, StepRecord, StepStatus, StoreError, now_ms};
 use serde_json::{Value, json};
@@ -765,9 +765,11 @@ impl<'e> Execution<'e> {
             Action::Http(http) => self.perform_http(step, http, context, key).await,
             Action::Jq(program) => {
                 let program = program.clone();
-                let output = eval_blocking(move || program.eval(&context))
-                    .await
-                    .map_err(permanent_eval)?;
+                let output = crate::eval::evaluate(step.timeout, move |budget| {
+                    program.eval(&context, budget)
+                })
+                .await
+                .map_err(permanent_eval)?;
                 Ok(Outcome {
                     output,
                     status_code: None,
@@ -833,9 +835,11 @@ impl<'e> Execution<'e> {
             });
         };
         let http_clone = http.clone();
-        let rendered = eval_blocking(move || render_http(&http_clone, &context))
-            .await
-            .map_err(permanent_eval)?;
+        let rendered = crate::eval::evaluate(step.timeout, move |budget| {
+            render_http(&http_clone, &context, budget)
+        })
+        .await
+        .map_err(permanent_eval)?;
         let base = connection.base_url.as_str().trim_end_matches('/');
         let mut url = url::Url::parse(&format!("{base}{}", rendered.path)).map_err(|e| {
             ActionError::Permanent {
@@ -1167,8 +1171,12 @@ struct RenderedHttp {
     body: Option<Value>,
 }
 
-fn render_http(http: &HttpAction, context: &Val) -> Result<RenderedHttp, EvalError> {
-    let path = match http.path.render(context)? {
+fn render_http(
+    http: &HttpAction,
+    context: &Val,
+    budget: &Budget,
+) -> Result<RenderedHttp, EvalError> {
+    let path = match http.path.render(context, budget)? {
         Value::String(s) => s,
         other => {
             return Err(EvalError {
@@ -1178,7 +1186,7 @@ fn render_http(http: &HttpAction, context: &Val) -> Result<RenderedHttp, EvalErr
     };
     let mut query = Vec::with_capacity(http.query.len());
     for (name, t) in &http.query {
-        match t.render(context)? {
+        match t.render(context, budget)? {
             Value::Null => {}
             Value::String(s) => query.push((name.clone(), s)),
             other => query.push((name.clone(), other.to_string())),
@@ -1186,14 +1194,14 @@ fn render_http(http: &HttpAction, context: &Val) -> Result<RenderedHttp, EvalErr
     }
     let mut headers = Vec::with_capacity(http.headers.len());
     for (name, t) in &http.headers {
-        match t.render(context)? {
+        match t.render(context, budget)? {
             Value::Null => {}
             Value::String(s) => headers.push((name.clone(), s)),
             other => headers.push((name.clone(), other.to_string())),
         }
     }
     let body = match &http.body {
-        Some(t) => Some(t.render(context)?),
+        Some(t) => Some(t.render(context, budget)?),
         None => None,
     };
     Ok(RenderedHttp {
@@ -1204,19 +1212,8 @@ fn render_http(http: &HttpAction, context: &Val) -> Result<RenderedHttp, EvalErr
     })
 }
 
-/// Runs jq off the async threads: a program can loop for a long time and
-/// must not stall other runs. The step timeout still applies around it.
-async fn eval_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, EvalError> + Send + 'static,
-) -> Result<T, EvalError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(EvalError {
-            message: format!("the expression could not be evaluated: {e}"),
-        }),
-    }
-}
-
+/// Evaluates a template on the expression threads (see [`crate::eval`]);
+/// a literal costs nothing.
 async fn eval_bounded(
     template: Template,
     context: Val,
@@ -1225,12 +1222,7 @@ async fn eval_bounded(
     if let Template::Literal(v) = &template {
         return Ok(v.clone());
     }
-    match tokio::time::timeout(timeout, eval_blocking(move || template.render(&context))).await {
-        Ok(r) => r,
-        Err(_) => Err(EvalError {
-            message: format!("the expression did not finish within {}", humanize(timeout)),
-        }),
-    }
+    crate::eval::evaluate(timeout, move |budget| template.render(&context, budget)).await
 }
 
 fn permanent_eval(e: EvalError) -> ActionError {

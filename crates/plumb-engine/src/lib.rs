@@ -12,6 +12,7 @@
 //! the command line.
 
 pub mod alerts;
+pub mod eval;
 pub mod events;
 mod exec;
 pub mod ops;
