@@ -893,6 +893,14 @@ impl<'a> Checker<'a> {
                 serve.lease = lease.0;
             }
         }
+        if let Some(n) = spec.max_crashes {
+            if n == 0 || n > 100 {
+                self.error_at_value(&path.key("max_crashes"), format!("`max_crashes` is {n}"))
+                    .help = Some("use 1 to 100; the default is 5".into());
+            } else {
+                serve.max_crashes = n;
+            }
+        }
         if let Some(url) = &spec.public_url {
             match Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") => {

@@ -41,6 +41,10 @@ pub const DEFAULT_BODY_LIMIT: u64 = 1024 * 1024;
 /// How long a lease lasts without a heartbeat, by default.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
+/// Executions of one run that may stop without ending it before the run
+/// fails as a poison run, by default.
+pub const DEFAULT_MAX_CRASHES: u32 = 5;
+
 /// A loaded, valid project.
 #[derive(Clone, Debug)]
 pub struct Project {
@@ -126,6 +130,9 @@ pub struct ServeConfig {
     pub lease: Duration,
     /// Base URL for links in alerts (no trailing `/`).
     pub public_url: Option<String>,
+    /// Executions of one run that may stop without ending it (crash, panic,
+    /// refused journal) before the run fails for good.
+    pub max_crashes: u32,
 }
 
 impl Default for ServeConfig {
@@ -135,6 +142,7 @@ impl Default for ServeConfig {
             body_limit: DEFAULT_BODY_LIMIT,
             lease: DEFAULT_LEASE,
             public_url: None,
+            max_crashes: DEFAULT_MAX_CRASHES,
         }
     }
 }

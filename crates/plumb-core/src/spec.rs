@@ -109,6 +109,9 @@ pub struct ServeSpec {
     pub lease: Option<Dur>,
     /// The URL people reach this server at, for links in alerts.
     pub public_url: Option<String>,
+    /// Executions of one run that may stop without ending it (a crash, a
+    /// panic, a journal the store refuses) before the run fails for good.
+    pub max_crashes: Option<u32>,
 }
 
 /// One alert channel: exactly one kind.

@@ -52,6 +52,12 @@ impl From<StoreError> for Halt {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::LeaseLost { .. } => Self::Stopped,
+            // The write itself is at fault (it would not read back), not
+            // the store: the step fails, and trying again cannot help.
+            StoreError::Rejected(message) => Self::Failed(Failure {
+                message,
+                ..Failure::default()
+            }),
             other => Self::Store(other),
         }
     }
@@ -750,7 +756,11 @@ impl<'e> Execution<'e> {
     }
 
     fn halt(&self, e: StoreError) -> Halt {
-        self.stop.cancel();
+        // A refused record fails its own step or item; everything else
+        // about the store stops every part of the run.
+        if !matches!(e, StoreError::Rejected(_)) {
+            self.stop.cancel();
+        }
         Halt::from(e)
     }
 

@@ -32,8 +32,8 @@ use plumb_connectors::http::{ClientError, HttpClient};
 use plumb_core::model::{Project, Workflow};
 use plumb_core::{SourceFile, load_workflow};
 use plumb_store::{
-    Claim, Failure, Lease, NewAlert, NewRun, Run, RunOutcome, RunStatus, StepRecord, Store,
-    StoreError, WorkflowVersion, now_ms,
+    Claim, Failure, Lease, NewAlert, NewRun, Release, Run, RunOutcome, RunStatus, StepRecord,
+    Store, StoreError, WorkflowVersion, now_ms,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -316,7 +316,7 @@ impl Engine {
     pub(crate) fn lease(&self) -> Lease {
         Lease {
             owner: self.owner.as_str().to_owned(),
-            expires_at: now_ms() + i64::try_from(self.lease.as_millis()).unwrap_or(30_000),
+            ttl_ms: i64::try_from(self.lease.as_millis()).unwrap_or(30_000),
         }
     }
 
@@ -404,8 +404,10 @@ impl Engine {
 
     /// Takes over an interrupted run so it can be resumed here.
     ///
-    /// A run whose holder is certainly dead (same host, process gone) is
-    /// taken at once; otherwise only once its lease has expired.
+    /// A run whose holder is certainly dead (see [`owner`]) is taken at
+    /// once. A lease that has run out by the wall clock is watched for half
+    /// its duration first: a live holder renews every third of it, so an
+    /// unchanged heartbeat proves it stopped (whatever the clocks say).
     ///
     /// # Errors
     ///
@@ -414,11 +416,29 @@ impl Engine {
     pub async fn claim(&self, run_id: &str) -> Result<Run, EngineError> {
         let lease = self.lease();
         let mut claim = self.store.claim_run(run_id, &lease, None).await?;
-        if let Claim::Busy { owner, .. } = &claim
-            && owner::is_certainly_dead(owner)
+        if let Claim::Busy {
+            owner,
+            heartbeat,
+            expires_at,
+            ttl_ms,
+        } = &claim
         {
-            tracing::info!(run_id, previous_owner = %owner, "Previous owner is gone; taking the run over.");
-            claim = self.store.claim_run(run_id, &lease, Some(owner)).await?;
+            if owner::is_certainly_dead(owner) {
+                tracing::info!(run_id, previous_owner = %owner, "Previous owner is gone; taking the run over.");
+                claim = self
+                    .store
+                    .claim_run(run_id, &lease, Some((owner, *heartbeat)))
+                    .await?;
+            } else if *expires_at < now_ms() {
+                let watch = Duration::from_millis(u64::try_from(*ttl_ms / 2).unwrap_or(15_000))
+                    .min(Duration::from_secs(30));
+                tracing::info!(run_id, previous_owner = %owner, "The lease ran out by the clock; watching it before taking the run over.");
+                tokio::time::sleep(watch).await;
+                claim = self
+                    .store
+                    .claim_run(run_id, &lease, Some((owner, *heartbeat)))
+                    .await?;
+            }
         }
         match claim {
             Claim::Claimed(run) => Ok(*run),
@@ -427,11 +447,52 @@ impl Engine {
                 run_id: run_id.to_owned(),
                 status,
             }),
-            Claim::Busy { owner, expires_at } => Err(EngineError::Busy {
+            Claim::Busy {
+                owner,
+                expires_at,
+                ttl_ms,
+                ..
+            } => Err(EngineError::Busy {
                 run_id: run_id.to_owned(),
                 owner,
-                seconds: ((expires_at - now_ms()) / 1000).max(0) + 1,
+                seconds: ((expires_at - now_ms()) / 1000).clamp(0, ttl_ms / 1000) + 1,
             }),
+        }
+    }
+
+    /// Why a claimed run cannot be executed at all, if it cannot: its
+    /// record does not read back, or its executions kept stopping without
+    /// ending it. Such a run is failed rather than tried again, so it can
+    /// never hold up other runs.
+    fn unrunnable(&self, run: &Run, project: &Project) -> Option<String> {
+        if let Some(why) = &run.unreadable {
+            return Some(format!("this run cannot be executed: {why}"));
+        }
+        let limit = project.config.serve.max_crashes;
+        let crashes = run.strikes.saturating_sub(1);
+        if crashes >= limit {
+            let last = run
+                .last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default();
+            return Some(format!(
+                "crashed its worker {crashes} times: each execution stopped without ending the run (the process crashed or was killed, or the store refused its journal), so it is failed rather than tried again (serve.max_crashes is {limit}){last}"
+            ));
+        }
+        None
+    }
+
+    /// Gives a run back after an execution that could not go on; it is
+    /// claimed again after a backoff that grows with its strikes.
+    async fn release_failed(&self, run_id: &str, owner: &str, strikes: u32, error: &str) {
+        let wait = i64::try_from(retry::crash_backoff(strikes).as_millis()).unwrap_or(60_000);
+        let how = Release::Failed {
+            error: self.redact(error),
+            not_before: now_ms() + wait,
+        };
+        if let Err(e) = self.store.release_run(run_id, owner, &how).await {
+            tracing::warn!(run_id, error = %e, "Could not release the run; its lease will run out.");
         }
     }
 
@@ -492,14 +553,28 @@ impl Engine {
             .unwrap_or_else(|| self.owner.as_str().to_owned());
         let run_id = run.id.clone();
         let workflow_name = run.workflow.clone();
+        let strikes = run.strikes;
         let project = self.project();
+        if let Some(message) = self.unrunnable(&run, &project) {
+            return self
+                .fail_unrunnable(&project, &run, &owner, message, observer, began)
+                .await;
+        }
         // A run claimed for the first time cannot have journal rows: writing
         // one needs a lease, and this is the first.
         let journal = if run.claims > 1 {
             match self.store.journal(&run.id).await {
                 Ok(j) => j,
+                Err(StoreError::Corrupt(why)) => {
+                    let message =
+                        format!("this run cannot be executed: its journal cannot be read ({why})");
+                    return self
+                        .fail_unrunnable(&project, &run, &owner, message, observer, began)
+                        .await;
+                }
                 Err(e) => {
-                    let _ = self.store.release_run(&run_id, &owner).await;
+                    self.release_failed(&run_id, &owner, strikes, &e.to_string())
+                        .await;
                     return Err(EngineError::Journal { run_id, source: e });
                 }
             }
@@ -515,7 +590,8 @@ impl Engine {
         let pinned = match self.pinned_workflow(&project, &run).await {
             Ok(p) => p,
             Err(EngineError::Store(e)) => {
-                let _ = self.store.release_run(&run_id, &owner).await;
+                self.release_failed(&run_id, &owner, strikes, &e.to_string())
+                    .await;
                 return Err(EngineError::Journal { run_id, source: e });
             }
             // A version that is not stored can never run: fail the run
@@ -525,36 +601,24 @@ impl Engine {
         let workflow = match pinned {
             Ok(w) => w,
             Err(message) => {
-                let failure = Failure {
-                    message,
-                    ..Failure::default()
-                };
-                let alerts = self.failure_alerts(&project, &run, None, &failure);
                 return self
-                    .end(
-                        &workflow_name,
-                        &run_id,
-                        &owner,
-                        RunOutcome::Failed(failure),
-                        None,
-                        &alerts,
-                        observer,
-                        began,
-                    )
+                    .fail_unrunnable(&project, &run, &owner, message, observer, began)
                     .await;
             }
         };
 
         let stop = cancel.child_token();
         let lease_lost = Arc::new(AtomicBool::new(false));
-        let heartbeat = tokio::spawn(heartbeat(
+        // Stops renewing the lease however this execution ends, unwinding
+        // from a panic included: a dead execution must not keep its run.
+        let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
             Arc::clone(&self.store),
             run_id.clone(),
             owner.clone(),
             self.lease,
             stop.clone(),
             Arc::clone(&lease_lost),
-        ));
+        )));
         let run_for_alerts = run.clone();
         let mut execution = exec::Execution::new(
             self,
@@ -567,7 +631,7 @@ impl Engine {
         );
         let result = execution.run_all().await;
         let last_outcome = execution.take_last_outcome();
-        heartbeat.abort();
+        drop(heartbeat);
         drop(execution);
 
         match result {
@@ -576,6 +640,7 @@ impl Engine {
                     &workflow_name,
                     &run_id,
                     &owner,
+                    strikes,
                     RunOutcome::Succeeded,
                     last_outcome.as_ref(),
                     &[],
@@ -591,6 +656,7 @@ impl Engine {
                     &workflow_name,
                     &run_id,
                     &owner,
+                    strikes,
                     RunOutcome::Failed(failure),
                     None,
                     &alerts,
@@ -603,7 +669,13 @@ impl Engine {
                 let reason = if lease_lost.load(Ordering::SeqCst) || !cancel.is_cancelled() {
                     "another process took over this run (this process lost its lease)".to_owned()
                 } else {
-                    if let Err(e) = self.store.release_run(&run_id, &owner).await {
+                    // Interrupted on purpose: the run is resumable at once
+                    // and this execution is not held against it.
+                    if let Err(e) = self
+                        .store
+                        .release_run(&run_id, &owner, &Release::Clean)
+                        .await
+                    {
                         tracing::warn!(run_id, error = %e, "Could not release the run's lease; it will expire.");
                     }
                     "interrupted".to_owned()
@@ -615,12 +687,44 @@ impl Engine {
                 Ok(RunEnd::Interrupted { reason })
             }
             Err(exec::Halt::Store(source)) => {
-                // Leave the run resumable; the lease runs out on its own if
-                // the store cannot even take the release.
-                let _ = self.store.release_run(&run_id, &owner).await;
+                // Leave the run resumable after a backoff; the lease runs
+                // out on its own if the store cannot even take the release.
+                self.release_failed(&run_id, &owner, strikes, &source.to_string())
+                    .await;
                 Err(EngineError::Journal { run_id, source })
             }
         }
+    }
+
+    /// Fails a run that cannot be executed (see [`Engine::unrunnable`]):
+    /// terminal, a dead letter, alerted.
+    async fn fail_unrunnable(
+        &self,
+        project: &Project,
+        run: &Run,
+        owner: &str,
+        message: String,
+        observer: &dyn Observer,
+        began: Instant,
+    ) -> Result<RunEnd, EngineError> {
+        tracing::error!(run_id = %run.id, workflow = %run.workflow, error = %message, "The run cannot be executed; failing it.");
+        let failure = Failure {
+            message,
+            ..Failure::default()
+        };
+        let alerts = self.failure_alerts(project, run, None, &failure);
+        self.end(
+            &run.workflow,
+            &run.id,
+            owner,
+            run.strikes,
+            RunOutcome::Failed(failure),
+            None,
+            &alerts,
+            observer,
+            began,
+        )
+        .await
     }
 
     /// The alerts a terminal failure sends, one per channel of the
@@ -672,6 +776,7 @@ impl Engine {
         workflow: &str,
         run_id: &str,
         owner: &str,
+        strikes: u32,
         outcome: RunOutcome,
         last_step: Option<&StepRecord>,
         alerts: &[NewAlert],
@@ -714,7 +819,8 @@ impl Engine {
             Err(source) => {
                 // Leave the run for the next claim (its last step's effect
                 // carries the same key if it is sent again).
-                let _ = self.store.release_run(run_id, owner).await;
+                self.release_failed(run_id, owner, strikes, &source.to_string())
+                    .await;
                 return Err(EngineError::Journal {
                     run_id: run_id.to_owned(),
                     source,
@@ -748,8 +854,19 @@ impl Engine {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Renews the lease every third of its duration; if the lease is gone, stops
-/// the run so two processes never work on it at once.
+/// the run so two processes never work on it at once. Time is this
+/// process's monotonic clock: when renewals have failed for a whole lease
+/// duration, watchers may have expired the lease, so the run stops too.
 async fn heartbeat(
     store: Arc<dyn Store>,
     run_id: String,
@@ -759,27 +876,43 @@ async fn heartbeat(
     lost: Arc<AtomicBool>,
 ) {
     let every = duration / 3;
+    let lease = Lease {
+        owner,
+        ttl_ms: i64::try_from(duration.as_millis()).unwrap_or(30_000),
+    };
+    let mut renewed = Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let lease = Lease {
-            owner: owner.clone(),
-            expires_at: now_ms() + i64::try_from(duration.as_millis()).unwrap_or(30_000),
-        };
-        match store.renew_lease(&run_id, &lease).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let answer = tokio::time::timeout(every, store.renew_lease(&run_id, &lease)).await;
+        match answer {
+            Ok(Ok(true)) => renewed = Instant::now(),
+            Ok(Ok(false)) => {
                 tracing::warn!(run_id, "Lease lost; stopping work on this run.");
                 lost.store(true, Ordering::SeqCst);
                 stop.cancel();
                 return;
             }
-            Err(e) => {
-                // Keep going: the store may recover before the lease expires,
-                // and journal writes are fenced anyway.
-                tracing::warn!(run_id, error = %e, "Could not renew the lease.");
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the store did not answer in time".to_owned(),
+                };
+                if renewed.elapsed() >= duration {
+                    tracing::warn!(
+                        run_id,
+                        error,
+                        "The lease could not be renewed for a whole lease duration; stopping work on this run."
+                    );
+                    lost.store(true, Ordering::SeqCst);
+                    stop.cancel();
+                    return;
+                }
+                // Keep going: the store may recover before the lease
+                // expires, and journal writes are fenced anyway.
+                tracing::warn!(run_id, error, "Could not renew the lease.");
             }
         }
     }

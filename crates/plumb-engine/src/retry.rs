@@ -35,9 +35,25 @@ pub fn delay_after(policy: &RetryPolicy, failed_attempt: u32) -> Duration {
     delay.unwrap_or(policy.max).min(policy.max)
 }
 
+/// How long a run waits before it is claimed again after an execution
+/// stopped without ending it (`strikes` such executions so far): 1 s, 2 s,
+/// 4 s … up to a minute, so a run that crashes its worker does not take the
+/// worker down again at once.
+#[must_use]
+pub fn crash_backoff(strikes: u32) -> Duration {
+    let doublings = strikes.saturating_sub(1).min(6);
+    Duration::from_secs(1u64 << doublings).min(Duration::from_secs(60))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crash_backoff_doubles_up_to_a_minute() {
+        let waits: Vec<u64> = (0..10).map(|s| crash_backoff(s).as_secs()).collect();
+        assert_eq!(waits, vec![1, 1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
 
     fn policy(backoff: Backoff, jitter: bool) -> RetryPolicy {
         RetryPolicy {

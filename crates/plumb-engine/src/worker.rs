@@ -6,25 +6,41 @@
 //! one permit of a semaphore sized by `serve.workers`.
 //!
 //! Runs whose lease holder died are taken over: at once when the holder is
-//! certainly dead (same host, process gone — a whole-process crash, then a
-//! restart), otherwise when the lease expires (the claim query does that).
+//! certainly dead (see [`crate::owner`]: a whole-process crash, then a
+//! restart), otherwise once this process has watched the lease go
+//! unrenewed for a whole lease duration on its own monotonic clock. Wall
+//! clocks of different processes are never compared, so a clock step
+//! frees no live lease.
+//!
+//! An execution that panics is caught here: its run is released with the
+//! panic as its last error, counted as a strike and retried after a
+//! backoff, so a run that keeps crashing fails on its own (see
+//! `serve.max_crashes`) instead of holding a worker or its lease.
 
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use plumb_store::{Release, now_ms};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Observer;
+use crate::retry::crash_backoff;
 use crate::{Engine, RunEnd, owner};
 
 /// How often idle claim loops look for work another process queued, or a
 /// lease that expired.
 const POLL: Duration = Duration::from_millis(500);
 
-/// How often leases held by dead processes are looked for.
-const SWEEP: Duration = Duration::from_secs(5);
+/// How often leases are watched: often enough that an unrenewed lease is
+/// expired soon after it runs out, at most every five seconds.
+fn watch_interval(lease: Duration) -> Duration {
+    (lease / 4).clamp(Duration::from_millis(250), Duration::from_secs(5))
+}
 
 /// Runs workers until `shutdown` fires, then stops claiming, interrupts
 /// running executions (they release their leases, so the runs resume at
@@ -40,7 +56,7 @@ pub async fn run_workers(
     let claimers = workers.clamp(1, 8);
     let mut loops = JoinSet::new();
     let executions = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
-    loops.spawn(sweep_dead_owners(Arc::clone(&engine), shutdown.clone()));
+    loops.spawn(watch_leases(Arc::clone(&engine), shutdown.clone()));
     for _ in 0..claimers {
         loops.spawn(claim_loop(
             Arc::clone(&engine),
@@ -83,15 +99,37 @@ async fn claim_loop(
                 let mut set = executions.lock().await;
                 // Reap finished executions so the set does not grow.
                 while set.try_join_next().is_some() {}
+                let token = run.lease_owner.clone();
+                let strikes = run.strikes;
                 set.spawn(async move {
                     let _permit = permit;
-                    match engine.execute(run, observer.as_ref(), stop).await {
-                        Ok(RunEnd::Finished { .. }) => {}
-                        Ok(RunEnd::Interrupted { reason }) => {
+                    let executed = AssertUnwindSafe(engine.execute(run, observer.as_ref(), stop))
+                        .catch_unwind()
+                        .await;
+                    match executed {
+                        Ok(Ok(RunEnd::Finished { .. })) => {}
+                        Ok(Ok(RunEnd::Interrupted { reason })) => {
                             tracing::info!(run_id, reason, "Run interrupted; it will be resumed.");
                         }
-                        Err(e) => {
-                            tracing::error!(run_id, error = %e, "Run stopped by a store error; it will be resumed.");
+                        Ok(Err(e)) => {
+                            tracing::error!(run_id, error = %e, "Run stopped by a store error; it will be resumed after a backoff.");
+                        }
+                        Err(panic) => {
+                            let message = panic_message(panic.as_ref());
+                            tracing::error!(run_id, error = %message, "The run's execution panicked; it will be retried after a backoff.");
+                            if let Some(token) = token {
+                                let wait = i64::try_from(crash_backoff(strikes).as_millis())
+                                    .unwrap_or(60_000);
+                                let how = Release::Failed {
+                                    error: format!("the execution panicked: {message}"),
+                                    not_before: now_ms() + wait,
+                                };
+                                if let Err(e) =
+                                    engine.store.release_run(&run_id, &token, &how).await
+                                {
+                                    tracing::warn!(run_id, error = %e, "Could not release the run; its lease will run out.");
+                                }
+                            }
                         }
                     }
                 });
@@ -116,28 +154,90 @@ async fn claim_loop(
     }
 }
 
-/// Releases runs whose holder is certainly dead, so they are claimed at
-/// once instead of after their lease expires.
-async fn sweep_dead_owners(engine: Arc<Engine>, shutdown: CancellationToken) {
+/// What a panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// A lease as last seen, and when (this process's monotonic clock) it was
+/// first seen so.
+struct Sighting {
+    holder: String,
+    heartbeat: i64,
+    since: Instant,
+}
+
+/// Watches every lease held by another process and expires the ones whose
+/// holder is certainly dead, or that went unrenewed for a whole lease
+/// duration. An expired run is claimed again after a backoff that grows
+/// with its strikes.
+async fn watch_leases(engine: Arc<Engine>, shutdown: CancellationToken) {
+    let every = watch_interval(engine.lease_duration());
+    let mut sightings: HashMap<String, Sighting> = HashMap::new();
     loop {
         match engine.store.leased_runs().await {
             Ok(leased) => {
-                for (run_id, holder) in leased {
-                    // Holders are claim tokens, `<owner>#<claim>`.
-                    let process = holder.split('#').next().unwrap_or_default();
-                    if process != engine.owner.as_str() && owner::is_certainly_dead(&holder) {
-                        tracing::info!(run_id, previous_owner = %holder, "Its process is gone; releasing the run for resumption.");
-                        if let Err(e) = engine.store.release_run(&run_id, &holder).await {
-                            tracing::warn!(run_id, error = %e, "Could not release the run.");
+                let now = Instant::now();
+                let mut current = HashSet::new();
+                for lease in leased {
+                    if engine.owner.holds(&lease.holder) {
+                        continue;
+                    }
+                    current.insert(lease.id.clone());
+                    let reason = if owner::is_certainly_dead(&lease.holder) {
+                        Some("the process running it is gone (it crashed or was killed)".to_owned())
+                    } else {
+                        let seen = sightings.entry(lease.id.clone()).or_insert(Sighting {
+                            holder: lease.holder.clone(),
+                            heartbeat: lease.heartbeat,
+                            since: now,
+                        });
+                        let ttl = Duration::from_millis(u64::try_from(lease.ttl_ms).unwrap_or(0));
+                        if seen.holder != lease.holder || seen.heartbeat != lease.heartbeat {
+                            *seen = Sighting {
+                                holder: lease.holder.clone(),
+                                heartbeat: lease.heartbeat,
+                                since: now,
+                            };
+                            None
+                        } else if now.duration_since(seen.since) >= ttl {
+                            Some(format!(
+                                "the process running it stopped renewing its lease for {} (it stalled, lost the store, or stopped on another host)",
+                                crate::exec::humanize(ttl)
+                            ))
+                        } else {
+                            None
+                        }
+                    };
+                    let Some(reason) = reason else { continue };
+                    sightings.remove(&lease.id);
+                    let wait =
+                        i64::try_from(crash_backoff(lease.strikes).as_millis()).unwrap_or(60_000);
+                    match engine
+                        .store
+                        .expire_lease(&lease, &reason, now_ms() + wait)
+                        .await
+                    {
+                        Ok(true) => {
+                            tracing::info!(run_id = %lease.id, previous_owner = %lease.holder, reason, "Lease expired; the run will be resumed.");
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(run_id = %lease.id, error = %e, "Could not expire the lease.");
                         }
                     }
                 }
+                sightings.retain(|id, _| current.contains(id));
             }
             Err(e) => tracing::warn!(error = %e, "Could not list leased runs."),
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(SWEEP) => {}
+            () = tokio::time::sleep(every) => {}
         }
     }
 }

@@ -25,9 +25,11 @@ use serde::Serialize;
 use serde_json::Value;
 
 pub mod audit;
+pub mod lease;
 pub mod sqlite;
 
 pub use audit::{AuditEntry, AuditProblem, NewAuditEntry};
+pub use lease::{ClaimToken, OwnerId};
 pub use sqlite::{SqliteStore, Synchronous};
 
 /// Unix time in milliseconds.
@@ -69,6 +71,10 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("the store holds an unreadable record: {0}")]
     Corrupt(String),
+    /// One write was refused because what it would store breaks a limit
+    /// (it would not read back). Retrying the same write cannot succeed.
+    #[error("the store refused the write: {0}")]
+    Rejected(String),
     /// Anything else the database reported.
     #[error("store error: {0}")]
     Other(String),
@@ -235,18 +241,57 @@ pub struct NewRun {
 
 /// A lease on a run.
 ///
-/// When a run is claimed the store records `<owner>#<claim number>` as its
-/// holder, and the claimed [`Run`]'s `lease_owner` is that token: every
-/// fenced write of that execution uses it. Two executions of one run — even
-/// in the same process, after a heartbeat gap let the lease expire — hold
+/// When a run is claimed the store records a [`ClaimToken`] (the owner id
+/// and the claim's number) as its holder, and the claimed [`Run`]'s
+/// `lease_owner` is that token: every fenced write of that execution uses
+/// it. Two executions of one run — even in the same process — hold
 /// different tokens, so the older one is fenced off.
+///
+/// A lease ends only when its holder ends or releases the run, or when a
+/// process that watched the lease saw it go unrenewed for `ttl_ms` on its
+/// own monotonic clock and expired it ([`Store::expire_lease`]). Wall
+/// clocks of different processes are never compared: a clock step cannot
+/// free a live lease. `lease_expires_at` is kept for people to read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     /// Who holds it: the process's owner id when claiming, the claim's
     /// token (`lease_owner` of the claimed run) when renewing.
     pub owner: String,
-    /// Until when.
-    pub expires_at: Millis,
+    /// How long the lease lasts without a heartbeat, in milliseconds.
+    pub ttl_ms: i64,
+}
+
+/// A run under lease, as a watcher sees it: its holder and how many times
+/// the lease was taken or renewed so far. A watcher that sees the same
+/// `heartbeat` for `ttl_ms` knows the holder stopped renewing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeasedRun {
+    /// The run.
+    pub id: String,
+    /// The holder's claim token.
+    pub holder: String,
+    /// Bumped by every claim and renewal.
+    pub heartbeat: i64,
+    /// The holder's lease duration.
+    pub ttl_ms: i64,
+    /// Claims of the run that did not end cleanly, this one included.
+    pub strikes: u32,
+}
+
+/// How an execution gives a run back without ending it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// It was interrupted on purpose (shutdown, Ctrl-C): the claim does not
+    /// count as a strike, and the run may be claimed again at once.
+    Clean,
+    /// It could not go on (the store refused its journal, it panicked): the
+    /// strike stays, and the run waits until `not_before`.
+    Failed {
+        /// Why, kept with the run and shown if it becomes a poison run.
+        error: String,
+        /// Earliest time the run may be claimed again.
+        not_before: Millis,
+    },
 }
 
 /// Why a run failed.
@@ -279,6 +324,16 @@ pub struct Run {
     pub status: RunStatus,
     /// How many times a process has claimed it (1 + resumes).
     pub claims: u32,
+    /// Claims that did not end cleanly, the current one included: the
+    /// executions that crashed, panicked or could not write their journal.
+    pub strikes: u32,
+    /// Why the last execution stopped without ending the run, if known.
+    pub last_error: Option<String>,
+    /// Earliest time the run may be claimed again (backoff after a strike).
+    pub not_before: Option<Millis>,
+    /// Why part of this run's record cannot be read, if it cannot: such a
+    /// run is failed as soon as it is claimed.
+    pub unreadable: Option<String>,
     /// How many times it was replayed from the dead-letter list.
     pub replays: u32,
     /// Created.
@@ -366,12 +421,16 @@ pub enum RunOutcome {
 pub enum Claim {
     /// The caller now holds the lease; the run as it is now.
     Claimed(Box<Run>),
-    /// Another process holds a live lease.
+    /// Another process holds the lease.
     Busy {
-        /// Who holds it.
+        /// Who holds it (a claim token).
         owner: String,
-        /// Until when.
+        /// Until when, by the holder's clock.
         expires_at: Millis,
+        /// The lease's heartbeat count (see [`LeasedRun`]).
+        heartbeat: i64,
+        /// The holder's lease duration.
+        ttl_ms: i64,
     },
     /// The run has already ended.
     Ended(RunStatus),
@@ -686,22 +745,24 @@ pub trait Store: Send + Sync + 'static {
     /// Runs, newest first.
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
 
-    /// Takes the lease of a queued or running run if nobody holds a live one,
-    /// or if the holder is exactly `steal_from` (the caller has established
-    /// that this holder is dead).
+    /// Takes the lease of a queued or running run if nobody holds it, or if
+    /// the holder and heartbeat are exactly `steal_from` (the caller has
+    /// established that this holder is dead, or stopped renewing). An
+    /// explicit claim ignores the run's backoff (`not_before`).
     async fn claim_run(
         &self,
         id: &str,
         lease: &Lease,
-        steal_from: Option<&str>,
+        steal_from: Option<(&str, i64)>,
     ) -> Result<Claim, StoreError>;
 
     /// Extends the caller's lease. `false` when the caller no longer holds it.
     async fn renew_lease(&self, id: &str, lease: &Lease) -> Result<bool, StoreError>;
 
     /// Gives up the lease without ending the run, so another process can
-    /// resume it at once.
-    async fn release_run(&self, id: &str, owner: &str) -> Result<(), StoreError>;
+    /// resume it (at once after a clean release, after its backoff
+    /// otherwise).
+    async fn release_run(&self, id: &str, owner: &str, how: &Release) -> Result<(), StoreError>;
 
     /// The run's journal.
     async fn journal(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError>;
@@ -732,14 +793,24 @@ pub trait Store: Send + Sync + 'static {
         alerts: &[NewAlert],
     ) -> Result<(), StoreError>;
 
-    /// Takes the oldest claimable run: queued, or running with no live lease
-    /// (its process stopped or died), and whose workflow is under its
-    /// concurrency limit.
+    /// Takes the oldest claimable run: running with no lease (released or
+    /// expired) and past its backoff, else queued; and whose workflow is
+    /// under its concurrency limit.
     async fn claim_next(&self, lease: &Lease) -> Result<Option<Run>, StoreError>;
 
-    /// Runs that are `running` under a lease, with their holders: the
-    /// caller checks which holders are dead and releases their runs.
-    async fn leased_runs(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Runs that are `running` under a lease, with their holders and
+    /// heartbeats: watchers find the holders that died or stopped renewing.
+    async fn leased_runs(&self) -> Result<Vec<LeasedRun>, StoreError>;
+
+    /// Ends a lease whose holder is dead or stopped renewing, if the run is
+    /// still exactly as `seen` (same holder, same heartbeat): the run can
+    /// then be claimed from `not_before` on. `false` if it changed.
+    async fn expire_lease(
+        &self,
+        seen: &LeasedRun,
+        reason: &str,
+        not_before: Millis,
+    ) -> Result<bool, StoreError>;
 
     /// Cancels a queued or running run. A worker executing it stops at its
     /// next journal write or heartbeat. Audited as `actor`.

@@ -42,9 +42,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     Alert, AlertAttempt, AlertStatus, ApiToken, AttemptFailure, AuditEntry, CancelResult, Claim,
-    Deployed, Failure, Lease, Millis, NewAlert, NewAuditEntry, NewRun, ReplayResult, Role, Run,
-    RunFilter, RunOutcome, RunStatus, SealedSecret, SecretMeta, SecretWrite, SecretWriteResult,
-    StepRecord, StepStatus, Store, StoreError, WorkflowStats, WorkflowVersion, now_ms,
+    ClaimToken, Deployed, Failure, Lease, LeasedRun, Millis, NewAlert, NewAuditEntry, NewRun,
+    Release, ReplayResult, Role, Run, RunFilter, RunOutcome, RunStatus, SealedSecret, SecretMeta,
+    SecretWrite, SecretWriteResult, StepRecord, StepStatus, Store, StoreError, WorkflowStats,
+    WorkflowVersion, now_ms,
 };
 
 /// How hard SQLite works to make each commit durable.
@@ -129,7 +130,7 @@ enum Op {
     Claim {
         id: String,
         lease: Lease,
-        steal_from: Option<String>,
+        steal_from: Option<(String, i64)>,
     },
     ClaimNext(Lease),
     Renew {
@@ -139,6 +140,12 @@ enum Op {
     Release {
         id: String,
         owner: String,
+        how: Release,
+    },
+    Expire {
+        seen: LeasedRun,
+        reason: String,
+        not_before: Millis,
     },
     RecordStep {
         owner: String,
@@ -235,10 +242,18 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0003_health.sql"),
     include_str!("../migrations/sqlite/0004_queue_index.sql"),
     include_str!("../migrations/sqlite/0005_secrets_tokens_audit.sql"),
+    include_str!("../migrations/sqlite/0006_strikes_and_heartbeats.sql"),
 ];
 
+/// Applies the pending migrations in one transaction that takes the write
+/// lock *before* reading the schema version: processes starting at once on
+/// a new file wait for each other, and the first one migrates while the
+/// others find nothing left to do.
 fn migrate(conn: &mut Connection) -> Result<(), String> {
-    let current: i64 = conn
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| format!("taking the store's write lock: {e}"))?;
+    let current: i64 = tx
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| e.to_string())?;
     let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
@@ -247,26 +262,21 @@ fn migrate(conn: &mut Connection) -> Result<(), String> {
             "the store has schema version {current}, newer than this plumb knows ({known}); upgrade plumb"
         ));
     }
+    if current == known {
+        return Ok(());
+    }
     for (i, script) in MIGRATIONS
         .iter()
         .enumerate()
         .skip(usize::try_from(current).unwrap_or(0))
     {
         let version = i + 1;
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| e.to_string())?;
         tx.execute_batch(script)
             .map_err(|e| format!("applying schema version {version}: {e}"))?;
-        tx.pragma_update(
-            None,
-            "user_version",
-            i64::try_from(version).unwrap_or(i64::MAX),
-        )
-        .map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| e.to_string())?;
     }
-    Ok(())
+    tx.pragma_update(None, "user_version", known)
+        .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
 }
 
 impl SqliteStore {
@@ -478,6 +488,7 @@ fn clone_err(e: &StoreError) -> StoreError {
             run_id: run_id.clone(),
         },
         StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+        StoreError::Rejected(m) => StoreError::Rejected(m.clone()),
         StoreError::Other(m) => StoreError::Other(m.clone()),
     }
 }
@@ -504,15 +515,59 @@ fn map_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn to_json_text(v: &Value) -> String {
-    v.to_string()
+/// Deepest nesting the store writes. serde_json reads back at most 127
+/// levels; what enters plumb is held to [`plumb_core::limits::MAX_DEPTH`]
+/// (64), plus the few levels plumb wraps around it. This is the last line
+/// of defence: a record that would not read back is refused, not stored.
+const MAX_STORED_DEPTH: usize = 120;
+
+/// Largest JSON text stored in one column (SQLite refuses rows over 1 GB;
+/// what enters plumb is held to far less).
+const MAX_STORED_BYTES: usize = 256 * 1024 * 1024;
+
+/// A JSON value as stored, once it is known to read back.
+fn to_json_text(v: &Value, what: &str) -> Result<String, StoreError> {
+    let m = plumb_core::limits::measure(v, MAX_STORED_DEPTH, MAX_STORED_BYTES);
+    if m.depth > MAX_STORED_DEPTH {
+        return Err(StoreError::Rejected(format!(
+            "{what} nests more than {MAX_STORED_DEPTH} levels deep and would not read back"
+        )));
+    }
+    let text = v.to_string();
+    if text.len() > MAX_STORED_BYTES {
+        return Err(StoreError::Rejected(format!(
+            "{what} is larger than {} as JSON",
+            plumb_core::limits::human_bytes(MAX_STORED_BYTES)
+        )));
+    }
+    Ok(text)
+}
+
+fn opt_json_text(v: Option<&Value>, what: &str) -> Result<Option<String>, StoreError> {
+    v.map(|v| to_json_text(v, what)).transpose()
+}
+
+/// A JSON column that does not decode names the column and why.
+#[derive(Debug, thiserror::Error)]
+#[error("column `{column}` holds JSON that cannot be read: {error}")]
+struct BadJson {
+    column: String,
+    error: serde_json::Error,
 }
 
 fn json_col(row: &Row<'_>, col: &str) -> rusqlite::Result<Option<Value>> {
     let text: Option<String> = row.get(col)?;
     text.map(|t| {
-        serde_json::from_str(&t)
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e)))
+        serde_json::from_str(&t).map_err(|error| {
+            rusqlite::Error::FromSqlConversionFailure(
+                0,
+                Type::Text,
+                Box::new(BadJson {
+                    column: col.to_owned(),
+                    error,
+                }),
+            )
+        })
     })
     .transpose()
 }
@@ -540,13 +595,26 @@ fn parse_col<T>(r: Result<T, StoreError>) -> rusqlite::Result<T> {
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let status = parse_col(RunStatus::parse(&row.get::<_, String>("status")?))?;
     let error: Option<String> = row.get("error")?;
+    // A trigger document that does not decode must not stop a claim or a
+    // listing: the run is returned with the reason, and fails on its own.
+    let (trigger, unreadable) = match json_col(row, "trigger_payload") {
+        Ok(t) => (t.unwrap_or(Value::Null), None),
+        Err(e) => (
+            Value::Null,
+            Some(format!("its trigger document cannot be read ({e})")),
+        ),
+    };
     Ok(Run {
         id: row.get("id")?,
         workflow: row.get("workflow")?,
         version: row.get("version")?,
-        trigger: json_col(row, "trigger_payload")?.unwrap_or(Value::Null),
+        trigger,
         status,
         claims: opt_u32(row.get("claims")?).unwrap_or(0),
+        strikes: opt_u32(row.get("strikes")?).unwrap_or(0),
+        last_error: row.get("last_error")?,
+        not_before: row.get("not_before")?,
+        unreadable,
         replays: opt_u32(row.get("replays")?).unwrap_or(0),
         created_at: row.get("created_at")?,
         started_at: row.get("started_at")?,
@@ -599,9 +667,9 @@ fn alert_from_row(row: &Row<'_>) -> rusqlite::Result<Alert> {
     })
 }
 
-const RUN_COLUMNS: &str = "id, workflow, version, trigger_payload, status, claims, replays, \
-    created_at, started_at, finished_at, updated_at, error, failed_step, failed_item, \
-    failed_attempt, failed_status_code, lease_owner, lease_expires_at";
+const RUN_COLUMNS: &str = "id, workflow, version, trigger_payload, status, claims, strikes, \
+    last_error, not_before, replays, created_at, started_at, finished_at, updated_at, error, \
+    failed_step, failed_item, failed_attempt, failed_status_code, lease_owner, lease_expires_at";
 
 const ALERT_COLUMNS: &str = "id, run_id, workflow, channel, payload, status, attempts, \
     next_attempt_at, last_error, created_at, delivered_at";
@@ -628,25 +696,72 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
             id,
             lease,
             steal_from,
-        } => claim(tx, id, lease, steal_from.as_deref()).map(Done::Claim),
+        } => claim(
+            tx,
+            id,
+            lease,
+            steal_from.as_ref().map(|(h, b)| (h.as_str(), *b)),
+        )
+        .map(Done::Claim),
         Op::ClaimNext(lease) => claim_next(tx, lease).map(Done::MaybeRun),
         Op::Renew { id, lease } => tx
             .prepare_cached(
-                "UPDATE runs SET lease_expires_at = ?3 \
+                "UPDATE runs SET lease_expires_at = ?3, lease_ms = ?4, heartbeat = heartbeat + 1 \
                  WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'",
             )
-            .and_then(|mut st| st.execute(params![id, lease.owner, lease.expires_at]))
+            .and_then(|mut st| {
+                st.execute(params![
+                    id,
+                    lease.owner,
+                    now_ms().saturating_add(lease.ttl_ms),
+                    lease.ttl_ms
+                ])
+            })
             .map(Done::Rows)
             .map_err(map_err),
-        Op::Release { id, owner } => {
-            tx.prepare_cached(
-                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, updated_at = ?3 \
-                 WHERE id = ?1 AND lease_owner = ?2",
-            )
-            .and_then(|mut st| st.execute(params![id, owner, now_ms()]))
+        Op::Release { id, owner, how } => {
+            match how {
+                // A clean release takes this claim's strike back.
+                Release::Clean => tx
+                    .prepare_cached(
+                        "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, \
+                         updated_at = ?3, strikes = max(strikes - 1, 0), not_before = NULL \
+                         WHERE id = ?1 AND lease_owner = ?2",
+                    )
+                    .and_then(|mut st| st.execute(params![id, owner, now_ms()])),
+                Release::Failed { error, not_before } => tx
+                    .prepare_cached(
+                        "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, \
+                         updated_at = ?3, last_error = ?4, not_before = ?5 \
+                         WHERE id = ?1 AND lease_owner = ?2",
+                    )
+                    .and_then(|mut st| st.execute(params![id, owner, now_ms(), error, not_before])),
+            }
             .map_err(map_err)?;
             Ok(Done::Unit)
         }
+        Op::Expire {
+            seen,
+            reason,
+            not_before,
+        } => tx
+            .prepare_cached(
+                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4, \
+                 last_error = ?5, not_before = ?6 \
+                 WHERE id = ?1 AND lease_owner = ?2 AND heartbeat = ?3 AND status = 'running'",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    seen.id,
+                    seen.holder,
+                    seen.heartbeat,
+                    now_ms(),
+                    reason,
+                    not_before
+                ])
+            })
+            .map(Done::Rows)
+            .map_err(map_err),
         Op::RecordStep { owner, record } => record_step(tx, owner, record),
         Op::RecordAttempt { owner, failure: f } => {
             let rows = tx
@@ -852,6 +967,9 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
 }
 
 fn record_step(tx: &Transaction<'_>, owner: &str, r: &StepRecord) -> Result<Done, StoreError> {
+    let what = format!("the journal row of step `{}`", r.step_id);
+    let state = opt_json_text(r.state.as_ref(), &what)?;
+    let output = opt_json_text(r.output.as_ref(), &what)?;
     let rows = tx
         .prepare_cached(
             "INSERT INTO steps (run_id, step_id, item, status, attempt, state, output, error, \
@@ -871,8 +989,8 @@ fn record_step(tx: &Transaction<'_>, owner: &str, r: &StepRecord) -> Result<Done
                 item_to_db(r.item),
                 r.status.as_str(),
                 i64::from(r.attempt),
-                r.state.as_ref().map(to_json_text),
-                r.output.as_ref().map(to_json_text),
+                state,
+                output,
                 r.error,
                 r.status_code.map(i64::from),
                 r.started_at,
@@ -1164,33 +1282,38 @@ fn fenced(rows: usize, run_id: &str) -> Result<Done, StoreError> {
 
 fn insert_run(tx: &Transaction<'_>, run: &NewRun) -> Result<(), StoreError> {
     let now = now_ms();
-    let (status, owner, expires, started, claims) = match &run.lease {
+    let trigger = to_json_text(&run.trigger, "the trigger document")?;
+    // A run created leased (a foreground `plumb run`) is claim number 1.
+    let (status, owner, expires, ttl, started, claims) = match &run.lease {
         Some(l) => (
             RunStatus::Running,
-            Some(format!("{}#1", l.owner)),
-            Some(l.expires_at),
+            Some(ClaimToken::new(&l.owner, 1).to_string()),
+            Some(now.saturating_add(l.ttl_ms)),
+            Some(l.ttl_ms),
             Some(now),
             1_i64,
         ),
-        None => (RunStatus::Queued, None, None, None, 0),
+        None => (RunStatus::Queued, None, None, None, None, 0),
     };
     tx.prepare_cached(
-        "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, created_at, \
-         started_at, updated_at, lease_owner, lease_expires_at, max_concurrency) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?7, ?9, ?10, ?11)",
+        "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, strikes, \
+         heartbeat, created_at, started_at, updated_at, lease_owner, lease_expires_at, lease_ms, \
+         max_concurrency) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?7, ?9, ?10, ?11, ?12)",
     )
     .and_then(|mut st| {
         st.execute(params![
             run.id,
             run.workflow,
             run.version,
-            to_json_text(&run.trigger),
+            trigger,
             status.as_str(),
             claims,
             now,
             started,
             owner,
             expires,
+            ttl,
             run.max_concurrency.map(i64::from),
         ])
     })
@@ -1208,72 +1331,121 @@ fn claim(
     tx: &Transaction<'_>,
     id: &str,
     lease: &Lease,
-    steal_from: Option<&str>,
+    steal_from: Option<(&str, i64)>,
 ) -> Result<Claim, StoreError> {
-    let claimed = tx
-        .prepare_cached(&format!(
-            "UPDATE runs SET status = 'running', claims = claims + 1, \
-             started_at = COALESCE(started_at, ?2), updated_at = ?2, \
-             lease_owner = ?3 || '#' || (claims + 1), lease_expires_at = ?4 \
-             WHERE id = ?1 AND status IN ('queued', 'running') \
-             AND (lease_owner IS NULL OR lease_expires_at < ?2 OR lease_owner = ?5) \
-             RETURNING {RUN_COLUMNS}"
-        ))
+    /// The lease columns of the run being claimed.
+    struct Current {
+        status: String,
+        claims: i64,
+        holder: Option<String>,
+        heartbeat: i64,
+        expires_at: Option<i64>,
+        ttl_ms: Option<i64>,
+    }
+    let current: Option<Current> = tx
+        .prepare_cached(
+            "SELECT status, claims, lease_owner, heartbeat, lease_expires_at, lease_ms \
+             FROM runs WHERE id = ?1",
+        )
         .and_then(|mut st| {
-            st.query_row(
-                params![id, now_ms(), lease.owner, lease.expires_at, steal_from],
-                run_from_row,
-            )
+            st.query_row(params![id], |r| {
+                Ok(Current {
+                    status: r.get(0)?,
+                    claims: r.get(1)?,
+                    holder: r.get(2)?,
+                    heartbeat: r.get(3)?,
+                    expires_at: r.get(4)?,
+                    ttl_ms: r.get(5)?,
+                })
+            })
             .optional()
         })
         .map_err(map_err)?;
-    if let Some(run) = claimed {
-        return Ok(Claim::Claimed(Box::new(run)));
+    let Some(current) = current else {
+        return Ok(Claim::NotFound);
+    };
+    let status = RunStatus::parse(&current.status)?;
+    if status.is_terminal() {
+        return Ok(Claim::Ended(status));
     }
-    Ok(match select_run(tx, id)? {
-        None => Claim::NotFound,
-        Some(run) if run.status.is_terminal() => Claim::Ended(run.status),
-        Some(run) => Claim::Busy {
-            owner: run.lease_owner.unwrap_or_default(),
-            expires_at: run.lease_expires_at.unwrap_or(0),
-        },
-    })
+    if let Some(holder) = current.holder
+        && steal_from != Some((holder.as_str(), current.heartbeat))
+    {
+        return Ok(Claim::Busy {
+            owner: holder,
+            expires_at: current.expires_at.unwrap_or(0),
+            heartbeat: current.heartbeat,
+            ttl_ms: current.ttl_ms.unwrap_or(0),
+        });
+    }
+    let claims = current.claims;
+    take_lease(tx, id, claims, lease).map(|run| Claim::Claimed(Box::new(run)))
 }
 
-/// A claim candidate `r` whose workflow is under its concurrency limit.
+/// Gives `lease.owner` the run's next claim: a fresh token, a new heartbeat
+/// and a strike that a clean end or release takes back.
+fn take_lease(
+    tx: &Transaction<'_>,
+    id: &str,
+    claims: i64,
+    lease: &Lease,
+) -> Result<Run, StoreError> {
+    let now = now_ms();
+    let claim = u32::try_from(claims.saturating_add(1)).unwrap_or(u32::MAX);
+    let token = ClaimToken::new(&lease.owner, claim).to_string();
+    tx.prepare_cached(&format!(
+        "UPDATE runs SET status = 'running', claims = ?2, strikes = strikes + 1, \
+         heartbeat = heartbeat + 1, started_at = COALESCE(started_at, ?3), updated_at = ?3, \
+         lease_owner = ?4, lease_expires_at = ?5, lease_ms = ?6 \
+         WHERE id = ?1 RETURNING {RUN_COLUMNS}"
+    ))
+    .and_then(|mut st| {
+        st.query_row(
+            params![
+                id,
+                i64::from(claim),
+                now,
+                token,
+                now.saturating_add(lease.ttl_ms),
+                lease.ttl_ms
+            ],
+            run_from_row,
+        )
+    })
+    .map_err(map_err)
+}
+
+/// A claim candidate `r` whose workflow is under its concurrency limit: a
+/// run counts against it while anyone holds its lease.
 const UNDER_LIMIT: &str = "(r.max_concurrency IS NULL OR (SELECT count(*) FROM runs x \
-    WHERE x.workflow = r.workflow AND x.status = 'running' AND x.lease_owner IS NOT NULL \
-    AND x.lease_expires_at >= ?1) < r.max_concurrency)";
+    WHERE x.workflow = r.workflow AND x.status = 'running' AND x.lease_owner IS NOT NULL) \
+    < r.max_concurrency)";
 
 fn claim_next(tx: &Transaction<'_>, lease: &Lease) -> Result<Option<Box<Run>>, StoreError> {
-    // Interrupted runs (running, no live lease) first, then the queue, oldest
-    // first; skipping any workflow already at its concurrency limit. Two
-    // statements, so each walks its index and stops at the first match.
+    // Interrupted runs (running, lease released or expired, backoff over)
+    // first, then the queue, oldest first; skipping any workflow already at
+    // its concurrency limit. One statement per lane, so each walks its
+    // index and stops at the first match.
     let lanes = [
-        "r.status = 'running' AND (r.lease_owner IS NULL OR r.lease_expires_at < ?1)",
-        "r.status = 'queued'",
+        "r.status = 'running' AND r.lease_owner IS NULL \
+         AND (r.not_before IS NULL OR r.not_before <= ?1)",
+        "r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= ?1)",
     ];
+    let now = now_ms();
     for lane in lanes {
         let sql = format!(
-            "UPDATE runs SET status = 'running', claims = claims + 1, \
-             started_at = COALESCE(started_at, ?1), updated_at = ?1, \
-             lease_owner = ?2 || '#' || (claims + 1), lease_expires_at = ?3 \
-             WHERE id = (SELECT r.id FROM runs r WHERE {lane} AND {UNDER_LIMIT} \
-               ORDER BY r.created_at, r.id LIMIT 1) \
-             RETURNING {RUN_COLUMNS}"
+            "SELECT r.id, r.claims FROM runs r WHERE {lane} AND {UNDER_LIMIT} \
+             ORDER BY r.created_at, r.id LIMIT 1"
         );
-        let claimed = tx
+        let found: Option<(String, i64)> = tx
             .prepare_cached(&sql)
             .and_then(|mut st| {
-                st.query_row(
-                    params![now_ms(), lease.owner, lease.expires_at],
-                    run_from_row,
-                )
-                .optional()
+                st.query_row(params![now], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
             })
             .map_err(map_err)?;
-        if let Some(run) = claimed {
-            return Ok(Some(Box::new(run)));
+        if let Some((id, claims)) = found {
+            return take_lease(tx, &id, claims, lease).map(|run| Some(Box::new(run)));
         }
     }
     Ok(None)
@@ -1332,20 +1504,12 @@ fn finish(
         });
     };
     for alert in alerts {
+        let payload = to_json_text(&alert.payload, "an alert")?;
         tx.prepare_cached(
             "INSERT INTO alerts (id, run_id, workflow, channel, payload, status, attempts, \
              next_attempt_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6)",
         )
-        .and_then(|mut st| {
-            st.execute(params![
-                alert.id,
-                id,
-                workflow,
-                alert.channel,
-                to_json_text(&alert.payload),
-                now
-            ])
-        })
+        .and_then(|mut st| st.execute(params![alert.id, id, workflow, alert.channel, payload, now]))
         .map_err(map_err)?;
     }
     Ok(Done::Unit)
@@ -1375,7 +1539,8 @@ fn replay(tx: &Transaction<'_>, id: &str) -> Result<ReplayResult, StoreError> {
             "UPDATE runs SET status = 'queued', replays = replays + 1, updated_at = ?2, \
              finished_at = NULL, error = NULL, failed_step = NULL, failed_item = NULL, \
              failed_attempt = NULL, failed_status_code = NULL, lease_owner = NULL, \
-             lease_expires_at = NULL WHERE id = ?1 AND status = 'failed'",
+             lease_expires_at = NULL, strikes = 0, last_error = NULL, not_before = NULL \
+             WHERE id = ?1 AND status = 'failed'",
         )
         .and_then(|mut st| st.execute(params![id, now_ms()]))
         .map_err(map_err)?;
@@ -1462,13 +1627,13 @@ impl Store for SqliteStore {
         &self,
         id: &str,
         lease: &Lease,
-        steal_from: Option<&str>,
+        steal_from: Option<(&str, i64)>,
     ) -> Result<Claim, StoreError> {
         match self
             .write(Op::Claim {
                 id: id.to_owned(),
                 lease: lease.clone(),
-                steal_from: steal_from.map(str::to_owned),
+                steal_from: steal_from.map(|(h, b)| (h.to_owned(), b)),
             })
             .await?
         {
@@ -1490,10 +1655,11 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn release_run(&self, id: &str, owner: &str) -> Result<(), StoreError> {
+    async fn release_run(&self, id: &str, owner: &str, how: &Release) -> Result<(), StoreError> {
         self.write(Op::Release {
             id: id.to_owned(),
             owner: owner.to_owned(),
+            how: how.clone(),
         })
         .await
         .map(|_| ())
@@ -1586,18 +1752,44 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn leased_runs(&self) -> Result<Vec<(String, String)>, StoreError> {
+    async fn leased_runs(&self) -> Result<Vec<LeasedRun>, StoreError> {
         self.read(|conn| {
-            conn.prepare_cached(
-                "SELECT id, lease_owner FROM runs WHERE status = 'running' AND lease_owner IS NOT NULL",
+            query_all(
+                conn,
+                "SELECT id, lease_owner, heartbeat, lease_ms, strikes FROM runs \
+                 WHERE status = 'running' AND lease_owner IS NOT NULL",
+                [],
+                |r| {
+                    Ok(LeasedRun {
+                        id: r.get(0)?,
+                        holder: r.get(1)?,
+                        heartbeat: r.get(2)?,
+                        ttl_ms: r.get::<_, Option<i64>>(3)?.unwrap_or(30_000),
+                        strikes: opt_u32(r.get(4)?).unwrap_or(0),
+                    })
+                },
             )
-            .and_then(|mut st| {
-                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(map_err)
         })
         .await
+    }
+
+    async fn expire_lease(
+        &self,
+        seen: &LeasedRun,
+        reason: &str,
+        not_before: Millis,
+    ) -> Result<bool, StoreError> {
+        match self
+            .write(Op::Expire {
+                seen: seen.clone(),
+                reason: reason.to_owned(),
+                not_before,
+            })
+            .await?
+        {
+            Done::Rows(n) => Ok(n == 1),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn cancel_run(

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use plumb_store::audit::verify_chain;
 use plumb_store::{
     AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
-    Lease, NewAlert, NewRun, ReplayResult, Role, RunFilter, RunOutcome, RunStatus, SealedSecret,
-    SecretWrite, SecretWriteResult, SqliteStore, StepRecord, StepStatus, Store, StoreError,
-    Synchronous, WorkflowVersion, now_ms,
+    Lease, LeasedRun, NewAlert, NewRun, Release, ReplayResult, Role, RunFilter, RunOutcome,
+    RunStatus, SealedSecret, SecretWrite, SecretWriteResult, SqliteStore, StepRecord, StepStatus,
+    Store, StoreError, Synchronous, WorkflowVersion, now_ms,
 };
 use serde_json::json;
 
@@ -20,11 +20,22 @@ async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
     (dir, store)
 }
 
-fn lease(owner: &str, ms_from_now: i64) -> Lease {
+fn lease(owner: &str, ttl_ms: i64) -> Lease {
     Lease {
         owner: owner.to_owned(),
-        expires_at: now_ms() + ms_from_now,
+        ttl_ms,
     }
+}
+
+/// The lease on `id` as a watcher sees it.
+async fn seen(store: &dyn Store, id: &str) -> LeasedRun {
+    store
+        .leased_runs()
+        .await
+        .expect("leased runs")
+        .into_iter()
+        .find(|l| l.id == id)
+        .expect("the run is leased")
 }
 
 async fn seed(store: &dyn Store, id: &str, lease: Option<Lease>) {
@@ -70,34 +81,44 @@ fn step(run: &str, id: &str, item: Option<u32>, status: StepStatus) -> StepRecor
 
 async fn a_leased_run_cannot_be_claimed_by_another_owner_until_it_expires(store: &dyn Store) {
     seed(store, "r1", Some(lease("a", 60_000))).await;
-    match store
+    let heartbeat = match store
         .claim_run("r1", &lease("b", 60_000), None)
         .await
         .expect("claim")
     {
-        Claim::Busy { owner, .. } => assert_eq!(owner, "a#1"),
+        Claim::Busy {
+            owner,
+            heartbeat,
+            ttl_ms,
+            ..
+        } => {
+            assert_eq!(owner, "a#1");
+            assert_eq!(ttl_ms, 60_000);
+            heartbeat
+        }
         other => panic!("expected Busy, got {other:?}"),
-    }
-    // The caller proved `a` is dead: it may take the lease from exactly `a`.
+    };
+    // Stealing needs the holder *and* the heartbeat the caller saw: a
+    // holder that renewed since is still alive.
+    assert!(matches!(
+        store
+            .claim_run("r1", &lease("b", 60_000), Some(("a#1", heartbeat - 1)))
+            .await
+            .expect("stale steal"),
+        Claim::Busy { .. }
+    ));
     match store
-        .claim_run("r1", &lease("b", 60_000), Some("a#1"))
+        .claim_run("r1", &lease("b", 60_000), Some(("a#1", heartbeat)))
         .await
         .expect("steal")
     {
         Claim::Claimed(run) => {
             assert_eq!(run.lease_owner.as_deref(), Some("b#2"));
             assert_eq!(run.claims, 2);
+            assert_eq!(run.strikes, 2, "the first claim never ended cleanly");
         }
         other => panic!("expected Claimed, got {other:?}"),
     }
-    seed(store, "r2", Some(lease("a", -1))).await;
-    assert!(matches!(
-        store
-            .claim_run("r2", &lease("c", 60_000), None)
-            .await
-            .expect("claim expired"),
-        Claim::Claimed(_)
-    ));
     assert_eq!(
         store
             .claim_run("nope", &lease("c", 1), None)
@@ -107,11 +128,138 @@ async fn a_leased_run_cannot_be_claimed_by_another_owner_until_it_expires(store:
     );
 }
 
+async fn leases_end_by_watching_heartbeats_not_wall_clocks(store: &dyn Store) {
+    // A lease whose expiry time has long passed by the wall clock is still
+    // held: only a watcher that saw it unrenewed may end it.
+    seed(store, "h1", Some(lease("a", 1))).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert_eq!(
+        store.claim_next(&lease("b", 60_000)).await.expect("claim"),
+        None
+    );
+    let before = seen(store, "h1").await;
+    assert_eq!(before.holder, "a#1");
+    assert_eq!(before.strikes, 1);
+    assert!(
+        store
+            .renew_lease("h1", &lease("a#1", 60_000))
+            .await
+            .expect("renew")
+    );
+    let after = seen(store, "h1").await;
+    assert!(
+        after.heartbeat > before.heartbeat,
+        "a renewal bumps the heartbeat"
+    );
+    assert_eq!(after.ttl_ms, 60_000);
+    assert!(
+        !store
+            .expire_lease(&before, "stalled", now_ms())
+            .await
+            .expect("expire"),
+        "a lease renewed since it was seen is not expired"
+    );
+    let later = now_ms() + 60_000;
+    assert!(
+        store
+            .expire_lease(&after, "its process stopped renewing", later)
+            .await
+            .expect("expire")
+    );
+    let run = store.run("h1").await.expect("get").expect("exists");
+    assert_eq!(run.status, RunStatus::Running);
+    assert!(run.lease_owner.is_none());
+    assert_eq!(
+        run.last_error.as_deref(),
+        Some("its process stopped renewing")
+    );
+    assert_eq!(run.not_before, Some(later));
+    // Backing off: not claimable before `not_before`, except explicitly.
+    assert_eq!(
+        store.claim_next(&lease("b", 60_000)).await.expect("claim"),
+        None
+    );
+    match store
+        .claim_run("h1", &lease("c", 60_000), None)
+        .await
+        .expect("explicit claim")
+    {
+        Claim::Claimed(run) => assert_eq!(run.strikes, 2),
+        other => panic!("expected Claimed, got {other:?}"),
+    }
+}
+
+async fn strikes_count_claims_that_did_not_end_cleanly(store: &dyn Store) {
+    seed(store, "k1", Some(lease("a", 60_000))).await;
+    // Interrupted on purpose (shutdown): the strike is taken back.
+    store
+        .release_run("k1", "a#1", &Release::Clean)
+        .await
+        .expect("release");
+    let run = store
+        .claim_next(&lease("b", 60_000))
+        .await
+        .expect("claim")
+        .expect("the released run");
+    assert_eq!((run.id.as_str(), run.claims, run.strikes), ("k1", 2, 1));
+    // Stopped by an error: the strike stays, with the reason and a backoff.
+    let retry_at = now_ms() + 60_000;
+    store
+        .release_run(
+            "k1",
+            "b#2",
+            &Release::Failed {
+                error: "the journal could not be written".into(),
+                not_before: retry_at,
+            },
+        )
+        .await
+        .expect("release");
+    let run = store.run("k1").await.expect("get").expect("exists");
+    assert_eq!(run.strikes, 1);
+    assert_eq!(run.not_before, Some(retry_at));
+    assert_eq!(
+        run.last_error.as_deref(),
+        Some("the journal could not be written")
+    );
+    assert_eq!(
+        store.claim_next(&lease("c", 60_000)).await.expect("claim"),
+        None
+    );
+    store
+        .release_run(
+            "k1",
+            "nobody#9",
+            &Release::Failed {
+                error: "x".into(),
+                not_before: 0,
+            },
+        )
+        .await
+        .expect("a stranger's release changes nothing");
+    assert_eq!(
+        store
+            .run("k1")
+            .await
+            .expect("get")
+            .expect("exists")
+            .not_before,
+        Some(retry_at)
+    );
+}
+
 async fn a_second_claim_by_the_same_process_fences_the_first(store: &dyn Store) {
     // The same owner claims a run twice (its lease expired in between, say
     // after missed heartbeats): each claim gets its own token, and the first
     // execution's writes are refused.
-    seed(store, "t1", Some(lease("a", -1))).await;
+    seed(store, "t1", Some(lease("a", 60_000))).await;
+    let first = seen(store, "t1").await;
+    assert!(
+        store
+            .expire_lease(&first, "stalled", 0)
+            .await
+            .expect("expire")
+    );
     let again = store
         .claim_next(&lease("a", 60_000))
         .await
@@ -134,6 +282,28 @@ async fn a_second_claim_by_the_same_process_fences_the_first(store: &dyn Store) 
             .await
             .expect("renew")
     );
+}
+
+async fn what_would_not_read_back_is_refused_not_stored(store: &dyn Store) {
+    let mut deep = json!(1);
+    for _ in 0..130 {
+        deep = serde_json::Value::Array(vec![deep]);
+    }
+    let mut run = queued("deep1", "w", None);
+    run.trigger = json!({"body": deep.clone()});
+    let err = store.create_run(&run).await.expect_err("too deep");
+    assert!(matches!(err, StoreError::Rejected(_)), "{err}");
+    assert!(store.run("deep1").await.expect("get").is_none());
+    seed(store, "deep2", Some(lease("a", 60_000))).await;
+    let mut row = step("deep2", "s", None, StepStatus::Succeeded);
+    row.output = Some(deep);
+    let err = store.record_step("a#1", &row).await.expect_err("too deep");
+    assert!(matches!(err, StoreError::Rejected(_)), "{err}");
+    // The refusal is the write's own: the store goes on working.
+    store
+        .record_step("a#1", &step("deep2", "s", None, StepStatus::Succeeded))
+        .await
+        .expect("a normal row");
 }
 
 async fn journal_writes_are_fenced_by_the_lease(store: &dyn Store) {
@@ -241,7 +411,10 @@ async fn failures_are_kept_with_the_run(store: &dyn Store) {
 
 async fn released_runs_can_be_claimed_at_once(store: &dyn Store) {
     seed(store, "r6", Some(lease("a", 60_000))).await;
-    store.release_run("r6", "a#1").await.expect("release");
+    store
+        .release_run("r6", "a#1", &Release::Clean)
+        .await
+        .expect("release");
     assert!(matches!(
         store
             .claim_run("r6", &lease("b", 60_000), None)
@@ -325,7 +498,10 @@ async fn claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(
         .create_run(&queued("q5", "w", None))
         .await
         .expect("queue");
-    store.release_run("q1", "a#1").await.expect("release");
+    store
+        .release_run("q1", "a#1", &Release::Clean)
+        .await
+        .expect("release");
     let next = store
         .claim_next(&lease("b", 60_000))
         .await
@@ -940,6 +1116,50 @@ async fn sqlite_conforms_to_the_store_contract() {
     secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(&store).await;
     tokens_are_found_by_hash_until_revoked(&store).await;
     deployments_are_audited_only_when_something_changed(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_ends_leases_by_observation_and_counts_strikes() {
+    let (_a, store) = sqlite().await;
+    leases_end_by_watching_heartbeats_not_wall_clocks(&store).await;
+    let (_b, store) = sqlite().await;
+    strikes_count_claims_that_did_not_end_cleanly(&store).await;
+    let (_c, store) = sqlite().await;
+    what_would_not_read_back_is_refused_not_stored(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_an_unreadable_row_fails_alone() {
+    // A record written before limits existed (or by hand): its trigger
+    // nests past what the JSON reader takes.
+    let (dir, store) = sqlite().await;
+    seed(&store, "ok1", None).await;
+    let deep = "[".repeat(200) + &"]".repeat(200);
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("plumb.db")).expect("open");
+        conn.execute(
+            "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, \
+             created_at, updated_at) VALUES ('bad1', 'w', 'v1', ?1, 'queued', 0, 0, 0)",
+            [format!("{{\"body\": {deep}}}")],
+        )
+        .expect("insert");
+    }
+    let listed = store
+        .list_runs(&RunFilter::default())
+        .await
+        .expect("the listing still works");
+    assert_eq!(listed.len(), 2);
+    let bad = store.run("bad1").await.expect("get").expect("exists");
+    let why = bad.unreadable.expect("marked unreadable");
+    assert!(why.contains("trigger"), "{why}");
+    // Claims go on: the bad run comes out (oldest first) for the engine to
+    // fail, and the good one after it.
+    let a = lease("a", 60_000);
+    let first = store.claim_next(&a).await.expect("claim").expect("a run");
+    assert_eq!(first.id, "bad1");
+    assert!(first.unreadable.is_some());
+    let second = store.claim_next(&a).await.expect("claim").expect("a run");
+    assert_eq!(second.id, "ok1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
