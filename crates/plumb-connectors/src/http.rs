@@ -4,7 +4,9 @@
 //! connection's `base_url`, this module refuses any request or redirect whose
 //! origin (scheme, host, port) differs from it. Responses are read up to
 //! [`MAX_RESPONSE_BYTES`] so one huge upstream answer cannot exhaust memory
-//! or bloat the journal.
+//! or bloat the journal, and a JSON body nested deeper than
+//! [`plumb_core::limits::MAX_DEPTH`] fails the step permanently (the
+//! upstream would send the same document again).
 
 use std::time::{Duration, SystemTime};
 
@@ -219,18 +221,24 @@ impl HttpClient {
             }
             Err(e) => return Err(e),
         };
-        let body = decode_body(&bytes, is_json);
         let success = match &request.expect_status {
             Some(list) => list.contains(&status),
             None => (200..300).contains(&status),
         };
         if success {
+            let body = decode_body(&bytes, is_json).map_err(|e| ActionError::Permanent {
+                message: format!("HTTP {status} {reason}, but {e}"),
+                status: Some(status),
+            })?;
             return Ok(HttpResponse {
                 status,
                 headers,
                 body,
             });
         }
+        // An error answer is only quoted: its depth does not matter.
+        let body = decode_body(&bytes, is_json)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         let message = format!(
             "HTTP {status} {reason}{}",
             body_snippet(&body, request.scrub.as_ref())
@@ -344,14 +352,21 @@ fn collect_headers(headers: &reqwest::header::HeaderMap) -> Map<String, Value> {
     out
 }
 
-fn decode_body(bytes: &[u8], is_json: bool) -> Value {
+/// The body as JSON when it says it is JSON and parses, else as text; a
+/// JSON body over the depth limit is an error rather than a silent string.
+fn decode_body(bytes: &[u8], is_json: bool) -> Result<Value, plumb_core::limits::LimitError> {
+    use plumb_core::limits::{ParseError, parse_json};
     if bytes.is_empty() {
-        return Value::Null;
+        return Ok(Value::Null);
     }
-    if is_json && let Ok(v) = serde_json::from_slice(bytes) {
-        return v;
+    if is_json {
+        match parse_json(bytes, "the response body") {
+            Ok(v) => return Ok(v),
+            Err(ParseError::Limit(e)) => return Err(e),
+            Err(ParseError::Json { .. }) => {}
+        }
     }
-    Value::String(String::from_utf8_lossy(bytes).into_owned())
+    Ok(Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 fn body_snippet(body: &Value, scrub: Option<&Scrub>) -> String {

@@ -593,7 +593,7 @@ impl<'e> Execution<'e> {
                     // again: retrying it wastes the retry budget and a thread.
                     Err(_) if !step.has_effects() => Err(ActionError::Permanent {
                         message: format!(
-                            "the step did not finish within its timeout of {}",
+                            "expression failed: the expression did not finish within the step's timeout of {}",
                             humanize(step.timeout)
                         ),
                         status: None,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::body::{Body, to_bytes};
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,9 +17,9 @@ use plumb_store::{RunFilter, RunStatus};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::AppState;
 use crate::auth::{Admin, Auth, Operator, Viewer};
 use crate::error::ApiError;
-use crate::{AppState, COMMIT_DEADLINE};
 
 /// Routes under `/api/v1`.
 pub fn routes() -> axum::Router<AppState> {
@@ -131,22 +131,13 @@ async fn start_run(
     let Some(workflow) = project.workflow(&name) else {
         return Err(ApiError::not_found(format!("no workflow named `{name}`")));
     };
-    let limit = usize::try_from(project.config.serve.body_limit).unwrap_or(usize::MAX);
-    let bytes = to_bytes(body, limit)
-        .await
-        .map_err(|e| crate::webhook::body_error(&e, project.config.serve.body_limit))?;
+    let bytes = crate::webhook::read_body(body, project.config.serve.body_limit).await?;
     let input: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("the input is not valid JSON: {e}")))?
+        plumb_core::limits::parse_json(&bytes, "the input").map_err(crate::webhook::parse_error)?
     };
-    let deadline = std::time::Instant::now() + COMMIT_DEADLINE;
-    let id = state
-        .engine
-        .enqueue_run(workflow, manual_trigger(input), Some(deadline))
-        .await?;
-    state.wake_workers.notify_one();
+    let id = crate::webhook::enqueue(&state, workflow, manual_trigger(input)).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": id }))).into_response())
 }
 

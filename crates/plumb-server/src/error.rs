@@ -72,6 +72,8 @@ impl From<plumb_store::StoreError> for ApiError {
         if e.is_transient() {
             tracing::warn!(error = %e, "The store cannot commit; answering 503.");
             Self::unavailable("the store cannot commit right now; retry later")
+        } else if let plumb_store::StoreError::Rejected(why) = e {
+            Self::bad_request(why)
         } else {
             Self::internal(&e)
         }

@@ -72,7 +72,16 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
         .nest("/api/v1", api::routes())
+        .fallback(not_found)
         .with_state(state)
+}
+
+/// Unknown routes answer JSON like every other error.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no route `{}`; webhooks are served under /hooks/, the API under /api/v1/",
+        uri.path()
+    ))
 }
 
 /// What runs inside one `plumb serve` (or `plumb worker`) process.

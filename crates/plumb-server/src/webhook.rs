@@ -1,11 +1,24 @@
 //! `POST /hooks/<path>`: accept an event durably, or say why not.
 //!
-//! Order of checks: unknown path (404), size (413), the sender's signature
-//! or bearer secret (401, checked over the raw bytes before anything is
-//! parsed), content type (415), JSON (400), then the commit. Only a committed run gets `202`; if the
-//! store cannot commit within [`crate::COMMIT_DEADLINE`] the answer is `503`
-//! with `Retry-After`, and the write is withdrawn if it has not started (the
-//! store skips writes whose caller gave up).
+//! Order of checks: unknown path (404), size (413; a body that does not
+//! arrive within [`BODY_TIMEOUT`] is 408), the sender's signature or bearer
+//! secret (401, checked over the raw bytes before anything is parsed),
+//! content type (415), the body itself (400: not JSON or form data, or
+//! nested deeper than [`plumb_core::limits::MAX_DEPTH`]), then the commit.
+//!
+//! Only a committed run gets `202`. The whole answer is bounded: if the
+//! store cannot commit within [`crate::COMMIT_DEADLINE`] the answer is
+//! `503` with `Retry-After`. A write that has not started by then is
+//! skipped; one whose commit was still in progress (a stalled disk) and
+//! lands afterwards is withdrawn by the store — its run is cancelled as
+//! "withdrawn" — so the sender's retry is the only run of that event
+//! (unless the process dies in between: then it runs twice, never zero
+//! times).
+//!
+//! Bodies are JSON (`application/json`, `application/*+json`) or form data
+//! (`application/x-www-form-urlencoded`, as GitHub's default webhooks and
+//! Slack's commands send): form fields become an object, repeated fields a
+//! list, and a `payload` field holding JSON is decoded.
 
 use std::collections::BTreeMap;
 
@@ -14,12 +27,16 @@ use axum::body::{Body, to_bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use plumb_core::limits::{self, LimitError, ParseError};
 use plumb_core::model::{Trigger, WebhookAuth, Workflow};
 use plumb_store::NewAuditEntry;
 use serde_json::{Map, Value, json};
 
 use crate::auth::audit_failure;
 use crate::{AppState, COMMIT_DEADLINE, error::ApiError, signature};
+
+/// How long a sender may take to send its body.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Request headers never copied into the trigger document (and so never
 /// journaled): credentials a sender might use.
@@ -68,10 +85,7 @@ async fn accept(
             "no workflow is triggered by POST /hooks/{path}"
         )));
     };
-    let limit = project.config.serve.body_limit;
-    let bytes = to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .await
-        .map_err(|e| body_error(&e, limit))?;
+    let bytes = read_body(body, project.config.serve.body_limit).await?;
     if let Trigger::Webhook {
         auth: Some(auth), ..
     } = &workflow.trigger
@@ -82,29 +96,102 @@ async fn accept(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !is_json(content_type) {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!(
-                "webhooks take JSON: send `Content-Type: application/json` (got `{}`)",
-                if content_type.is_empty() {
-                    "none"
-                } else {
-                    content_type
-                }
-            ),
-        ));
-    }
-    let parsed: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the body is not valid JSON: {e} (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
-    })?;
+    let parsed = match media_type(content_type) {
+        Media::Json => limits::parse_json(&bytes, "the body").map_err(parse_error)?,
+        Media::Form => form_body(&bytes)?,
+        Media::Other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "webhooks take JSON or form data: send `Content-Type: application/json` or `application/x-www-form-urlencoded` (got `{}`)",
+                    if content_type.is_empty() {
+                        "none"
+                    } else {
+                        content_type
+                    }
+                ),
+            ));
+        }
+    };
     let trigger = trigger_document(path, parsed, &query, headers);
     enqueue(state, workflow, trigger).await
+}
+
+/// Reads a body of at most `limit` bytes within [`BODY_TIMEOUT`].
+pub(crate) async fn read_body(body: Body, limit: u64) -> Result<axum::body::Bytes, ApiError> {
+    let max = usize::try_from(limit).unwrap_or(usize::MAX);
+    match tokio::time::timeout(BODY_TIMEOUT, to_bytes(body, max)).await {
+        Ok(read) => read.map_err(|e| body_error(&e, limit)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
+/// A body that is not a document plumb can keep: `400`, naming the limit
+/// or the position of the syntax error.
+pub(crate) fn parse_error(e: ParseError) -> ApiError {
+    match e {
+        ParseError::Limit(limit) => limit_error(&limit),
+        ParseError::Json { .. } => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is {e}"),
+        ),
+    }
+}
+
+/// A document over a documented limit: `400` (too deep) or `413`.
+pub(crate) fn limit_error(e: &LimitError) -> ApiError {
+    match e {
+        LimitError::TooDeep { .. } => {
+            ApiError::new(StatusCode::BAD_REQUEST, "too_deep", e.to_string())
+        }
+        LimitError::TooLarge { .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            e.to_string(),
+        ),
+    }
+}
+
+/// Form fields as an object: a repeated field becomes a list, and a
+/// `payload` field that holds JSON (GitHub, Slack) is decoded.
+fn form_body(bytes: &[u8]) -> Result<Value, ApiError> {
+    let mut fields = Map::new();
+    for (name, value) in url::form_urlencoded::parse(bytes) {
+        let value = Value::String(value.into_owned());
+        match fields.get_mut(name.as_ref()) {
+            Some(Value::Array(list)) => list.push(value),
+            Some(first) => *first = Value::Array(vec![first.take(), value]),
+            None => {
+                fields.insert(name.into_owned(), value);
+            }
+        }
+    }
+    if let Some(Value::String(payload)) = fields.get("payload") {
+        let trimmed = payload.trim_start();
+        if trimmed.starts_with('{') || trimmed.starts_with('[') {
+            let decoded = limits::parse_json(payload.as_bytes(), "the `payload` field").map_err(
+                |e| match e {
+                    ParseError::Limit(l) => limit_error(&l),
+                    ParseError::Json { .. } => ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_json",
+                        format!("the `payload` field is {e}"),
+                    ),
+                },
+            )?;
+            fields.insert("payload".to_owned(), decoded);
+        }
+    }
+    Ok(Value::Object(fields))
 }
 
 /// Checks the sender. A refusal is a `401` that creates no run, and is
@@ -157,27 +244,36 @@ async fn authenticate(
     }
 }
 
-async fn enqueue(
+/// Commits a run of `workflow`, answering within [`COMMIT_DEADLINE`] and
+/// a little: the deadline travels with the write (the store applies it
+/// before then or not at all), and a commit still in progress when the
+/// answer is due is withdrawn by the store if it lands (see the module
+/// docs). A `503` therefore never leaves a run behind that will execute.
+pub(crate) async fn enqueue(
     state: &AppState,
     workflow: &Workflow,
     trigger: Value,
 ) -> Result<String, ApiError> {
-    // The deadline travels with the write: the store commits it before then
-    // or not at all, and this handler always waits for the store's answer,
-    // so a 503 always means "not committed" and a 202 always "committed".
     let deadline = std::time::Instant::now() + COMMIT_DEADLINE;
-    match state
-        .engine
-        .enqueue_run(workflow, trigger, Some(deadline))
-        .await
-    {
-        Ok(run_id) => {
+    let answer = tokio::time::timeout(
+        COMMIT_DEADLINE + std::time::Duration::from_millis(250),
+        state.engine.enqueue_run(workflow, trigger, Some(deadline)),
+    )
+    .await;
+    match answer {
+        Ok(Ok(run_id)) => {
             state.wake_workers.notify_one();
             Ok(run_id)
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::warn!(workflow = %workflow.name, error = %e, "The event was not committed; answering 503.");
             Err(e.into())
+        }
+        Err(_) => {
+            tracing::warn!(workflow = %workflow.name, "The store did not commit in time; answering 503.");
+            Err(ApiError::unavailable(
+                "the store did not commit in time; retry later",
+            ))
         }
     }
 }
@@ -198,14 +294,30 @@ pub(crate) fn body_error(e: &axum::Error, limit: u64) -> ApiError {
     ApiError::bad_request(format!("the body could not be read: {e}"))
 }
 
-fn is_json(content_type: &str) -> bool {
+/// What a webhook body is, by its content type.
+#[derive(Debug, PartialEq, Eq)]
+enum Media {
+    Json,
+    Form,
+    Other,
+}
+
+fn media_type(content_type: &str) -> Media {
     let media = content_type
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+    if media == "application/json"
+        || (media.starts_with("application/") && media.ends_with("+json"))
+    {
+        Media::Json
+    } else if media == "application/x-www-form-urlencoded" {
+        Media::Form
+    } else {
+        Media::Other
+    }
 }
 
 fn trigger_document(
@@ -239,13 +351,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_content_types_are_recognised() {
-        assert!(is_json("application/json"));
-        assert!(is_json("application/json; charset=utf-8"));
-        assert!(is_json("application/vnd.github+json"));
-        assert!(!is_json("text/plain"));
-        assert!(!is_json(""));
-        assert!(!is_json("application/x-www-form-urlencoded"));
+    fn content_types_are_recognised() {
+        assert_eq!(media_type("application/json"), Media::Json);
+        assert_eq!(media_type("application/json; charset=utf-8"), Media::Json);
+        assert_eq!(media_type("application/vnd.github+json"), Media::Json);
+        assert_eq!(media_type("text/plain"), Media::Other);
+        assert_eq!(media_type(""), Media::Other);
+        assert_eq!(
+            media_type("application/x-www-form-urlencoded; charset=utf-8"),
+            Media::Form
+        );
+    }
+
+    #[test]
+    fn form_fields_become_an_object_with_payload_decoded() {
+        let body =
+            form_body(b"payload=%7B%22action%22%3A%22opened%22%2C%22n%22%3A1%7D&x=1&x=2&empty=")
+                .expect("form");
+        assert_eq!(
+            body,
+            json!({"payload": {"action": "opened", "n": 1}, "x": ["1", "2"], "empty": ""})
+        );
+        // Slack's slash commands: plain fields, no payload.
+        let body = form_body(b"command=%2Fdeploy&text=api+v2").expect("form");
+        assert_eq!(body, json!({"command": "/deploy", "text": "api v2"}));
+        let deep = format!("payload={}", "%5B".repeat(100));
+        let err = form_body(deep.as_bytes()).expect_err("too deep");
+        assert_eq!(err.code, "too_deep");
     }
 
     #[test]

@@ -16,7 +16,11 @@
 //! per caller (the request in, the answer out).
 //!
 //! A write whose caller has already given up (a webhook that timed out and
-//! answered 503) is skipped rather than committed behind its back.
+//! answered 503) is skipped rather than committed behind its back. A run
+//! created with a deadline whose caller gave up *while* the batch was
+//! committing (a stalled disk) is withdrawn — cancelled as "withdrawn" —
+//! first thing in the next batch, before any claim can take it: its sender
+//! was told "not accepted" and will send it again.
 //!
 //! Within a batch each write sees the ones before it. A write that fails on
 //! its own (a constraint) fails alone; a failure of the database itself
@@ -381,6 +385,7 @@ fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, Stri
 /// The writer thread: batches, one transaction per batch.
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut withdraw: Vec<String> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -393,7 +398,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
         batch.retain(|job| !job.reply.is_closed());
         let closing = batch.iter().any(|j| matches!(j.op, Op::Close));
         if !batch.is_empty() {
-            commit_batch(&mut conn, &mut batch);
+            commit_batch(&mut conn, &mut batch, &mut withdraw);
         }
         if closing {
             break;
@@ -402,7 +407,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
     let _ = conn.close();
 }
 
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, withdraw: &mut Vec<String>) {
     let tx = match Transaction::new(conn, TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -415,7 +420,23 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
     };
     let mut results: Vec<Result<Done, StoreError>> = Vec::with_capacity(batch.len());
     let mut fatal: Option<StoreError> = None;
+    for id in withdraw.iter() {
+        let withdrawn = tx
+            .prepare_cached(
+                "UPDATE runs SET status = 'cancelled', finished_at = ?2, updated_at = ?2, \
+                 error = 'withdrawn: its sender was told it was not accepted (the store did not commit in time), so it will send it again' \
+                 WHERE id = ?1 AND status = 'queued'",
+            )
+            .and_then(|mut st| st.execute(params![id, now_ms()]));
+        if let Err(e) = withdrawn {
+            fatal = Some(map_err(e));
+            break;
+        }
+    }
     for job in batch.iter() {
+        if fatal.is_some() {
+            break;
+        }
         // Waiting for the lock may have outlasted a caller's deadline: a
         // write that may no longer be committed is skipped. One applied here
         // is committed below and its caller told so, however late.
@@ -463,8 +484,18 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
     };
     match committed {
         Ok(()) => {
+            withdraw.clear();
             for (job, result) in batch.drain(..).zip(results) {
-                let _ = job.reply.send(result);
+                let late_run = match &job.op {
+                    Op::CreateRun(run) if run.deadline.is_some() => Some(run.id.clone()),
+                    _ => None,
+                };
+                // The caller stopped waiting while this commit was under
+                // way: it answered "not accepted", so the run is withdrawn.
+                if let (Err(Ok(_)), Some(id)) = (job.reply.send(result), late_run) {
+                    tracing::warn!(run_id = %id, "A run committed after its sender was answered 503; withdrawing it.");
+                    withdraw.push(id);
+                }
             }
         }
         Err(e) => {

@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context;
 use plumb_engine::project_dir::{self, LoadError};
 use plumb_engine::{Engine, EngineError, RunEnd, manual_trigger};
 use plumb_store::{RunStatus, Store};
@@ -120,28 +119,39 @@ async fn deliver_alerts(engine: &Engine, run_id: &str, json: bool) {
     }
 }
 
+/// The `--input` document (a file, or `-` for stdin), held to the same
+/// limits as every document that enters plumb.
 fn read_input(path: Option<&Path>) -> anyhow::Result<Value> {
+    use std::io::Read;
     let Some(path) = path else {
         return Ok(Value::Object(serde_json::Map::new()));
     };
-    let text = if path == Path::new("-") {
-        std::io::read_to_string(std::io::stdin()).context("reading the input from stdin")?
+    let limit = plumb_core::limits::MAX_DOCUMENT_BYTES;
+    let mut bytes = Vec::new();
+    let read = if path == Path::new("-") {
+        std::io::stdin()
+            .take(u64::try_from(limit).unwrap_or(u64::MAX) + 1)
+            .read_to_end(&mut bytes)
     } else {
-        std::fs::read_to_string(path).map_err(|e| {
-            UsageError(format!(
-                "cannot read the input file {}: {e}",
-                path.display()
-            ))
-        })?
+        std::fs::File::open(path).and_then(|f| {
+            f.take(u64::try_from(limit).unwrap_or(u64::MAX) + 1)
+                .read_to_end(&mut bytes)
+        })
     };
-    serde_json::from_str(&text).map_err(|e| {
-        UsageError(format!(
-            "the input file {} is not valid JSON: {e} (line {}, column {})",
+    read.map_err(|e| UsageError(format!("cannot read the input {}: {e}", path.display())))?;
+    if bytes.len() > limit {
+        return Err(UsageError(format!(
+            "the input {} is larger than {}; plumb keeps documents up to that size",
             path.display(),
-            e.line(),
-            e.column()
+            plumb_core::limits::human_bytes(limit)
         ))
-        .into()
+        .into());
+    }
+    plumb_core::limits::parse_json(&bytes, &format!("the input {}", path.display())).map_err(|e| {
+        match e {
+            plumb_core::limits::ParseError::Limit(l) => UsageError(l.to_string()).into(),
+            json => UsageError(format!("the input {} is {json}", path.display())).into(),
+        }
     })
 }
 

@@ -240,6 +240,8 @@ pub struct Hit {
 
 #[derive(Default)]
 struct Inner {
+    /// `/kill` SIGKILLs this process.
+    victim: Option<u32>,
     hits: Vec<Hit>,
     /// Requests seen so far per (path, key), for scripted failures.
     seen: HashMap<(String, String), u32>,
@@ -256,7 +258,10 @@ struct Inner {
 ///   `Authorization` in `X-Echo-Authorization`;
 /// * `/echo-fail/<code>[?pad=N]`: answers `<code>` with the request's
 ///   `Authorization` in the error message, after N filler characters;
-/// * `/redirect?to=URL`: 302 to `URL`.
+/// * `/redirect?to=URL`: 302 to `URL`;
+/// * `/deep/<n>`: 200 with a JSON document nested `n` levels deep;
+/// * `/kill`: SIGKILLs the process named by [`Receiver::set_victim`] (the
+///   plumb executing the step), then answers 200 to no one.
 #[derive(Clone)]
 pub struct Receiver {
     inner: Arc<Mutex<Inner>>,
@@ -297,6 +302,11 @@ impl Receiver {
     pub fn clear(&self) {
         let mut inner = self.inner.lock().expect("lock");
         *inner = Inner::default();
+    }
+
+    /// The process `/kill` kills.
+    pub fn set_victim(&self, pid: Option<u32>) {
+        self.inner.lock().expect("lock").victim = pid;
     }
 }
 
@@ -400,6 +410,20 @@ async fn handle(
                 axum::Json(json!({"error": format!("{pad}rejected credential {auth}")})),
             )
                 .into_response()
+        }
+        ["deep", n] => {
+            let n: usize = n.parse().unwrap_or(1);
+            let text = "[".repeat(n) + &"]".repeat(n);
+            ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+        }
+        ["kill"] => {
+            let victim = inner.lock().expect("lock").victim;
+            if let Some(pid) = victim {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+            axum::Json(json!({"killed": victim})).into_response()
         }
         ["redirect"] => {
             let to = query.get("to").cloned().unwrap_or_default();
@@ -537,6 +561,16 @@ pub async fn get_json(url: &str) -> Value {
         .expect("json body")
 }
 
+/// GETs JSON, or `None` when the server does not answer (it is being
+/// killed or restarted).
+pub async fn try_get_json(url: &str) -> Option<Value> {
+    let mut req = http().get(url);
+    if let Some(token) = token_for(url) {
+        req = req.bearer_auth(token);
+    }
+    req.send().await.ok()?.json().await.ok()
+}
+
 /// Polls `GET /api/v1/runs/{id}` until the run has ended.
 pub async fn wait_run(base: &str, run_id: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
@@ -558,4 +592,41 @@ pub async fn wait_run(base: &str, run_id: &str, within: Duration) -> Value {
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    let after_name = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the name.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let hz = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(100);
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// A JSON array nested `depth` levels deep, as text.
+pub fn nested_json(depth: usize) -> String {
+    "[".repeat(depth) + &"]".repeat(depth)
+}
+
+/// POSTs raw bytes with a content type; returns status and JSON body.
+pub async fn post_raw(url: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+    let mut req = http()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body);
+    if let Some(token) = token_for(url) {
+        req = req.bearer_auth(token);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
 }
