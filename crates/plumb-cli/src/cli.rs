@@ -118,7 +118,13 @@ pub enum SecretsCommand {
         force: bool,
     },
     /// Make a new master key and re-seal every secret with it, in one transaction.
-    Rekey,
+    Rekey {
+        /// Where to write the new key (mode 0600) before anything is
+        /// re-sealed. Required when the key comes from PLUMB_MASTER_KEY;
+        /// otherwise the key file is replaced.
+        #[arg(long, value_name = "FILE")]
+        new_key_file: Option<std::path::PathBuf>,
+    },
 }
 
 /// `plumb tokens …`.

@@ -771,6 +771,90 @@ async fn rekey_reseals_every_secret_under_a_new_key_and_all_stay_readable() {
     assert_eq!(verify.code, Some(0), "{verify}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_of_an_environment_key_killed_right_after_its_commit_leaves_the_new_key_on_disk() {
+    use std::os::unix::fs::PermissionsExt;
+    let rx = Receiver::start().await;
+    let project = Project::new(&format!(
+        "connections:\n  a:\n    http:\n      base_url: {}\n      auth: {{ bearer: {{ secret: one }} }}\ndefaults:\n  retry: {{ attempts: 1 }}\n",
+        rx.base_url
+    ));
+    project.workflow(
+        "call",
+        &format!(
+            "name: call\n{HEAD}steps:\n  - id: a\n    http: {{ connection: a, path: /ok/a }}\n"
+        ),
+    );
+    let key: [u8; 32] = rand::random();
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let with_key = |args: &[&str], key: &str| {
+        let mut cmd = project.cmd(args);
+        cmd.env("PLUMB_MASTER_KEY", key);
+        cmd
+    };
+    let mut set = with_key(&["secrets", "set", "one"], &key);
+    set.stdin(std::process::Stdio::piped());
+    let mut child = set.spawn().expect("spawn");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"value-one-1").await.expect("write");
+    }
+    assert!(child.wait().await.expect("wait").success());
+    // Without a place for the new key, nothing happens.
+    let out = with_key(&["secrets", "rekey"], &key)
+        .output()
+        .await
+        .expect("rekey");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--new-key-file"));
+    // Killed the instant the re-sealed secrets are committed.
+    let new_file = project.path().join("new.key");
+    let out = with_key(
+        &[
+            "secrets",
+            "rekey",
+            "--new-key-file",
+            new_file.to_str().expect("utf-8"),
+        ],
+        &key,
+    )
+    .env("PLUMB_FAILPOINT", "rekey.committed")
+    .output()
+    .await
+    .expect("rekey");
+    assert_eq!(out.status.code(), None, "the rekey was killed");
+    let mode = std::fs::metadata(&new_file)
+        .expect("the new key is on disk")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let new_key = std::fs::read_to_string(&new_file).expect("read the new key");
+    // The old key opens nothing; the one on disk opens everything.
+    let stale = with_key(&["run", "call"], &key)
+        .output()
+        .await
+        .expect("run");
+    assert_ne!(stale.status.code(), Some(0));
+    let fresh = with_key(&["run", "call"], new_key.trim())
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        fresh.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&fresh.stdout)
+    );
+    assert_eq!(
+        rx.hits()[0]
+            .headers
+            .get("authorization")
+            .map(String::as_str),
+        Some("Bearer value-one-1")
+    );
+}
+
 /// A project with a few audit entries, and a copy of its store to tamper
 /// with.
 async fn audited_project() -> Project {

@@ -230,6 +230,7 @@ impl Service {
         ));
         tasks.spawn(metrics_setup::sample_gauges(
             Arc::clone(&engine),
+            metrics.clone(),
             shutdown.clone(),
         ));
         tasks.spawn(follow_secrets(Arc::clone(&engine), shutdown.clone()));

@@ -45,6 +45,15 @@ impl Metrics {
         Self { handle }
     }
 
+    /// Folds recorded histogram samples into their buckets. The recorder
+    /// keeps every sample until this runs, so it must run on a timer, not
+    /// only when someone scrapes `/metrics` (else memory grows per step).
+    pub fn upkeep(&self) {
+        if let Some(h) = &self.handle {
+            h.run_upkeep();
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         match &self.handle {
@@ -57,13 +66,25 @@ impl Metrics {
     }
 }
 
-/// Samples store-derived gauges until `shutdown`.
-pub async fn sample_gauges(engine: Arc<Engine>, shutdown: CancellationToken) {
+/// Samples store-derived gauges, and keeps the recorder's memory bounded,
+/// until `shutdown`.
+pub async fn sample_gauges(engine: Arc<Engine>, metrics: Metrics, shutdown: CancellationToken) {
+    // Every workflow a gauge was ever set for: one that no longer has
+    // queued, running or failed runs must read 0, not its last value.
+    let mut known: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     loop {
+        metrics.upkeep();
         match engine.store().open_counts().await {
             Ok(stats) => {
-                for s in &stats {
-                    let w = s.workflow.clone();
+                known.extend(engine.project().workflows.iter().map(|w| w.name.clone()));
+                known.extend(stats.iter().map(|s| s.workflow.clone()));
+                for workflow in &known {
+                    let s = stats
+                        .iter()
+                        .find(|s| &s.workflow == workflow)
+                        .cloned()
+                        .unwrap_or_default();
+                    let w = workflow.clone();
                     metrics::gauge!("plumb_queue_depth", "workflow" => w.clone())
                         .set(s.queued as f64);
                     metrics::gauge!("plumb_runs_in_progress", "workflow" => w.clone())
@@ -79,7 +100,10 @@ pub async fn sample_gauges(engine: Arc<Engine>, shutdown: CancellationToken) {
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = tokio::time::sleep(GAUGE_INTERVAL) => {}
         }
     }
 }
+
+/// How often gauges are sampled from the store.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);

@@ -183,7 +183,9 @@ pub async fn secrets(global: &Global, command: SecretsCommand) -> anyhow::Result
             }
             Exit::Success
         }
-        SecretsCommand::Rekey => rekey(global, &root, &store, &actor).await?,
+        SecretsCommand::Rekey { new_key_file } => {
+            rekey(global, &root, &store, &actor, new_key_file.as_deref()).await?
+        }
     };
     store.close().await;
     Ok(exit)
@@ -238,12 +240,26 @@ async fn write(
     Ok(Exit::Success)
 }
 
+/// Re-seals every secret under a new key. The new key is durably on disk
+/// (fsynced, mode 0600) *before* the re-sealed secrets are committed, so no
+/// crash, lost terminal or closed window can leave every secret sealed
+/// under a key nobody has.
 async fn rekey(
     global: &Global,
     root: &Path,
     store: &SqliteStore,
     actor: &str,
+    new_key_file: Option<&Path>,
 ) -> anyhow::Result<Exit> {
+    let from_env = std::env::var(plumb_vault::MASTER_KEY_ENV).is_ok_and(|v| !v.trim().is_empty());
+    if from_env && new_key_file.is_none() {
+        return Err(UsageError(format!(
+            "the master key comes from {}: give `--new-key-file FILE`; plumb writes the new key there (mode 0600) before re-sealing anything, then you set {} from it. Nothing was changed.",
+            plumb_vault::MASTER_KEY_ENV,
+            plumb_vault::MASTER_KEY_ENV
+        ))
+        .into());
+    }
     let old = match super::load_master_key(root)? {
         Ok(k) => k,
         Err(why) => anyhow::bail!("{why}"),
@@ -269,25 +285,39 @@ async fn rekey(
             plumb_engine::secrets::to_store(new.seal(&meta.name, &value)),
         ));
     }
-    let from_env = std::env::var(plumb_vault::MASTER_KEY_ENV).is_ok_and(|v| !v.trim().is_empty());
     let file = super::master_key_file(root);
-    let staged = file.with_extension("key.new");
-    if !from_env {
-        // Write the new key beside the old one first: if the process dies
-        // after the commit, the new key is on disk and can be moved in.
+    // The new key goes to disk first: beside the old key file (moved into
+    // place after the commit), or where `--new-key-file` says.
+    let staged = match new_key_file {
+        Some(path) => path.to_owned(),
+        None => file.with_extension("key.new"),
+    };
+    if new_key_file.is_none() {
         let _ = std::fs::remove_file(&staged);
-        write_key_file(&staged, &new)?;
     }
-    if let Err(e) = store.rekey_secrets(&resealed, &version, actor).await {
+    write_key_file(&staged, &new)?;
+    let committed = store.rekey_secrets(&resealed, &version, actor).await;
+    crate::failpoint("rekey.committed");
+    if let Err(e) = committed {
         let _ = std::fs::remove_file(&staged);
         return Err(e.into());
     }
     if from_env {
-        println!(
-            "every secret is re-sealed. The key comes from {}: set it to the new key now, or nothing can be opened:\n{}",
-            plumb_vault::MASTER_KEY_ENV,
-            new.to_base64().as_str()
-        );
+        if global.json {
+            println!(
+                "{}",
+                json!({ "result": "rekeyed", "secrets": resealed.len(), "key_id": new.fingerprint(), "new_key_file": staged })
+            );
+        } else {
+            println!(
+                "rekeyed {} secret(s): the new key {} is in {} (mode 0600). Set {} to its contents before the next start, then delete the file; the old key {} is retired.",
+                resealed.len(),
+                new.fingerprint(),
+                staged.display(),
+                plumb_vault::MASTER_KEY_ENV,
+                old.fingerprint()
+            );
+        }
     } else {
         std::fs::rename(&staged, &file).with_context(|| {
             format!(
@@ -328,6 +358,12 @@ fn write_key_file(path: &Path, key: &MasterKey) -> anyhow::Result<()> {
     text.push('\n');
     std::io::Write::write_all(&mut f, text.as_bytes())?;
     f.sync_all()?;
+    // The file's name must be durable too, not only its contents.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 
