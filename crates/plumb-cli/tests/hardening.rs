@@ -415,3 +415,50 @@ async fn a_worker_in_another_pid_namespace_is_never_taken_for_dead() {
     let _ = worker.wait().await;
     server.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn for_each_outputs_are_kept_once_and_later_steps_still_read_them_after_a_crash() {
+    let rx = Receiver::start().await;
+    let project = Project::with_receiver(&rx.base_url);
+    project.workflow(
+        "fan",
+        &format!(
+            "name: fan\n{HEAD}steps:\n  - id: list\n    jq: '[range(30) | {{n: .}}]'\n  - id: each\n    for_each: '${{{{ .steps.list }}}}'\n    concurrency: 4\n    http: {{ connection: rx, method: POST, path: /ok/item, body: '${{{{ .item }}}}' }}\n  - id: nap\n    sleep: 2s\n  - id: unrelated\n    jq: '.trigger.body.x'\n  - id: count\n    jq: '[.steps.each[] | select(.status == 200)] | length'\n"
+        ),
+    );
+    let started = project.start(&["run", "fan"]).await;
+    let run_id = started.run_id.clone();
+    let mut child = started.child;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rx.hits().len() < 30 {
+        assert!(Instant::now() < deadline, "items not sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Killed during the sleep: every item is journaled, the aggregate is
+    // nowhere in memory any more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.start_kill().expect("kill");
+    child.wait().await.expect("wait");
+    let out = project.run(&["run", "--resume", &run_id]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(rx.hits().len(), 30, "no item was sent again");
+    let shown = project.show(&run_id).await;
+    let steps = shown["steps"].as_array().expect("steps");
+    let output_of = |id: &str| {
+        steps
+            .iter()
+            .find(|s| s["step_id"] == id && s["item"].is_null())
+            .map(|s| s["output"].clone())
+            .expect("the step's row")
+    };
+    assert_eq!(
+        output_of("count"),
+        json!(30),
+        "assembled from the item rows"
+    );
+    assert_eq!(
+        output_of("each"),
+        serde_json::Value::Null,
+        "the step's own row holds no copy of the item outputs"
+    );
+}

@@ -561,6 +561,144 @@ fn num_to_json(n: &jaq_json::Num) -> Value {
     }
 }
 
+/// Which step outputs an expression may read, found in its text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepsRead {
+    /// Steps named as `.steps.<id>`, `.steps?.<id>` or `.steps["id"]`.
+    pub ids: Vec<String>,
+    /// Whether it may read *any* step's output: `.steps` used as a whole,
+    /// the whole input (`.`, `..`, `.[]`), the name `"steps"` in a string
+    /// (`getpath(["steps", …])`), or a filter that walks its input as a
+    /// whole (`tojson`, `to_entries`, `paths`, `@base64`, …). Erring on
+    /// this side only costs loading outputs that were not needed.
+    pub whole: bool,
+}
+
+impl StepsRead {
+    /// Adds what another expression of the same step reads.
+    pub fn merge(&mut self, other: Self) {
+        for id in other.ids {
+            if !self.ids.contains(&id) {
+                self.ids.push(id);
+            }
+        }
+        self.whole |= other.whole;
+    }
+
+    /// Whether the output of step `id` may be read.
+    #[must_use]
+    pub fn reads(&self, id: &str) -> bool {
+        self.whole || self.ids.iter().any(|i| i == id)
+    }
+}
+
+/// Filters that see their whole input at once: at the top level of an
+/// expression that input is the context, every step's output included.
+const WHOLE_INPUT_FILTERS: &[&str] = &[
+    "tojson",
+    "tostring",
+    "to_entries",
+    "with_entries",
+    "paths",
+    "leaf_paths",
+    "getpath",
+    "pick",
+    "walk",
+    "tostream",
+    "map_values",
+    "values",
+    "add",
+    "env",
+    "input",
+    "splits",
+    "ascii",
+    "implode",
+    "debug",
+];
+
+/// What an expression's text says it may read of `.steps` (see
+/// [`StepsRead`]). A textual scan, deliberately conservative.
+#[must_use]
+pub fn steps_read(code: &str) -> StepsRead {
+    let mut read = StepsRead::default();
+    let bytes = code.as_bytes();
+    let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    if code.contains("\"steps\"") || code.contains('@') || code.contains("..") {
+        read.whole = true;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'.' {
+            let prev_digit = i > 0 && bytes[i - 1].is_ascii_digit();
+            let next = bytes.get(i + 1).copied();
+            if prev_digit {
+                i += 1;
+                continue;
+            }
+            match next {
+                // `.field`: a path; look for `.steps`.
+                Some(n) if is_ident(n) => {
+                    let end = (i + 1..bytes.len())
+                        .find(|&j| !is_ident(bytes[j]))
+                        .unwrap_or(bytes.len());
+                    if &code[i + 1..end] == "steps" {
+                        match named_step(code, end) {
+                            Some(id) => {
+                                if !read.ids.contains(&id) {
+                                    read.ids.push(id);
+                                }
+                            }
+                            None => read.whole = true,
+                        }
+                    }
+                    i = end;
+                    continue;
+                }
+                // `."field"` and `.["field"]`: named by a string, which the
+                // check on `"steps"` above covers.
+                Some(b'"') => {}
+                // `.`, `.[]`, `.[$k]`: the whole input.
+                _ => read.whole = true,
+            }
+            i += 1;
+            continue;
+        }
+        if is_ident(b)
+            && (i == 0 || !is_ident(bytes[i - 1]) && bytes[i - 1] != b'.' && bytes[i - 1] != b'$')
+        {
+            let end = (i..bytes.len())
+                .find(|&j| !is_ident(bytes[j]))
+                .unwrap_or(bytes.len());
+            if WHOLE_INPUT_FILTERS.contains(&&code[i..end]) {
+                read.whole = true;
+            }
+            i = end;
+            continue;
+        }
+        i += 1;
+    }
+    read
+}
+
+/// After `.steps` (ending at byte `at`): the step named next, if one is.
+fn named_step(code: &str, at: usize) -> Option<String> {
+    let rest = code[at..].trim_start();
+    let rest = rest.strip_prefix('?').unwrap_or(rest).trim_start();
+    if let Some(after) = rest.strip_prefix('.') {
+        let id: String = after
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        return (!id.is_empty()).then_some(id);
+    }
+    let quoted = rest.strip_prefix('[')?.trim_start().strip_prefix('"')?;
+    let end = quoted.find('"')?;
+    let after = quoted[end + 1..].trim_start();
+    after.starts_with(']').then(|| quoted[..end].to_owned())
+}
+
 /// One piece of an interpolated string.
 #[derive(Clone, Debug)]
 pub enum TextPart {
@@ -997,6 +1135,30 @@ mod tests {
         for (code, want) in cases {
             let p = Program::compile(code).expect("compiles");
             assert_eq!(p.eval(&Val::Null, &budget()).expect(code), want, "{code}");
+        }
+    }
+
+    #[test]
+    fn steps_read_finds_named_steps_and_errs_towards_whole() {
+        let r = steps_read(r#".steps.a.body + .steps["b-c"] | .steps?.d | .stepsx"#);
+        assert_eq!(r.ids, vec!["a", "b-c", "d"]);
+        assert!(!r.whole);
+        assert!(!steps_read(".trigger.body.items[0].id").whole);
+        assert!(!steps_read("[.steps.fetch.body.items[] | {id, n: (.n * 1.5)}]").whole);
+        for whole in [
+            ".",
+            "{ctx: .}",
+            ".[]",
+            ".steps | keys",
+            ".steps[$k]",
+            "tojson",
+            ".trigger as $t | to_entries",
+            r#"getpath(["steps", "x"])"#,
+            "[..]",
+            "@base64",
+            r#"."steps""#,
+        ] {
+            assert!(steps_read(whole).whole, "{whole}");
         }
     }
 }

@@ -1100,13 +1100,20 @@ impl<'a> Checker<'a> {
         } else {
             return None;
         };
-        Some(Step {
+        let mut step = Step {
             id: spec.id,
             action,
             for_each,
             retry,
             timeout,
-        })
+            reads: crate::expr::StepsRead::default(),
+        };
+        let mut reads = crate::expr::StepsRead::default();
+        for program in step_programs(&step) {
+            reads.merge(crate::expr::steps_read(program.source()));
+        }
+        step.reads = reads;
+        Some(step)
     }
 
     fn for_each(&mut self, spec: &StepSpec, path: &FieldPath) -> Option<ForEach> {
@@ -1345,7 +1352,7 @@ impl<'a> Checker<'a> {
                 continue;
             };
             for program in step_programs(step) {
-                for referenced in step_references(program.source()) {
+                for referenced in crate::expr::steps_read(program.source()).ids {
                     match order.get(&referenced) {
                         None => {
                             let help = match closest(&referenced, &known_refs) {
@@ -1402,55 +1409,6 @@ fn step_programs(step: &Step) -> Vec<&Program> {
                 out.extend(m.programs());
             }
         }
-    }
-    out
-}
-
-/// The step ids an expression reads through `.steps.<id>` or `.steps["id"]`.
-fn step_references(code: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let bytes = code.as_bytes();
-    let mut i = 0;
-    while let Some(found) = code[i..].find(".steps") {
-        let start = i + found;
-        let mut j = start + ".steps".len();
-        // `.stepsfoo` is another field, not `.steps`.
-        if bytes
-            .get(j)
-            .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
-        {
-            i = j;
-            continue;
-        }
-        while bytes.get(j).is_some_and(u8::is_ascii_whitespace) {
-            j += 1;
-        }
-        if bytes.get(j) == Some(&b'?') {
-            j += 1;
-        }
-        match bytes.get(j) {
-            Some(b'.') => {
-                let rest = &code[j + 1..];
-                let rest = rest.trim_start();
-                let id: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                if !id.is_empty() {
-                    out.push(id);
-                }
-            }
-            Some(b'[') => {
-                let rest = code[j + 1..].trim_start();
-                if let Some(quoted) = rest.strip_prefix('"')
-                    && let Some(end) = quoted.find('"')
-                {
-                    out.push(quoted[..end].to_owned());
-                }
-            }
-            _ => {}
-        }
-        i = j.max(start + 1);
     }
     out
 }
@@ -1777,14 +1735,6 @@ mod tests {
         ))
         .expect_err("bad schedule");
         assert_eq!(err.0.len(), 2, "{err}");
-    }
-
-    #[test]
-    fn step_references_finds_dotted_and_bracketed_ids() {
-        assert_eq!(
-            step_references(r#".steps.a.body + .steps["b-c"] | .steps?.d | .stepsx"#),
-            vec!["a", "b-c", "d"]
-        );
     }
 
     #[test]

@@ -508,6 +508,9 @@ pub struct Step {
     pub retry: RetryPolicy,
     /// Timeout of one attempt.
     pub timeout: Duration,
+    /// Which earlier steps' outputs its expressions may read (a `for_each`
+    /// step's item outputs are loaded for it only if so).
+    pub reads: crate::expr::StepsRead,
 }
 
 impl Step {

@@ -96,6 +96,9 @@ pub(crate) struct Execution<'e> {
     pub(crate) stop: CancellationToken,
     /// Outputs of steps so far, as jq values: `.steps` in expressions.
     outputs: jaq_json::Map,
+    /// `for_each` steps that succeeded whose item outputs are not in
+    /// `outputs` yet: loaded only for a step that reads them.
+    lazy: std::collections::BTreeSet<String>,
     trigger: Val,
     /// The outcome of the workflow's last step, committed with the run's end.
     last_outcome: std::sync::Mutex<Option<StepRecord>>,
@@ -137,6 +140,7 @@ impl<'e> Execution<'e> {
             observer,
             stop,
             outputs: jaq_json::Map::default(),
+            lazy: std::collections::BTreeSet::new(),
             trigger,
             last_outcome: std::sync::Mutex::new(None),
             token,
@@ -187,7 +191,13 @@ impl<'e> Execution<'e> {
             match record.status {
                 StepStatus::Succeeded => {
                     let output = record.output.clone().unwrap_or(Value::Null);
-                    self.set_output(&step.id, &output);
+                    // A for_each step's row holds no copy of its items'
+                    // outputs (a run journaled before this version does).
+                    if step.for_each.is_some() && output.is_null() {
+                        self.lazy.insert(step.id.clone());
+                    } else {
+                        self.set_output(&step.id, &output);
+                    }
                     self.observer.on_event(&RunEvent::StepRestored {
                         step_id: step.id.clone(),
                     });
@@ -215,6 +225,7 @@ impl<'e> Execution<'e> {
                 StepStatus::Running => {}
             }
         }
+        self.assemble_outputs(step).await?;
         match &step.action {
             Action::If(branch) => {
                 let started = now_ms();
@@ -414,72 +425,80 @@ impl<'e> Execution<'e> {
                     .await?;
                 // Commit the list first: indices (and so idempotency keys)
                 // must mean the same items on every resume.
-                self.write_step(&self.running(
-                    step,
-                    None,
-                    1,
-                    Some(json!({ "items": items })),
-                    started,
-                ))
-                .await?;
-                items
+                let mut record = self.running(step, None, 1, None, started);
+                record.state = Some(json!({ "items": items }));
+                self.write_step(&record).await?;
+                let Some(Value::Object(mut state)) = record.state else {
+                    return Ok(());
+                };
+                match state.remove("items") {
+                    Some(Value::Array(items)) => items,
+                    _ => Vec::new(),
+                }
             }
         };
         let base = self.context_base();
         let concurrency = usize::try_from(for_each.concurrency.max(1)).unwrap_or(1);
-        // Futures are built eagerly (none runs until polled) so that the
-        // stream holds concrete borrows of `self`, not a closure over them.
-        let pending: Vec<_> = items
-            .iter()
-            .enumerate()
-            .map(|(index, item)| {
-                let index = u32::try_from(index).unwrap_or(u32::MAX);
-                self.run_item(step, index, item, base.clone())
+        // Items start as slots free up: only `concurrency` of them exist as
+        // futures at once, and each item's output goes to its own journal
+        // row, not into memory here. Memory stays flat however many items
+        // there are.
+        let this = &*self;
+        let list = &items;
+        // Indices, not `items.iter()`: the closure then borrows the list
+        // rather than taking a borrowed argument, which keeps the stream's
+        // futures `Send` (a higher-ranked closure would not be).
+        let mut results = futures::stream::iter(0..list.len())
+            .map(|i| {
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                this.run_item(step, index, &list[i], base.clone())
             })
-            .collect();
-        let results: Vec<(u32, Result<Value, Halt>)> = futures::stream::iter(pending)
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
-
-        let mut outputs = vec![Value::Null; items.len()];
-        let mut failed: Vec<(u32, Failure)> = Vec::new();
+            .buffer_unordered(concurrency);
+        let mut failed: Vec<u32> = Vec::new();
+        let mut first_failure: Option<(u32, Failure)> = None;
         let mut stopped = false;
-        for (index, result) in results {
+        let mut store_error = None;
+        while let Some((index, result)) = results.next().await {
             match result {
-                Ok(output) => {
-                    if let Some(slot) = outputs.get_mut(index as usize) {
-                        *slot = output;
+                Ok(()) => {}
+                Err(Halt::Failed(f)) => {
+                    failed.push(index);
+                    if first_failure.as_ref().is_none_or(|(i, _)| index < *i) {
+                        first_failure = Some((index, f));
                     }
                 }
-                Err(Halt::Failed(f)) => failed.push((index, f)),
                 // A store error explains the stop better than the items it
                 // stopped, so it wins.
-                Err(Halt::Store(e)) => return Err(Halt::Store(e)),
+                Err(Halt::Store(e)) => store_error = Some(e),
                 Err(Halt::Stopped) => stopped = true,
             }
         }
-        if stopped {
+        drop(results);
+        if let Some(e) = store_error {
+            return Err(Halt::Store(e));
+        }
+        if stopped || self.stop.is_cancelled() {
             return Err(Halt::Stopped);
         }
-        if self.stop.is_cancelled() {
-            return Err(Halt::Stopped);
-        }
-        if failed.is_empty() {
-            let output = Value::Array(outputs);
-            let summary = format!("{} items", items.len());
-            self.commit_success(step, None, 1, started, &output, None, Some(summary))
+        let total = items.len();
+        drop(items);
+        let Some((first_index, first)) = first_failure else {
+            // The step's own row holds no copy of the item outputs; a later
+            // step that reads them gets them assembled from the item rows.
+            let summary = format!("{total} items");
+            self.commit_success(step, None, 1, started, &Value::Null, None, Some(summary))
                 .await?;
-            self.set_output(&step.id, &output);
+            self.lazy.insert(step.id.clone());
             return Ok(());
+        };
+        failed.sort_unstable();
+        let mut names: Vec<String> = failed.iter().take(20).map(u32::to_string).collect();
+        if failed.len() > 20 {
+            names.push(format!("and {} more", failed.len() - 20));
         }
-        failed.sort_by_key(|(i, _)| *i);
-        let names: Vec<String> = failed.iter().map(|(i, _)| i.to_string()).collect();
-        let (first_index, first) = &failed[0];
         let message = format!(
-            "{} of {} items failed (items {}); item {first_index}: {}",
+            "{} of {total} items failed (items {}); item {first_index}: {}",
             failed.len(),
-            items.len(),
             names.join(", "),
             first.message
         );
@@ -491,7 +510,7 @@ impl<'e> Execution<'e> {
             status: StepStatus::Failed,
             attempt: 1,
             state: None,
-            output: Some(Value::Array(outputs)),
+            output: None,
             error: Some(message.clone()),
             status_code: first.status_code,
             started_at: started,
@@ -507,26 +526,44 @@ impl<'e> Execution<'e> {
         Err(Halt::Failed(Failure {
             message,
             step: Some(step.id.clone()),
-            item: Some(*first_index),
+            item: Some(first_index),
             attempt: first.attempt,
             status_code: first.status_code,
         }))
     }
 
-    /// One `for_each` item: restored from the journal, or run.
+    /// Makes the item outputs of earlier `for_each` steps visible to `step`,
+    /// if its expressions may read them: assembled from the item rows, once.
+    async fn assemble_outputs(&mut self, step: &Step) -> Result<(), Halt> {
+        let wanted: Vec<String> = self
+            .lazy
+            .iter()
+            .filter(|id| step.reads.reads(id))
+            .cloned()
+            .collect();
+        for id in wanted {
+            let outputs = with_store_retries(|| self.engine.store.item_outputs(&self.run.id, &id))
+                .await
+                .map_err(|e| self.halt(e))?;
+            self.set_output(&id, &Value::Array(outputs));
+            self.lazy.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// One `for_each` item: done already (its outcome is in the journal),
+    /// or run now. Its output is journaled in its own row.
     async fn run_item(
         &self,
         step: &Step,
         index: u32,
         item: &Value,
         base: ContextBase,
-    ) -> (u32, Result<Value, Halt>) {
+    ) -> (u32, Result<(), Halt>) {
         let prior = self.journal.get(&(step.id.clone(), Some(index)));
         if let Some(record) = prior {
             match record.status {
-                StepStatus::Succeeded => {
-                    return (index, Ok(record.output.clone().unwrap_or(Value::Null)));
-                }
+                StepStatus::Succeeded => return (index, Ok(())),
                 StepStatus::Failed => {
                     return (
                         index,
@@ -546,7 +583,7 @@ impl<'e> Execution<'e> {
         let result = self
             .attempts(step, Some((index, &item)), base, prior)
             .await
-            .map(|o| o.output);
+            .map(|_| ());
         (index, result)
     }
 
@@ -1143,10 +1180,10 @@ fn redact_error(engine: &Engine, e: ActionError) -> ActionError {
     }
 }
 
-pub(crate) async fn with_store_retries<F, Fut>(mut op: F) -> Result<(), StoreError>
+pub(crate) async fn with_store_retries<T, F, Fut>(mut op: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), StoreError>>,
+    Fut: Future<Output = Result<T, StoreError>>,
 {
     const DELAYS_MS: [u64; 4] = [100, 400, 1000, 2500];
     let mut tries = DELAYS_MS.iter();

@@ -1705,6 +1705,31 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn item_outputs(&self, run_id: &str, step_id: &str) -> Result<Vec<Value>, StoreError> {
+        let (run_id, step_id) = (run_id.to_owned(), step_id.to_owned());
+        self.read(move |conn| {
+            let rows: Vec<(i64, Option<Value>)> = query_all(
+                conn,
+                "SELECT item, output FROM steps WHERE run_id = ?1 AND step_id = ?2 AND item >= 0 \
+                 ORDER BY item",
+                params![run_id, step_id],
+                |r| Ok((r.get(0)?, json_col(r, "output")?)),
+            )?;
+            let len = rows
+                .last()
+                .and_then(|(i, _)| usize::try_from(*i).ok())
+                .map_or(0, |i| i + 1);
+            let mut out = vec![Value::Null; len];
+            for (item, output) in rows {
+                if let (Ok(i), Some(v)) = (usize::try_from(item), output) {
+                    out[i] = v;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn record_step(&self, owner: &str, record: &StepRecord) -> Result<(), StoreError> {
         self.write(Op::RecordStep {
             owner: owner.to_owned(),
