@@ -362,7 +362,13 @@ async fn a_worker_in_another_pid_namespace_is_never_taken_for_dead() {
     // The worker runs in its own PID namespace: its pid means another
     // process (or none) in the server's /proc.
     let mut worker = tokio::process::Command::new("unshare")
-        .args(["-pf", "--mount-proc", support::plumb_bin(), "--project"])
+        .args([
+            "-pf",
+            "--mount-proc",
+            "--kill-child",
+            support::plumb_bin(),
+            "--project",
+        ])
         .arg(project.path())
         .arg("worker")
         .env("NO_COLOR", "1")
@@ -461,4 +467,82 @@ async fn for_each_outputs_are_kept_once_and_later_steps_still_read_them_after_a_
         serde_json::Value::Null,
         "the step's own row holds no copy of the item outputs"
     );
+}
+
+/// A random request body: the shape, the content type and the bytes.
+#[derive(Debug, Clone)]
+struct Fuzzed {
+    content_type: &'static str,
+    body: Vec<u8>,
+}
+
+fn fuzzed_body() -> impl proptest::strategy::Strategy<Value = Fuzzed> {
+    use proptest::prelude::*;
+    let content_type = prop_oneof![
+        Just("application/json"),
+        Just("application/vnd.sender+json"),
+        Just("application/x-www-form-urlencoded"),
+        Just("text/plain"),
+        Just(""),
+    ];
+    let nested = (
+        0usize..300,
+        any::<bool>(),
+        "[\\[\\]{}\":,\\\\a-z0-9 ]{0,20}",
+    )
+        .prop_map(|(depth, objects, noise)| {
+            let open = if objects { "{\"k\":" } else { "[" };
+            let close = if objects { "}" } else { "]" };
+            format!("{}\"{noise}\"{}", open.repeat(depth), close.repeat(depth)).into_bytes()
+        });
+    let form = (0usize..200, "[a-z%&=+]{0,30}")
+        .prop_map(|(depth, rest)| format!("payload={}&{rest}", "%5B".repeat(depth)).into_bytes());
+    let bytes = prop_oneof![
+        nested,
+        form,
+        proptest::collection::vec(any::<u8>(), 0..2000),
+        (0usize..80_000).prop_map(|n| format!("{{\"id\": \"{}\"}}", "x".repeat(n)).into_bytes()),
+    ];
+    (content_type, bytes).prop_map(|(content_type, body)| Fuzzed { content_type, body })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_webhook_bodies_get_an_answer_and_never_stall_the_engine() {
+    use proptest::strategy::{Strategy, ValueTree};
+    let rx = Receiver::start().await;
+    let project = project_with(&rx, "serve:\n  body_limit: 64KiB\n");
+    project.workflow("forward", &forward_workflow());
+    let server = project.serve("127.0.0.1:0").await;
+    let base = server.base_url.clone();
+    let hook = format!("{base}/hooks/forward");
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = fuzzed_body();
+    let mut accepted = Vec::new();
+    for case in 0..150 {
+        let fuzzed = strategy.new_tree(&mut runner).expect("a case").current();
+        let (status, body) = post_raw(&hook, fuzzed.content_type, fuzzed.body.clone()).await;
+        assert!(
+            matches!(status, 202 | 400 | 413 | 415),
+            "case {case}: {fuzzed:?} got {status} {body}"
+        );
+        assert!(
+            body["error"]["code"].is_string() || body["run_id"].is_string(),
+            "case {case}: every answer is JSON with a code or a run: {body}"
+        );
+        if status == 202 {
+            accepted.push(body["run_id"].as_str().expect("run id").to_owned());
+        }
+    }
+    for id in &accepted {
+        let done = wait_run(&base, id, Duration::from_secs(20)).await;
+        assert_eq!(done["run"]["status"], "succeeded", "{done}");
+    }
+    eprintln!(
+        "{} of 150 random bodies were accepted and ran",
+        accepted.len()
+    );
+    a_normal_event_is_delivered(&base, &rx, "after-fuzz", Duration::from_secs(5)).await;
+    let runs = get_json(&format!("{base}/api/v1/runs?limit=500")).await;
+    assert!(runs["runs"].is_array(), "{runs}");
+    server.kill().await;
 }

@@ -68,6 +68,7 @@ def halt($code): error("halt is not available in plumb expressions");
 def debug_empty: empty;
 def stderr_empty: empty;
 def _plumb_native_range($from; $upto; $by): range($from; $upto; $by);
+def _plumb_native_tojson: tojson;
 def range($from; $upto; $by):
   if ($from | type) == "number" and ($by | type) == "number"
      and $by != 0 and $by == ($by | floor) and $from == ($from | floor)
@@ -87,7 +88,21 @@ def range($from; $upto; $by):
   end;
 def range($from; $upto): range($from; $upto; 1);
 def range($upto): range(0; $upto);
+def tojson: _plumb_depth_guard | _plumb_native_tojson;
+def tostring: _plumb_depth_guard | "\(.)";
+def @text: tostring;
+def @json: tojson;
+def @html: tostring | escape_html;
+def @uri: tostring | encode_uri;
+def @base64: tostring | encode_base64;
+def @sh: _plumb_depth_guard | [if isarray then .[] end | if . >= "" then "'\(escape_sh)'" else "\(.)" end] | join(" ");
 "#;
+
+/// How deeply a value may nest when an expression turns it into text
+/// (`tojson`, `tostring`, `@base64`, …): printing recurses once per level,
+/// so a value built thousands of levels deep inside an expression must be
+/// refused before it is printed.
+pub const MAX_PRINT_DEPTH: usize = 10_000;
 
 fn prelude() -> &'static [jaq_core::load::parse::Def<&'static str>] {
     static PRELUDE: OnceLock<Vec<jaq_core::load::parse::Def<&'static str>>> = OnceLock::new();
@@ -153,7 +168,8 @@ impl Program {
             .map_err(|errors| load_error(source, errors))?;
         let funs = jaq_core::funs::<Metered>()
             .chain(jaq_std::funs::<Metered>())
-            .chain(jaq_json::funs::<Metered>());
+            .chain(jaq_json::funs::<Metered>())
+            .chain(plumb_funs::<Metered>());
         let filter = Compiler::default()
             .with_funs(funs)
             .compile(modules)
@@ -245,6 +261,41 @@ impl Program {
         drop_deep(output);
         value
     }
+}
+
+/// plumb's own native filters: `_plumb_depth_guard` passes its input on
+/// unless it nests deeper than [`MAX_PRINT_DEPTH`] (measured without
+/// recursion), so the shadowed printers never recurse that deep.
+fn plumb_funs<D: for<'a> DataT<V<'a> = Val>>() -> impl Iterator<Item = jaq_core::native::Fun<D>> {
+    let guard: jaq_core::native::Filter<jaq_core::RunPtr<D>> =
+        ("_plumb_depth_guard", jaq_core::native::v(0), |cv| {
+            let result = if val_depth_exceeds(&cv.1, MAX_PRINT_DEPTH) {
+                Err(jaq_core::Error::str(format!(
+                    "the value nests more than {MAX_PRINT_DEPTH} levels deep and cannot be printed"
+                )))
+            } else {
+                Ok(cv.1)
+            };
+            jaq_core::native::bome(result)
+        });
+    std::iter::once(jaq_core::native::run::<D>(guard))
+}
+
+/// Whether a jq value nests deeper than `max`, found without recursion.
+fn val_depth_exceeds(val: &Val, max: usize) -> bool {
+    let mut stack: Vec<(&Val, usize)> = vec![(val, 0)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Val>> = match v {
+            Val::Arr(items) => Box::new(items.iter()),
+            Val::Obj(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        if depth + 1 > max {
+            return true;
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    false
 }
 
 /// Data that evaluations carry: the program's look-up table, plus the
@@ -1160,5 +1211,51 @@ mod tests {
         ] {
             assert!(steps_read(whole).whole, "{whole}");
         }
+    }
+
+    #[test]
+    fn values_too_deep_to_print_are_refused_not_printed() {
+        let outcome = std::thread::Builder::new()
+            .stack_size(64 * 1024 * 1024)
+            .spawn(|| {
+                let mut errors = Vec::new();
+                for code in [
+                    "reduce range(20000) as $i (0; [.]) | tojson",
+                    "reduce range(20000) as $i (0; {a: .}) | tostring",
+                    "reduce range(20000) as $i (0; [.]) | @base64",
+                ] {
+                    let p = Program::compile(code).expect("compiles");
+                    let e = p
+                        .eval(&Val::Null, &Budget::new(32 * 1024 * 1024))
+                        .expect_err("refused");
+                    errors.push(e.message);
+                }
+                let p = Program::compile("[[1], {a: [2]}] | tojson, tostring, @text")
+                    .expect("compiles");
+                let printed = p.eval(&Val::Null, &Budget::new(1024 * 1024));
+                (errors, printed)
+            })
+            .expect("spawn")
+            .join()
+            .expect("no panic");
+        for e in &outcome.0 {
+            assert!(e.contains("cannot be printed"), "{e}");
+        }
+        assert!(
+            outcome.1.is_err(),
+            "three outputs are an error, not a crash"
+        );
+        let p = Program::compile(r#"[[1], {a: [2]}] | [tojson, tostring, @text, @json, @base64]"#)
+            .expect("compiles");
+        assert_eq!(
+            p.eval(&Val::Null, &budget()).expect("prints"),
+            json!([
+                "[[1],{\"a\":[2]}]",
+                "[[1],{\"a\":[2]}]",
+                "[[1],{\"a\":[2]}]",
+                "[[1],{\"a\":[2]}]",
+                "W1sxXSx7ImEiOlsyXX1d"
+            ])
+        );
     }
 }

@@ -165,6 +165,7 @@ pub struct YamlError {
 /// Returns a [`YamlError`] for malformed YAML, duplicate keys, non-scalar or
 /// non-string mapping keys, and files holding more than one document.
 pub fn parse(source: &str) -> Result<Document, YamlError> {
+    check_depth(source)?;
     let docs = MarkedYaml::load_from_str(source).map_err(|e| YamlError {
         location: Location {
             line: saturating_u32(e.marker().line()),
@@ -186,6 +187,51 @@ pub fn parse(source: &str) -> Result<Document, YamlError> {
         }
     };
     Ok(Document { value, locations })
+}
+
+/// Deepest nesting of mappings and lists a project file may have. Far more
+/// than any workflow needs; loading a tree (and dropping it) recurses once
+/// per level, so a file nested thousands deep must be refused before it is
+/// loaded, not overflow the stack of the server reloading it.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+/// Walks the parser's events (no tree, no recursion) and refuses a file
+/// nested deeper than [`MAX_YAML_DEPTH`]. Syntax errors are left to the
+/// loader, which reports them with more context.
+fn check_depth(source: &str) -> Result<(), YamlError> {
+    use saphyr_parser::{Event, Parser};
+    let too_deep = |line: usize, col: usize| YamlError {
+        location: Location {
+            line: saturating_u32(line),
+            column: saturating_u32(col + 1),
+        },
+        message: format!(
+            "mappings and lists nest more than {MAX_YAML_DEPTH} levels deep here; plumb reads files up to {MAX_YAML_DEPTH} levels"
+        ),
+    };
+    let mut depth = 0usize;
+    for next in Parser::new_from_str(source) {
+        let (event, span) = match next {
+            Ok(next) => next,
+            // The scanner has a nesting limit of its own for flow lists
+            // (`[[[…`): say so in the same words.
+            Err(e) if e.info().contains("recursion") => {
+                return Err(too_deep(e.marker().line(), e.marker().col()));
+            }
+            Err(_) => return Ok(()),
+        };
+        match event {
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_YAML_DEPTH {
+                    return Err(too_deep(span.start.line(), span.start.col()));
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn saturating_u32(n: usize) -> u32 {

@@ -53,3 +53,43 @@ proptest! {
         let _ = load_workflow(&SourceFile { path: "w.yaml".into(), text }, &config());
     }
 }
+
+/// Loads a file on a thread with the stack a reload gets (a tokio worker's
+/// 2 MiB): a file nested past any sane depth must become a diagnostic, not
+/// a stack overflow that takes the server down.
+fn load_on_small_stack(text: String) -> Result<(), String> {
+    std::thread::Builder::new()
+        .stack_size(2 * 1024 * 1024)
+        .spawn(move || {
+            load_workflow(
+                &SourceFile {
+                    path: "w.yaml".into(),
+                    text,
+                },
+                &config(),
+            )
+            .map(|_| ())
+            .map_err(|d| d.to_string())
+        })
+        .expect("spawn")
+        .join()
+        .expect("no panic")
+}
+
+#[test]
+fn deeply_nested_yaml_is_a_diagnostic() {
+    let head = "name: w\nowner: o\ndescription: d\nsteps:\n  - id: a\n    jq: '1'\nextra: ";
+    for depth in [100, 10_000, 200_000] {
+        let flow = format!("{head}{}{}\n", "[".repeat(depth), "]".repeat(depth));
+        let err = load_on_small_stack(flow).expect_err("too deep");
+        assert!(err.contains("nest"), "{depth}: {err}");
+    }
+    let mut block =
+        String::from("name: w\nowner: o\ndescription: d\nsteps:\n  - id: a\n    jq: '1'\nextra:\n");
+    for level in 1..2000 {
+        block.push_str(&" ".repeat(level));
+        block.push_str("k:\n");
+    }
+    let err = load_on_small_stack(block).expect_err("too deep");
+    assert!(err.contains("nest"), "{err}");
+}

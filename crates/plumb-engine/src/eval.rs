@@ -25,13 +25,16 @@ use std::time::Duration;
 use plumb_core::expr::{Budget, EvalError};
 use tokio::sync::oneshot;
 
-/// Stack of each evaluation thread. Only the pages an evaluation touches
-/// are ever resident.
-const STACK: usize = 32 * 1024 * 1024;
+/// Stack of each evaluation thread: reserved address space, of which only
+/// the pages an evaluation touches become resident. Large, because values
+/// built inside an expression can nest deeply, and dropping one recurses
+/// once per level (about 50 bytes each: millions of levels fit).
+const STACK: usize = 256 * 1024 * 1024;
 
-/// How much of it one evaluation may use before it is stopped as runaway
-/// recursion; the rest is room for unwinding out of it.
-const EVAL_STACK: usize = 24 * 1024 * 1024;
+/// How much of it the evaluator itself may use before an evaluation is
+/// stopped as runaway recursion; the rest is room for dropping what it
+/// built while unwinding out of it.
+const EVAL_STACK: usize = 64 * 1024 * 1024;
 
 type Job = Box<dyn FnOnce() + Send>;
 

@@ -542,10 +542,26 @@ impl<'e> Execution<'e> {
             .cloned()
             .collect();
         for id in wanted {
-            let outputs = with_store_retries(|| self.engine.store.item_outputs(&self.run.id, &id))
+            let texts = with_store_retries(|| self.engine.store.item_outputs(&self.run.id, &id))
                 .await
                 .map_err(|e| self.halt(e))?;
-            self.set_output(&id, &Value::Array(outputs));
+            let mut items = Vec::with_capacity(texts.len());
+            for (index, text) in texts.iter().enumerate() {
+                match jaq_json::read::parse_single(text.as_bytes()) {
+                    Ok(v) => items.push(v),
+                    Err(e) => {
+                        let message = format!(
+                            "the journaled output of item {index} of step `{id}` cannot be read: {e}"
+                        );
+                        return Err(self
+                            .fail_step(step, None, 1, now_ms(), &message, None)
+                            .await);
+                    }
+                }
+            }
+            drop(texts);
+            self.outputs
+                .insert(Val::from(id.clone()), Val::Arr(Arc::new(items)));
             self.lazy.remove(&id);
         }
         Ok(())
@@ -766,16 +782,24 @@ impl<'e> Execution<'e> {
         let owner = self.token.as_str();
         // Outputs arrive sanitized (see `sanitized`); the step's own state
         // and error text are redacted here, the last stop before the store.
-        let mut record = record.clone();
-        let redactor = self.engine.secrets();
-        let redactor = redactor.redactor();
-        if let Some(state) = &mut record.state {
-            redactor.redact_json(state);
-        }
-        if let Some(e) = &mut record.error {
-            *e = redactor.redact(e).into_owned();
-        }
-        let record = &record;
+        // Without secrets there is nothing to redact and nothing to copy (a
+        // `for_each` item list may be large).
+        let secrets = self.engine.secrets();
+        let redactor = secrets.redactor();
+        let redacted;
+        let record = if redactor.is_empty() {
+            record
+        } else {
+            let mut copy = record.clone();
+            if let Some(state) = &mut copy.state {
+                redactor.redact_json(state);
+            }
+            if let Some(e) = &mut copy.error {
+                *e = redactor.redact(e).into_owned();
+            }
+            redacted = copy;
+            &redacted
+        };
         with_store_retries(|| self.engine.store.record_step(owner, record))
             .await
             .map_err(|e| self.halt(e))

@@ -767,10 +767,11 @@ pub trait Store: Send + Sync + 'static {
     /// The run's journal.
     async fn journal(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError>;
 
-    /// The outputs of a `for_each` step's items, by index (`null` for an
-    /// item without one): each item's output is stored once, in its own
-    /// row, and the list is assembled only when a later step reads it.
-    async fn item_outputs(&self, run_id: &str, step_id: &str) -> Result<Vec<Value>, StoreError>;
+    /// The outputs of a `for_each` step's items, by index, as JSON text
+    /// (`null` for an item without one): each item's output is stored once,
+    /// in its own row, and the list is assembled only when a later step
+    /// reads it — straight from the text, without a second copy.
+    async fn item_outputs(&self, run_id: &str, step_id: &str) -> Result<Vec<String>, StoreError>;
 
     /// Writes (inserts or replaces) one journal row; fenced by the lease.
     async fn record_step(&self, owner: &str, record: &StepRecord) -> Result<(), StoreError>;

@@ -153,7 +153,7 @@ enum Op {
     },
     RecordStep {
         owner: String,
-        record: StepRecord,
+        record: EncodedStep,
     },
     RecordAttempt {
         owner: String,
@@ -163,7 +163,7 @@ enum Op {
         id: String,
         owner: String,
         outcome: RunOutcome,
-        last_step: Option<StepRecord>,
+        last_step: Option<EncodedStep>,
         alerts: Vec<NewAlert>,
     },
     Cancel {
@@ -997,10 +997,45 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
     }
 }
 
-fn record_step(tx: &Transaction<'_>, owner: &str, r: &StepRecord) -> Result<Done, StoreError> {
-    let what = format!("the journal row of step `{}`", r.step_id);
-    let state = opt_json_text(r.state.as_ref(), &what)?;
-    let output = opt_json_text(r.output.as_ref(), &what)?;
+/// A journal row with its JSON already encoded, by the caller's thread: the
+/// writer thread only binds text, and no copy of a large output travels to
+/// it.
+#[derive(Debug)]
+struct EncodedStep {
+    run_id: String,
+    step_id: String,
+    item: Option<u32>,
+    status: StepStatus,
+    attempt: u32,
+    state: Option<String>,
+    output: Option<String>,
+    error: Option<String>,
+    status_code: Option<u16>,
+    started_at: Millis,
+    finished_at: Option<Millis>,
+}
+
+impl EncodedStep {
+    fn new(r: &StepRecord) -> Result<Self, StoreError> {
+        let what = format!("the journal row of step `{}`", r.step_id);
+        Ok(Self {
+            run_id: r.run_id.clone(),
+            step_id: r.step_id.clone(),
+            item: r.item,
+            status: r.status,
+            attempt: r.attempt,
+            state: opt_json_text(r.state.as_ref(), &what)?,
+            output: opt_json_text(r.output.as_ref(), &what)?,
+            error: r.error.clone(),
+            status_code: r.status_code,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+        })
+    }
+}
+
+fn record_step(tx: &Transaction<'_>, owner: &str, r: &EncodedStep) -> Result<Done, StoreError> {
+    let (state, output) = (&r.state, &r.output);
     let rows = tx
         .prepare_cached(
             "INSERT INTO steps (run_id, step_id, item, status, attempt, state, output, error, \
@@ -1705,24 +1740,24 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn item_outputs(&self, run_id: &str, step_id: &str) -> Result<Vec<Value>, StoreError> {
+    async fn item_outputs(&self, run_id: &str, step_id: &str) -> Result<Vec<String>, StoreError> {
         let (run_id, step_id) = (run_id.to_owned(), step_id.to_owned());
         self.read(move |conn| {
-            let rows: Vec<(i64, Option<Value>)> = query_all(
+            let rows: Vec<(i64, Option<String>)> = query_all(
                 conn,
                 "SELECT item, output FROM steps WHERE run_id = ?1 AND step_id = ?2 AND item >= 0 \
                  ORDER BY item",
                 params![run_id, step_id],
-                |r| Ok((r.get(0)?, json_col(r, "output")?)),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             let len = rows
                 .last()
                 .and_then(|(i, _)| usize::try_from(*i).ok())
                 .map_or(0, |i| i + 1);
-            let mut out = vec![Value::Null; len];
+            let mut out = vec!["null".to_owned(); len];
             for (item, output) in rows {
-                if let (Ok(i), Some(v)) = (usize::try_from(item), output) {
-                    out[i] = v;
+                if let (Ok(i), Some(text)) = (usize::try_from(item), output) {
+                    out[i] = text;
                 }
             }
             Ok(out)
@@ -1733,7 +1768,7 @@ impl Store for SqliteStore {
     async fn record_step(&self, owner: &str, record: &StepRecord) -> Result<(), StoreError> {
         self.write(Op::RecordStep {
             owner: owner.to_owned(),
-            record: record.clone(),
+            record: EncodedStep::new(record)?,
         })
         .await
         .map(|_| ())
@@ -1794,7 +1829,7 @@ impl Store for SqliteStore {
             id: id.to_owned(),
             owner: owner.to_owned(),
             outcome: outcome.clone(),
-            last_step: last_step.cloned(),
+            last_step: last_step.map(EncodedStep::new).transpose()?,
             alerts: alerts.to_vec(),
         })
         .await
