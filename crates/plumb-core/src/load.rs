@@ -271,16 +271,27 @@ fn load_workflow_inner(
     let Some(spec) = cx.deserialize::<WorkflowSpec>(&doc.value, &root) else {
         return Err(cx.finish());
     };
-    if !is_workflow_name(&spec.name) {
-        cx.error(&root.key("name"), format!("invalid workflow name `{}`", spec.name)).help = Some(
+    // Every missing required field is reported, not only the first.
+    let required = |cx: &mut Checker<'_>, field: &str, value: Option<String>| {
+        value.unwrap_or_else(|| {
+            cx.missing(&root, field);
+            String::new()
+        })
+    };
+    let name = required(&mut cx, "name", spec.name);
+    let owner = required(&mut cx, "owner", spec.owner);
+    let description = required(&mut cx, "description", spec.description);
+    let has_name = doc.value.get("name").is_some();
+    if has_name && !is_workflow_name(&name) {
+        cx.error(&root.key("name"), format!("invalid workflow name `{name}`")).help = Some(
             "use letters, digits, `-`, `_` and `.`, starting with a letter or digit (at most 100 characters)".into(),
         );
     }
-    if spec.owner.trim().is_empty() {
+    if doc.value.get("owner").is_some() && owner.trim().is_empty() {
         cx.error(&root.key("owner"), "`owner` is empty").help =
             Some("name the team or person who is paged when this workflow fails".into());
     }
-    if spec.description.trim().is_empty() {
+    if doc.value.get("description").is_some() && description.trim().is_empty() {
         cx.error(&root.key("description"), "`description` is empty")
             .help = Some("say in a sentence what this workflow does and why".into());
     }
@@ -298,11 +309,20 @@ fn load_workflow_inner(
             .unwrap_or(DEFAULT_TIMEOUT),
     };
     cx.check_timeout(base.timeout, &root.key("timeout"));
-    if spec.steps.is_empty() {
-        cx.error(&root.key("steps"), "the workflow has no steps")
-            .help = Some("add at least one step under `steps:`".into());
-    }
-    let steps = cx.steps(&spec.steps, &root.key("steps"), &base);
+    let raw_steps = match spec.steps {
+        Some(steps) => {
+            if steps.is_empty() {
+                cx.error(&root.key("steps"), "the workflow has no steps")
+                    .help = Some("add at least one step under `steps:`".into());
+            }
+            steps
+        }
+        None => {
+            cx.missing(&root, "steps");
+            Vec::new()
+        }
+    };
+    let steps = cx.steps(&raw_steps, &root.key("steps"), &base);
     cx.check_references(&steps);
     if spec.concurrency == Some(0) {
         cx.error_at_value(
@@ -338,9 +358,9 @@ fn load_workflow_inner(
         return Err(cx.finish());
     }
     Ok(Workflow {
-        name: spec.name,
-        owner: spec.owner,
-        description: spec.description,
+        name,
+        owner,
+        description,
         trigger: trigger.unwrap_or(Trigger::Manual),
         steps,
         concurrency: spec.concurrency,
@@ -378,6 +398,12 @@ struct Checker<'a> {
     config: Option<&'a ProjectConfig>,
     /// Step ids seen so far, with where they were defined.
     ids: HashMap<String, FieldPath>,
+    /// How many fields the last [`Checker::deserialize`] set aside as
+    /// problems (so a check that follows can avoid repeating them).
+    set_aside: usize,
+    /// Every step id written in the file, including steps with problems:
+    /// a reference to one of those is not reported as unknown.
+    written_ids: std::collections::HashSet<String>,
     /// Where each step was written, for reference errors.
     step_paths: HashMap<String, FieldPath>,
     /// Secret names in the store, when the caller could read them.
@@ -415,6 +441,8 @@ impl<'a> Checker<'a> {
             diags: Vec::new(),
             config: None,
             ids: HashMap::new(),
+            written_ids: std::collections::HashSet::new(),
+            set_aside: 0,
             step_paths: HashMap::new(),
             known_secrets: None,
         }
@@ -442,26 +470,80 @@ impl<'a> Checker<'a> {
         &mut self.diags[last]
     }
 
-    /// Deserializes `value` (found at `base`) into `T`, turning a serde error
-    /// into a diagnostic at the exact field.
+    /// Deserializes `value` (found at `base`) into `T`, turning every serde
+    /// error into a diagnostic at its exact field.
+    ///
+    /// serde stops at the first problem of a mapping, so each problem is
+    /// reported and its field set aside (an unknown field, or a value of
+    /// the wrong type), and the rest is read again, until it reads or only
+    /// a missing required field is left. What reads without the bad fields
+    /// is returned, so the checks after this one still run on it and do not
+    /// report the same step again as missing.
     fn deserialize<T: DeserializeOwned>(&mut self, value: &Value, base: &FieldPath) -> Option<T> {
-        match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let mut path = base.clone();
-                for seg in e.path().iter() {
-                    path = match seg {
-                        serde_path_to_error::Segment::Seq { index } => path.index(*index),
-                        serde_path_to_error::Segment::Map { key } => path.key(key.clone()),
-                        serde_path_to_error::Segment::Enum { .. }
-                        | serde_path_to_error::Segment::Unknown => path,
-                    };
+        /// More problems than this in one mapping are not worth reading on.
+        const MAX_PROBLEMS: usize = 32;
+        let mut value = std::borrow::Cow::Borrowed(value);
+        let mut set_aside: Vec<(Vec<Segment>, String)> = Vec::new();
+        self.set_aside = 0;
+        for _ in 0..MAX_PROBLEMS {
+            let e = match serde_path_to_error::deserialize::<_, T>(value.as_ref()) {
+                Ok(v) => return Some(v),
+                Err(e) => e,
+            };
+            self.set_aside += 1;
+            let mut segments: Vec<Segment> = Vec::new();
+            for seg in e.path().iter() {
+                match seg {
+                    serde_path_to_error::Segment::Seq { index } => {
+                        segments.push(Segment::Index(*index));
+                    }
+                    serde_path_to_error::Segment::Map { key } => {
+                        segments.push(Segment::Key(key.clone()));
+                    }
+                    serde_path_to_error::Segment::Enum { .. }
+                    | serde_path_to_error::Segment::Unknown => {}
                 }
-                let message = e.inner().to_string();
-                self.serde_error(&path, &message);
-                None
             }
+            let message = e.inner().to_string();
+            // A required field whose bad value was set aside is now missing,
+            // and so is one whose name was misspelled: either problem is
+            // already reported.
+            if let Some(rest) = message.strip_prefix("missing field `") {
+                let name = rest.split('`').next().unwrap_or_default();
+                let reported = set_aside.iter().any(|(parent, key)| {
+                    parent == &segments && (key == name || closest(key, &[name]).is_some())
+                });
+                if !reported {
+                    self.serde_error(&extend(base, &segments), &message);
+                }
+                return None;
+            }
+            self.serde_error(&extend(base, &segments), &message);
+            // Set the offending field aside: the unknown key itself, or the
+            // field holding the bad value (a whole list, for a bad element,
+            // so later indices keep their meaning).
+            if let Some(rest) = message.strip_prefix("unknown field `") {
+                let name = rest.split('`').next().unwrap_or_default().to_owned();
+                if segments.last() == Some(&Segment::Key(name.clone())) {
+                    segments.pop();
+                }
+                segments.push(Segment::Key(name));
+            }
+            while matches!(segments.last(), Some(Segment::Index(_))) {
+                segments.pop();
+            }
+            let Some(Segment::Key(key)) = segments.pop() else {
+                return None;
+            };
+            let Some(Value::Object(map)) = value_at_mut(value.to_mut(), &segments) else {
+                return None;
+            };
+            if map.remove(&key).is_none() {
+                return None;
+            }
+            set_aside.push((segments, key));
         }
+        None
     }
 
     fn serde_error(&mut self, path: &FieldPath, message: &str) {
@@ -482,20 +564,25 @@ impl<'a> Checker<'a> {
             self.error(&at, format!("unknown field `{name}`")).help = Some(help);
         } else if let Some(rest) = message.strip_prefix("missing field `") {
             let name = rest.split('`').next().unwrap_or_default().to_owned();
-            let help = match name.as_str() {
-                "name" => "add `name: <unique-name>`; it is how you run and find this workflow".to_owned(),
-                "owner" => "add `owner: <team or email>`: who is paged when this workflow fails".to_owned(),
-                "description" => "add `description: <what this workflow does and why>`".to_owned(),
-                "steps" => "add `steps:` with at least one step".to_owned(),
-                "id" => "give the step an `id:` (letters, digits and `_`); later steps read its output as `.steps.<id>`".to_owned(),
-                other => format!("add `{other}:`"),
-            };
-            self.error(path, format!("missing required field `{name}`"))
-                .help = Some(help);
+            self.missing(path, &name);
         } else {
-            let value_path = path.clone();
-            self.error_at_value(&value_path, message.to_owned());
+            let (text, help) = plain_words(message);
+            self.error_at_value(path, text).help = help;
         }
+    }
+
+    /// A required field that is not there.
+    fn missing(&mut self, path: &FieldPath, name: &str) {
+        let help = match name {
+            "name" => "add `name: <unique-name>`; it is how you run and find this workflow".to_owned(),
+            "owner" => "add `owner: <team or email>`: who is paged when this workflow fails".to_owned(),
+            "description" => "add `description: <what this workflow does and why>`".to_owned(),
+            "steps" => "add `steps:` with at least one step".to_owned(),
+            "id" => "give the step an `id:` (letters, digits and `_`); later steps read its output as `.steps.<id>`".to_owned(),
+            other => format!("add `{other}:`"),
+        };
+        self.error(path, format!("missing required field `{name}`"))
+            .help = Some(help);
     }
 
     fn check_timeout(&mut self, timeout: Duration, path: &FieldPath) {
@@ -987,22 +1074,32 @@ impl<'a> Checker<'a> {
     }
 
     fn step(&mut self, raw: &Value, path: &FieldPath, base: &StepDefaults) -> Option<Step> {
+        // The id as written, even if the step does not read: references to
+        // a broken step are its problem, not theirs.
+        if let Some(id) = raw.get("id").and_then(Value::as_str) {
+            self.written_ids.insert(id.to_owned());
+        }
         let spec: StepSpec = self.deserialize(raw, path)?;
+        let fields_set_aside = self.set_aside;
         let id_path = path.key("id");
-        if !is_identifier(&spec.id) {
-            self.error_at_value(&id_path, format!("invalid step id `{}`", spec.id)).help = Some(
+        let id_missing = spec.id.is_none();
+        let id = spec.id.clone().unwrap_or_default();
+        if id_missing {
+            self.missing(path, "id");
+        } else if !is_identifier(&id) {
+            self.error_at_value(&id_path, format!("invalid step id `{id}`")).help = Some(
                 "use letters, digits and `_`, starting with a letter or `_`, so that `.steps.<id>` works in expressions".into(),
             );
         }
-        if let Some(first) = self.ids.get(&spec.id) {
+        if let Some(first) = self.ids.get(&id).filter(|_| !id_missing) {
             let line = self.doc.locate(first).line;
-            self.error_at_value(&id_path, format!("the step id `{}` is used twice", spec.id))
+            self.error_at_value(&id_path, format!("the step id `{id}` is used twice"))
                 .help = Some(format!(
                 "it is first used on line {line}; step ids must be unique in a workflow"
             ));
-        } else {
-            self.ids.insert(spec.id.clone(), id_path.clone());
-            self.step_paths.insert(spec.id.clone(), path.clone());
+        } else if !id_missing {
+            self.ids.insert(id.clone(), id_path.clone());
+            self.step_paths.insert(id.clone(), path.clone());
         }
         let kinds: Vec<&str> = [
             ("http", spec.http.is_some()),
@@ -1014,13 +1111,18 @@ impl<'a> Checker<'a> {
         .into_iter()
         .filter_map(|(k, present)| present.then_some(k))
         .collect();
+        // No action, but an unknown field was reported: most likely the
+        // action's name misspelled, which that report already says.
+        if kinds.is_empty() && fields_set_aside > 0 {
+            return None;
+        }
         if kinds.len() != 1 {
             let found = if kinds.is_empty() {
                 "none".to_owned()
             } else {
                 kinds.join(" and ")
             };
-            self.error(path, format!("step `{}` needs exactly one action (found {found})", spec.id))
+            self.error(path, format!("step `{id}` needs exactly one action (found {found})"))
                 .help = Some("give the step one of `http:`, `jq:`, `if:`, `sleep:` or `assert:`; split it into several steps to do more".into());
             return None;
         }
@@ -1100,8 +1202,11 @@ impl<'a> Checker<'a> {
         } else {
             return None;
         };
+        if id_missing {
+            return None;
+        }
         let mut step = Step {
-            id: spec.id,
+            id,
             action,
             for_each,
             retry,
@@ -1354,6 +1459,9 @@ impl<'a> Checker<'a> {
             for program in step_programs(step) {
                 for referenced in crate::expr::steps_read(program.source()).ids {
                     match order.get(&referenced) {
+                        // A step written with problems of its own: those
+                        // are reported where it is.
+                        None if self.written_ids.contains(&referenced) => {}
                         None => {
                             let help = match closest(&referenced, &known_refs) {
                                 Some(best) => format!("did you mean `.steps.{best}`?"),
@@ -1380,6 +1488,85 @@ impl<'a> Checker<'a> {
             }
         }
     }
+}
+
+/// A serde message in the words of someone writing YAML, not Rust:
+/// "expected a whole number, found the text \"x\"" instead of
+/// "invalid type: string \"x\", expected u32". Returns the message and,
+/// for an unknown value of a fixed set, the values to choose from.
+fn plain_words(message: &str) -> (String, Option<String>) {
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let value = rest.split('`').next().unwrap_or_default();
+        let choices: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
+        let help = match closest(value, &choices) {
+            Some(best) => format!("did you mean `{best}`?"),
+            None => format!("use one of: {}", choices.join(", ")),
+        };
+        return (format!("unknown value `{value}`"), Some(help));
+    }
+    let body = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "));
+    let Some(body) = body else {
+        return (message.to_owned(), None);
+    };
+    let Some((found, expected)) = body.rsplit_once(", expected ") else {
+        return (message.to_owned(), None);
+    };
+    let found = if let Some(text) = found.strip_prefix("string ") {
+        format!("the text {text}")
+    } else if let Some(n) = found
+        .strip_prefix("integer ")
+        .or_else(|| found.strip_prefix("floating point "))
+    {
+        format!("the number {}", n.trim_matches('`'))
+    } else if let Some(b) = found.strip_prefix("boolean ") {
+        b.trim_matches('`').to_owned()
+    } else {
+        match found {
+            "map" => "a mapping".to_owned(),
+            "sequence" => "a list".to_owned(),
+            "unit value" | "null" => "nothing (null)".to_owned(),
+            other => other.to_owned(),
+        }
+    };
+    let expected = match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number of 0 or more",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "a string" => "text",
+        "a boolean" => "true or false",
+        "a sequence" => "a list",
+        "a map" => "a mapping (`key: value` pairs)",
+        other if other.starts_with("struct ") => "a mapping (`key: value` pairs)",
+        other => other,
+    };
+    (format!("expected {expected}, found {found}"), None)
+}
+
+/// `base` extended by `segments`.
+fn extend(base: &FieldPath, segments: &[Segment]) -> FieldPath {
+    let mut path = base.clone();
+    for seg in segments {
+        path = match seg {
+            Segment::Key(k) => path.key(k.clone()),
+            Segment::Index(i) => path.index(*i),
+        };
+    }
+    path
+}
+
+/// The value at `segments` inside `value`, if there is one.
+fn value_at_mut<'v>(value: &'v mut Value, segments: &[Segment]) -> Option<&'v mut Value> {
+    let mut at = value;
+    for seg in segments {
+        at = match (seg, at) {
+            (Segment::Key(k), Value::Object(map)) => map.get_mut(k)?,
+            (Segment::Index(i), Value::Array(list)) => list.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(at)
 }
 
 fn step_programs(step: &Step) -> Vec<&Program> {
@@ -1836,5 +2023,81 @@ mod tests {
         .expect_err("no unit");
         assert!(err.0[0].message.contains("no unit"), "{}", err.0[0]);
         assert_eq!(err.0[0].line, Some(4));
+    }
+
+    #[test]
+    fn every_problem_of_a_mapping_is_reported_in_one_pass() {
+        let err = workflow(&format!(
+            "{HEAD}steps:\n  - id: a\n    jq: '1'\n    colour: red\n    shade: dark\n    concurrency: many\n    retry: {{ attempts: lots, backof: fixed }}\n"
+        ))
+        .expect_err("several problems");
+        let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
+        for want in [
+            "unknown field `colour`",
+            "unknown field `shade`",
+            "unknown field `backof`",
+            "expected a whole number of 0 or more, found the text \"many\"",
+            "expected a whole number of 0 or more, found the text \"lots\"",
+        ] {
+            assert!(messages.contains(&want), "{want} missing from {messages:?}");
+        }
+        assert_eq!(err.0.len(), 5, "{messages:?}");
+    }
+
+    #[test]
+    fn every_missing_required_field_is_reported() {
+        let err = workflow("name: w\nsteps:\n  - jq: '1'\n").expect_err("missing fields");
+        let mut messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
+        messages.sort_unstable();
+        assert_eq!(
+            messages,
+            vec![
+                "missing required field `description`",
+                "missing required field `id`",
+                "missing required field `owner`",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_broken_step_does_not_make_its_readers_report_it_missing() {
+        // Three real problems: a misspelled action, an unknown connection
+        // and a bad value; each reported once, and nothing about `fetch`
+        // being missing for the steps that read it.
+        let err = workflow(&format!(
+            "{HEAD}steps:\n  - id: fetch\n    htpp: {{ connection: crm, path: /x }}\n  - id: post\n    http: {{ connection: nope, path: '/y/${{{{ .steps.fetch.body.id }}}}' }}\n  - id: shape\n    jq: '.steps.fetch'\n    timeout: soon\n"
+        ))
+        .expect_err("three problems");
+        let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(err.0.len(), 3, "{messages:?}");
+        assert!(messages.iter().any(|m| m.contains("unknown field `htpp`")));
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("unknown connection `nope`"))
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("invalid duration `soon`"))
+        );
+        assert!(
+            err.0
+                .iter()
+                .any(|d| d.help.as_deref() == Some("did you mean `http`?"))
+        );
+    }
+
+    #[test]
+    fn unknown_values_of_a_fixed_set_name_the_choices() {
+        let err = workflow(&format!(
+            "{HEAD}retry: {{ backoff: expo }}\nsteps:\n  - id: a\n    jq: '1'\n"
+        ))
+        .expect_err("bad backoff");
+        assert_eq!(err.0[0].message, "unknown value `expo`");
+        assert_eq!(
+            err.0[0].help.as_deref(),
+            Some("use one of: exponential, fixed")
+        );
     }
 }

@@ -237,16 +237,17 @@ pub struct HeaderAuthSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowSpec {
-    /// Unique name, used on the command line and in URLs.
-    pub name: String,
-    /// Who is paged when it breaks.
-    pub owner: String,
-    /// What it does, for the people who inherit it.
-    pub description: String,
+    /// Unique name, used on the command line and in URLs. Required; read
+    /// as optional so that every missing field is reported at once.
+    pub name: Option<String>,
+    /// Who is paged when it breaks. Required.
+    pub owner: Option<String>,
+    /// What it does, for the people who inherit it. Required.
+    pub description: Option<String>,
     /// What starts a run; `manual` when omitted.
     pub trigger: Option<Value>,
-    /// The steps, each a [`StepSpec`].
-    pub steps: Vec<Value>,
+    /// The steps, each a [`StepSpec`]. Required.
+    pub steps: Option<Vec<Value>>,
     /// Retry policy for this workflow's steps.
     pub retry: Option<RetrySpec>,
     /// Per-step timeout for this workflow's steps.
@@ -351,8 +352,10 @@ pub enum CatchUp {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepSpec {
-    /// Unique within the workflow; other steps read its output as `.steps.<id>`.
-    pub id: String,
+    /// Unique within the workflow; other steps read its output as
+    /// `.steps.<id>`. Required; read as optional so the rest of the step is
+    /// still checked when it is missing.
+    pub id: Option<String>,
     /// Call an HTTP connection.
     pub http: Option<HttpStepSpec>,
     /// Transform with a jq program.
