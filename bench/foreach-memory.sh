@@ -54,15 +54,21 @@ for round in $(seq 1 "$rounds"); do
     read -r rss_kb secs < "$dir/time"
     status=$(tail -n 1 "$dir/out.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("status","?"))')
     delivered=$(curl -fs "http://127.0.0.1:$port/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["accepted"])')
-    read -r rows out_bytes state_bytes biggest < <(python3 - "$dir/plumb.db" <<'PY'
-import sqlite3, sys
+    read -r rows out_bytes state_bytes biggest files < <(python3 - "$dir/plumb.db" <<'PY'
+import glob, os, sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
 rows, out, state = db.execute("SELECT count(*), coalesce(sum(length(output)),0), coalesce(sum(length(state)),0) FROM steps").fetchone()
 biggest = db.execute("SELECT coalesce(max(length(output)),0) FROM steps").fetchone()[0]
-print(rows, out, state, biggest)
+db.close()
+size = 0
+for f in glob.glob(sys.argv[1] + "*"):
+    try:
+        size += os.stat(f).st_size
+    except FileNotFoundError:
+        pass
+print(rows, out, state, biggest, size)
 PY
 )
-    files=$(du -cb "$dir"/plumb.db* | tail -n 1 | cut -f1)
     printf '%-11s round %d: status %s, delivered %s, peak RSS %.1f MiB, %.1f s, journal %s rows, outputs %.1f MiB (largest row %.1f KiB), state %.1f MiB, store files %.1f MiB\n' \
       "$workflow" "$round" "$status" "$delivered" "$(echo "$rss_kb/1024" | bc -l)" "$secs" "$rows" \
       "$(echo "$out_bytes/1048576" | bc -l)" "$(echo "$biggest/1024" | bc -l)" \

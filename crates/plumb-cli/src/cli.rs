@@ -6,7 +6,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// plumb: durable, observable integrations you can trust with real data.
 #[derive(Debug, Parser)]
-#[command(name = "plumb", version, about, long_about = None)]
+#[command(
+    name = "plumb",
+    version,
+    about = "plumb runs integrations you can trust with real data: workflows are YAML files in git; every step's outcome is committed before the next starts, a crashed run resumes where it stopped, every effect carries an idempotency key, and every failure ends in a dead letter and an alert.",
+    long_about = None,
+    after_help = "Start with `plumb init DIR`, then `plumb check` and `plumb run WORKFLOW`; `plumb serve` runs it all as a service. Every command takes --project DIR and --json."
+)]
 pub struct Cli {
     /// Options every command takes.
     #[command(flatten)]

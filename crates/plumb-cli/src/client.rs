@@ -13,26 +13,17 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// The server of this project, if one answers at `listen`, serves the
-    /// store with id `store` (another project's server on the same address
-    /// is ignored) and proves it with an HMAC of a fresh challenge under
-    /// the store's `instance_secret`, so a process that merely took the
-    /// port never sees the token. Every call carries `token` as a bearer
-    /// token.
-    pub async fn detect(
-        listen: &str,
-        store: &str,
-        instance_secret: &str,
-        token: &str,
-    ) -> Option<Self> {
+    /// The base URL of this project's server, if one answers at `listen`,
+    /// serves the store with id `store` (another project's server on the
+    /// same address is ignored) and proves it with an HMAC of a fresh
+    /// challenge under the store's `instance_secret`. No token is sent.
+    pub async fn probe(listen: &str, store: &str, instance_secret: &str) -> Option<String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         // A server bound to all interfaces is reached on loopback.
         let host = listen
             .replace("0.0.0.0:", "127.0.0.1:")
             .replace("[::]:", "[::1]:");
         let base = format!("http://{host}");
-        // The probe carries no token: whoever listens there gets it only
-        // after answering as this project's server.
         let challenge = plumb_vault::new_api_token();
         let probe = reqwest::Client::new()
             // URL-safe base64 with a `plb_` prefix: nothing to escape.
@@ -51,10 +42,16 @@ impl ApiClient {
         if !plumb_vault::healthz_proof_ok(instance_secret, &challenge, proof) {
             tracing::warn!(
                 server = %base,
-                "Something at `listen` claims to be this project's server but cannot prove it; not sending the token."
+                "Something at `listen` claims to be this project's server but cannot prove it; not using it."
             );
             return None;
         }
+        Some(base)
+    }
+
+    /// A client for the server at `base` (found by [`ApiClient::probe`]),
+    /// every call carrying `token` as a bearer token.
+    pub fn new(base: String, token: &str) -> Option<Self> {
         let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
         auth.set_sensitive(true);
         let headers =

@@ -215,6 +215,7 @@ impl Progress {
                 status,
                 failure,
                 elapsed,
+                ..
             } => {
                 json!({"event": "run_finished", "run_id": run_id, "status": status, "failure": failure, "elapsed_ms": elapsed.as_millis()})
             }
@@ -303,6 +304,7 @@ impl Progress {
                 status,
                 failure,
                 elapsed,
+                ..
             } => match failure {
                 None => format!(
                     "run {run_id} {} in {}",

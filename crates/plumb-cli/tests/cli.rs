@@ -92,14 +92,21 @@ async fn check_lists_every_problem_with_file_line_and_field() {
             .contains("workflows/b.yaml:1:1: error: missing required field `owner`"),
         "{out}"
     );
-    assert!(out.stderr.contains("2 problems found"), "{out}");
+    // Every problem in one pass: b's missing owner does not hide the
+    // reference to a step it does not have.
+    assert!(
+        out.stderr
+            .contains("step `shape` reads `.steps.nope`, but no step has the id `nope`"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("3 problems found"), "{out}");
 
     let json = project.run(&["check", "--json"]).await;
     assert_eq!(json.code, Some(1));
     let doc: Value = serde_json::from_str(&json.stdout).expect("json");
     assert_eq!(doc["ok"], false);
     let problems = doc["problems"].as_array().expect("problems");
-    assert_eq!(problems.len(), 2);
+    assert_eq!(problems.len(), 3);
     assert_eq!(problems[0]["file"], "workflows/a.yaml");
     assert_eq!(problems[0]["line"], 7);
     assert_eq!(problems[0]["field"], "steps[0].http.conection");

@@ -506,6 +506,15 @@ async fn the_demo_shows_a_retry_a_dead_letter_and_an_alert_then_stops_cleanly_on
             other => panic!("demo output ended ({other:?}):\n{seen}"),
         }
     }
+    while !seen.contains("Ctrl-C (or SIGTERM) stops the demo") {
+        match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            other => panic!("demo output ended ({other:?}):\n{seen}"),
+        }
+    }
     let dir = seen
         .lines()
         .find_map(|l| l.split("(store: ").nth(1))
@@ -513,6 +522,36 @@ async fn the_demo_shows_a_retry_a_dead_letter_and_an_alert_then_stops_cleanly_on
         .expect("the demo names its directory")
         .to_owned();
     assert!(std::path::Path::new(&dir).exists());
+    // The suggested commands work as printed, in a shell without `plumb`
+    // on its PATH.
+    let suggested = |needle: &str| {
+        seen.lines()
+            .map(str::trim)
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no suggested command with {needle}:\n{seen}"))
+            .to_owned()
+    };
+    let shell = |line: String| async move {
+        tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&line)
+            .env("PATH", "/usr/bin:/bin")
+            .env("NO_COLOR", "1")
+            .output()
+            .await
+            .expect("sh")
+    };
+    let status = shell(suggested(" status")).await;
+    let status_text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status_text.contains("verdict") && status_text.contains("running at"),
+        "{status_text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let api = shell(suggested("/api/v1/status")).await;
+    let doc: serde_json::Value =
+        serde_json::from_slice(&api.stdout).expect("the API answers the printed curl with JSON");
+    assert!(doc["workflows"].is_array(), "{doc}");
     let pid = child.id().expect("pid").to_string();
     std::process::Command::new("kill")
         .args(["-INT", &pid])

@@ -18,6 +18,7 @@ pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics};
 pub use load::{
-    SourceFile, load_config, load_project, load_project_checking_secrets, load_workflow,
+    PartialProject, SourceFile, load_config, load_config_lenient, load_project,
+    load_project_checking_secrets, load_project_partial, load_workflow,
 };
 pub use model::{Project, ProjectConfig, Workflow};

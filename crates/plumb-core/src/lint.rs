@@ -213,15 +213,22 @@ fn finding(path: &FieldPath, text: &str) -> Option<String> {
     if in_headers && is_credential_name(&key, true) && credential_literal(&literal) {
         return Some(format!("a literal value of the `{key}` header"));
     }
-    if !in_auth && !in_headers && is_credential_name(&key, false) && credential_literal(&literal) {
+    // `secret: warehouse_dsn` (or `password: { secret: … }`) names a
+    // sealed secret: the field is about credentials, its value is a name.
+    let names_a_secret = key == "secret" && looks_like_name(&literal);
+    if !in_auth
+        && !in_headers
+        && !names_a_secret
+        && is_credential_name(&key, false)
+        && credential_literal(&literal)
+    {
         return Some(format!("a literal value of the credential field `{key}`"));
     }
     let url_field = matches!(key.as_str(), "url" | "base_url" | "path" | "public_url")
         || literal.contains("://");
     // `secret: github_app_private_key_2024` names a secret: snake_case
     // names are not random tokens, however many letters they mix.
-    let secret_name = key == "secret" && looks_like_name(&literal);
-    if (in_headers || in_auth || url_field) && !secret_name && has_random_token(&literal) {
+    if (in_headers || in_auth || url_field) && !names_a_secret && has_random_token(&literal) {
         return Some(if in_auth {
             "a random-looking value in an `auth` field (auth names a secret, it never holds one)"
                 .to_owned()
@@ -293,6 +300,12 @@ fn url_userinfo(literal: &str) -> Option<String> {
 
 /// A token of at least 20 characters that looks random: mixed letters and
 /// digits with high per-character entropy, or a long hex string.
+///
+/// Names are not tokens, however many letters and digits they mix: a value
+/// made of short parts joined by `_`, `-` or `.` (`plumb_acc_chaos_0539635c`,
+/// `db-prod-01.eu-west-1.rds.amazonaws.com`, `report_2024_11_30.csv`) is a
+/// name unless one of its parts is long and random by itself
+/// (`token_Xy8f9Kq2Lm3Np4Rs5Tu6` is still a token).
 fn has_random_token(literal: &str) -> bool {
     literal
         .split(|c: char| !(c.is_ascii_alphanumeric() || "+=_-.~".contains(c)))
@@ -301,20 +314,35 @@ fn has_random_token(literal: &str) -> bool {
             if UUID.as_ref().is_some_and(|re| re.is_match(t)) {
                 return false;
             }
-            let core: Vec<u8> = t.bytes().filter(u8::is_ascii_alphanumeric).collect();
-            let digits = core.iter().filter(|b| b.is_ascii_digit()).count();
-            let letters = core.len() - digits;
-            if digits == 0 || letters == 0 || core.len() < 20 {
-                return false;
-            }
-            let hex = core.iter().all(u8::is_ascii_hexdigit);
-            let entropy = shannon(&core);
-            if hex {
-                core.len() >= 32 && entropy >= 3.0
-            } else {
-                entropy >= 3.7
-            }
+            // Judged by its parts: key material is one long random run,
+            // names are short parts joined.
+            t.split(['_', '-', '.', '~'])
+                .any(|p| p.len() >= 16 && looks_random(p))
         })
+}
+
+/// Whether one run of characters looks like random key material.
+fn looks_random(token: &str) -> bool {
+    let core: Vec<u8> = token.bytes().filter(u8::is_ascii_alphanumeric).collect();
+    let digits = core.iter().filter(|b| b.is_ascii_digit()).count();
+    let letters = core.len() - digits;
+    if digits == 0 || letters == 0 || core.len() < 16 {
+        return false;
+    }
+    let hex = core.iter().all(u8::is_ascii_hexdigit);
+    let entropy = shannon(&core);
+    if hex {
+        core.len() >= 32 && entropy >= 3.0
+    } else {
+        core.len() >= 20 && entropy >= 3.7
+            || core.len() >= 16 && entropy >= 3.6 && mixed_case(&core)
+    }
+}
+
+/// Upper and lower case letters both: generated keys mix them, names and
+/// paths rarely do.
+fn mixed_case(bytes: &[u8]) -> bool {
+    bytes.iter().any(u8::is_ascii_uppercase) && bytes.iter().any(u8::is_ascii_lowercase)
 }
 
 /// Bits per byte.

@@ -66,6 +66,48 @@ pub fn load_project_checking_secrets(
     workflows: &[SourceFile],
     known_secrets: Option<&std::collections::BTreeSet<String>>,
 ) -> Result<Project, Diagnostics> {
+    let partial = load_project_partial(config, workflows, known_secrets);
+    match partial.config {
+        Some(config) if partial.problems.is_empty() => Ok(Project {
+            config,
+            workflows: partial.workflows,
+        }),
+        _ => Err(partial.problems),
+    }
+}
+
+/// What of a project loads: `plumb.yaml` if it is valid, every workflow
+/// that is valid against it, and the problems of the rest. Commands that
+/// touch one workflow (or none) work with this, so one broken file does
+/// not block unrelated work.
+#[derive(Clone, Debug)]
+pub struct PartialProject {
+    /// `plumb.yaml`, if it has no problems.
+    pub config: Option<Arc<ProjectConfig>>,
+    /// The workflows that load, in file name order.
+    pub workflows: Vec<Arc<Workflow>>,
+    /// Every problem found, in every file.
+    pub problems: Diagnostics,
+}
+
+impl PartialProject {
+    /// The files that have problems, each once.
+    #[must_use]
+    pub fn broken_files(&self) -> Vec<String> {
+        let mut files: Vec<String> = self.problems.0.iter().map(|d| d.file.clone()).collect();
+        files.dedup();
+        files
+    }
+}
+
+/// Loads what can be loaded of a project (see [`PartialProject`]); with
+/// `known_secrets`, also reports secret references not among them.
+#[must_use]
+pub fn load_project_partial(
+    config: &SourceFile,
+    workflows: &[SourceFile],
+    known_secrets: Option<&std::collections::BTreeSet<String>>,
+) -> PartialProject {
     let mut diags = Diagnostics::default();
     let config = match load_config_inner(config, known_secrets) {
         Ok(c) => Arc::new(c),
@@ -80,7 +122,11 @@ pub fn load_project_checking_secrets(
                 }
             }
             diags.sort();
-            return Err(diags);
+            return PartialProject {
+                config: None,
+                workflows: Vec::new(),
+                problems: diags,
+            };
         }
     };
     let mut loaded: Vec<Arc<Workflow>> = Vec::new();
@@ -122,15 +168,61 @@ pub fn load_project_checking_secrets(
             Err(d) => diags.0.extend(d.0),
         }
     }
-    if diags.is_empty() {
-        Ok(Project {
-            config,
-            workflows: loaded,
-        })
-    } else {
-        diags.sort();
-        Err(diags)
+    diags.sort();
+    PartialProject {
+        config: Some(config),
+        workflows: loaded,
+        problems: diags,
     }
+}
+
+/// `plumb.yaml` for commands that only need to find the store and the
+/// server (history, status, secrets, tokens, audit): the file as loaded
+/// when it is valid; otherwise its `store` and `listen` as written, with
+/// everything else left at the defaults, and the file's problems.
+///
+/// # Errors
+///
+/// The problems, when not even `store` can be read (the YAML itself is
+/// broken, or `store` is not a store URL).
+pub fn load_config_lenient(file: &SourceFile) -> Result<(ProjectConfig, Diagnostics), Diagnostics> {
+    let problems = match load_config_inner(file, None) {
+        Ok(config) => return Ok((config, Diagnostics::default())),
+        Err(d) => d,
+    };
+    let Ok(doc) = yaml::parse(&file.text) else {
+        return Err(problems);
+    };
+    let text = |key: &str, default: &str| -> Option<String> {
+        match doc.value.get(key) {
+            None | Some(Value::Null) => Some(default.to_owned()),
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => None,
+        }
+    };
+    let (Some(store), Some(listen)) =
+        (text("store", DEFAULT_STORE), text("listen", DEFAULT_LISTEN))
+    else {
+        return Err(problems);
+    };
+    if check_store_url(&store).is_err() {
+        return Err(problems);
+    }
+    let config = ProjectConfig {
+        store,
+        listen,
+        connections: BTreeMap::new(),
+        defaults: Defaults {
+            retry: DEFAULT_RETRY,
+            timeout: DEFAULT_TIMEOUT,
+        },
+        alerts: BTreeMap::new(),
+        serve: ServeConfig::default(),
+        version: hex::encode(Sha256::digest(file.text.as_bytes())),
+        connection_versions: BTreeMap::new(),
+        lint_allow: Vec::new(),
+    };
+    Ok((config, problems))
 }
 
 /// Loads `plumb.yaml`.
@@ -538,9 +630,7 @@ impl<'a> Checker<'a> {
             let Some(Value::Object(map)) = value_at_mut(value.to_mut(), &segments) else {
                 return None;
             };
-            if map.remove(&key).is_none() {
-                return None;
-            }
+            map.remove(&key)?;
             set_aside.push((segments, key));
         }
         None

@@ -223,6 +223,28 @@ fn literal_credentials_in_headers_auth_fields_and_urls_are_found() {
 }
 
 #[test]
+fn ordinary_configuration_values_are_not_findings() {
+    // Database names with test suffixes, hostnames, UUIDs, paths, buckets,
+    // service names, dated file names, and SPEC's own secret references:
+    // what real projects hold, none of it a credential.
+    let text = "connections:\n  crm:\n    http:\n      base_url: https://api.example.com/v2/accounts/acme_corp_eu_2024\n      headers: { X-Request-Id: 0f8fad5b-d9cb-469f-a165-70867728950e, X-Tenant: plumb_acc_chaos_0539635c }\n  warehouse:\n    postgres: { url: { secret: warehouse_dsn } }\n  ledger:\n    postgres: { url: 'postgres://plumb@db-prod-01.eu-west-1.rds.amazonaws.com:5432/plumb_acc_chaos_0539635c', password: { secret: ledger_db_password } }\n  lake:\n    http: { base_url: 'https://my-company-data-lake-prod-eu-west-1.s3.amazonaws.com/exports/2024-11-30/report_final_v2_2024_11_30.csv' }\n  svc:\n    http: { base_url: 'http://payments-api.default.svc.cluster.local:8080/internal/v1' }\n  events:\n    amqp: { url: { secret: rabbit_url } }\n";
+    let doc = yaml::parse(text).expect("yaml");
+    assert_eq!(lint("plumb.yaml", &doc, &[]), Vec::new());
+    let steps = workflow_with(
+        "  - id: b\n    http: { connection: crm, path: '/repos/octo-org/octo-repo/issues/12345/comments/plumb_e2e_run_20241130_0539635c' }\n",
+    );
+    let doc = yaml::parse(&steps).expect("yaml");
+    assert_eq!(lint("workflows/w.yaml", &doc, &[]), Vec::new());
+    // A word-joined value with a long random part is still a token.
+    let random = filler(ALNUM, 24, 41);
+    let text = format!(
+        "connections:\n  crm:\n    http: {{ base_url: 'https://api.example.com/hooks/token_{random}' }}\n"
+    );
+    let doc = yaml::parse(&text).expect("yaml");
+    assert_eq!(lint("plumb.yaml", &doc, &[]).len(), 1);
+}
+
+#[test]
 fn expressions_and_secret_names_are_not_findings() {
     let config = config("");
     let text = workflow_with(

@@ -77,6 +77,8 @@ pub enum RunEvent {
     Finished {
         /// Run id.
         run_id: String,
+        /// Workflow name.
+        workflow: String,
         /// Terminal status.
         status: RunStatus,
         /// Why it failed, if it did.

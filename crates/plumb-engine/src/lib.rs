@@ -846,6 +846,7 @@ impl Engine {
         .increment(1);
         observer.on_event(&RunEvent::Finished {
             run_id: run_id.to_owned(),
+            workflow: workflow.to_owned(),
             status,
             failure: failure.clone(),
             elapsed: began.elapsed(),

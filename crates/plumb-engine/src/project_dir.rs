@@ -131,6 +131,19 @@ pub fn load_project_checking_secrets(
         .map_err(LoadError::Invalid)
 }
 
+/// Loads what can be loaded of the project (see
+/// [`plumb_core::PartialProject`]): one broken workflow file does not stop
+/// a command that needs another one.
+///
+/// # Errors
+///
+/// [`LoadError::NoProject`] when there is no `plumb.yaml`, or
+/// [`LoadError::Invalid`] when a file cannot be read at all.
+pub fn load_project_partial(root: &Path) -> Result<plumb_core::PartialProject, LoadError> {
+    let (project, workflows) = read_sources(root)?;
+    Ok(plumb_core::load_project_partial(&project, &workflows, None))
+}
+
 /// The file a `sqlite:` store URL points to (relative paths are taken from
 /// the project directory) and its durability mode: `?synchronous=normal`
 /// trades the last commits on power loss for speed; the default is `full`.

@@ -39,6 +39,111 @@ pub struct Status {
     pub workflows: Vec<WorkflowStatus>,
     /// Alerts not delivered yet or given up on.
     pub undelivered_alerts: Vec<Alert>,
+    /// Whether anything needs a person, and what.
+    pub verdict: Verdict,
+}
+
+/// The one-line answer to "is everything fine?".
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct Verdict {
+    /// Nothing needs a person.
+    pub healthy: bool,
+    /// What needs a person, each in a sentence with what to do.
+    pub problems: Vec<Problem>,
+}
+
+/// One thing that needs a person.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Problem {
+    /// `dead_letters`, `failing`, `alerts_undelivered`, `broken_file`,
+    /// `no_server`.
+    pub kind: String,
+    /// The workflow, when it is about one.
+    pub workflow: Option<String>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl Verdict {
+    /// Adds a problem.
+    pub fn add(&mut self, kind: &str, workflow: Option<&str>, message: String) {
+        self.problems.push(Problem {
+            kind: kind.to_owned(),
+            workflow: workflow.map(str::to_owned),
+            message,
+        });
+        self.healthy = false;
+    }
+
+    /// `all healthy`, or `N problems: …`.
+    #[must_use]
+    pub fn line(&self) -> String {
+        if self.problems.is_empty() {
+            return "all healthy".to_owned();
+        }
+        let list: Vec<&str> = self.problems.iter().map(|p| p.message.as_str()).collect();
+        format!(
+            "{} problem{}: {}",
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" },
+            list.join("; ")
+        )
+    }
+}
+
+/// What in a status needs a person: dead letters, workflows whose last run
+/// failed, alerts that could not be delivered.
+fn verdict(workflows: &[WorkflowStatus], alerts: &[Alert]) -> Verdict {
+    let mut v = Verdict {
+        healthy: true,
+        problems: Vec::new(),
+    };
+    for w in workflows {
+        let failing = w
+            .last_failure_at
+            .is_some_and(|f| w.last_success_at.is_none_or(|s| f > s));
+        if w.dead_letters > 0 {
+            v.add(
+                "dead_letters",
+                Some(&w.name),
+                format!(
+                    "{} has {} dead letter{}{} (`plumb dlq list --workflow {}`)",
+                    w.name,
+                    w.dead_letters,
+                    if w.dead_letters == 1 { "" } else { "s" },
+                    if failing {
+                        " and its last run failed"
+                    } else {
+                        ""
+                    },
+                    w.name
+                ),
+            );
+        } else if failing {
+            v.add(
+                "failing",
+                Some(&w.name),
+                format!("{}: its last run failed", w.name),
+            );
+        }
+    }
+    // An alert counts once it has failed at least once: a fresh one is on
+    // its way.
+    let stuck = alerts
+        .iter()
+        .filter(|a| a.status == plumb_store::AlertStatus::Failed || a.attempts > 0)
+        .count();
+    if stuck > 0 {
+        v.add(
+            "alerts_undelivered",
+            None,
+            format!(
+                "{stuck} alert{} could not be delivered (listed above)",
+                if stuck == 1 { "" } else { "s" }
+            ),
+        );
+    }
+    v
 }
 
 /// Computes the status from the store and the project.
@@ -87,9 +192,12 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
             });
         }
     }
+    let undelivered_alerts = store.undelivered_alerts(50).await?;
+    let verdict = verdict(&workflows, &undelivered_alerts);
     Ok(Status {
         generated_at: now_ms(),
         workflows,
-        undelivered_alerts: store.undelivered_alerts(50).await?,
+        undelivered_alerts,
+        verdict,
     })
 }

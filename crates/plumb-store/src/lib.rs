@@ -745,6 +745,14 @@ pub trait Store: Send + Sync + 'static {
     /// Runs, newest first.
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
 
+    /// Ids of runs that start with `prefix` (at most `limit`), so a person
+    /// can name a run by the first few characters of its id, as with git.
+    async fn run_ids_with_prefix(
+        &self,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError>;
+
     /// Takes the lease of a queued or running run if nobody holds it, or if
     /// the holder and heartbeat are exactly `steal_from` (the caller has
     /// established that this holder is dead, or stopped renewing). An

@@ -1689,6 +1689,29 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn run_ids_with_prefix(
+        &self,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        // Run ids are UUIDs: a prefix is hex digits and dashes, and every
+        // id starting with it sorts below the prefix followed by `~`.
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            return Ok(Vec::new());
+        }
+        let low = prefix.to_ascii_lowercase();
+        let high = format!("{low}~");
+        self.read(move |conn| {
+            query_all(
+                conn,
+                "SELECT id FROM runs WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3",
+                params![low, high, i64::from(limit)],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
     async fn claim_run(
         &self,
         id: &str,

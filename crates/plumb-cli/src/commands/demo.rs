@@ -254,13 +254,25 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Commands that work as printed for someone who started the demo with
+    // `cargo run`: `plumb` is not on their PATH, and the API needs a token.
+    let token =
+        super::secrets::create_token(store.as_ref(), "demo", plumb_store::Role::Operator, "demo")
+            .await?
+            .context("creating the demo's API token")?;
+    let bin = std::env::current_exe()
+        .map(|p| shell_quote(&p.display().to_string()))
+        .unwrap_or_else(|_| "plumb".to_owned());
+    let project = shell_quote(&p.to_string());
+    let plumb = format!("{bin} --project {project}");
+    let auth = format!("-H 'Authorization: Bearer {}'", token.as_str());
     println!(
-        "\nwhile it runs, try (in another terminal):\n  plumb --project {p} status\n  plumb --project {p} runs list\n  plumb --project {p} dlq list\n  plumb --project {p} dlq replay --all --workflow orders\n  curl -s {base}/api/v1/status\n  curl -s {base}/metrics | grep plumb_\n  curl -s -X POST {base}/hooks/orders -H 'content-type: application/json' -d '{{\"id\": \"o-9\", \"total\": 9}}'\n\nCtrl-C (or SIGTERM) stops the demo and removes {p}.\n"
+        "\nwhile it runs, try (in another terminal):\n  {plumb} status\n  {plumb} runs list\n  {plumb} dlq list\n  {plumb} dlq replay --all --workflow orders\n  curl -s {auth} {base}/api/v1/status\n  curl -s {base}/metrics | grep plumb_\n  curl -s -X POST {base}/hooks/orders -H 'content-type: application/json' -d '{{\"id\": \"o-9\", \"total\": 9}}'\n\nthe API token above (role operator) lasts as long as the demo; Ctrl-C (or SIGTERM) stops the demo and removes {p}.\n"
     );
     if global.json {
         println!(
             "{}",
-            json!({ "event": "demo_ready", "server": base, "project": p.to_string() })
+            json!({ "event": "demo_ready", "server": base, "project": p.to_string(), "binary": bin, "token": token.as_str() })
         );
     }
 
@@ -271,4 +283,18 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
     drop(dir);
     println!("demo stopped; its directory is removed");
     Ok(Exit::Success)
+}
+
+/// `text` as one shell word: as is when it is plain, single-quoted
+/// otherwise.
+fn shell_quote(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:=@".contains(c))
+    {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }

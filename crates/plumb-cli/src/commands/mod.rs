@@ -30,21 +30,65 @@ pub fn print_diagnostics(diags: &Diagnostics) {
     }
 }
 
-/// Loads only `plumb.yaml` (commands that read history should work even
-/// while a workflow file is broken).
+/// Loads `plumb.yaml` for a command that only needs the store and the
+/// server's address (history, status, dead letters, secrets, tokens,
+/// audit): a broken workflow file does not matter to it, and a
+/// `plumb.yaml` with problems still names its store — which is how one
+/// fixes the problem (`plumb secrets set` the secret it names).
 pub fn load_config(root: &Path) -> anyhow::Result<ProjectConfig> {
-    let (project_file, _) = match project_dir::read_sources(root) {
-        Ok(s) => s,
-        Err(LoadError::Invalid(d)) => {
-            print_diagnostics(&d);
-            anyhow::bail!("the project files could not be read");
+    let project_file = match project_dir::read_sources(root) {
+        Ok((project_file, _)) => project_file,
+        // A workflow file that cannot be read is not this command's
+        // business; plumb.yaml must be readable.
+        Err(LoadError::Invalid(_)) => {
+            let path = root.join(PROJECT_FILE);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            plumb_core::SourceFile {
+                path: PROJECT_FILE.to_owned(),
+                text,
+            }
         }
         Err(e) => return Err(e.into()),
     };
-    plumb_core::load_config(&project_file).map_err(|d| {
-        print_diagnostics(&d);
-        anyhow::anyhow!("{PROJECT_FILE} has problems; run `plumb check` for the full list")
-    })
+    match plumb_core::load_config_lenient(&project_file) {
+        Ok((config, problems)) => {
+            if !problems.is_empty() {
+                eprintln!(
+                    "warning: {PROJECT_FILE} has {} problem(s) (`plumb check` lists them); using the store it names, {}",
+                    problems.0.len(),
+                    config.store
+                );
+            }
+            Ok(config)
+        }
+        Err(d) => {
+            print_diagnostics(&d);
+            anyhow::bail!(
+                "{PROJECT_FILE} has problems, and the store it names cannot be read from it; fix them (`plumb check` lists them)"
+            )
+        }
+    }
+}
+
+/// The full id of the run `given` names: the id itself, or a prefix of
+/// exactly one run's id (like git's abbreviated commits).
+pub async fn resolve_run_id(store: &dyn plumb_store::Store, given: &str) -> anyhow::Result<String> {
+    let given = given.trim();
+    let found = store.run_ids_with_prefix(given, 6).await?;
+    match found.as_slice() {
+        [] => Err(crate::UsageError(format!(
+            "no run with id `{given}`; `plumb runs list` shows the runs"
+        ))
+        .into()),
+        [one] => Ok(one.clone()),
+        many => Err(crate::UsageError(format!(
+            "`{given}` starts the ids of more than one run ({}{}); give more of the id",
+            many.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if many.len() > 5 { ", …" } else { "" }
+        ))
+        .into()),
+    }
 }
 
 /// The id a server of this project reports in `/healthz` (see

@@ -1,6 +1,8 @@
 //! `plumb dlq`, `plumb cancel`, `plumb status`: through a running server's
 //! API when `PLUMB_TOKEN` is set and the server answers, on the store
 //! directly otherwise (whoever can open the store file needs no token).
+//! Either way the command says which: a running server is never reported
+//! as "not running" just because no token was given.
 
 use std::sync::Arc;
 
@@ -13,8 +15,15 @@ use crate::output::{Style, timestamp};
 use crate::{Exit, UsageError};
 
 enum Backend {
-    Api(ApiClient),
-    Store(Arc<SqliteStore>),
+    /// The server's API; the store is open too, to resolve abbreviated run
+    /// ids.
+    Api(ApiClient, Arc<SqliteStore>),
+    /// The store directly; `server` is this project's running server, if
+    /// one answers (there was no `PLUMB_TOKEN` to use its API with).
+    Store {
+        store: Arc<SqliteStore>,
+        server: Option<String>,
+    },
 }
 
 impl Backend {
@@ -24,27 +33,48 @@ impl Backend {
         let (path, _) = plumb_engine::project_dir::sqlite_location(&config, &root)
             .map_err(anyhow::Error::msg)?;
         let store = super::open_store(&config, &root).await?;
-        if let Ok(token) = std::env::var("PLUMB_TOKEN") {
-            let instance = store.instance_secret().await?;
-            if let Some(client) = ApiClient::detect(
-                &config.listen,
-                &super::store_id_of(&path),
-                &instance,
-                &token,
-            )
-            .await
-            {
-                tracing::debug!(server = client.base(), "Using the running server's API.");
-                store.close().await;
-                return Ok(Self::Api(client));
-            }
+        let instance = store.instance_secret().await?;
+        let server = ApiClient::probe(&config.listen, &super::store_id_of(&path), &instance).await;
+        if let (Some(base), Ok(token)) = (&server, std::env::var("PLUMB_TOKEN"))
+            && let Some(client) = ApiClient::new(base.clone(), &token)
+        {
+            tracing::debug!(server = client.base(), "Using the running server's API.");
+            return Ok(Self::Api(client, store));
         }
-        Ok(Self::Store(store))
+        Ok(Self::Store { store, server })
     }
 
     async fn close(self) {
-        if let Self::Store(store) = self {
-            store.close().await;
+        match self {
+            Self::Api(_, store) | Self::Store { store, .. } => store.close().await,
+        }
+    }
+
+    /// The full id of the run `given` names (see
+    /// [`super::resolve_run_id`]).
+    async fn resolve(&self, given: &str) -> anyhow::Result<String> {
+        match self {
+            Self::Api(_, store) | Self::Store { store, .. } => {
+                super::resolve_run_id(store.as_ref(), given).await
+            }
+        }
+    }
+
+    /// What happens next to a run this command queued, in a sentence.
+    fn who_runs_it(&self, id: Option<&str>) -> String {
+        match self {
+            Self::Api(api, _) => format!("the server at {} runs it", api.base()),
+            Self::Store {
+                server: Some(base), ..
+            } => format!(
+                "the server running at {base} picks it up within a second (this command wrote to the store directly; set PLUMB_TOKEN to an API token to go through the server's API)"
+            ),
+            Self::Store { server: None, .. } => match id {
+                Some(id) => format!(
+                    "no server is running: `plumb serve` will run it, or run it now with `plumb run --resume {id}`"
+                ),
+                None => "no server is running: `plumb serve` will run them".to_owned(),
+            },
         }
     }
 }
@@ -55,7 +85,7 @@ pub async fn dlq(global: &Global, command: DlqCommand) -> anyhow::Result<Exit> {
     let exit = match command {
         DlqCommand::List { workflow, limit } => {
             let letters: Value = match &backend {
-                Backend::Api(api) => {
+                Backend::Api(api, _) => {
                     let mut path = format!("dlq?limit={limit}");
                     if let Some(w) = &workflow {
                         let query: String = url::form_urlencoded::Serializer::new(String::new())
@@ -66,7 +96,7 @@ pub async fn dlq(global: &Global, command: DlqCommand) -> anyhow::Result<Exit> {
                     }
                     api.get(&path).await?["dead_letters"].take()
                 }
-                Backend::Store(store) => serde_json::to_value(
+                Backend::Store { store, .. } => serde_json::to_value(
                     plumb_engine::ops::dead_letters(store.as_ref(), workflow.as_deref(), limit)
                         .await?,
                 )?,
@@ -76,17 +106,20 @@ pub async fn dlq(global: &Global, command: DlqCommand) -> anyhow::Result<Exit> {
         }
         DlqCommand::Replay {
             run_id: Some(id), ..
-        } => replay_one(global, &backend, &id).await?,
+        } => {
+            let id = backend.resolve(&id).await?;
+            replay_one(global, &backend, &id).await?
+        }
         DlqCommand::Replay {
             workflow: Some(w),
             all: true,
             ..
         } => {
             let replayed: Vec<String> = match &backend {
-                Backend::Api(api) => serde_json::from_value(
+                Backend::Api(api, _) => serde_json::from_value(
                     api.post("dlq/replay", &json!({ "workflow": w })).await?["replayed"].take(),
                 )?,
-                Backend::Store(store) => {
+                Backend::Store { store, .. } => {
                     plumb_engine::ops::replay_all(store.as_ref(), &w, &super::cli_actor()).await?
                 }
             };
@@ -101,8 +134,8 @@ pub async fn dlq(global: &Global, command: DlqCommand) -> anyhow::Result<Exit> {
                 for id in &replayed {
                     println!("  {id}");
                 }
-                if matches!(backend, Backend::Store(_)) && !replayed.is_empty() {
-                    println!("no server is running: `plumb serve` will run them");
+                if !replayed.is_empty() {
+                    println!("{}", backend.who_runs_it(None));
                 }
             }
             Exit::Success
@@ -117,14 +150,14 @@ pub async fn dlq(global: &Global, command: DlqCommand) -> anyhow::Result<Exit> {
 
 async fn replay_one(global: &Global, backend: &Backend, id: &str) -> anyhow::Result<Exit> {
     let result = match backend {
-        Backend::Api(api) => match api
+        Backend::Api(api, _) => match api
             .post(&format!("dlq/{}/replay", encode_segment(id)), &json!({}))
             .await
         {
             Ok(_) => ReplayResult::Replayed,
             Err(e) => return Err(UsageError(e.to_string()).into()),
         },
-        Backend::Store(store) => store.replay_run(id, &super::cli_actor()).await?,
+        Backend::Store { store, .. } => store.replay_run(id, &super::cli_actor()).await?,
     };
     match result {
         ReplayResult::Replayed => {
@@ -134,11 +167,7 @@ async fn replay_one(global: &Global, backend: &Backend, id: &str) -> anyhow::Res
                 println!(
                     "run {id} queued again: it resumes at its failed step, with the same idempotency keys"
                 );
-                if matches!(backend, Backend::Store(_)) {
-                    println!(
-                        "no server is running: `plumb serve` will run it, or run it now with `plumb run --resume {id}`"
-                    );
-                }
+                println!("{}", backend.who_runs_it(Some(id)));
             }
             Ok(Exit::Success)
         }
@@ -187,9 +216,10 @@ fn print_dead_letters(global: &Global, letters: &Value) {
 /// `plumb cancel`.
 pub async fn cancel(global: &Global, run_id: &str, reason: Option<String>) -> anyhow::Result<Exit> {
     let backend = Backend::open(global).await?;
+    let run_id = &backend.resolve(run_id).await?;
     let reason = reason.unwrap_or_else(|| "cancelled from the command line".to_owned());
     let result = match &backend {
-        Backend::Api(api) => {
+        Backend::Api(api, _) => {
             let answer = api
                 .post(
                     &format!("runs/{}/cancel", encode_segment(run_id)),
@@ -199,7 +229,7 @@ pub async fn cancel(global: &Global, run_id: &str, reason: Option<String>) -> an
                 .map_err(|e| UsageError(e.to_string()))?;
             serde_json::from_value::<CancelResult>(answer["result"].clone())?
         }
-        Backend::Store(store) => {
+        Backend::Store { store, .. } => {
             store
                 .cancel_run(run_id, &reason, &super::cli_actor())
                 .await?
@@ -222,42 +252,85 @@ pub async fn cancel(global: &Global, run_id: &str, reason: Option<String>) -> an
     }
 }
 
-/// `plumb status`.
+/// `plumb status`: every workflow's health, then a verdict line; exits 1
+/// when something needs a person, so it can run from cron or a monitor.
 pub async fn status(global: &Global) -> anyhow::Result<Exit> {
     let root = global.project_dir();
     let backend = Backend::open(global).await?;
-    let (status, server) = match &backend {
-        Backend::Api(api) => (api.get("status").await?, Some(api.base().to_owned())),
-        Backend::Store(store) => {
-            // Status describes the project on disk; a broken workflow file
-            // should not hide the health of the others.
-            let project = match plumb_engine::project_dir::load_project(&root) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("warning: {e}");
-                    plumb_core::Project {
-                        config: Arc::new(super::load_config(&root)?),
-                        workflows: Vec::new(),
-                    }
-                }
+    let mut status = match &backend {
+        Backend::Api(api, _) => api.get("status").await?,
+        Backend::Store { store, .. } => {
+            // Status describes the project on disk: the workflows that load
+            // are shown, and the files that do not are problems of their
+            // own, not a reason to show nothing.
+            let partial = plumb_engine::project_dir::load_project_partial(&root).ok();
+            let config = match partial.as_ref().and_then(|p| p.config.clone()) {
+                Some(c) => c,
+                None => Arc::new(super::load_config(&root)?),
             };
-            (
-                serde_json::to_value(
-                    plumb_engine::status::collect(store.as_ref(), &project).await?,
-                )?,
-                None,
-            )
+            let project = plumb_core::Project {
+                config,
+                workflows: partial
+                    .as_ref()
+                    .map(|p| p.workflows.clone())
+                    .unwrap_or_default(),
+            };
+            let mut status = plumb_engine::status::collect(store.as_ref(), &project).await?;
+            for file in partial.map(|p| p.broken_files()).unwrap_or_default() {
+                status.verdict.add(
+                    "broken_file",
+                    None,
+                    format!("{file} has problems (`plumb check`)"),
+                );
+            }
+            serde_json::to_value(status)?
         }
     };
+    let server = match &backend {
+        Backend::Api(api, _) => Some(api.base().to_owned()),
+        Backend::Store { server, .. } => server.clone(),
+    };
+    let direct = matches!(backend, Backend::Store { .. });
     backend.close().await;
+    let mut verdict: plumb_engine::status::Verdict =
+        serde_json::from_value(status["verdict"].clone()).unwrap_or_default();
+    let waiting: u64 = status["workflows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| w["queued"].as_u64().unwrap_or(0) + w["running"].as_u64().unwrap_or(0))
+        .sum();
+    if server.is_none() && waiting > 0 {
+        verdict.add(
+            "no_server",
+            None,
+            format!(
+                "{waiting} run{} waiting and no server is running (`plumb serve`)",
+                if waiting == 1 { " is" } else { "s are" }
+            ),
+        );
+    }
+    verdict.healthy = verdict.problems.is_empty();
+    status["verdict"] = serde_json::to_value(&verdict)?;
+    status["server"] =
+        json!({ "running": server.is_some(), "url": server, "read_directly": direct });
+    let exit = if verdict.healthy {
+        Exit::Success
+    } else {
+        Exit::Failure
+    };
     if global.json {
         println!("{status}");
-        return Ok(Exit::Success);
+        return Ok(exit);
     }
     let s = Style::detect();
-    match &server {
-        Some(base) => println!("server   {} at {base}", s.ok("running")),
-        None => println!("server   {} (read from the store)", s.warn("not running")),
+    match (&server, direct) {
+        (Some(base), false) => println!("server   {} at {base}", s.ok("running")),
+        (Some(base), true) => println!(
+            "server   {} at {base} (read from the store directly; set PLUMB_TOKEN to an API token to ask the server)",
+            s.ok("running")
+        ),
+        (None, _) => println!("server   {} (read from the store)", s.warn("not running")),
     }
     println!();
     println!(
@@ -304,5 +377,15 @@ pub async fn status(global: &Global) -> anyhow::Result<Exit> {
             );
         }
     }
-    Ok(Exit::Success)
+    let workflows = status["workflows"].as_array().map_or(0, Vec::len);
+    let line = if verdict.healthy {
+        s.ok(&format!(
+            "all healthy ({workflows} workflow{})",
+            if workflows == 1 { "" } else { "s" }
+        ))
+    } else {
+        s.bad(&verdict.line())
+    };
+    println!("\nverdict  {line}");
+    Ok(exit)
 }

@@ -17,21 +17,50 @@ use crate::{Exit, UsageError};
 /// Starts (or resumes) a run and follows it to its end.
 pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
     let root = global.project_dir();
-    let project = match project_dir::load_project(&root) {
-        Ok(p) => Arc::new(p),
+    let partial = match project_dir::load_project_partial(&root) {
+        Ok(p) => p,
         Err(LoadError::Invalid(d)) => {
             super::print_diagnostics(&d);
-            anyhow::bail!("the project has problems; fix them (see `plumb check`) and run again");
+            anyhow::bail!("the project files could not be read");
         }
         Err(e) => return Err(e.into()),
     };
+    let Some(config) = partial.config.clone() else {
+        super::print_diagnostics(&partial.problems);
+        anyhow::bail!("plumb.yaml has problems; fix them (see `plumb check`) and run again");
+    };
+    // Other workflows' problems do not stop this one: only the workflow
+    // being run (or resumed) must load.
+    let wanted = args.workflow.as_deref();
+    let runnable = wanted.is_none_or(|name| partial.workflows.iter().any(|w| w.name == name));
+    if !partial.problems.is_empty() {
+        if runnable {
+            eprintln!(
+                "warning: other project files have problems ({}); `plumb check` lists them",
+                partial.broken_files().join(", ")
+            );
+        } else {
+            super::print_diagnostics(&partial.problems);
+            anyhow::bail!(
+                "no workflow named `{}` loads; the files above have problems (see `plumb check`)",
+                wanted.unwrap_or_default()
+            );
+        }
+    }
+    let project = Arc::new(plumb_core::Project {
+        config,
+        workflows: partial.workflows,
+    });
     let store = super::open_store(&project.config, &root).await?;
     let store_dyn: Arc<dyn Store> = store.clone();
     let engine = Engine::new(store_dyn, Arc::clone(&project), "cli")?;
     super::load_secrets(&engine, &root).await?;
 
     let run = match (&args.resume, &args.workflow) {
-        (Some(run_id), _) => match engine.claim(run_id).await {
+        (Some(given), _) => match engine
+            .claim(&super::resolve_run_id(store.as_ref(), given).await?)
+            .await
+        {
             Ok(run) => run,
             Err(e @ (EngineError::NotFound(_) | EngineError::Ended { .. })) => {
                 return Err(UsageError(e.to_string()).into());

@@ -105,6 +105,7 @@ pub async fn show(global: &Global, run_id: &str) -> anyhow::Result<Exit> {
     let root = global.project_dir();
     let config = super::load_config(&root)?;
     let store = super::open_store(&config, &root).await?;
+    let run_id = &super::resolve_run_id(store.as_ref(), run_id).await?;
     let Some(run) = store.run(run_id).await? else {
         return Err(UsageError(format!(
             "no run with id `{run_id}`; `plumb runs list` shows the runs"
@@ -171,6 +172,27 @@ fn print_run(
             if run.claims == 2 { "" } else { "s" }
         );
     }
+    if run.replays > 0 {
+        println!(
+            "  replayed  {} time{} from the dead-letter list (attempts below say which round)",
+            run.replays,
+            if run.replays == 1 { "" } else { "s" }
+        );
+    }
+    if let Some(why) = &run.unreadable {
+        println!("  {}  {why}", s.bad("unreadable"));
+    }
+    if !run.status.is_terminal() && (run.strikes > 1 || run.last_error.is_some()) {
+        println!(
+            "  stopped   {} time{} without ending{}",
+            run.strikes.saturating_sub(1),
+            if run.strikes == 2 { "" } else { "s" },
+            run.last_error
+                .as_deref()
+                .map(|e| format!("; last: {e}"))
+                .unwrap_or_default()
+        );
+    }
     if run.status == plumb_store::RunStatus::Running {
         match &run.lease_owner {
             Some(owner) => println!("  held by   {owner}"),
@@ -197,6 +219,7 @@ fn print_run(
         by_key: &by_key,
         failures: &failures,
         journal,
+        run_status: run.status,
     };
     match workflow {
         Some(w) => view.steps(&w.steps, 1, false),
@@ -214,6 +237,9 @@ struct Timeline<'a> {
     by_key: &'a HashMap<(&'a str, Option<u32>), &'a StepRecord>,
     failures: &'a HashMap<(&'a str, Option<u32>), Vec<&'a AttemptFailure>>,
     journal: &'a [StepRecord],
+    /// An ended run has nothing in flight: an attempt it left without an
+    /// outcome was cut short.
+    run_status: plumb_store::RunStatus,
 }
 
 impl Timeline<'_> {
@@ -275,15 +301,26 @@ impl Timeline<'_> {
             .count();
         let running = items.len() - ok - failed;
         let pad = "  ".repeat(depth);
+        let unfinished = if self.run_status.is_terminal() {
+            "cut short"
+        } else {
+            "in flight"
+        };
         println!(
             "{pad}{}",
             self.s.dim(&format!(
-                "items: {ok} succeeded, {failed} failed, {running} in flight"
+                "items: {ok} succeeded, {failed} failed, {running} {unfinished}"
             ))
         );
+        // Every item with something to say: not succeeded, retried, or
+        // with failed attempts on record (a replay may have fixed it).
         let mut shown: Vec<&&StepRecord> = items
             .iter()
-            .filter(|r| r.status != StepStatus::Succeeded || r.attempt > 1)
+            .filter(|r| {
+                r.status != StepStatus::Succeeded
+                    || r.attempt > 1
+                    || self.failures.contains_key(&(step.id.as_str(), r.item))
+            })
             .collect();
         shown.sort_by_key(|r| r.item);
         for r in shown {
@@ -306,7 +343,13 @@ impl Timeline<'_> {
         let (mark, word) = match r.status {
             StepStatus::Succeeded => (s.ok("✓"), s.ok("succeeded")),
             StepStatus::Failed => (s.bad("✗"), s.bad("failed")),
-            StepStatus::Running => (s.warn("…"), s.warn("in flight")),
+            StepStatus::Running => match self.run_status {
+                plumb_store::RunStatus::Cancelled => {
+                    (s.dim("-"), s.dim("stopped (the run was cancelled)"))
+                }
+                status if status.is_terminal() => (s.dim("-"), s.dim("cut short")),
+                _ => (s.warn("…"), s.warn("in flight")),
+            },
         };
         let took = r
             .finished_at
@@ -342,10 +385,17 @@ impl Timeline<'_> {
         }
         if let Some(list) = self.failures.get(&(id, r.item)) {
             for a in list {
-                if r.status == StepStatus::Failed && a.attempt == r.attempt {
-                    continue;
-                }
-                println!("{pad}    {} attempt {}: {}", s.dim("↻"), a.attempt, a.error);
+                let round = if a.round > 0 {
+                    format!(" (replay {})", a.round)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{pad}    {} attempt {}{round}: {}",
+                    s.dim("↻"),
+                    a.attempt,
+                    a.error.replace('\n', " ")
+                );
             }
         }
     }

@@ -367,39 +367,51 @@ fn write_key_file(path: &Path, key: &MasterKey) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates an API token (only its hash is stored) and returns it, or
+/// `None` when the name is taken.
+pub async fn create_token(
+    store: &dyn Store,
+    name: &str,
+    role: plumb_store::Role,
+    actor: &str,
+) -> anyhow::Result<Option<Zeroizing<String>>> {
+    let token = plumb_vault::new_api_token();
+    let record = ApiToken {
+        id: plumb_vault::token_hash(&plumb_vault::new_api_token())[..32].to_owned(),
+        name: name.to_owned(),
+        role,
+        created_at: plumb_store::now_ms(),
+        revoked_at: None,
+    };
+    let created = store
+        .create_token(&record, &plumb_vault::token_hash(&token), actor)
+        .await?;
+    Ok(created.then_some(token))
+}
+
 /// `plumb tokens …`.
 pub async fn tokens(global: &Global, command: TokensCommand) -> anyhow::Result<Exit> {
     let (_, store) = open(global).await?;
     let actor = super::cli_actor();
     let exit = match command {
         TokensCommand::Create { name, role } => {
-            let token = plumb_vault::new_api_token();
-            let record = ApiToken {
-                id: plumb_vault::token_hash(&plumb_vault::new_api_token())[..32].to_owned(),
-                name: name.clone(),
-                role: role.into(),
-                created_at: plumb_store::now_ms(),
-                revoked_at: None,
-            };
-            if !store
-                .create_token(&record, &plumb_vault::token_hash(&token), &actor)
-                .await?
-            {
+            let role: plumb_store::Role = role.into();
+            let Some(token) = create_token(store.as_ref(), &name, role, &actor).await? else {
                 return Err(UsageError(format!(
                     "a token named `{name}` exists; revoke it or choose another name"
                 ))
                 .into());
-            }
+            };
             if global.json {
                 println!(
                     "{}",
-                    json!({ "name": name, "role": record.role, "token": token.as_str() })
+                    json!({ "name": name, "role": role, "token": token.as_str() })
                 );
             } else {
                 println!("{}", token.as_str());
                 eprintln!(
                     "token `{name}` ({}) created. It is shown this once; only its hash is kept.",
-                    record.role.as_str()
+                    role.as_str()
                 );
             }
             Exit::Success

@@ -25,6 +25,7 @@ impl Observer for LogObserver {
         match event {
             RunEvent::Finished {
                 run_id,
+                workflow,
                 status: RunStatus::Failed,
                 failure,
                 ..
@@ -34,6 +35,7 @@ impl Observer for LogObserver {
                     .map(|f| (f.step.clone().unwrap_or_default(), f.message.clone()))
                     .unwrap_or_default();
                 tracing::warn!(
+                    workflow,
                     run_id,
                     step,
                     error,
