@@ -4,10 +4,10 @@
 //! typo is an error rather than a silently ignored setting. Lists whose
 //! elements should be reported independently (steps, connections) are kept
 //! as raw JSON here and deserialized one element at a time by
-//! [`crate::project`], so one bad step does not hide the problems of the
-//! next.
+//! [`crate::load`], so one bad step does not hide the problems of the next.
+//! The shapes of each connection, trigger and step kind live with that
+//! kind's checks, one file each under `load/`.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -114,26 +114,6 @@ pub struct ServeSpec {
     pub max_crashes: Option<u32>,
 }
 
-/// One alert channel: exactly one kind.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AlertChannelSpec {
-    /// POST a JSON alert through an http connection.
-    pub http: Option<HttpAlertSpec>,
-}
-
-/// `alerts.<name>.http`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpAlertSpec {
-    /// The http connection to send through.
-    pub connection: String,
-    /// Method; `POST` when omitted.
-    pub method: Option<String>,
-    /// Path below the connection's base_url.
-    pub path: String,
-}
-
 /// `defaults:` in `plumb.yaml`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,66 +150,11 @@ pub enum Backoff {
     Fixed,
 }
 
-/// One entry of `connections:`: exactly one kind.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConnectionSpec {
-    /// An HTTP API.
-    pub http: Option<HttpConnectionSpec>,
-}
-
-/// `connections.<name>.http`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConnectionSpec {
-    /// Scheme, host and optional path prefix every request goes to.
-    pub base_url: String,
-    /// Headers sent with every request (no credentials: those come from secrets).
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Request timeout for this connection.
-    pub timeout: Option<Dur>,
-    /// Credentials, from secrets only.
-    pub auth: Option<HttpAuthSpec>,
-}
-
-/// `auth:` of an http connection: exactly one kind, always naming a secret.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpAuthSpec {
-    /// `Authorization: Bearer <secret>`.
-    pub bearer: Option<SecretRef>,
-    /// `Authorization: Basic base64(username:<secret>)`.
-    pub basic: Option<BasicAuthSpec>,
-    /// A custom header carrying the secret (e.g. `X-Api-Key`).
-    pub header: Option<HeaderAuthSpec>,
-}
-
 /// `{ secret: NAME }`: a reference to a sealed secret.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretRef {
     /// The secret's name (`plumb secrets set NAME`).
-    pub secret: String,
-}
-
-/// `auth.basic`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BasicAuthSpec {
-    /// The user name (not a secret).
-    pub username: String,
-    /// The password.
-    pub password: SecretRef,
-}
-
-/// `auth.header`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HeaderAuthSpec {
-    /// Header name.
-    pub name: String,
-    /// The secret sent as its value.
     pub secret: String,
 }
 
@@ -270,71 +195,6 @@ pub struct WorkflowAlertsSpec {
     pub on_failure: Vec<String>,
 }
 
-/// `trigger:` written as a mapping with exactly one kind.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TriggerSpec {
-    /// `POST /hooks/<path>`.
-    pub webhook: Option<WebhookSpec>,
-    /// A cron schedule.
-    pub schedule: Option<ScheduleSpec>,
-    /// Started by hand (CLI or API) only.
-    pub manual: Option<Value>,
-}
-
-/// `trigger.webhook`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSpec {
-    /// Served at `POST /hooks/<path>`.
-    pub path: String,
-    /// How senders prove who they are.
-    pub auth: Option<WebhookAuthSpec>,
-}
-
-/// `trigger.webhook.auth`: exactly one of `hmac_sha256`, `bearer`, `preset`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookAuthSpec {
-    /// A generic HMAC-SHA256 signature header.
-    pub hmac_sha256: Option<HmacSpec>,
-    /// `Authorization: Bearer <secret>`.
-    pub bearer: Option<SecretRef>,
-    /// A known sender's scheme: `github`, `stripe`, `slack`, `shopify`,
-    /// `standard_webhooks`.
-    pub preset: Option<String>,
-    /// The signing secret, with `preset`.
-    pub secret: Option<String>,
-}
-
-/// `hmac_sha256:` settings.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HmacSpec {
-    /// The signing secret.
-    pub secret: String,
-    /// The header holding the signature.
-    pub header: String,
-    /// Text before the hex signature (e.g. `sha256=`).
-    pub prefix: Option<String>,
-    /// Header holding a Unix timestamp that is signed too (`{ts}.{body}`).
-    pub timestamp_header: Option<String>,
-    /// How old a timestamp may be.
-    pub tolerance: Option<Dur>,
-}
-
-/// `trigger.schedule`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleSpec {
-    /// Cron expression (5 fields, or 6 with seconds).
-    pub cron: String,
-    /// IANA timezone the cron expression is read in; UTC when omitted.
-    pub timezone: Option<String>,
-    /// What to fire for slots missed while plumb was down.
-    pub catch_up: Option<CatchUp>,
-}
-
 /// Slots missed while no scheduler ran.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -346,83 +206,4 @@ pub enum CatchUp {
     All,
     /// Fire none; wait for the next slot.
     None,
-}
-
-/// One step as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StepSpec {
-    /// Unique within the workflow; other steps read its output as
-    /// `.steps.<id>`. Required; read as optional so the rest of the step is
-    /// still checked when it is missing.
-    pub id: Option<String>,
-    /// Call an HTTP connection.
-    pub http: Option<HttpStepSpec>,
-    /// Transform with a jq program.
-    pub jq: Option<String>,
-    /// Branch on a condition.
-    #[serde(rename = "if")]
-    pub if_: Option<Value>,
-    /// Steps run when the condition holds.
-    pub then: Option<Vec<Value>>,
-    /// Steps run when it does not.
-    #[serde(rename = "else")]
-    pub else_: Option<Vec<Value>>,
-    /// Wait, durably.
-    pub sleep: Option<Value>,
-    /// Fail the run unless a condition holds.
-    pub assert: Option<AssertSpec>,
-    /// Run the action once per element of this list.
-    pub for_each: Option<Value>,
-    /// How many `for_each` items run at once.
-    pub concurrency: Option<u32>,
-    /// Retry policy for this step.
-    pub retry: Option<RetrySpec>,
-    /// Timeout for one attempt of this step.
-    pub timeout: Option<Dur>,
-}
-
-/// `http:` in a step.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpStepSpec {
-    /// The connection to call (its host is the only one reachable).
-    pub connection: String,
-    /// HTTP method; `GET` when omitted.
-    pub method: Option<String>,
-    /// Path below the connection's `base_url`.
-    #[serde(default = "default_path")]
-    pub path: Value,
-    /// Query parameters.
-    #[serde(default)]
-    pub query: Map<String, Value>,
-    /// Request headers.
-    #[serde(default)]
-    pub headers: Map<String, Value>,
-    /// JSON request body.
-    pub body: Option<Value>,
-    /// What counts as success.
-    pub expect: Option<ExpectSpec>,
-}
-
-fn default_path() -> Value {
-    Value::String("/".to_owned())
-}
-
-/// `expect:` in an http step.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExpectSpec {
-    /// Status codes that count as success (default: any 2xx).
-    pub status: Vec<u16>,
-}
-
-/// `assert:`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AssertSpec {
-    /// A `${{ … }}` that must be true.
-    pub condition: Value,
-    /// The failure message (may hold `${{ … }}`).
-    pub message: Option<Value>,
 }

@@ -6,6 +6,14 @@
 //! checks (unique ids, references, expressions, egress) run over everything
 //! that could be read. Every problem becomes a [`Diagnostic`] with the file,
 //! line and column, the field, and how to fix it.
+//!
+//! # Layout
+//!
+//! This module holds the entry points and the [`Checker`] every check
+//! reports through. Each kind of connection, trigger and step is checked in
+//! a file of its own ([`connection`], [`trigger`], [`step`]), listed once in
+//! its folder's registry: a new kind is a new file and one line there. The
+//! engine executes the same kinds, one module each, in `plumb-engine`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,16 +28,16 @@ use crate::diag::{Diagnostic, Diagnostics};
 use crate::expr::{Program, Template};
 use crate::lint::LintAllow;
 use crate::model::{
-    Action, AlertChannel, Connection, DEFAULT_LISTEN, DEFAULT_RETRY, DEFAULT_STORE,
-    DEFAULT_TIMEOUT, Defaults, ForEach, HttpAction, HttpAuth, HttpConnection, IfBranch, Project,
-    ProjectConfig, RedactPath, RetryPolicy, ServeConfig, Step, Trigger, WebhookAuth, WebhookPreset,
-    Workflow,
+    Action, DEFAULT_LISTEN, DEFAULT_RETRY, DEFAULT_STORE, DEFAULT_TIMEOUT, Defaults, Project,
+    ProjectConfig, RedactPath, RetryPolicy, ServeConfig, Step, Trigger, Workflow,
 };
-use crate::spec::{
-    AlertChannelSpec, AssertSpec, ConnectionSpec, HttpAuthSpec, HttpStepSpec, ProjectSpec,
-    RetrySpec, ServeSpec, StepSpec, TriggerSpec, WebhookAuthSpec, WorkflowSpec,
-};
+use crate::spec::{ProjectSpec, RetrySpec, ServeSpec, WorkflowSpec};
 use crate::yaml::{self, Document, FieldPath, Segment};
+
+mod alert;
+mod connection;
+mod step;
+mod trigger;
 
 /// The text of one project file.
 #[derive(Clone, Debug)]
@@ -675,6 +683,67 @@ impl<'a> Checker<'a> {
             .help = Some(help);
     }
 
+    /// The one kind a mapping names among `kinds` (`http:` under a
+    /// connection, `webhook:` under a trigger), with its value. Any other
+    /// key is reported as unknown (with the closest kind), a kind SPEC
+    /// describes but this version does not have as not available yet, and
+    /// none or several kinds as such.
+    fn one_kind<'v>(
+        &mut self,
+        raw: &'v Value,
+        path: &FieldPath,
+        what: &str,
+        kinds: &[&str],
+        planned: &[&str],
+    ) -> Option<(usize, &'v Value)> {
+        let choices = kinds
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let Value::Object(map) = raw else {
+            self.error_at_value(path, format!("a {what} is a mapping with one kind"))
+                .help = Some(format!("write one of {choices} under it"));
+            return None;
+        };
+        let mut found = Vec::new();
+        for (key, value) in map {
+            if let Some(i) = kinds.iter().position(|k| k == key) {
+                found.push((i, value));
+            } else if planned.contains(&key.as_str()) {
+                self.error(
+                    &path.key(key.clone()),
+                    format!("`{key}` {what}s are not available in this version of plumb"),
+                )
+                .help = Some(format!(
+                    "this version has {choices}; see the README's table of what works today"
+                ));
+                return None;
+            } else {
+                let help = match closest(key, kinds) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None => format!("use one of: {choices}"),
+                };
+                self.error(&path.key(key.clone()), format!("unknown field `{key}`"))
+                    .help = Some(help);
+            }
+        }
+        match found.as_slice() {
+            [one] => Some(*one),
+            [] if map.len() > found.len() => None,
+            [] => {
+                self.error(path, format!("the {what} has no kind")).help =
+                    Some(format!("write one of {choices} under it"));
+                None
+            }
+            _ => {
+                self.error(path, format!("a {what} needs exactly one kind"))
+                    .help = Some(format!("write only one of {choices}"));
+                None
+            }
+        }
+    }
+
     fn check_timeout(&mut self, timeout: Duration, path: &FieldPath) {
         if timeout.is_zero() {
             self.error(path, "a timeout of zero would fail every attempt")
@@ -712,69 +781,6 @@ impl<'a> Checker<'a> {
         policy
     }
 
-    fn connection(&mut self, raw: &Value, path: &FieldPath) -> Option<Connection> {
-        let spec: ConnectionSpec = self.deserialize(raw, path)?;
-        let Some(http) = spec.http else {
-            self.error(path, "the connection has no kind").help =
-                Some("write `http: { base_url: https://… }` under the connection's name".into());
-            return None;
-        };
-        let url_path = path.key("http").key("base_url");
-        let base_url = match Url::parse(&http.base_url) {
-            Ok(u) => u,
-            Err(e) => {
-                self.error_at_value(
-                    &url_path,
-                    format!("invalid base_url `{}`: {e}", http.base_url),
-                )
-                .help = Some("write a full URL such as `https://api.example.com/v1`".into());
-                return None;
-            }
-        };
-        if !matches!(base_url.scheme(), "http" | "https") || base_url.host_str().is_none() {
-            self.error_at_value(
-                &url_path,
-                format!(
-                    "base_url `{}` is not an http(s) URL with a host",
-                    http.base_url
-                ),
-            )
-            .help = Some("write a full URL such as `https://api.example.com/v1`".into());
-            return None;
-        }
-        // Userinfo in the URL is reported by the secrets lint, with the fix.
-        if base_url.query().is_some() || base_url.fragment().is_some() {
-            self.error_at_value(&url_path, "base_url has a query or fragment")
-                .help = Some("put query parameters in each step's `query:` instead".into());
-        }
-        for name in http.headers.keys() {
-            let header_path = path.key("http").key("headers").key(name.clone());
-            if !is_header_name(name) {
-                self.error(&header_path, format!("invalid header name `{name}`"))
-                    .help = Some("header names are letters, digits and `-`".into());
-            }
-            if name.eq_ignore_ascii_case("idempotency-key") {
-                self.error(&header_path, "`Idempotency-Key` is set by plumb").help = Some(
-                    "remove it: every request carries `<run_id>:<step_id>[:<item>]`, the same on every retry".into(),
-                );
-            }
-        }
-        let timeout = http.timeout.map(|d| d.0);
-        if let Some(t) = timeout {
-            self.check_timeout(t, &path.key("http").key("timeout"));
-        }
-        let auth = match &http.auth {
-            Some(a) => self.http_auth(a, &path.key("http").key("auth")),
-            None => None,
-        };
-        Some(Connection::Http(HttpConnection {
-            base_url,
-            headers: http.headers.into_iter().collect(),
-            timeout,
-            auth,
-        }))
-    }
-
     fn secret_name(&mut self, name: &str, path: &FieldPath) {
         // The field may hold the credential itself, pasted where its name
         // belongs: what the lint flags, or what is not a plain name, is
@@ -810,125 +816,6 @@ impl<'a> Checker<'a> {
                 "set it with `plumb secrets set {name}` (the value is read from stdin or a prompt, never from the command line)"
             ));
         }
-    }
-
-    fn http_auth(&mut self, spec: &HttpAuthSpec, path: &FieldPath) -> Option<HttpAuth> {
-        let count = usize::from(spec.bearer.is_some())
-            + usize::from(spec.basic.is_some())
-            + usize::from(spec.header.is_some());
-        if count != 1 {
-            self.error(path, "`auth` needs exactly one kind").help = Some(
-                "write one of `bearer: { secret: NAME }`, `basic: { username: …, password: { secret: NAME } }` or `header: { name: X-Api-Key, secret: NAME }`".into(),
-            );
-            return None;
-        }
-        if let Some(b) = &spec.bearer {
-            self.secret_name(&b.secret, &path.key("bearer").key("secret"));
-            return Some(HttpAuth::Bearer {
-                secret: b.secret.clone(),
-            });
-        }
-        if let Some(b) = &spec.basic {
-            self.secret_name(
-                &b.password.secret,
-                &path.key("basic").key("password").key("secret"),
-            );
-            return Some(HttpAuth::Basic {
-                username: b.username.clone(),
-                secret: b.password.secret.clone(),
-            });
-        }
-        let h = spec.header.as_ref()?;
-        self.secret_name(&h.secret, &path.key("header").key("secret"));
-        if !is_header_name(&h.name) {
-            self.error_at_value(
-                &path.key("header").key("name"),
-                format!("invalid header name `{}`", h.name),
-            )
-            .help = Some("header names are letters, digits and `-`".into());
-        }
-        Some(HttpAuth::Header {
-            name: h.name.clone(),
-            secret: h.secret.clone(),
-        })
-    }
-
-    /// A signed timestamp's accepted age: 5 minutes unless set, at most an
-    /// hour (longer would make replay protection meaningless).
-    fn hmac_tolerance(&mut self, given: Option<Duration>, path: &FieldPath) -> Duration {
-        const MAX: Duration = Duration::from_secs(3600);
-        match given {
-            None => Duration::from_secs(300),
-            Some(d) if d > MAX || d < Duration::from_secs(1) => {
-                self.error_at_value(path, "the tolerance must be between 1s and 1h")
-                    .help = Some(
-                    "a signed timestamp older than this is refused as a replay; senders use 5m"
-                        .into(),
-                );
-                d
-            }
-            Some(d) => d,
-        }
-    }
-
-    fn webhook_auth(&mut self, spec: &WebhookAuthSpec, path: &FieldPath) -> Option<WebhookAuth> {
-        let count = usize::from(spec.hmac_sha256.is_some())
-            + usize::from(spec.bearer.is_some())
-            + usize::from(spec.preset.is_some());
-        if count != 1 {
-            self.error(path, "webhook `auth` needs exactly one kind").help = Some(
-                "write one of `preset: github` (with `secret: NAME`), `hmac_sha256: { secret, header, … }` or `bearer: { secret: NAME }`".into(),
-            );
-            return None;
-        }
-        if let Some(h) = &spec.hmac_sha256 {
-            self.secret_name(&h.secret, &path.key("hmac_sha256").key("secret"));
-            if !is_header_name(&h.header) {
-                self.error_at_value(
-                    &path.key("hmac_sha256").key("header"),
-                    format!("invalid header name `{}`", h.header),
-                )
-                .help = Some("header names are letters, digits and `-`".into());
-            }
-            return Some(WebhookAuth::Hmac {
-                secret: h.secret.clone(),
-                header: h.header.to_ascii_lowercase(),
-                prefix: h.prefix.clone().unwrap_or_default(),
-                timestamp_header: h.timestamp_header.as_ref().map(|t| t.to_ascii_lowercase()),
-                tolerance: self.hmac_tolerance(
-                    h.tolerance.map(|d| d.0),
-                    &path.key("hmac_sha256").key("tolerance"),
-                ),
-            });
-        }
-        if let Some(b) = &spec.bearer {
-            self.secret_name(&b.secret, &path.key("bearer").key("secret"));
-            return Some(WebhookAuth::Bearer {
-                secret: b.secret.clone(),
-            });
-        }
-        let name = spec.preset.as_deref()?;
-        let Some(preset) = WebhookPreset::parse(name) else {
-            self.error_at_value(
-                &path.key("preset"),
-                format!("unknown webhook preset `{name}`"),
-            )
-            .help = Some("use github, stripe, slack, shopify or standard_webhooks".into());
-            return None;
-        };
-        let Some(secret) = &spec.secret else {
-            self.error(path, format!("the `{name}` preset needs `secret: NAME`"))
-                .help = Some(
-                "name the secret holding the sender's signing secret (`plumb secrets set NAME`)"
-                    .into(),
-            );
-            return None;
-        };
-        self.secret_name(secret, &path.key("secret"));
-        Some(WebhookAuth::Preset {
-            preset,
-            secret: secret.clone(),
-        })
     }
 
     /// `redact:` paths: `.trigger…` or `.steps.<id>…`, keys and `[n]`.
@@ -987,55 +874,6 @@ impl<'a> Checker<'a> {
         out
     }
 
-    fn alert_channel(
-        &mut self,
-        raw: &Value,
-        path: &FieldPath,
-        connections: &BTreeMap<String, Connection>,
-    ) -> Option<AlertChannel> {
-        let spec: AlertChannelSpec = self.deserialize(raw, path)?;
-        let Some(http) = spec.http else {
-            self.error(path, "the alert channel has no kind").help = Some(
-                "write `http: { connection: <name>, path: /hooks/… }` under the channel's name"
-                    .into(),
-            );
-            return None;
-        };
-        let http_path = path.key("http");
-        if !connections.contains_key(&http.connection) {
-            self.error_at_value(
-                &http_path.key("connection"),
-                format!("unknown connection `{}`", http.connection),
-            )
-            .help =
-                Some("alerts are sent through a connection defined under `connections:`".into());
-        }
-        if !http.path.starts_with('/') || http.path.starts_with("//") {
-            self.error_at_value(
-                &http_path.key("path"),
-                "the path must start with a single `/`",
-            )
-            .help = Some("it is appended to the connection's base_url".into());
-        }
-        let method = http
-            .method
-            .as_deref()
-            .unwrap_or("POST")
-            .to_ascii_uppercase();
-        if !matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
-            self.error_at_value(
-                &http_path.key("method"),
-                format!("alerts cannot be sent with `{method}`"),
-            )
-            .help = Some("use POST, PUT or PATCH: the alert is a JSON body".into());
-        }
-        Some(AlertChannel::Http {
-            connection: http.connection,
-            method,
-            path: http.path,
-        })
-    }
-
     fn serve(&mut self, spec: &ServeSpec, path: &FieldPath) -> ServeConfig {
         let mut serve = ServeConfig::default();
         if let Some(workers) = spec.workers {
@@ -1090,386 +928,6 @@ impl<'a> Checker<'a> {
             }
         }
         serve
-    }
-
-    fn trigger(&mut self, raw: Option<&Value>, path: &FieldPath) -> Option<Trigger> {
-        let raw = raw?;
-        if raw.as_str() == Some("manual") {
-            return Some(Trigger::Manual);
-        }
-        let spec: TriggerSpec = self.deserialize(raw, path)?;
-        let count = usize::from(spec.webhook.is_some())
-            + usize::from(spec.schedule.is_some())
-            + usize::from(spec.manual.is_some());
-        if count != 1 {
-            self.error(path, "a trigger needs exactly one kind").help = Some(
-                "write one of `webhook: { path: … }`, `schedule: { cron: … }` or `manual`".into(),
-            );
-            return None;
-        }
-        if let Some(w) = spec.webhook {
-            let hook = w.path.trim_start_matches('/').to_owned();
-            if hook.is_empty()
-                || !hook
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
-            {
-                self.error_at_value(&path.key("webhook").key("path"), format!("invalid webhook path `{}`", w.path))
-                    .help = Some("use letters, digits, `-`, `_`, `.` and `/`, e.g. `orders` (served at POST /hooks/orders)".into());
-            }
-            let auth = match &w.auth {
-                Some(a) => self.webhook_auth(a, &path.key("webhook").key("auth")),
-                None => None,
-            };
-            return Some(Trigger::Webhook { path: hook, auth });
-        }
-        if let Some(s) = spec.schedule {
-            let parser = croner::parser::CronParser::builder()
-                .seconds(croner::parser::Seconds::Optional)
-                .build();
-            if let Err(e) = parser.parse(&s.cron) {
-                self.error_at_value(
-                    &path.key("schedule").key("cron"),
-                    format!("invalid cron expression `{}`: {e}", s.cron),
-                )
-                .help = Some(
-                    "use five fields `minute hour day month weekday`, e.g. `*/5 * * * *`".into(),
-                );
-            }
-            let timezone = s.timezone.unwrap_or_else(|| "UTC".to_owned());
-            if timezone.parse::<chrono_tz::Tz>().is_err() {
-                self.error_at_value(
-                    &path.key("schedule").key("timezone"),
-                    format!("unknown timezone `{timezone}`"),
-                )
-                .help = Some("use an IANA name such as `Europe/Berlin` or `UTC`".into());
-            }
-            return Some(Trigger::Schedule {
-                cron: s.cron,
-                timezone,
-                catch_up: s.catch_up.unwrap_or_default(),
-            });
-        }
-        Some(Trigger::Manual)
-    }
-
-    fn steps(&mut self, raws: &[Value], path: &FieldPath, base: &StepDefaults) -> Vec<Step> {
-        let mut out = Vec::with_capacity(raws.len());
-        for (i, raw) in raws.iter().enumerate() {
-            if let Some(step) = self.step(raw, &path.index(i), base) {
-                out.push(step);
-            }
-        }
-        out
-    }
-
-    fn step(&mut self, raw: &Value, path: &FieldPath, base: &StepDefaults) -> Option<Step> {
-        // The id as written, even if the step does not read: references to
-        // a broken step are its problem, not theirs.
-        if let Some(id) = raw.get("id").and_then(Value::as_str) {
-            self.written_ids.insert(id.to_owned());
-        }
-        let spec: StepSpec = self.deserialize(raw, path)?;
-        let fields_set_aside = self.set_aside;
-        let id_path = path.key("id");
-        let id_missing = spec.id.is_none();
-        let id = spec.id.clone().unwrap_or_default();
-        if id_missing {
-            self.missing(path, "id");
-        } else if !is_identifier(&id) {
-            self.error_at_value(&id_path, format!("invalid step id `{id}`")).help = Some(
-                "use letters, digits and `_`, starting with a letter or `_`, so that `.steps.<id>` works in expressions".into(),
-            );
-        }
-        if let Some(first) = self.ids.get(&id).filter(|_| !id_missing) {
-            let line = self.doc.locate(first).line;
-            self.error_at_value(&id_path, format!("the step id `{id}` is used twice"))
-                .help = Some(format!(
-                "it is first used on line {line}; step ids must be unique in a workflow"
-            ));
-        } else if !id_missing {
-            self.ids.insert(id.clone(), id_path.clone());
-            self.step_paths.insert(id.clone(), path.clone());
-        }
-        let kinds: Vec<&str> = [
-            ("http", spec.http.is_some()),
-            ("jq", spec.jq.is_some()),
-            ("if", spec.if_.is_some()),
-            ("sleep", spec.sleep.is_some()),
-            ("assert", spec.assert.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(k, present)| present.then_some(k))
-        .collect();
-        // No action, but an unknown field was reported: most likely the
-        // action's name misspelled, which that report already says.
-        if kinds.is_empty() && fields_set_aside > 0 {
-            return None;
-        }
-        if kinds.len() != 1 {
-            let found = if kinds.is_empty() {
-                "none".to_owned()
-            } else {
-                kinds.join(" and ")
-            };
-            self.error(path, format!("step `{id}` needs exactly one action (found {found})"))
-                .help = Some("give the step one of `http:`, `jq:`, `if:`, `sleep:` or `assert:`; split it into several steps to do more".into());
-            return None;
-        }
-        if spec.if_.is_none() {
-            for (field, present) in [
-                ("then", spec.then.is_some()),
-                ("else", spec.else_.is_some()),
-            ] {
-                if present {
-                    self.error(
-                        &path.key(field),
-                        format!("`{field}` belongs to an `if` step"),
-                    )
-                    .help = Some("add `if: ${{ … }}` to this step, or move these steps out".into());
-                }
-            }
-        }
-        let retry = self.resolve_retry(&base.retry, spec.retry.as_ref(), &path.key("retry"));
-        let mut timeout = spec.timeout.map_or(base.timeout, |d| d.0);
-        self.check_timeout(timeout, &path.key("timeout"));
-        let for_each = self.for_each(&spec, path);
-        let action = if let Some(http) = &spec.http {
-            let (action, connection_timeout) = self.http_action(http, &path.key("http"))?;
-            if spec.timeout.is_none()
-                && let Some(t) = connection_timeout
-            {
-                timeout = t;
-            }
-            Action::Http(action)
-        } else if let Some(code) = &spec.jq {
-            Action::Jq(self.program(code, &path.key("jq"))?)
-        } else if let Some(condition) = &spec.if_ {
-            if spec.for_each.is_some() {
-                self.error(
-                    &path.key("for_each"),
-                    "`for_each` cannot repeat an `if` step",
-                )
-                .help = Some("put `for_each` on the steps inside the branch instead".into());
-            }
-            if spec.retry.is_some() {
-                self.error(&path.key("retry"), "an `if` step has nothing to retry")
-                    .help = Some("remove `retry`; put it on the steps inside the branches".into());
-            }
-            let condition = self.condition(condition, &path.key("if"))?;
-            let Some(then) = &spec.then else {
-                self.error(path, "an `if` step needs `then:`").help =
-                    Some("list the steps to run when the condition holds under `then:`".into());
-                return None;
-            };
-            let child = StepDefaults {
-                retry: base.retry,
-                timeout: base.timeout,
-            };
-            let then = self.steps(then, &path.key("then"), &child);
-            let otherwise = match &spec.else_ {
-                Some(raws) => self.steps(raws, &path.key("else"), &child),
-                None => Vec::new(),
-            };
-            Action::If(IfBranch {
-                condition,
-                then,
-                otherwise,
-            })
-        } else if let Some(sleep) = &spec.sleep {
-            let template = self.template(sleep, &path.key("sleep"))?;
-            if let Template::Literal(value) = &template
-                && let Err(message) = sleep_duration(value)
-            {
-                self.error_at_value(&path.key("sleep"), message).help = Some(
-                    "write a duration such as `30s` or `5m`, or a `${{ … }}` that yields one"
-                        .into(),
-                );
-            }
-            Action::Sleep(template)
-        } else if let Some(assert) = &spec.assert {
-            self.assert_action(assert, &path.key("assert"))?
-        } else {
-            return None;
-        };
-        if id_missing {
-            return None;
-        }
-        let mut step = Step {
-            id,
-            action,
-            for_each,
-            retry,
-            timeout,
-            reads: crate::expr::StepsRead::default(),
-        };
-        let mut reads = crate::expr::StepsRead::default();
-        for program in step_programs(&step) {
-            reads.merge(crate::expr::steps_read(program.source()));
-        }
-        step.reads = reads;
-        Some(step)
-    }
-
-    fn for_each(&mut self, spec: &StepSpec, path: &FieldPath) -> Option<ForEach> {
-        let Some(items) = &spec.for_each else {
-            if spec.concurrency.is_some() {
-                self.error(
-                    &path.key("concurrency"),
-                    "`concurrency` only applies to `for_each` steps",
-                )
-                .help = Some("remove it, or add `for_each: ${{ … }}`".into());
-            }
-            return None;
-        };
-        if spec.sleep.is_some() {
-            self.error(
-                &path.key("for_each"),
-                "`for_each` cannot repeat a `sleep` step",
-            )
-            .help = Some("sleep once for the whole duration instead".into());
-        }
-        let concurrency = spec.concurrency.unwrap_or(1);
-        if concurrency == 0 || concurrency > MAX_CONCURRENCY {
-            self.error(
-                &path.key("concurrency"),
-                format!("`concurrency` is {concurrency}"),
-            )
-            .help = Some(format!("use 1 to {MAX_CONCURRENCY}"));
-        }
-        let items_path = path.key("for_each");
-        let items = self.template(items, &items_path)?;
-        if let Template::Literal(v) = &items
-            && !v.is_array()
-        {
-            self.error_at_value(
-                &items_path,
-                "`for_each` must be a list or a `${{ … }}` that yields one",
-            )
-            .help = Some("e.g. `for_each: ${{ .steps.fetch.body.items }}`".into());
-        }
-        Some(ForEach { items, concurrency })
-    }
-
-    fn http_action(
-        &mut self,
-        spec: &HttpStepSpec,
-        path: &FieldPath,
-    ) -> Option<(HttpAction, Option<Duration>)> {
-        let mut connection_timeout = None;
-        if let Some(config) = self.config {
-            match config.connections.get(&spec.connection) {
-                None => {
-                    let names: Vec<&str> = config.connections.keys().map(String::as_str).collect();
-                    let help = match closest(&spec.connection, &names) {
-                        Some(best) => format!("did you mean `{best}`?"),
-                        None if names.is_empty() => {
-                            "define it under `connections:` in plumb.yaml".to_owned()
-                        }
-                        None => format!(
-                            "define it under `connections:` in plumb.yaml, or use one of: {}",
-                            names.join(", ")
-                        ),
-                    };
-                    self.error_at_value(
-                        &path.key("connection"),
-                        format!("unknown connection `{}`", spec.connection),
-                    )
-                    .help = Some(help);
-                }
-                Some(Connection::Http(c)) => connection_timeout = c.timeout,
-            }
-        }
-        let method = spec.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
-        if !matches!(
-            method.as_str(),
-            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS"
-        ) {
-            self.error_at_value(
-                &path.key("method"),
-                format!("unsupported HTTP method `{method}`"),
-            )
-            .help = Some("use GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS".into());
-        }
-        let path_template = self.template(&spec.path, &path.key("path"));
-        if let Some(t) = &path_template {
-            let literal_start = match t {
-                Template::Literal(Value::String(s)) => Some(s.as_str()),
-                Template::Text(parts) => match parts.first() {
-                    Some(crate::expr::TextPart::Literal(s)) => Some(s.as_str()),
-                    _ => None,
-                },
-                Template::Literal(_) => Some(""),
-                _ => None,
-            };
-            if let Some(start) = literal_start
-                && (!start.starts_with('/') || start.starts_with("//"))
-            {
-                self.error_at_value(&path.key("path"), "the path must start with a single `/`: it is appended to the connection's base_url")
-                        .help = Some("a step may only call its connection's host; write the path, e.g. `/orders`, not a full URL".into());
-            }
-        }
-        let mut query = Vec::new();
-        for (k, v) in &spec.query {
-            if let Some(t) = self.template(v, &path.key("query").key(k.clone())) {
-                query.push((k.clone(), t));
-            }
-        }
-        let mut headers = Vec::new();
-        for (k, v) in &spec.headers {
-            let hp = path.key("headers").key(k.clone());
-            if !is_header_name(k) {
-                self.error(&hp, format!("invalid header name `{k}`")).help =
-                    Some("header names are letters, digits and `-`".into());
-            }
-            if k.eq_ignore_ascii_case("idempotency-key") {
-                self.error(&hp, "`Idempotency-Key` is set by plumb").help = Some(
-                    "remove it: every request carries `<run_id>:<step_id>[:<item>]`, the same on every retry".into(),
-                );
-            }
-            if let Some(t) = self.template(v, &hp) {
-                headers.push((k.clone(), t));
-            }
-        }
-        let body = match &spec.body {
-            Some(b) => Some(self.template(b, &path.key("body"))?),
-            None => None,
-        };
-        if let Some(expect) = &spec.expect {
-            for (i, s) in expect.status.iter().enumerate() {
-                if !(100..=599).contains(s) {
-                    self.error_at_value(
-                        &path.key("expect").key("status").index(i),
-                        format!("`{s}` is not an HTTP status"),
-                    )
-                    .help = Some("use codes between 100 and 599".into());
-                }
-            }
-        }
-        Some((
-            HttpAction {
-                connection: spec.connection.clone(),
-                method,
-                path: path_template?,
-                query,
-                headers,
-                body,
-                expect_status: spec.expect.as_ref().map(|e| e.status.clone()),
-            },
-            connection_timeout,
-        ))
-    }
-
-    fn assert_action(&mut self, spec: &AssertSpec, path: &FieldPath) -> Option<Action> {
-        let condition = self.condition(&spec.condition, &path.key("condition"));
-        let message = match &spec.message {
-            Some(m) => Some(self.template(m, &path.key("message"))?),
-            None => None,
-        };
-        Some(Action::Assert {
-            condition: condition?,
-            message,
-        })
     }
 
     fn condition(&mut self, raw: &Value, path: &FieldPath) -> Option<Template> {
@@ -2029,7 +1487,7 @@ mod tests {
             Some("https://plumb.example")
         );
         assert!(
-            matches!(cfg.alerts.get("ops"), Some(AlertChannel::Http { method, .. }) if method == "POST")
+            matches!(cfg.alerts.get("ops"), Some(crate::model::AlertChannel::Http { method, .. }) if method == "POST")
         );
         let w = load_workflow(
             &SourceFile {
@@ -2188,6 +1646,39 @@ mod tests {
         assert_eq!(
             err.0[0].help.as_deref(),
             Some("use one of: exponential, fixed")
+        );
+    }
+
+    #[test]
+    fn kinds_from_spec_not_built_yet_are_named_so() {
+        let err = load_config(&SourceFile {
+            path: "plumb.yaml".into(),
+            text: "connections:\n  warehouse:\n    postgres: { url: { secret: warehouse_dsn } }\n  crm:\n    htp: { base_url: 'https://x.example' }\n".into(),
+        })
+        .expect_err("no postgres yet, and a typo");
+        let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
+        assert!(
+            messages.contains(&"`postgres` connections are not available in this version of plumb"),
+            "{messages:?}"
+        );
+        assert!(messages.contains(&"unknown field `htp`"), "{messages:?}");
+        assert!(
+            err.0
+                .iter()
+                .any(|d| d.help.as_deref() == Some("did you mean `http`?"))
+        );
+        let err = workflow(&format!(
+            "{HEAD}trigger: {{ queue: {{ connection: q }} }}\nsteps:\n  - id: a\n    sql: {{ connection: w, query: 'select 1' }}\n"
+        ))
+        .expect_err("no queue triggers or sql steps yet");
+        let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
+        assert!(
+            messages.contains(&"`queue` triggers are not available in this version of plumb"),
+            "{messages:?}"
+        );
+        assert!(
+            messages.contains(&"`sql` steps are not available in this version of plumb"),
+            "{messages:?}"
         );
     }
 }

@@ -1,0 +1,175 @@
+//! `http: { connection, method, path, query, headers, body, expect }`: one
+//! request to a connection's origin (the path is appended to its
+//! `base_url`; a full URL is refused), with the step's idempotency key.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{Checked, KindInput, StepKind};
+use crate::expr::Template;
+use crate::load::{Checker, closest, is_header_name};
+use crate::model::{Action, Connection, HttpAction};
+use crate::yaml::FieldPath;
+
+pub(super) const KIND: StepKind = StepKind {
+    name: "http",
+    siblings: &[],
+    not_repeatable: None,
+    check,
+};
+
+/// `http:` in a step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpStepSpec {
+    /// The connection to call (its host is the only one reachable).
+    pub connection: String,
+    /// HTTP method; `GET` when omitted.
+    pub method: Option<String>,
+    /// Path below the connection's `base_url`.
+    #[serde(default = "default_path")]
+    pub path: Value,
+    /// Query parameters.
+    #[serde(default)]
+    pub query: Map<String, Value>,
+    /// Request headers.
+    #[serde(default)]
+    pub headers: Map<String, Value>,
+    /// JSON request body.
+    pub body: Option<Value>,
+    /// What counts as success.
+    pub expect: Option<ExpectSpec>,
+}
+
+fn default_path() -> Value {
+    Value::String("/".to_owned())
+}
+
+/// `expect:` in an http step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectSpec {
+    /// Status codes that count as success (default: any 2xx).
+    pub status: Vec<u16>,
+}
+
+fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
+    let path = input.path.key("http");
+    let spec: HttpStepSpec = cx.deserialize(input.raw, &path)?;
+    let (action, timeout) = http_action(cx, &spec, &path)?;
+    Some(Checked {
+        action: Action::Http(action),
+        timeout,
+    })
+}
+
+fn http_action(
+    cx: &mut Checker<'_>,
+    spec: &HttpStepSpec,
+    path: &FieldPath,
+) -> Option<(HttpAction, Option<Duration>)> {
+    let mut connection_timeout = None;
+    if let Some(config) = cx.config {
+        match config.connections.get(&spec.connection) {
+            None => {
+                let names: Vec<&str> = config.connections.keys().map(String::as_str).collect();
+                let help = match closest(&spec.connection, &names) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None if names.is_empty() => {
+                        "define it under `connections:` in plumb.yaml".to_owned()
+                    }
+                    None => format!(
+                        "define it under `connections:` in plumb.yaml, or use one of: {}",
+                        names.join(", ")
+                    ),
+                };
+                cx.error_at_value(
+                    &path.key("connection"),
+                    format!("unknown connection `{}`", spec.connection),
+                )
+                .help = Some(help);
+            }
+            Some(Connection::Http(c)) => connection_timeout = c.timeout,
+        }
+    }
+    let method = spec.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
+    if !matches!(
+        method.as_str(),
+        "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS"
+    ) {
+        cx.error_at_value(
+            &path.key("method"),
+            format!("unsupported HTTP method `{method}`"),
+        )
+        .help = Some("use GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS".into());
+    }
+    let path_template = cx.template(&spec.path, &path.key("path"));
+    if let Some(t) = &path_template {
+        let literal_start = match t {
+            Template::Literal(Value::String(s)) => Some(s.as_str()),
+            Template::Text(parts) => match parts.first() {
+                Some(crate::expr::TextPart::Literal(s)) => Some(s.as_str()),
+                _ => None,
+            },
+            Template::Literal(_) => Some(""),
+            _ => None,
+        };
+        if let Some(start) = literal_start
+            && (!start.starts_with('/') || start.starts_with("//"))
+        {
+            cx.error_at_value(&path.key("path"), "the path must start with a single `/`: it is appended to the connection's base_url")
+                    .help = Some("a step may only call its connection's host; write the path, e.g. `/orders`, not a full URL".into());
+        }
+    }
+    let mut query = Vec::new();
+    for (k, v) in &spec.query {
+        if let Some(t) = cx.template(v, &path.key("query").key(k.clone())) {
+            query.push((k.clone(), t));
+        }
+    }
+    let mut headers = Vec::new();
+    for (k, v) in &spec.headers {
+        let hp = path.key("headers").key(k.clone());
+        if !is_header_name(k) {
+            cx.error(&hp, format!("invalid header name `{k}`")).help =
+                Some("header names are letters, digits and `-`".into());
+        }
+        if k.eq_ignore_ascii_case("idempotency-key") {
+            cx.error(&hp, "`Idempotency-Key` is set by plumb").help = Some(
+                "remove it: every request carries `<run_id>:<step_id>[:<item>]`, the same on every retry".into(),
+            );
+        }
+        if let Some(t) = cx.template(v, &hp) {
+            headers.push((k.clone(), t));
+        }
+    }
+    let body = match &spec.body {
+        Some(b) => Some(cx.template(b, &path.key("body"))?),
+        None => None,
+    };
+    if let Some(expect) = &spec.expect {
+        for (i, s) in expect.status.iter().enumerate() {
+            if !(100..=599).contains(s) {
+                cx.error_at_value(
+                    &path.key("expect").key("status").index(i),
+                    format!("`{s}` is not an HTTP status"),
+                )
+                .help = Some("use codes between 100 and 599".into());
+            }
+        }
+    }
+    Some((
+        HttpAction {
+            connection: spec.connection.clone(),
+            method,
+            path: path_template?,
+            query,
+            headers,
+            body,
+            expect_status: spec.expect.as_ref().map(|e| e.status.clone()),
+        },
+        connection_timeout,
+    ))
+}
