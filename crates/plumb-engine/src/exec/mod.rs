@@ -1,0 +1,630 @@
+//! Executing one run: walk the steps, skip what the journal already holds,
+//! perform the rest with retries, commit each outcome before moving on.
+//!
+//! What is journaled when — the step life-cycle — is written down once, in
+//! [`crate::journal`]; this module follows it. Each step kind is executed
+//! in a module of its own under [`step`]; the context document and the
+//! helpers every kind shares are in [`context`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jaq_json::Val;
+use plumb_core::expr::{EvalError, Template, json_to_val};
+use plumb_core::model::{Action, ForEachShape, Project, Step, Workflow};
+use plumb_store::{AttemptFailure, Failure, Run, StepRecord, StepStatus, StoreError, now_ms};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::Engine;
+use crate::events::{Observer, RunEvent};
+use crate::journal::{self, AfterFailure, Prior, SuccessCommit};
+
+mod context;
+mod step;
+
+pub(crate) use step::auth_header;
+
+pub use context::idempotency_key;
+use context::{ContextBase, eval_bounded, redact_error};
+pub(crate) use context::{humanize, preview, with_store_retries};
+
+/// Why a run stopped early.
+pub(crate) enum Halt {
+    /// A step failed for good: the run fails.
+    Failed(Failure),
+    /// Work stopped (interrupt or lost lease); the run is left to resume.
+    Stopped,
+    /// The journal could not be written.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Halt {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::LeaseLost { .. } => Self::Stopped,
+            // The write itself is at fault (it would not read back), not
+            // the store: the step fails, and trying again cannot help.
+            StoreError::Rejected(message) => Self::Failed(Failure {
+                message,
+                ..Failure::default()
+            }),
+            other => Self::Store(other),
+        }
+    }
+}
+
+/// Whether a step's committed output is a list of item results.
+fn output_shape(step: &Step, item: Option<u32>) -> ForEachShape {
+    if step.for_each.is_some() && item.is_none() {
+        ForEachShape::AllItems
+    } else {
+        ForEachShape::One
+    }
+}
+
+impl Halt {
+    fn describe(&self) -> String {
+        match self {
+            Self::Failed(f) => f.message.clone(),
+            Self::Stopped => "stopped".to_owned(),
+            Self::Store(e) => e.to_string(),
+        }
+    }
+}
+
+type Key = (String, Option<u32>);
+
+pub(crate) struct Execution<'e> {
+    pub(crate) engine: &'e Engine,
+    /// The project as it was when this execution started (a reload during
+    /// the run does not change its connections under it).
+    pub(crate) project: Arc<Project>,
+    pub(crate) run: Run,
+    pub(crate) workflow: Arc<Workflow>,
+    pub(crate) journal: HashMap<Key, StepRecord>,
+    pub(crate) observer: &'e dyn Observer,
+    pub(crate) stop: CancellationToken,
+    /// Outputs of steps so far, as jq values: `.steps` in expressions.
+    outputs: jaq_json::Map,
+    /// `for_each` steps that succeeded whose item outputs are not in
+    /// `outputs` yet: loaded only for a step that reads them.
+    lazy: std::collections::BTreeSet<String>,
+    trigger: Val,
+    /// The outcome of the workflow's last step, committed with the run's end.
+    last_outcome: std::sync::Mutex<Option<StepRecord>>,
+    /// This execution's claim token (fences every journal write).
+    token: String,
+}
+
+/// How an action attempt ended well.
+struct Outcome {
+    output: Value,
+    status_code: Option<u16>,
+}
+
+impl<'e> Execution<'e> {
+    pub(crate) fn new(
+        engine: &'e Engine,
+        project: Arc<Project>,
+        run: Run,
+        workflow: Arc<Workflow>,
+        journal: Vec<StepRecord>,
+        observer: &'e dyn Observer,
+        stop: CancellationToken,
+    ) -> Self {
+        let trigger = json_to_val(&run.trigger);
+        let token = run
+            .lease_owner
+            .clone()
+            .unwrap_or_else(|| engine.owner.as_str().to_owned());
+        let journal = journal
+            .into_iter()
+            .map(|r| ((r.step_id.clone(), r.item), r))
+            .collect();
+        Self {
+            engine,
+            project,
+            run,
+            workflow,
+            journal,
+            observer,
+            stop,
+            outputs: jaq_json::Map::default(),
+            lazy: std::collections::BTreeSet::new(),
+            trigger,
+            last_outcome: std::sync::Mutex::new(None),
+            token,
+        }
+    }
+
+    /// The last step's outcome, to be committed with the run's end.
+    pub(crate) fn take_last_outcome(&self) -> Option<StepRecord> {
+        self.last_outcome.lock().ok().and_then(|mut l| l.take())
+    }
+
+    pub(crate) async fn run_all(&mut self) -> Result<(), Halt> {
+        let workflow = Arc::clone(&self.workflow);
+        self.run_steps(&workflow.steps).await
+    }
+
+    fn run_steps<'a>(
+        &'a mut self,
+        steps: &'a [Step],
+    ) -> Pin<Box<dyn Future<Output = Result<(), Halt>> + Send + 'a>> {
+        Box::pin(async move {
+            for step in steps {
+                if self.stop.is_cancelled() {
+                    return Err(Halt::Stopped);
+                }
+                self.run_step(step).await?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn run_step(&mut self, step: &Step) -> Result<(), Halt> {
+        let prior = self.journal.get(&(step.id.clone(), None)).cloned();
+        match Prior::of(prior.as_ref()) {
+            Prior::Succeeded(record) => {
+                let output = record.output.clone().unwrap_or(Value::Null);
+                if journal::restores_items_lazily(step, &output) {
+                    self.lazy.insert(step.id.clone());
+                } else {
+                    self.set_output(&step.id, &output);
+                }
+                self.observer.on_event(&RunEvent::StepRestored {
+                    step_id: step.id.clone(),
+                });
+                if let Action::If(branch) = &step.action {
+                    return self.resume_if(branch, &output).await;
+                }
+                return Ok(());
+            }
+            Prior::Failed(record) => {
+                return Err(Halt::Failed(Failure {
+                    message: record.error.clone().unwrap_or_else(|| "failed".to_owned()),
+                    step: Some(step.id.clone()),
+                    item: None,
+                    attempt: Some(record.attempt),
+                    status_code: record.status_code,
+                }));
+            }
+            Prior::Fresh | Prior::InFlight(_) => {}
+        }
+        self.assemble_outputs(step).await?;
+        match &step.action {
+            Action::If(branch) => self.run_if(step, branch).await,
+            Action::Sleep(duration) => self.run_sleep(step, duration, prior.as_ref()).await,
+            _ => match &step.for_each {
+                Some(_) => self.run_for_each(step, prior.as_ref()).await,
+                None => {
+                    let context_base = self.context_base();
+                    let outcome = self
+                        .attempts(step, None, context_base, prior.as_ref())
+                        .await;
+                    match outcome {
+                        Ok(o) => {
+                            self.set_output(&step.id, &o.output);
+                            Ok(())
+                        }
+                        Err(halt) => Err(halt),
+                    }
+                }
+            },
+        }
+    }
+
+    /// Makes an output visible to later steps; it is already sanitized (it
+    /// comes from the journal, an attempt or `commit_success`).
+    fn set_output(&mut self, step_id: &str, output: &Value) {
+        self.outputs
+            .insert(Val::from(step_id.to_owned()), json_to_val(output));
+    }
+
+    /// A step output as it may be kept and seen: secret values redacted and
+    /// the workflow's `redact:` paths masked. Later steps see exactly what
+    /// the journal holds, so a resumed run behaves like the first one, and
+    /// an upstream echoing a secret cannot hand it to another step.
+    ///
+    /// Applied once, where an output is produced: in `attempts` (actions,
+    /// and each `for_each` item) and in `commit_success` (`if`, `sleep` and
+    /// a `for_each` step's list). Nothing downstream sanitizes again.
+    fn sanitized<'v>(
+        &self,
+        step_id: &str,
+        output: &'v Value,
+        shape: ForEachShape,
+    ) -> std::borrow::Cow<'v, Value> {
+        let secrets = self.engine.secrets();
+        let masks = self.workflow.redact.iter().any(|p| p.names_step(step_id));
+        // The common case costs nothing: no secrets, no masks for this step.
+        if !masks && secrets.redactor().is_empty() {
+            return std::borrow::Cow::Borrowed(output);
+        }
+        let mut kept = output.clone();
+        for path in &self.workflow.redact {
+            path.mask_step_output(step_id, &mut kept, shape);
+        }
+        secrets.redactor().redact_json(&mut kept);
+        std::borrow::Cow::Owned(kept)
+    }
+
+    /// The parts of the context document that do not depend on the step.
+    fn context_base(&self) -> ContextBase {
+        ContextBase {
+            trigger: self.trigger.clone(),
+            steps: Val::obj(self.outputs.clone()),
+            run_id: self.run.id.clone(),
+            workflow: self.run.workflow.clone(),
+            version: self.run.version.clone(),
+        }
+    }
+
+    fn context(&self, step: &Step, item: Option<(u32, &Val)>, attempt: u32) -> Val {
+        self.context_base().for_step(step, item, attempt)
+    }
+
+    async fn eval(
+        &self,
+        step: &Step,
+        template: &Template,
+        context: Val,
+    ) -> Result<Value, EvalError> {
+        eval_bounded(template.clone(), context, step.timeout).await
+    }
+
+    /// Evaluates one of the step's own expressions (a condition, a sleep
+    /// duration, a `for_each` list) and checks its shape with `accept`; a
+    /// failure of either fails the step (committed) and ends the run.
+    async fn eval_own<T>(
+        &self,
+        step: &Step,
+        template: &Template,
+        started: i64,
+        accept: impl FnOnce(Value) -> Result<T, String>,
+    ) -> Result<T, Halt> {
+        let context = self.context(step, None, 1);
+        let checked = match self.eval(step, template, context).await {
+            Ok(value) => accept(value),
+            Err(e) => Err(e.to_string()),
+        };
+        match checked {
+            Ok(v) => Ok(v),
+            Err(message) => Err(self.fail_step(step, None, 1, started, &message, None).await),
+        }
+    }
+
+    /// Runs attempts of one step or item until one succeeds, a failure is
+    /// permanent, or the retry policy is spent. Commits the outcome.
+    async fn attempts(
+        &self,
+        step: &Step,
+        item: Option<(u32, &Val)>,
+        base: ContextBase,
+        prior: Option<&StepRecord>,
+    ) -> Result<Outcome, Halt> {
+        let index = item.map(|(i, _)| i);
+        let plan = journal::attempt_plan(Prior::of(prior), step.retry.attempts);
+        let first_started = plan.first_started.unwrap_or_else(now_ms);
+        let mut attempt = plan.made;
+        let began = Instant::now();
+        loop {
+            attempt += 1;
+            let attempt_started = now_ms();
+            if journal::marks_attempt_start(step) {
+                self.write_step(&self.running(step, index, attempt, None, first_started))
+                    .await?;
+            }
+            self.observer.on_event(&RunEvent::StepStarted {
+                step_id: step.id.clone(),
+                item: index,
+                attempt,
+                kind: step.action.kind(),
+            });
+            let key = idempotency_key(&self.run.id, &step.id, index);
+            let context = base.for_step(step, item, attempt);
+            let result = tokio::select! {
+                () = self.stop.cancelled() => return Err(Halt::Stopped),
+                r = tokio::time::timeout(step.timeout, self.perform(step, context, key)) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(journal::timed_out(step)),
+                },
+            };
+            // Nothing an upstream sends back — output or error — may carry a
+            // secret value into the journal, the events or later expressions.
+            let result = match result {
+                Ok(mut outcome) => {
+                    // Before anything sees it (the summary, later steps).
+                    outcome.output = self
+                        .sanitized(&step.id, &outcome.output, output_shape(step, index))
+                        .into_owned();
+                    Ok(outcome)
+                }
+                Err(e) => Err(redact_error(self.engine, e)),
+            };
+            match result {
+                Ok(outcome) => {
+                    let summary = summarize(step, &outcome);
+                    self.commit_success_timed(
+                        step,
+                        index,
+                        attempt,
+                        first_started,
+                        &outcome.output,
+                        outcome.status_code,
+                        began.elapsed(),
+                        summary,
+                    )
+                    .await?;
+                    return Ok(outcome);
+                }
+                Err(error) => {
+                    let failure = AttemptFailure {
+                        run_id: self.run.id.clone(),
+                        step_id: step.id.clone(),
+                        item: index,
+                        round: self.run.replays,
+                        attempt,
+                        started_at: attempt_started,
+                        finished_at: now_ms(),
+                        status_code: error.status(),
+                        error: error.to_string(),
+                        retryable: error.is_retryable(),
+                    };
+                    let message = match journal::after_failure(step, &error, attempt, plan.max) {
+                        AfterFailure::Fail(message) => message,
+                        AfterFailure::Retry(delay) => {
+                            self.write_attempt(&failure).await?;
+                            metrics::counter!(
+                                "plumb_step_retries_total",
+                                "workflow" => self.run.workflow.clone(),
+                            )
+                            .increment(1);
+                            self.observer.on_event(&RunEvent::StepRetrying {
+                                step_id: step.id.clone(),
+                                item: index,
+                                attempt,
+                                error: error.to_string(),
+                                delay,
+                            });
+                            tokio::select! {
+                                () = self.stop.cancelled() => return Err(Halt::Stopped),
+                                () = tokio::time::sleep(delay) => {}
+                            }
+                            continue;
+                        }
+                    };
+                    // The outcome first: a crash between the two writes must
+                    // leave a failed step, not a `running` one that a resume
+                    // would send again.
+                    let halt = self
+                        .fail_step(
+                            step,
+                            index,
+                            attempt,
+                            first_started,
+                            &message,
+                            error.status(),
+                        )
+                        .await;
+                    if matches!(halt, Halt::Failed(_))
+                        && let Err(e) = self.write_attempt(&failure).await
+                    {
+                        tracing::warn!(run_id = %self.run.id, step = %step.id, error = %e.describe(), "Could not keep the last failed attempt for the timeline.");
+                    }
+                    return Err(halt);
+                }
+            }
+        }
+    }
+
+    /// A `running` journal row: an attempt in flight, or durable state
+    /// (item list, wake-up time) committed before the work it describes.
+    fn running(
+        &self,
+        step: &Step,
+        item: Option<u32>,
+        attempt: u32,
+        state: Option<Value>,
+        started_at: i64,
+    ) -> StepRecord {
+        StepRecord {
+            run_id: self.run.id.clone(),
+            step_id: step.id.clone(),
+            item,
+            status: StepStatus::Running,
+            attempt,
+            state,
+            output: None,
+            error: None,
+            status_code: None,
+            started_at,
+            finished_at: None,
+        }
+    }
+
+    /// Writes one journal row. Transient store errors (locked, disk
+    /// trouble) are retried briefly; if the write still fails, or the lease
+    /// is gone, every other part of this run stops too.
+    async fn write_step(&self, record: &StepRecord) -> Result<(), Halt> {
+        let owner = self.token.as_str();
+        // Outputs arrive sanitized (see `sanitized`); the step's own state
+        // and error text are redacted here, the last stop before the store.
+        // Without secrets there is nothing to redact and nothing to copy (a
+        // `for_each` item list may be large).
+        let secrets = self.engine.secrets();
+        let redactor = secrets.redactor();
+        let redacted;
+        let record = if redactor.is_empty() {
+            record
+        } else {
+            let mut copy = record.clone();
+            if let Some(state) = &mut copy.state {
+                redactor.redact_json(state);
+            }
+            if let Some(e) = &mut copy.error {
+                *e = redactor.redact(e).into_owned();
+            }
+            redacted = copy;
+            &redacted
+        };
+        with_store_retries(|| self.engine.store.record_step(owner, record))
+            .await
+            .map_err(|e| self.halt(e))
+    }
+
+    /// Keeps a failed attempt for the timeline, like [`Self::write_step`].
+    async fn write_attempt(&self, failure: &AttemptFailure) -> Result<(), Halt> {
+        let owner = self.token.as_str();
+        let mut failure = failure.clone();
+        failure.error = self.engine.redact(&failure.error);
+        let failure = &failure;
+        with_store_retries(|| self.engine.store.record_attempt_failure(owner, failure))
+            .await
+            .map_err(|e| self.halt(e))
+    }
+
+    fn halt(&self, e: StoreError) -> Halt {
+        // A refused record fails its own step or item; everything else
+        // about the store stops every part of the run.
+        if !matches!(e, StoreError::Rejected(_)) {
+            self.stop.cancel();
+        }
+        Halt::from(e)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_success(
+        &self,
+        step: &Step,
+        item: Option<u32>,
+        attempt: u32,
+        started: i64,
+        output: &Value,
+        status_code: Option<u16>,
+        summary: Option<String>,
+    ) -> Result<(), Halt> {
+        let elapsed = Duration::from_millis(u64::try_from(now_ms() - started).unwrap_or(0));
+        let output = self.sanitized(&step.id, output, output_shape(step, item));
+        let output = output.as_ref();
+        let summary = summary.unwrap_or_else(|| preview(output, 60));
+        self.commit_success_timed(
+            step,
+            item,
+            attempt,
+            started,
+            output,
+            status_code,
+            elapsed,
+            summary,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_success_timed(
+        &self,
+        step: &Step,
+        item: Option<u32>,
+        attempt: u32,
+        started: i64,
+        output: &Value,
+        status_code: Option<u16>,
+        elapsed: Duration,
+        summary: String,
+    ) -> Result<(), Halt> {
+        // Callers pass outputs already sanitized (attempts, commit_success),
+        // and write_step checks again before the store.
+        let record = StepRecord {
+            run_id: self.run.id.clone(),
+            step_id: step.id.clone(),
+            item,
+            status: StepStatus::Succeeded,
+            attempt,
+            state: None,
+            output: Some(output.clone()),
+            error: None,
+            status_code,
+            started_at: started,
+            finished_at: Some(now_ms()),
+        };
+        match journal::success_commit(&self.workflow, step, item) {
+            SuccessCommit::WithRunEnd => {
+                if let Ok(mut last) = self.last_outcome.lock() {
+                    *last = Some(record);
+                }
+            }
+            SuccessCommit::Now => self.write_step(&record).await?,
+        }
+        metrics::histogram!(
+            "plumb_step_duration_seconds",
+            "workflow" => self.run.workflow.clone(),
+            "kind" => step.action.kind(),
+        )
+        .record(elapsed.as_secs_f64());
+        self.observer.on_event(&RunEvent::StepSucceeded {
+            step_id: step.id.clone(),
+            item,
+            attempts: attempt,
+            elapsed,
+            summary,
+        });
+        Ok(())
+    }
+
+    /// Commits a failed outcome and returns the failure that ends the run
+    /// (or why it could not be committed).
+    async fn fail_step(
+        &self,
+        step: &Step,
+        item: Option<u32>,
+        attempt: u32,
+        started: i64,
+        message: &str,
+        status_code: Option<u16>,
+    ) -> Halt {
+        let written = self
+            .write_step(&StepRecord {
+                run_id: self.run.id.clone(),
+                step_id: step.id.clone(),
+                item,
+                status: StepStatus::Failed,
+                attempt,
+                state: None,
+                output: None,
+                error: Some(message.to_owned()),
+                status_code,
+                started_at: started,
+                finished_at: Some(now_ms()),
+            })
+            .await;
+        if let Err(halt) = written {
+            return halt;
+        }
+        self.observer.on_event(&RunEvent::StepFailed {
+            step_id: step.id.clone(),
+            item,
+            attempts: attempt,
+            error: message.to_owned(),
+        });
+        Halt::Failed(Failure {
+            message: message.to_owned(),
+            step: Some(step.id.clone()),
+            item,
+            attempt: Some(attempt),
+            status_code,
+        })
+    }
+}
+
+fn summarize(step: &Step, outcome: &Outcome) -> String {
+    match (&step.action, outcome.status_code) {
+        (Action::Http(_), Some(status)) => format!("HTTP {status}"),
+        (Action::Assert { .. }, _) => "ok".to_owned(),
+        _ => preview(&outcome.output, 60),
+    }
+}
