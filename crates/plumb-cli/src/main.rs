@@ -49,16 +49,6 @@ impl From<Exit> for ExitCode {
     }
 }
 
-/// A named point where a crash test can stop the process: when
-/// `PLUMB_FAILPOINT` names it, the process aborts there, as if killed (no
-/// destructor, no flush). Only tests set the variable.
-pub fn failpoint(name: &str) {
-    if std::env::var("PLUMB_FAILPOINT").is_ok_and(|v| v == name) {
-        eprintln!("failpoint {name}: aborting");
-        std::process::abort();
-    }
-}
-
 /// A mistake in how the command was called: exits 2 rather than 1.
 #[derive(Debug)]
 pub struct UsageError(pub String);

@@ -546,3 +546,98 @@ async fn random_webhook_bodies_get_an_answer_and_never_stall_the_engine() {
     assert!(runs["runs"].is_array(), "{runs}");
     server.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_that_panics_releases_its_run_and_the_run_ends() {
+    let project = Project::new("connections: {}\nserve:\n  max_crashes: 2\n");
+    project.workflow(
+        "boom",
+        &format!("name: boom\n{HEAD}trigger:\n  webhook: {{ path: boom }}\nsteps:\n  - id: a\n    jq: '1'\n"),
+    );
+    // Every attempt panics inside the engine, as a bug would.
+    let mut server = project
+        .serve_with_env("127.0.0.1:0", &[("PLUMB_FAILPOINT", "step.attempt=panic")])
+        .await;
+    let base = server.base_url.clone();
+    let (status, body) = post_json(&format!("{base}/hooks/boom"), &json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    let run_id = body["run_id"].as_str().expect("run id").to_owned();
+    let done = wait_run(&base, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(done["run"]["status"], "failed", "{done}");
+    let message = done["run"]["failure"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("crashed its worker 2 times"), "{message}");
+    assert!(
+        message.contains("panicked"),
+        "with the panic as its last error: {message}"
+    );
+    assert!(
+        server.child.try_wait().expect("try_wait").is_none(),
+        "the panic was caught: the server is still up"
+    );
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_clock_is_an_hour_ahead_takes_no_live_lease() {
+    let faketime_works = std::process::Command::new("faketime")
+        .args(["-f", "+1h", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !faketime_works {
+        eprintln!("skipped: `faketime` is not installed (apt-get install faketime)");
+        return;
+    }
+    let rx = Receiver::start().await;
+    let project = project_with(&rx, "serve:\n  workers: 4\n  lease: 6s\n");
+    project.workflow(
+        "slow",
+        &format!("name: slow\n{HEAD}trigger:\n  webhook: {{ path: slow }}\nsteps:\n  - id: call\n    http: {{ connection: rx, path: '/ok/slow?delay_ms=4000' }}\n"),
+    );
+    let server = project.serve("127.0.0.1:0").await;
+    let base = server.base_url.clone();
+    // A worker whose wall clock is an hour ahead: every lease the server
+    // writes has expired by its clock the moment it is written.
+    let mut worker = tokio::process::Command::new("faketime")
+        .args(["-f", "+1h", support::plumb_bin(), "--project"])
+        .arg(project.path())
+        .arg("worker")
+        .env("DONT_FAKE_MONOTONIC", "1")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the worker");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let (status, body) = post_json(&format!("{base}/hooks/slow"), &json!({"n": n})).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["run_id"].as_str().expect("run id").to_owned());
+    }
+    let mut by_the_worker = 0;
+    for id in &ids {
+        let done = wait_run(&base, id, Duration::from_secs(60)).await;
+        assert_eq!(done["run"]["status"], "succeeded", "{done}");
+        // The worker's clock stamps the runs it claims an hour late.
+        let late = done["run"]["started_at"].as_i64().unwrap_or(0)
+            - done["run"]["created_at"].as_i64().unwrap_or(0);
+        if late > 30 * 60 * 1000 {
+            by_the_worker += 1;
+        }
+    }
+    assert!(
+        by_the_worker > 0,
+        "the worker with the skewed clock ran none of the runs"
+    );
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    for hit in rx.hits() {
+        *per_key.entry(hit.key.unwrap_or_default()).or_default() += 1;
+    }
+    let twice: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "keys sent more than once: {twice:?}");
+    assert_eq!(per_key.len(), ids.len());
+    let _ = worker.start_kill();
+    let _ = worker.wait().await;
+    server.kill().await;
+}

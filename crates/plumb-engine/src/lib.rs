@@ -15,6 +15,7 @@ pub mod alerts;
 pub mod eval;
 pub mod events;
 mod exec;
+pub mod failpoint;
 mod journal;
 pub mod ops;
 pub mod owner;

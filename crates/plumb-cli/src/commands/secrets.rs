@@ -297,7 +297,7 @@ async fn rekey(
     }
     write_key_file(&staged, &new)?;
     let committed = store.rekey_secrets(&resealed, &version, actor).await;
-    crate::failpoint("rekey.committed");
+    plumb_engine::failpoint::hit("rekey.committed");
     if let Err(e) = committed {
         let _ = std::fs::remove_file(&staged);
         return Err(e.into());

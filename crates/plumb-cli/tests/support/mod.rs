@@ -443,9 +443,15 @@ pub struct Server {
 impl Project {
     /// Starts `plumb serve --listen ADDR` and waits until it listens.
     pub async fn serve(&self, listen: &str) -> Server {
+        self.serve_with_env(listen, &[]).await
+    }
+
+    /// Like [`Project::serve`], with extra environment variables.
+    pub async fn serve_with_env(&self, listen: &str, env: &[(&str, &str)]) -> Server {
         let token = self.admin_token().await;
-        let mut child = self
-            .cmd(&["serve", "--listen", listen])
+        let mut cmd = self.cmd(&["serve", "--listen", listen]);
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("spawn plumb serve");

@@ -325,6 +325,7 @@ impl<'e> Execution<'e> {
                 attempt,
                 kind: step.action.kind(),
             });
+            crate::failpoint::hit("step.attempt");
             let key = idempotency_key(&self.run.id, &step.id, index);
             let context = base.for_step(step, item, attempt);
             let result = tokio::select! {
