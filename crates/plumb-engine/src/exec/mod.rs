@@ -350,18 +350,22 @@ impl<'e> Execution<'e> {
             match result {
                 Ok(outcome) => {
                     let summary = summarize(step, &outcome);
-                    self.commit_success_timed(
-                        step,
-                        index,
-                        attempt,
-                        first_started,
-                        &outcome.output,
-                        outcome.status_code,
-                        began.elapsed(),
-                        summary,
-                    )
-                    .await?;
-                    return Ok(outcome);
+                    let output = self
+                        .commit_success_timed(
+                            step,
+                            index,
+                            attempt,
+                            first_started,
+                            outcome.output,
+                            outcome.status_code,
+                            began.elapsed(),
+                            summary,
+                        )
+                        .await?;
+                    return Ok(Outcome {
+                        output,
+                        status_code: outcome.status_code,
+                    });
                 }
                 Err(error) => {
                     let failure = AttemptFailure {
@@ -511,19 +515,19 @@ impl<'e> Execution<'e> {
     ) -> Result<(), Halt> {
         let elapsed = Duration::from_millis(u64::try_from(now_ms() - started).unwrap_or(0));
         let output = self.sanitized(&step.id, output, output_shape(step, item));
-        let output = output.as_ref();
-        let summary = summary.unwrap_or_else(|| preview(output, 60));
+        let summary = summary.unwrap_or_else(|| preview(output.as_ref(), 60));
         self.commit_success_timed(
             step,
             item,
             attempt,
             started,
-            output,
+            output.into_owned(),
             status_code,
             elapsed,
             summary,
         )
         .await
+        .map(|_| ())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -533,34 +537,42 @@ impl<'e> Execution<'e> {
         item: Option<u32>,
         attempt: u32,
         started: i64,
-        output: &Value,
+        output: Value,
         status_code: Option<u16>,
         elapsed: Duration,
         summary: String,
-    ) -> Result<(), Halt> {
+    ) -> Result<Value, Halt> {
         // Callers pass outputs already sanitized (attempts, commit_success),
-        // and write_step checks again before the store.
-        let record = StepRecord {
+        // and write_step checks again before the store. The output moves
+        // into the row and back out after the write: a large one is never
+        // copied.
+        let mut record = StepRecord {
             run_id: self.run.id.clone(),
             step_id: step.id.clone(),
             item,
             status: StepStatus::Succeeded,
             attempt,
             state: None,
-            output: Some(output.clone()),
+            output: Some(output),
             error: None,
             status_code,
             started_at: started,
             finished_at: Some(now_ms()),
         };
-        match journal::success_commit(&self.workflow, step, item) {
+        let output = match journal::success_commit(&self.workflow, step, item) {
+            // Nothing runs after the last step: its output is needed only
+            // in the row committed with the run's end.
             SuccessCommit::WithRunEnd => {
                 if let Ok(mut last) = self.last_outcome.lock() {
                     *last = Some(record);
                 }
+                Value::Null
             }
-            SuccessCommit::Now => self.write_step(&record).await?,
-        }
+            SuccessCommit::Now => {
+                self.write_step(&record).await?;
+                record.output.take().unwrap_or(Value::Null)
+            }
+        };
         metrics::histogram!(
             "plumb_step_duration_seconds",
             "workflow" => self.run.workflow.clone(),
@@ -574,7 +586,7 @@ impl<'e> Execution<'e> {
             elapsed,
             summary,
         });
-        Ok(())
+        Ok(output)
     }
 
     /// Commits a failed outcome and returns the failure that ends the run
