@@ -10,6 +10,12 @@
 //! It talks to the store only through [`plumb_store::Store`] and to the
 //! outside only through [`plumb_connectors`]; it does not know SQL, YAML or
 //! the command line.
+//!
+//! Where to look: the step life-cycle (what is journaled when) is
+//! `journal`; executing a run is `exec`, one module per step kind under
+//! `exec/step`; expressions run on the threads of [`eval`]; claiming,
+//! watching leases and catching panics is [`worker`]; who holds a lease and
+//! whether it is provably dead is [`owner`].
 
 pub mod alerts;
 pub mod eval;
