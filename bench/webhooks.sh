@@ -16,7 +16,12 @@
 # Every process shares the same 2 cores; the receiver is bench-sink (Rust)
 # for all three. Peers must have been installed by
 # ../shared/bench/peers/install.sh (under $PEERS_DIR, default
-# /tmp/plumb-peers). Results: bench/results/webhooks-<UTC time>.jsonl.
+# /tmp/plumb-peers). Results: bench/results/webhooks-<UTC time>[-LABEL].jsonl.
+#
+# PLUMB_BIN=path runs that plumb binary instead of building this checkout
+# (bench/ab.sh uses it to compare two builds); LABEL names the results file.
+# plumb listens on a free port; the sink on 9999, where the peers' flows
+# post.
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -25,18 +30,24 @@ WHAT=${1:-all}
 DUR=${DUR:-20}
 RATES=${RATES:-"2000 5000 10000 15000"}
 CONCS=${CONCS:-"1 8 64"}
-OUT=$ROOT/bench/results/webhooks-$(date -u +%Y%m%dT%H%M%SZ).jsonl
+OUT=$ROOT/bench/results/webhooks-$(date -u +%Y%m%dT%H%M%SZ)${LABEL:+-$LABEL}.jsonl
 mkdir -p "$ROOT/bench/results"
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; }
-trap cleanup EXIT INT TERM
+# Named apart from the peers' run.sh `cleanup`, which sourcing it defines:
+# both run on exit, so bench-sink never outlives the run.
+bench_cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; }
+trap bench_cleanup EXIT INT TERM
 log() { echo "[$(date +%T)] $*" >&2; }
 emit() { echo "$1" >> "$OUT"; echo "$1"; }
 
 command -v wrk >/dev/null && command -v hey >/dev/null || { echo "needs wrk and hey: apt-get install wrk hey" >&2; exit 1; }
-cargo build --release -q -p plumb-cli -p plumb-bench --manifest-path "$ROOT/Cargo.toml" || exit 1
-PLUMB=$ROOT/target/release/plumb
+if [ -z "${PLUMB_BIN:-}" ] || [ ! -x "$ROOT/target/release/bench-sink" ]; then
+  cargo build --release -q -p plumb-cli -p plumb-bench --manifest-path "$ROOT/Cargo.toml" || exit 1
+fi
+PLUMB=${PLUMB_BIN:-$ROOT/target/release/plumb}
 SINKBIN=$ROOT/target/release/bench-sink
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
 log "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $($PLUMB --version)"
 
 $SINKBIN 9999 > /tmp/bench-sink.log 2>&1 &
@@ -50,7 +61,7 @@ rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null
 plumb_project() {   # dir
   rm -rf "$1"; mkdir -p "$1/workflows"
   cat > "$1/plumb.yaml" <<EOF
-listen: 127.0.0.1:18080
+listen: 127.0.0.1:$PORT
 connections:
   sink:
     http: { base_url: "http://127.0.0.1:9999", timeout: 10s }
@@ -91,7 +102,7 @@ start_plumb() {   # dir → sets PLUMB_PID and READY_MS (process start → /read
   PLUMB_PID=$!
   PIDS+=($PLUMB_PID)
   for _ in $(seq 1 2000); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:18080/readyz)" = 200 ] && break
+    [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$PORT/readyz)" = 200 ] && break
     sleep 0.002
   done
   t1=$(date +%s%N)
@@ -102,7 +113,7 @@ wait_drained() {   # until no run is queued or running; prints seconds waited
   local t0=$SECONDS
   while :; do
     local q
-    q=$(curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:18080/api/v1/status | python3 -c "import json,sys; d=json.load(sys.stdin); print(sum(w['queued']+w['running'] for w in d['workflows']))" 2>/dev/null)
+    q=$(curl -s -H "Authorization: Bearer $TOKEN" http://127.0.0.1:$PORT/api/v1/status | python3 -c "import json,sys; d=json.load(sys.stdin); print(sum(w['queued']+w['running'] for w in d['workflows']))" 2>/dev/null)
     [ "$q" = 0 ] && break
     [ $((SECONDS - t0)) -gt 600 ] && { log "not drained after 600 s"; break; }
     sleep 0.2
@@ -121,7 +132,7 @@ bench_plumb() {
   for rate in $RATES; do
     local q=$(( rate / 64 ))
     log "plumb W1: $rate req/s for ${DUR}s"
-    local h; h=$(hey -z ${DUR}s -c 64 -q $q -m POST -T application/json -D /tmp/w1-body.json http://127.0.0.1:18080/hooks/ack)
+    local h; h=$(hey -z ${DUR}s -c 64 -q $q -m POST -T application/json -D /tmp/w1-body.json http://127.0.0.1:$PORT/hooks/ack)
     local rps p50 p99 codes
     rps=$(echo "$h" | awk '/Requests\/sec/ {print $2}')
     p50=$(echo "$h" | awk '/50% in/ {print $3*1000}')
@@ -131,7 +142,7 @@ bench_plumb() {
     wait_drained > /dev/null
   done
   log "plumb W1: closed loop c=64 for 10s"
-  local w; w=$(wrk -t2 -c64 -d10s -s "$PEERS/post.lua" http://127.0.0.1:18080/hooks/ack -- w1max | grep WRKJSON | cut -d' ' -f2-)
+  local w; w=$(wrk -t2 -c64 -d10s -s "$PEERS/post.lua" http://127.0.0.1:$PORT/hooks/ack -- w1max | grep WRKJSON | cut -d' ' -f2-)
   emit "{\"system\":\"plumb\",\"bench\":\"W1max\",\"c\":64,\"wrk\":$w}"
   local drain; drain=$(wait_drained)
   emit "{\"system\":\"plumb\",\"bench\":\"W1max-drain\",\"drain_s\":$drain}"
@@ -140,7 +151,7 @@ bench_plumb() {
     sink POST /reset > /dev/null
     log "plumb W6: c=$c ${DUR}s"
     local t=2; [ "$c" = 1 ] && t=1
-    w=$(wrk -t$t -c$c -d${DUR}s --timeout 30s -s "$PEERS/post.lua" http://127.0.0.1:18080/hooks/ingest -- plumb-c$c | grep WRKJSON | cut -d' ' -f2-)
+    w=$(wrk -t$t -c$c -d${DUR}s --timeout 30s -s "$PEERS/post.lua" http://127.0.0.1:$PORT/hooks/ingest -- plumb-c$c | grep WRKJSON | cut -d' ' -f2-)
     drain=$(wait_drained)
     local s; s=$(sink GET /stats)
     emit "{\"system\":\"plumb\",\"bench\":\"W6\",\"c\":$c,\"dur_s\":$DUR,\"wrk\":$w,\"drain_after_load_s\":$drain,\"sink\":$s,\"rss_mib\":$(rss_mib $PLUMB_PID)}"
@@ -156,7 +167,7 @@ bench_peers() {
   source "$PEERS/run.sh"       # functions only (it returns when sourced)
   HERE=$PEERS                  # run.sh's helpers find their flows through HERE
   start_sink() { :; }          # bench-sink already listens on 9999
-  trap 'cleanup; for t in "${STARTED[@]}"; do pkill -P "$t" 2>/dev/null; kill "$t" 2>/dev/null; done' EXIT INT TERM
+  trap 'bench_cleanup; cleanup' EXIT INT TERM
   for peer in node-red n8n; do
     local startfn=start_nodered
     if [ $peer = n8n ]; then setup_n8n || { log "n8n setup failed"; continue; }; startfn=start_n8n; fi

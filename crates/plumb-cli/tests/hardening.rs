@@ -485,8 +485,12 @@ fn fuzzed_body() -> impl proptest::strategy::Strategy<Value = Fuzzed> {
         Just("text/plain"),
         Just(""),
     ];
+    // Depths near the limits get most of the cases: plumb's (64), and the
+    // JSON reader's (127: one level more in the trigger document and it
+    // would not read back).
+    let depth = prop_oneof![0usize..300, 60usize..70, 120usize..132];
     let nested = (
-        0usize..300,
+        depth,
         any::<bool>(),
         "[\\[\\]{}\":,\\\\a-z0-9 ]{0,20}",
     )
