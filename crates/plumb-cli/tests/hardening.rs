@@ -489,16 +489,13 @@ fn fuzzed_body() -> impl proptest::strategy::Strategy<Value = Fuzzed> {
     // JSON reader's (127: one level more in the trigger document and it
     // would not read back).
     let depth = prop_oneof![0usize..300, 60usize..70, 120usize..132];
-    let nested = (
-        depth,
-        any::<bool>(),
-        "[\\[\\]{}\":,\\\\a-z0-9 ]{0,20}",
-    )
-        .prop_map(|(depth, objects, noise)| {
+    let nested = (depth, any::<bool>(), "[\\[\\]{}\":,\\\\a-z0-9 ]{0,20}").prop_map(
+        |(depth, objects, noise)| {
             let open = if objects { "{\"k\":" } else { "[" };
             let close = if objects { "}" } else { "]" };
             format!("{}\"{noise}\"{}", open.repeat(depth), close.repeat(depth)).into_bytes()
-        });
+        },
+    );
     let form = (0usize..200, "[a-z%&=+]{0,30}")
         .prop_map(|(depth, rest)| format!("payload={}&{rest}", "%5B".repeat(depth)).into_bytes());
     let bytes = prop_oneof![

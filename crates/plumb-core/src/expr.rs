@@ -28,10 +28,17 @@
 //! redefined so that even a huge range advances through such steps (the
 //! native one counts to 10^18 without taking any).
 //!
+//! Printing is guarded too: `tojson`, `tostring`, the `@formats` and string
+//! interpolation (rewritten to `@text "…"` before compiling) refuse values
+//! nested deeper than [`MAX_PRINT_DEPTH`] or too large to print, and error
+//! messages keep at most a few kilobytes of the values they show.
+//!
 //! What this does not bound: the memory one operation may allocate
-//! (`"x" * 1e9` builds a gigabyte string) and values nested so deeply,
-//! inside one expression, that dropping or printing them exhausts the
-//! evaluating thread's stack. Results are checked against
+//! (`"x" * 1e9` builds a gigabyte string); the text `try … catch .` gives
+//! for a type error, which jaq prints in full (a value shared 2^40 times
+//! prints for ever, and only a crash-counted restart ends it); and values
+//! nested so deeply, inside one expression, that dropping them exhausts
+//! the evaluating thread's stack. Results are checked against
 //! [`crate::limits`] before they leave the evaluation.
 
 use std::cell::Cell;
@@ -155,6 +162,24 @@ impl Program {
     /// Returns a [`CompileError`] naming the first problem (lexing, parsing,
     /// or an undefined filter or variable) and where it is.
     pub fn compile(source: &str) -> Result<Self, CompileError> {
+        let guarded = guard_interpolations(source);
+        match Self::compile_text(&guarded) {
+            Ok(filter) => Ok(Self {
+                source: Arc::from(source),
+                filter: Arc::new(filter),
+            }),
+            // Report the problem where the user wrote it: the guarded text
+            // differs only by `@text ` before interpolated strings, so the
+            // original fails the same way.
+            Err(e) if guarded.len() != source.len() => match Self::compile_text(source) {
+                Err(original) => Err(original),
+                Ok(_) => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn compile_text(source: &str) -> Result<JaqFilter, CompileError> {
         let arena = Arena::default();
         let loader = Loader::new(prelude().iter().cloned());
         let modules = loader
@@ -194,10 +219,7 @@ impl Program {
                     },
                 }
             })?;
-        Ok(Self {
-            source: Arc::from(source),
-            filter: Arc::new(filter),
-        })
+        Ok(filter)
     }
 
     /// The program text.
@@ -264,38 +286,52 @@ impl Program {
 }
 
 /// plumb's own native filters: `_plumb_depth_guard` passes its input on
-/// unless it nests deeper than [`MAX_PRINT_DEPTH`] (measured without
-/// recursion), so the shadowed printers never recurse that deep.
+/// unless it nests deeper than [`MAX_PRINT_DEPTH`] or is too large to print
+/// (see [`print_guard`]), so the shadowed printers never recurse that deep
+/// nor run for ever.
 fn plumb_funs<D: for<'a> DataT<V<'a> = Val>>() -> impl Iterator<Item = jaq_core::native::Fun<D>> {
     let guard: jaq_core::native::Filter<jaq_core::RunPtr<D>> =
         ("_plumb_depth_guard", jaq_core::native::v(0), |cv| {
-            let result = if val_depth_exceeds(&cv.1, MAX_PRINT_DEPTH) {
-                Err(jaq_core::Error::str(format!(
-                    "the value nests more than {MAX_PRINT_DEPTH} levels deep and cannot be printed"
-                )))
-            } else {
-                Ok(cv.1)
+            let result = match print_guard(&cv.1, MAX_PRINT_DEPTH) {
+                Err(why) => Err(jaq_core::Error::str(why)),
+                Ok(()) => Ok(cv.1),
             };
             jaq_core::native::bome(result)
         });
     std::iter::once(jaq_core::native::run::<D>(guard))
 }
 
-/// Whether a jq value nests deeper than `max`, found without recursion.
-fn val_depth_exceeds(val: &Val, max: usize) -> bool {
+/// The most nodes [`print_guard`] visits: a value shared many times over
+/// (`reduce range(40) as $i (0; [., .])` is 40 steps and 2^40 leaves when
+/// printed) is refused before it is walked, or printed, for ever.
+const MAX_PRINT_NODES: usize = 8 * 1024 * 1024;
+
+/// Why a jq value cannot be printed, if it cannot: it nests deeper than
+/// `max`, or it has more than [`MAX_PRINT_NODES`] nodes counting every
+/// repetition of a shared part. Found without recursion.
+fn print_guard(val: &Val, max: usize) -> Result<(), String> {
     let mut stack: Vec<(&Val, usize)> = vec![(val, 0)];
+    let mut visited = 0usize;
     while let Some((v, depth)) = stack.pop() {
+        visited += 1;
+        if visited > MAX_PRINT_NODES {
+            return Err(format!(
+                "the value has more than {MAX_PRINT_NODES} parts and is too large to print"
+            ));
+        }
         let children: Box<dyn Iterator<Item = &Val>> = match v {
             Val::Arr(items) => Box::new(items.iter()),
             Val::Obj(map) => Box::new(map.values()),
             _ => continue,
         };
         if depth + 1 > max {
-            return true;
+            return Err(format!(
+                "the value nests more than {max} levels deep and cannot be printed"
+            ));
         }
         stack.extend(children.map(|c| (c, depth + 1)));
     }
-    false
+    Ok(())
 }
 
 /// Data that evaluations carry: the program's look-up table, plus the
@@ -500,10 +536,93 @@ fn drop_deep(val: Val) {
     }
 }
 
+/// Puts `@text ` before every interpolated string that has no format of its
+/// own (`"id \(.x)"` becomes `@text "id \(.x)"`). jaq prints a bare
+/// interpolation with a native that cannot be shadowed; `@text` is plumb's
+/// guarded printer (see `SHADOWS`), and prints exactly the same. Text that
+/// does not lex is returned as it is, for the compiler to report.
+fn guard_interpolations(source: &str) -> std::borrow::Cow<'_, str> {
+    use jaq_core::load::lex::{StrPart, Tok, Token};
+
+    fn walk(tokens: &[Token<&str>], base: usize, at: &mut Vec<usize>) {
+        let mut formatted = false;
+        for Token(text, tok) in tokens {
+            match tok {
+                Tok::Str(parts) => {
+                    let interpolates = parts.iter().any(|p| matches!(p, StrPart::Term(_)));
+                    if interpolates && !formatted {
+                        at.push((text.as_ptr() as usize).saturating_sub(base));
+                    }
+                    for part in parts {
+                        if let StrPart::Term(Token(_, Tok::Block(inner))) = part {
+                            walk(inner, base, at);
+                        }
+                    }
+                }
+                Tok::Block(inner) => walk(inner, base, at),
+                _ => {}
+            }
+            formatted = matches!(tok, Tok::Fmt);
+        }
+    }
+
+    let Ok(tokens) = jaq_core::load::Lexer::new(source).lex() else {
+        return std::borrow::Cow::Borrowed(source);
+    };
+    let mut at = Vec::new();
+    walk(&tokens, source.as_ptr() as usize, &mut at);
+    if at.is_empty() {
+        return std::borrow::Cow::Borrowed(source);
+    }
+    at.sort_unstable();
+    let mut out = String::with_capacity(source.len() + at.len() * 6);
+    let mut from = 0;
+    for offset in at {
+        if offset < from || offset > source.len() || !source.is_char_boundary(offset) {
+            return std::borrow::Cow::Borrowed(source);
+        }
+        out.push_str(&source[from..offset]);
+        out.push_str("@text ");
+        from = offset;
+    }
+    out.push_str(&source[from..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// The most of an error's text kept: jaq prints the values a type error is
+/// about in full, and a value built inside an expression can be huge, deep,
+/// or shared so often that printing it would never end.
+const MAX_ERROR_TEXT: usize = 4096;
+
+/// A writer that takes [`MAX_ERROR_TEXT`] bytes and then refuses, which
+/// stops the printing it serves.
+struct Capped(String);
+
+impl fmt::Write for Capped {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = MAX_ERROR_TEXT.saturating_sub(self.0.len());
+        if s.len() <= room {
+            self.0.push_str(s);
+            return Ok(());
+        }
+        let mut cut = room;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.0.push_str(&s[..cut]);
+        Err(fmt::Error)
+    }
+}
+
 fn runtime_error(e: &jaq_core::Error<Val>) -> EvalError {
     // jaq's Display for `error("text")` shows the JSON string with quotes;
     // users wrote the text, so show the text.
-    let text = e.to_string();
+    let mut capped = Capped(String::new());
+    let cut_short = fmt::Write::write_fmt(&mut capped, format_args!("{e}")).is_err();
+    let mut text = capped.0;
+    if cut_short {
+        text.push_str(" …");
+    }
     let message = match serde_json::from_str::<String>(&text) {
         Ok(s) => s,
         Err(_) => text,
@@ -643,8 +762,12 @@ impl StepsRead {
     }
 }
 
-/// Filters that see their whole input at once: at the top level of an
+/// Names that may see or pass on their whole input: at the top level of an
 /// expression that input is the context, every step's output included.
+/// Filters that walk or print it (`tojson`, `paths`, `map`), change it
+/// (`setpath`, `del`), search it (`contains`), or give it back as it is
+/// (`select`, `objects`, `ltrimstr` on a non-string, `while`); and `steps`
+/// itself, as in the object shorthand `{steps}`.
 const WHOLE_INPUT_FILTERS: &[&str] = &[
     "tojson",
     "tostring",
@@ -653,18 +776,66 @@ const WHOLE_INPUT_FILTERS: &[&str] = &[
     "paths",
     "leaf_paths",
     "getpath",
+    "setpath",
+    "delpaths",
+    "del",
     "pick",
     "walk",
+    "recurse",
     "tostream",
+    "map",
     "map_values",
     "values",
     "add",
+    "any",
+    "all",
+    "min",
+    "max",
+    "min_by",
+    "max_by",
+    "sort",
+    "sort_by",
+    "group_by",
+    "unique",
+    "unique_by",
+    "flatten",
+    "reverse",
+    "join",
+    "first",
+    "last",
+    "nth",
+    "contains",
+    "inside",
+    "indices",
+    "index",
+    "rindex",
+    "select",
+    "objects",
+    "iterables",
+    "arrays",
+    "scalars",
+    "booleans",
+    "nulls",
+    "numbers",
+    "strings",
+    "while",
+    "until",
+    "repeat",
+    "toarray",
+    "ltrimstr",
+    "rtrimstr",
+    "trimstr",
+    "format",
+    "transpose",
+    "combinations",
     "env",
     "input",
     "splits",
     "ascii",
     "implode",
     "debug",
+    "stderr",
+    "steps",
 ];
 
 /// What an expression's text says it may read of `.steps` (see
@@ -674,7 +845,12 @@ pub fn steps_read(code: &str) -> StepsRead {
     let mut read = StepsRead::default();
     let bytes = code.as_bytes();
     let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
-    if code.contains("\"steps\"") || code.contains('@') || code.contains("..") {
+    // `\u0073teps` spells `steps` too.
+    if code.contains("\"steps\"")
+        || code.contains('@')
+        || code.contains("..")
+        || code.contains("\\u")
+    {
         read.whole = true;
     }
     let mut i = 0;
@@ -721,7 +897,10 @@ pub fn steps_read(code: &str) -> StepsRead {
             let end = (i..bytes.len())
                 .find(|&j| !is_ident(bytes[j]))
                 .unwrap_or(bytes.len());
-            if WHOLE_INPUT_FILTERS.contains(&&code[i..end]) {
+            let name = &code[i..end];
+            // `error` raises its input (the context) unless given a message.
+            let bare_error = name == "error" && !code[end..].trim_start().starts_with('(');
+            if bare_error || WHOLE_INPUT_FILTERS.contains(&name) {
                 read.whole = true;
             }
             i = end;
@@ -1196,6 +1375,7 @@ mod tests {
         assert!(!r.whole);
         assert!(!steps_read(".trigger.body.items[0].id").whole);
         assert!(!steps_read("[.steps.fetch.body.items[] | {id, n: (.n * 1.5)}]").whole);
+        assert!(!steps_read(r#"if .steps.a.ok then .steps.a.id else error("no id") end"#).whole);
         for whole in [
             ".",
             "{ctx: .}",
@@ -1208,6 +1388,16 @@ mod tests {
             "[..]",
             "@base64",
             r#"."steps""#,
+            "{steps}",
+            "map(.each)",
+            "[recurse]",
+            r#"del(.trigger) | tojson"#,
+            r#"delpaths([["trigger"]])"#,
+            r#"setpath(["trigger"]; 1)"#,
+            r#"contains({steps: {}})"#,
+            r#"select(true)"#,
+            r#"getpath(["\u0073teps"])"#,
+            "error",
         ] {
             assert!(steps_read(whole).whole, "{whole}");
         }
@@ -1223,6 +1413,9 @@ mod tests {
                     "reduce range(20000) as $i (0; [.]) | tojson",
                     "reduce range(20000) as $i (0; {a: .}) | tostring",
                     "reduce range(20000) as $i (0; [.]) | @base64",
+                    "reduce range(20000) as $i (0; [.]) | \"\\(.)\"",
+                    "reduce range(40) as $i (0; [., .]) | tojson",
+                    "reduce range(40) as $i (0; [., .]) | \"x\\(.)\"",
                 ] {
                     let p = Program::compile(code).expect("compiles");
                     let e = p
@@ -1239,7 +1432,10 @@ mod tests {
             .join()
             .expect("no panic");
         for e in &outcome.0 {
-            assert!(e.contains("cannot be printed"), "{e}");
+            assert!(
+                e.contains("cannot be printed") || e.contains("too large to print"),
+                "{e}"
+            );
         }
         assert!(
             outcome.1.is_err(),
@@ -1256,6 +1452,50 @@ mod tests {
                 "[[1],{\"a\":[2]}]",
                 "W1sxXSx7ImEiOlsyXX1d"
             ])
+        );
+    }
+
+    #[test]
+    fn interpolation_prints_through_the_guarded_printer_and_reads_the_same() {
+        assert_eq!(
+            guard_interpolations(r#"{"k\(.a)": "v \("in \(.b)")", x: @json "j\(.c)", y: "plain"}"#),
+            r#"{@text "k\(.a)": @text "v \(@text "in \(.b)")", x: @json "j\(.c)", y: "plain"}"#
+        );
+        let p = Program::compile(r#"{"k\(.a)": "v \("in \(.b)") \(.c)", n: "\(1 + 1)"}"#)
+            .expect("compiles");
+        let input = json_to_val(&json!({"a": "A", "b": [1, {"z": null}], "c": "s"}));
+        assert_eq!(
+            p.eval(&input, &budget()).expect("runs"),
+            json!({"kA": "v in [1,{\"z\":null}] s", "n": "2"})
+        );
+        assert_eq!(
+            p.source(),
+            r#"{"k\(.a)": "v \("in \(.b)") \(.c)", n: "\(1 + 1)"}"#
+        );
+    }
+
+    #[test]
+    fn compile_errors_point_into_the_text_the_user_wrote() {
+        let e = Program::compile(r#""a \(.x)" | nope"#).expect_err("undefined");
+        assert_eq!(e.offset, 12, "{e:?}");
+        assert!(e.message.contains("nope"), "{e:?}");
+    }
+
+    #[test]
+    fn error_messages_keep_a_bounded_part_of_huge_values() {
+        let p = Program::compile("reduce range(40) as $i (0; [., .]) | .foo").expect("compiles");
+        let e = p.eval(&Val::Null, &budget()).expect_err("cannot index");
+        assert!(
+            e.message.starts_with("cannot index [["),
+            "{}",
+            &e.message[..40]
+        );
+        assert!(e.message.len() <= MAX_ERROR_TEXT + 8, "{}", e.message.len());
+        assert!(e.message.ends_with('…'));
+        let p = Program::compile(r#"error("plain words")"#).expect("compiles");
+        assert_eq!(
+            p.eval(&Val::Null, &budget()).expect_err("raised").message,
+            "plain words"
         );
     }
 }

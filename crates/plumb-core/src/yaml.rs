@@ -195,21 +195,49 @@ pub fn parse(source: &str) -> Result<Document, YamlError> {
 /// loaded, not overflow the stack of the server reloading it.
 pub const MAX_YAML_DEPTH: usize = 64;
 
+/// The most values a file may hold once its aliases are expanded: a few
+/// lines of anchors and aliases can otherwise stand for billions of values
+/// ("billion laughs"), all built in memory by the loader.
+pub const MAX_YAML_VALUES: u64 = 1_000_000;
+
 /// Walks the parser's events (no tree, no recursion) and refuses a file
-/// nested deeper than [`MAX_YAML_DEPTH`]. Syntax errors are left to the
-/// loader, which reports them with more context.
+/// nested deeper than [`MAX_YAML_DEPTH`] or holding more than
+/// [`MAX_YAML_VALUES`] values, counting what every alias expands to (its
+/// anchor's values and height). Syntax errors are left to the loader,
+/// which reports them with more context.
 fn check_depth(source: &str) -> Result<(), YamlError> {
     use saphyr_parser::{Event, Parser};
-    let too_deep = |line: usize, col: usize| YamlError {
+
+    /// An open mapping or list.
+    struct Open {
+        anchor: usize,
+        /// Values counted before it started.
+        values_before: u64,
+        /// Its own depth, and the deepest reached inside it.
+        depth: usize,
+        deepest: usize,
+    }
+
+    let at = |line: usize, col: usize, message: String| YamlError {
         location: Location {
             line: saturating_u32(line),
             column: saturating_u32(col + 1),
         },
-        message: format!(
-            "mappings and lists nest more than {MAX_YAML_DEPTH} levels deep here; plumb reads files up to {MAX_YAML_DEPTH} levels"
-        ),
+        message,
     };
-    let mut depth = 0usize;
+    let too_deep = |line: usize, col: usize| {
+        at(
+            line,
+            col,
+            format!(
+                "mappings and lists nest more than {MAX_YAML_DEPTH} levels deep here; plumb reads files up to {MAX_YAML_DEPTH} levels"
+            ),
+        )
+    };
+    let mut open: Vec<Open> = Vec::new();
+    // Per anchor: how many values it stands for, and how many levels.
+    let mut anchors: HashMap<usize, (u64, usize)> = HashMap::new();
+    let mut values = 0u64;
     for next in Parser::new_from_str(source) {
         let (event, span) = match next {
             Ok(next) => next,
@@ -220,15 +248,59 @@ fn check_depth(source: &str) -> Result<(), YamlError> {
             }
             Err(_) => return Ok(()),
         };
-        match event {
-            Event::SequenceStart(..) | Event::MappingStart(..) => {
-                depth += 1;
-                if depth > MAX_YAML_DEPTH {
-                    return Err(too_deep(span.start.line(), span.start.col()));
-                }
+        let (line, col) = (span.start.line(), span.start.col());
+        let reached = match event {
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                values += 1;
+                let depth = open.len() + 1;
+                open.push(Open {
+                    anchor,
+                    values_before: values - 1,
+                    depth,
+                    deepest: depth,
+                });
+                depth
             }
-            Event::SequenceEnd | Event::MappingEnd => depth = depth.saturating_sub(1),
-            _ => {}
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some(done) = open.pop() {
+                    if done.anchor != 0 {
+                        let height = done.deepest + 1 - done.depth;
+                        anchors.insert(done.anchor, (values - done.values_before, height));
+                    }
+                    if let Some(parent) = open.last_mut() {
+                        parent.deepest = parent.deepest.max(done.deepest);
+                    }
+                }
+                0
+            }
+            Event::Scalar(_, _, anchor, _) => {
+                values += 1;
+                if anchor != 0 {
+                    anchors.insert(anchor, (1, 0));
+                }
+                0
+            }
+            Event::Alias(anchor) => {
+                let (size, height) = anchors.get(&anchor).copied().unwrap_or((1, 0));
+                values = values.saturating_add(size);
+                open.len() + height
+            }
+            _ => 0,
+        };
+        if reached > MAX_YAML_DEPTH {
+            return Err(too_deep(line, col));
+        }
+        if let Some(top) = open.last_mut() {
+            top.deepest = top.deepest.max(reached);
+        }
+        if values > MAX_YAML_VALUES {
+            return Err(at(
+                line,
+                col,
+                format!(
+                    "the file stands for more than {MAX_YAML_VALUES} values once its aliases (`*name`) are expanded; plumb reads files up to that many"
+                ),
+            ));
         }
     }
     Ok(())
@@ -391,6 +463,36 @@ mod tests {
     fn two_documents_in_one_file_are_rejected() {
         let err = parse("a: 1\n---\nb: 2\n").expect_err("two documents");
         assert!(err.message.contains("more than one"), "{err}");
+    }
+
+    #[test]
+    fn aliases_count_towards_the_size_and_depth_limits() {
+        // Nine levels of ten aliases each: 10^9 values from a dozen lines.
+        let mut laughs = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            laughs.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let err = parse(&laughs).expect_err("too many values");
+        assert!(err.message.contains("aliases"), "{err}");
+
+        // An anchor 40 levels deep, used 40 levels deep: 80 levels.
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let text = format!(
+            "a: &d {}\nb: {}*d{}\n",
+            deep(40),
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        let err = parse(&text).expect_err("too deep through the alias");
+        assert!(err.message.contains("levels deep"), "{err}");
+        let text = format!(
+            "a: &d {}\nb: {}*d{}\n",
+            deep(20),
+            "[".repeat(20),
+            "]".repeat(20)
+        );
+        parse(&text).expect("42 levels are fine");
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! * a panic inside an evaluation is caught, so a thread is never lost.
 //!
 //! A queue in front of the threads holds evaluations while all threads are
-//! busy; time spent waiting counts against the caller's timeout.
+//! busy; time spent waiting there does not count against the caller's
+//! timeout, which measures the expression's own running time.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
@@ -99,7 +100,8 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Runs `job` on an evaluation thread and waits at most `timeout` for it.
+/// Runs `job` on an evaluation thread and waits at most `timeout` for it
+/// once it has started.
 ///
 /// # Errors
 ///
@@ -111,12 +113,14 @@ pub async fn evaluate<T: Send + 'static>(
 ) -> Result<T, EvalError> {
     let budget = Arc::new(Budget::new(EVAL_STACK));
     let (tx, rx) = oneshot::channel();
+    let (started_tx, started_rx) = oneshot::channel::<()>();
     let for_job = Arc::clone(&budget);
     let boxed: Job = Box::new(move || {
         // Cancelled while queued: do not start at all.
         if for_job.is_cancelled() {
             return;
         }
+        let _ = started_tx.send(());
         let _ = tx.send(job(&for_job));
     });
     let sent = match pool().jobs.lock() {
@@ -132,6 +136,15 @@ pub async fn evaluate<T: Send + 'static>(
         budget: Arc::clone(&budget),
         armed: true,
     };
+    // The timeout is the expression's own running time: waiting for a
+    // thread behind other runs' evaluations is not held against it (each of
+    // those ends within its own timeout).
+    if started_rx.await.is_err() {
+        guard.armed = false;
+        return Err(EvalError {
+            message: "the expression could not be evaluated".to_owned(),
+        });
+    }
     let answer = tokio::time::timeout(timeout, rx).await;
     guard.armed = false;
     match answer {

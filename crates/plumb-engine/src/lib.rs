@@ -413,9 +413,11 @@ impl Engine {
     /// Takes over an interrupted run so it can be resumed here.
     ///
     /// A run whose holder is certainly dead (see [`owner`]) is taken at
-    /// once. A lease that has run out by the wall clock is watched for half
-    /// its duration first: a live holder renews every third of it, so an
-    /// unchanged heartbeat proves it stopped (whatever the clocks say).
+    /// once. A lease that has run out by the wall clock is watched for its
+    /// whole duration first (at most two minutes): a live holder renews
+    /// every third of it, and stops working on the run within it when it
+    /// cannot, so an unchanged heartbeat proves it stopped (whatever the
+    /// clocks say).
     ///
     /// # Errors
     ///
@@ -438,8 +440,10 @@ impl Engine {
                     .claim_run(run_id, &lease, Some((owner, *heartbeat)))
                     .await?;
             } else if *expires_at < now_ms() {
-                let watch = Duration::from_millis(u64::try_from(*ttl_ms / 2).unwrap_or(15_000))
-                    .min(Duration::from_secs(30));
+                // A whole lease duration: a live holder renews every third
+                // of it and stops on its own within it when it cannot.
+                let watch = Duration::from_millis(u64::try_from(*ttl_ms).unwrap_or(30_000))
+                    .min(Duration::from_secs(120));
                 tracing::info!(run_id, previous_owner = %owner, "The lease ran out by the clock; watching it before taking the run over.");
                 tokio::time::sleep(watch).await;
                 claim = self
@@ -493,14 +497,27 @@ impl Engine {
 
     /// Gives a run back after an execution that could not go on; it is
     /// claimed again after a backoff that grows with its strikes.
-    async fn release_failed(&self, run_id: &str, owner: &str, strikes: u32, error: &str) {
+    ///
+    /// The release is fenced by `owner` (the claim's token), so it is a
+    /// no-op when another process already took the run over; a store that
+    /// is briefly busy is retried, since a release that never lands leaves
+    /// the run waiting for its lease to be watched out.
+    pub(crate) async fn release_failed(
+        &self,
+        run_id: &str,
+        owner: &str,
+        strikes: u32,
+        error: &str,
+    ) {
         let wait = i64::try_from(retry::crash_backoff(strikes).as_millis()).unwrap_or(60_000);
         let how = Release::Failed {
             error: self.redact(error),
             not_before: now_ms() + wait,
         };
-        if let Err(e) = self.store.release_run(run_id, owner, &how).await {
-            tracing::warn!(run_id, error = %e, "Could not release the run; its lease will run out.");
+        let released =
+            exec::with_store_retries(|| self.store.release_run(run_id, owner, &how)).await;
+        if let Err(e) = released {
+            tracing::warn!(run_id, error = %e, "Could not release the run; it is resumed once its lease is seen unrenewed.");
         }
     }
 
@@ -675,6 +692,17 @@ impl Engine {
             }
             Err(exec::Halt::Stopped) => {
                 let reason = if lease_lost.load(Ordering::SeqCst) || !cancel.is_cancelled() {
+                    // The lease may only have gone unrenewed (the store
+                    // did not answer) rather than been taken: give it
+                    // back, fenced, so the run does not wait for a
+                    // watcher. A no-op when another process holds it.
+                    self.release_failed(
+                        &run_id,
+                        &owner,
+                        strikes,
+                        "the lease could not be renewed (the store did not answer)",
+                    )
+                    .await;
                     "another process took over this run (this process lost its lease)".to_owned()
                 } else {
                     // Interrupted on purpose: the run is resumable at once
@@ -809,11 +837,33 @@ impl Engine {
             })
             .collect();
         let alerts = alerts.as_slice();
-        let finished = exec::with_store_retries(|| {
+        let mut outcome = outcome;
+        let mut finished = exec::with_store_retries(|| {
             self.store
                 .finish_run(run_id, owner, &outcome, last_step, alerts)
         })
         .await;
+        if let Err(StoreError::Rejected(why)) = &finished {
+            // What the end would record breaks a store limit (a last step's
+            // output, a failure text, an alert): retrying it as is can never
+            // succeed, and releasing the run would only repeat it. The run
+            // fails instead, saying why — with its alerts if they fit.
+            tracing::error!(run_id, error = %why, "The run's end could not be recorded as it was; failing the run.");
+            outcome = RunOutcome::Failed(Failure {
+                message: self.redact(&format!("the run's end could not be recorded: {why}")),
+                ..Failure::default()
+            });
+            finished = self
+                .store
+                .finish_run(run_id, owner, &outcome, None, alerts)
+                .await;
+            if matches!(finished, Err(StoreError::Rejected(_))) {
+                finished = self
+                    .store
+                    .finish_run(run_id, owner, &outcome, None, &[])
+                    .await;
+            }
+        }
         match finished {
             Ok(()) => {}
             Err(StoreError::LeaseLost { .. }) => {
@@ -874,8 +924,10 @@ impl Drop for AbortOnDrop {
 
 /// Renews the lease every third of its duration; if the lease is gone, stops
 /// the run so two processes never work on it at once. Time is this
-/// process's monotonic clock: when renewals have failed for a whole lease
-/// duration, watchers may have expired the lease, so the run stops too.
+/// process's monotonic clock: a watcher expires a lease it has seen
+/// unrenewed for a whole lease duration, so when renewals keep failing this
+/// execution stops before that (five sixths of the duration after its last
+/// renewal), retrying sooner in between.
 async fn heartbeat(
     store: Arc<dyn Store>,
     run_id: String,
@@ -890,14 +942,21 @@ async fn heartbeat(
         ttl_ms: i64::try_from(duration.as_millis()).unwrap_or(30_000),
     };
     let mut renewed = Instant::now();
+    let mut pause = every;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(pause) => {}
         }
-        let answer = tokio::time::timeout(every, store.renew_lease(&run_id, &lease)).await;
+        let give_up_at = renewed + duration * 5 / 6;
+        let attempt_until = (Instant::now() + every).min(give_up_at);
+        let answer =
+            tokio::time::timeout_at(attempt_until.into(), store.renew_lease(&run_id, &lease)).await;
         match answer {
-            Ok(Ok(true)) => renewed = Instant::now(),
+            Ok(Ok(true)) => {
+                renewed = Instant::now();
+                pause = every;
+            }
             Ok(Ok(false)) => {
                 tracing::warn!(run_id, "Lease lost; stopping work on this run.");
                 lost.store(true, Ordering::SeqCst);
@@ -909,11 +968,11 @@ async fn heartbeat(
                     Ok(Err(e)) => e.to_string(),
                     _ => "the store did not answer in time".to_owned(),
                 };
-                if renewed.elapsed() >= duration {
+                if Instant::now() >= give_up_at {
                     tracing::warn!(
                         run_id,
                         error,
-                        "The lease could not be renewed for a whole lease duration; stopping work on this run."
+                        "The lease could not be renewed in time; stopping work on this run before watchers take it over."
                     );
                     lost.store(true, Ordering::SeqCst);
                     stop.cancel();
@@ -922,6 +981,7 @@ async fn heartbeat(
                 // Keep going: the store may recover before the lease
                 // expires, and journal writes are fenced anyway.
                 tracing::warn!(run_id, error, "Could not renew the lease.");
+                pause = (every / 4).max(Duration::from_millis(50));
             }
         }
     }

@@ -110,7 +110,7 @@ pub fn is_certainly_dead(holder: &str) -> bool {
         && here.boot.as_deref() == Some(owner.boot.as_str())
         && here.pid_ns.as_deref() == Some(owner.pid_ns.as_str())
         && here.uid == Some(owner.uid);
-    if !same_place {
+    if !same_place || !proc_is_ours() {
         return false;
     }
     match process_start_time(owner.pid) {
@@ -122,6 +122,16 @@ pub fn is_certainly_dead(holder: &str) -> bool {
         // Permission, I/O: no proof either way.
         Err(_) => false,
     }
+}
+
+/// Whether `/proc` shows this process's PID namespace: a `/proc` mounted
+/// from another namespace (a container given the host's, or the reverse)
+/// names other processes by our pids, and "no such pid" proves nothing.
+fn proc_is_ours() -> bool {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse::<u32>().ok()))
+        == Some(std::process::id())
 }
 
 fn hostname() -> String {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use plumb_store::{Release, now_ms};
+use plumb_store::now_ms;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -118,17 +118,14 @@ async fn claim_loop(
                             let message = panic_message(panic.as_ref());
                             tracing::error!(run_id, error = %message, "The run's execution panicked; it will be retried after a backoff.");
                             if let Some(token) = token {
-                                let wait = i64::try_from(crash_backoff(strikes).as_millis())
-                                    .unwrap_or(60_000);
-                                let how = Release::Failed {
-                                    error: format!("the execution panicked: {message}"),
-                                    not_before: now_ms() + wait,
-                                };
-                                if let Err(e) =
-                                    engine.store.release_run(&run_id, &token, &how).await
-                                {
-                                    tracing::warn!(run_id, error = %e, "Could not release the run; its lease will run out.");
-                                }
+                                engine
+                                    .release_failed(
+                                        &run_id,
+                                        &token,
+                                        strikes,
+                                        &format!("the execution panicked: {message}"),
+                                    )
+                                    .await;
                             }
                         }
                     }
@@ -171,7 +168,7 @@ struct Sighting {
     since: Instant,
 }
 
-/// Watches every lease held by another process and expires the ones whose
+/// Watches every lease, this process's own included, and expires the ones whose
 /// holder is certainly dead, or that went unrenewed for a whole lease
 /// duration. An expired run is claimed again after a backoff that grows
 /// with its strikes.
@@ -183,10 +180,11 @@ async fn watch_leases(engine: Arc<Engine>, shutdown: CancellationToken) {
             Ok(leased) => {
                 let now = Instant::now();
                 let mut current = HashSet::new();
+                // This process's own leases are watched too: an execution
+                // that stalls without renewing (or whose release never
+                // landed) must not keep its run for as long as the
+                // process lives.
                 for lease in leased {
-                    if engine.owner.holds(&lease.holder) {
-                        continue;
-                    }
                     current.insert(lease.id.clone());
                     let reason = if owner::is_certainly_dead(&lease.holder) {
                         Some("the process running it is gone (it crashed or was killed)".to_owned())

@@ -255,8 +255,11 @@ pub(crate) async fn enqueue(
     trigger: Value,
 ) -> Result<String, ApiError> {
     let deadline = std::time::Instant::now() + COMMIT_DEADLINE;
+    // Longer than the store's own grace after the deadline, so that the
+    // store decides "committed" or "not" and this timeout only guards
+    // against a store that does not answer at all.
     let answer = tokio::time::timeout(
-        COMMIT_DEADLINE + std::time::Duration::from_millis(250),
+        COMMIT_DEADLINE + std::time::Duration::from_secs(1),
         state.engine.enqueue_run(workflow, trigger, Some(deadline)),
     )
     .await;

@@ -19,8 +19,14 @@
 //! answered 503) is skipped rather than committed behind its back. A run
 //! created with a deadline whose caller gave up *while* the batch was
 //! committing (a stalled disk) is withdrawn — cancelled as "withdrawn" —
-//! first thing in the next batch, before any claim can take it: its sender
-//! was told "not accepted" and will send it again.
+//! in its own transaction right after that commit, before any claim can
+//! take it (claims in the same batch are applied before the batch's new
+//! runs): its sender was told "not accepted" and will send it again. The
+//! answer is decided once, on the caller's side (see `SqliteStore::write`),
+//! so a run is never both refused and kept; the one way left to a
+//! duplicate is a caller whose own task is starved past the grace period
+//! after the store answered in time — a repeat the sender's retry carries,
+//! never a loss.
 //!
 //! Within a batch each write sees the ones before it. A write that fails on
 //! its own (a constraint) fails alone; a failure of the database itself
@@ -249,18 +255,26 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/sqlite/0006_strikes_and_heartbeats.sql"),
 ];
 
-/// Applies the pending migrations in one transaction that takes the write
-/// lock *before* reading the schema version: processes starting at once on
+/// Applies the pending migrations, if any, in one transaction that takes
+/// the write lock and then reads the schema version again: processes starting at once on
 /// a new file wait for each other, and the first one migrates while the
 /// others find nothing left to do.
 fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    // Up to date (the usual case): nothing to lock. Opening the store must
+    // not wait behind a long write of a running server.
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if current == known {
+        return Ok(());
+    }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| format!("taking the store's write lock: {e}"))?;
     let current: i64 = tx
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| e.to_string())?;
-    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     if current > known {
         return Err(format!(
             "the store has schema version {current}, newer than this plumb knows ({known}); upgrade plumb"
@@ -328,13 +342,39 @@ impl SqliteStore {
     }
 
     async fn write(&self, op: Op) -> Result<Done, StoreError> {
-        let (reply, rx) = oneshot::channel();
+        let deadline = match &op {
+            Op::CreateRun(run) => run.deadline,
+            _ => None,
+        };
+        let (reply, mut rx) = oneshot::channel();
         self.writer
             .send(Job { op, reply })
             .await
             .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?
+        let Some(deadline) = deadline else {
+            return rx
+                .await
+                .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?;
+        };
+        // The answer is decided exactly once: either it arrived in time, or
+        // the channel is closed first and the writer — finding nobody to
+        // tell — withdraws the run if its commit lands after all. An answer
+        // that raced the close is still taken, never dropped.
+        let grace = deadline + Duration::from_millis(250);
+        match tokio::time::timeout_at(grace.into(), &mut rx).await {
+            Ok(answer) => {
+                answer.map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?
+            }
+            Err(_) => {
+                rx.close();
+                match rx.try_recv() {
+                    Ok(answer) => answer,
+                    Err(_) => Err(StoreError::Unavailable(
+                        "the store could not commit before the deadline".into(),
+                    )),
+                }
+            }
+        }
     }
 
     /// Runs a read on a pooled read connection, off the async threads.
@@ -408,6 +448,21 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
 }
 
 fn commit_batch(conn: &mut Connection, batch: &mut Vec<Job>, withdraw: &mut Vec<String>) {
+    // Claims go before the runs created in the same batch: a claim must
+    // never take a run whose sender may yet be told "not accepted" (the
+    // writes of one batch come from callers that did not wait for each
+    // other, so their order is free).
+    batch.sort_by_key(|job| !matches!(job.op, Op::Claim { .. } | Op::ClaimNext(_)));
+    commit_jobs(conn, batch, withdraw);
+    // Runs committed behind their senders' backs are withdrawn at once, in
+    // a transaction of their own, before the next batch's claims can see
+    // them; if that fails too they are tried again first thing next batch.
+    if !withdraw.is_empty() {
+        commit_jobs(conn, &mut Vec::new(), withdraw);
+    }
+}
+
+fn commit_jobs(conn: &mut Connection, batch: &mut Vec<Job>, withdraw: &mut Vec<String>) {
     let tx = match Transaction::new(conn, TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
@@ -1492,10 +1547,16 @@ fn claim_next(tx: &Transaction<'_>, lease: &Lease) -> Result<Option<Box<Run>>, S
     // first, then the queue, oldest first; skipping any workflow already at
     // its concurrency limit. One statement per lane, so each walks its
     // index and stops at the first match.
+    //
+    // A backoff is at most a minute (see the engine's crash backoff), so a
+    // `not_before` more than two minutes ahead was written by a clock that
+    // runs ahead of this one: it is ignored rather than obeyed, or that
+    // clock would park the run for as long as it is wrong.
     let lanes = [
         "r.status = 'running' AND r.lease_owner IS NULL \
-         AND (r.not_before IS NULL OR r.not_before <= ?1)",
-        "r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= ?1)",
+         AND (r.not_before IS NULL OR r.not_before <= ?1 OR r.not_before > ?1 + 120000)",
+        "r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= ?1 \
+         OR r.not_before > ?1 + 120000)",
     ];
     let now = now_ms();
     for lane in lanes {

@@ -299,8 +299,14 @@ async fn rekey(
     let committed = store.rekey_secrets(&resealed, &version, actor).await;
     plumb_engine::failpoint::hit("rekey.committed");
     if let Err(e) = committed {
-        let _ = std::fs::remove_file(&staged);
-        return Err(e.into());
+        // Never delete the new key here: a store error can come after the
+        // commit landed (the answer was lost), and then it is the only key
+        // that opens the secrets.
+        return Err(anyhow::Error::new(e).context(format!(
+            "re-sealing the secrets failed; the new key {} stays in {} in case the change was committed after all: `plumb secrets list` shows which key the secrets are sealed with. Delete that file only if it is not the new key",
+            new.fingerprint(),
+            staged.display()
+        )));
     }
     if from_env {
         if global.json {

@@ -208,6 +208,26 @@ pub fn load_config_lenient(file: &SourceFile) -> Result<(ProjectConfig, Diagnost
             Some(_) => None,
         }
     };
+    // A key plumb does not know may be a misspelled `store` or `listen`:
+    // then the defaults would point at another store or server than the
+    // user meant, so nothing is read leniently.
+    const KNOWN: [&str; 7] = [
+        "store",
+        "listen",
+        "connections",
+        "defaults",
+        "alerts",
+        "serve",
+        "lint",
+    ];
+    let unknown_key = doc
+        .value
+        .as_object()
+        .is_some_and(|m| m.keys().any(|k| !KNOWN.contains(&k.as_str())));
+    let both_given = doc.value.get("store").is_some() && doc.value.get("listen").is_some();
+    if unknown_key && !both_given {
+        return Err(problems);
+    }
     let (Some(store), Some(listen)) =
         (text("store", DEFAULT_STORE), text("listen", DEFAULT_LISTEN))
     else {
@@ -1308,6 +1328,27 @@ fn closest<'n>(name: &str, candidates: &[&'n str]) -> Option<&'n str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broken_config_is_read_leniently_only_when_store_and_listen_are_certain() {
+        let lenient = |text: &str| {
+            load_config_lenient(&SourceFile {
+                path: "plumb.yaml".into(),
+                text: text.into(),
+            })
+        };
+        let (cfg, problems) = lenient("store: sqlite://x.db\nserve:\n  workers: many\n")
+            .expect("store and listen still read");
+        assert_eq!(cfg.store, "sqlite://x.db");
+        assert!(!problems.is_empty());
+        // `stor` may be `store` misspelled: the default store would be
+        // another file than the one meant.
+        assert!(lenient("stor: sqlite://x.db\n").is_err());
+        assert!(lenient("store: sqlite://x.db\nlisen: 127.0.0.1:9\n").is_err());
+        let (cfg, _) =
+            lenient("store: sqlite://x.db\nlisten: 127.0.0.1:9\nextra: 1\n").expect("both given");
+        assert_eq!(cfg.listen, "127.0.0.1:9");
+    }
 
     fn config(text: &str) -> ProjectConfig {
         load_config(&SourceFile {

@@ -328,9 +328,20 @@ impl<'e> Execution<'e> {
             crate::failpoint::hit("step.attempt");
             let key = idempotency_key(&self.run.id, &step.id, index);
             let context = base.for_step(step, item, attempt);
+            // Expression-only steps are timed by the evaluator, from when
+            // their expression starts (not while it queues for a thread).
+            let timed_here = !matches!(
+                step.action,
+                Action::Jq(_) | Action::Assert { .. } | Action::If(_)
+            );
+            let limit = if timed_here {
+                step.timeout
+            } else {
+                Duration::MAX
+            };
             let result = tokio::select! {
                 () = self.stop.cancelled() => return Err(Halt::Stopped),
-                r = tokio::time::timeout(step.timeout, self.perform(step, context, key)) => match r {
+                r = tokio::time::timeout(limit, self.perform(step, context, key)) => match r {
                     Ok(r) => r,
                     Err(_) => Err(journal::timed_out(step)),
                 },
