@@ -304,7 +304,7 @@ fn plumb_funs<D: for<'a> DataT<V<'a> = Val>>() -> impl Iterator<Item = jaq_core:
 /// The most nodes [`print_guard`] visits: a value shared many times over
 /// (`reduce range(40) as $i (0; [., .])` is 40 steps and 2^40 leaves when
 /// printed) is refused before it is walked, or printed, for ever.
-const MAX_PRINT_NODES: usize = 8 * 1024 * 1024;
+const MAX_PRINT_NODES: usize = 32 * 1024 * 1024;
 
 /// Why a jq value cannot be printed, if it cannot: it nests deeper than
 /// `max`, or it has more than [`MAX_PRINT_NODES`] nodes counting every

@@ -200,10 +200,14 @@ pub const MAX_YAML_DEPTH: usize = 64;
 /// ("billion laughs"), all built in memory by the loader.
 pub const MAX_YAML_VALUES: u64 = 1_000_000;
 
+/// The most text a file's scalars may hold once its aliases are expanded
+/// (64 MiB): each copy of an aliased text is built anew.
+pub const MAX_YAML_TEXT: u64 = 64 * 1024 * 1024;
+
 /// Walks the parser's events (no tree, no recursion) and refuses a file
 /// nested deeper than [`MAX_YAML_DEPTH`] or holding more than
-/// [`MAX_YAML_VALUES`] values, counting what every alias expands to (its
-/// anchor's values and height). Syntax errors are left to the loader,
+/// [`MAX_YAML_VALUES`] values or [`MAX_YAML_TEXT`] of text, counting what
+/// every alias expands to (its anchor's values, height and text). Syntax errors are left to the loader,
 /// which reports them with more context.
 fn check_depth(source: &str) -> Result<(), YamlError> {
     use saphyr_parser::{Event, Parser};
@@ -211,8 +215,9 @@ fn check_depth(source: &str) -> Result<(), YamlError> {
     /// An open mapping or list.
     struct Open {
         anchor: usize,
-        /// Values counted before it started.
+        /// Values and text counted before it started.
         values_before: u64,
+        text_before: u64,
         /// Its own depth, and the deepest reached inside it.
         depth: usize,
         deepest: usize,
@@ -235,9 +240,11 @@ fn check_depth(source: &str) -> Result<(), YamlError> {
         )
     };
     let mut open: Vec<Open> = Vec::new();
-    // Per anchor: how many values it stands for, and how many levels.
-    let mut anchors: HashMap<usize, (u64, usize)> = HashMap::new();
+    // Per anchor: how many values it stands for, how many levels, and how
+    // much text.
+    let mut anchors: HashMap<usize, (u64, usize, u64)> = HashMap::new();
     let mut values = 0u64;
+    let mut text = 0u64;
     for next in Parser::new_from_str(source) {
         let (event, span) = match next {
             Ok(next) => next,
@@ -256,6 +263,7 @@ fn check_depth(source: &str) -> Result<(), YamlError> {
                 open.push(Open {
                     anchor,
                     values_before: values - 1,
+                    text_before: text,
                     depth,
                     deepest: depth,
                 });
@@ -265,7 +273,10 @@ fn check_depth(source: &str) -> Result<(), YamlError> {
                 if let Some(done) = open.pop() {
                     if done.anchor != 0 {
                         let height = done.deepest + 1 - done.depth;
-                        anchors.insert(done.anchor, (values - done.values_before, height));
+                        anchors.insert(
+                            done.anchor,
+                            (values - done.values_before, height, text - done.text_before),
+                        );
                     }
                     if let Some(parent) = open.last_mut() {
                         parent.deepest = parent.deepest.max(done.deepest);
@@ -273,16 +284,19 @@ fn check_depth(source: &str) -> Result<(), YamlError> {
                 }
                 0
             }
-            Event::Scalar(_, _, anchor, _) => {
+            Event::Scalar(value, _, anchor, _) => {
                 values += 1;
+                let len = u64::try_from(value.len()).unwrap_or(u64::MAX);
+                text = text.saturating_add(len);
                 if anchor != 0 {
-                    anchors.insert(anchor, (1, 0));
+                    anchors.insert(anchor, (1, 0, len));
                 }
                 0
             }
             Event::Alias(anchor) => {
-                let (size, height) = anchors.get(&anchor).copied().unwrap_or((1, 0));
+                let (size, height, len) = anchors.get(&anchor).copied().unwrap_or((1, 0, 0));
                 values = values.saturating_add(size);
+                text = text.saturating_add(len);
                 open.len() + height
             }
             _ => 0,
@@ -292,6 +306,16 @@ fn check_depth(source: &str) -> Result<(), YamlError> {
         }
         if let Some(top) = open.last_mut() {
             top.deepest = top.deepest.max(reached);
+        }
+        if text > MAX_YAML_TEXT {
+            return Err(at(
+                line,
+                col,
+                format!(
+                    "the file holds more than {} MiB of text once its aliases (`*name`) are expanded; plumb reads files up to that much",
+                    MAX_YAML_TEXT / (1024 * 1024)
+                ),
+            ));
         }
         if values > MAX_YAML_VALUES {
             return Err(at(
@@ -475,6 +499,17 @@ mod tests {
         }
         let err = parse(&laughs).expect_err("too many values");
         assert!(err.message.contains("aliases"), "{err}");
+
+        // Few values, each a long text: 10^3, then 10^4, copies of 10 KiB.
+        let mut long = format!("t: &a0 {}\n", "x".repeat(10 * 1024));
+        for i in 1..4 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            long.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        parse(&long).expect("about 11 MiB of text is fine");
+        long.push_str(&format!("a4: [{}]\n", vec!["*a3"; 10].join(", ")));
+        let err = parse(&long).expect_err("too much text");
+        assert!(err.message.contains("MiB of text"), "{err}");
 
         // An anchor 40 levels deep, used 40 levels deep: 80 levels.
         let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));

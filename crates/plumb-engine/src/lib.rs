@@ -137,6 +137,24 @@ pub struct Engine {
     master_key: RwLock<Result<Arc<plumb_vault::MasterKey>, String>>,
     /// Opened secrets and their redactor.
     secrets: RwLock<Arc<secrets::Secrets>>,
+    /// Claim tokens of the executions running in this process now: their
+    /// heartbeats renew them, so this process's lease watcher leaves them
+    /// alone (a stall of the whole process stalls both alike).
+    executing: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Keeps a claim token in [`Engine::executing`] while an execution runs.
+struct Executing<'a> {
+    engine: &'a Engine,
+    token: String,
+}
+
+impl Drop for Executing<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.engine.executing.lock() {
+            set.remove(&self.token);
+        }
+    }
 }
 
 /// The trigger document of a run started by hand with `input` (SPEC §2:
@@ -166,7 +184,17 @@ impl Engine {
             stored_versions: std::sync::Mutex::new(std::collections::HashSet::new()),
             master_key: RwLock::new(Err("no master key was loaded".to_owned())),
             secrets: RwLock::new(Arc::new(secrets::Secrets::default())),
+            executing: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
+    }
+
+    /// Whether `holder` (a claim token) belongs to an execution running in
+    /// this process now.
+    pub(crate) fn is_executing(&self, holder: &str) -> bool {
+        self.executing
+            .lock()
+            .map(|set| set.contains(holder))
+            .unwrap_or(false)
     }
 
     /// The store.
@@ -579,6 +607,27 @@ impl Engine {
         let run_id = run.id.clone();
         let workflow_name = run.workflow.clone();
         let strikes = run.strikes;
+        if let Ok(mut set) = self.executing.lock() {
+            set.insert(owner.clone());
+        }
+        let _executing = Executing {
+            engine: self,
+            token: owner.clone(),
+        };
+        // The heartbeat starts with the claim, before anything that can
+        // take time (reading the journal, compiling a stored version), and
+        // stops however this execution ends, unwinding from a panic
+        // included: a dead execution must not keep its run.
+        let stop = cancel.child_token();
+        let lease_lost = Arc::new(AtomicBool::new(false));
+        let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
+            Arc::clone(&self.store),
+            run_id.clone(),
+            owner.clone(),
+            self.lease,
+            stop.clone(),
+            Arc::clone(&lease_lost),
+        )));
         let project = self.project();
         if let Some(message) = self.unrunnable(&run, &project) {
             return self
@@ -632,18 +681,6 @@ impl Engine {
             }
         };
 
-        let stop = cancel.child_token();
-        let lease_lost = Arc::new(AtomicBool::new(false));
-        // Stops renewing the lease however this execution ends, unwinding
-        // from a panic included: a dead execution must not keep its run.
-        let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
-            Arc::clone(&self.store),
-            run_id.clone(),
-            owner.clone(),
-            self.lease,
-            stop.clone(),
-            Arc::clone(&lease_lost),
-        )));
         let run_for_alerts = run.clone();
         let mut execution = exec::Execution::new(
             self,
@@ -675,8 +712,12 @@ impl Engine {
                 .await
             }
             Err(exec::Halt::Failed(failure)) => {
-                let alerts =
-                    self.failure_alerts(&project, &run_for_alerts, Some(&workflow), &failure);
+                let alerts = self.failure_alerts(
+                    &project,
+                    (&run_for_alerts.workflow, &run_for_alerts.id),
+                    Some(&workflow),
+                    &failure,
+                );
                 self.end(
                     &workflow_name,
                     &run_id,
@@ -748,7 +789,7 @@ impl Engine {
             message,
             ..Failure::default()
         };
-        let alerts = self.failure_alerts(project, run, None, &failure);
+        let alerts = self.failure_alerts(project, (&run.workflow, &run.id), None, &failure);
         self.end(
             &run.workflow,
             &run.id,
@@ -768,12 +809,12 @@ impl Engine {
     fn failure_alerts(
         &self,
         project: &Project,
-        run: &Run,
+        (workflow_name, run_id): (&str, &str),
         workflow: Option<&Workflow>,
         failure: &Failure,
     ) -> Vec<NewAlert> {
         let channels: Vec<String> =
-            match workflow.or_else(|| project.workflow(&run.workflow).map(AsRef::as_ref)) {
+            match workflow.or_else(|| project.workflow(workflow_name).map(AsRef::as_ref)) {
                 Some(w) => w.alerts_on_failure.clone(),
                 None => Vec::new(),
             };
@@ -783,7 +824,9 @@ impl Engine {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", project.config.listen));
-        let owner = workflow.map(|w| w.owner.clone());
+        let owner = workflow
+            .or_else(|| project.workflow(workflow_name).map(AsRef::as_ref))
+            .map(|w| w.owner.clone());
         channels
             .into_iter()
             .map(|channel| NewAlert {
@@ -791,8 +834,8 @@ impl Engine {
                 channel,
                 payload: json!({
                     "event": "run_failed",
-                    "workflow": run.workflow,
-                    "run_id": run.id,
+                    "workflow": workflow_name,
+                    "run_id": run_id,
                     "owner": owner,
                     "step": failure.step,
                     "item": failure.item,
@@ -800,7 +843,7 @@ impl Engine {
                     "status_code": failure.status_code,
                     "error": failure.message,
                     "failed_at": now_ms(),
-                    "link": format!("{base}/api/v1/runs/{}", run.id),
+                    "link": format!("{base}/api/v1/runs/{run_id}"),
                 }),
             })
             .collect()
@@ -849,13 +892,21 @@ impl Engine {
             // succeed, and releasing the run would only repeat it. The run
             // fails instead, saying why — with its alerts if they fit.
             tracing::error!(run_id, error = %why, "The run's end could not be recorded as it was; failing the run.");
-            outcome = RunOutcome::Failed(Failure {
+            let failure = Failure {
                 message: self.redact(&format!("the run's end could not be recorded: {why}")),
                 ..Failure::default()
-            });
+            };
+            // The alerts the failure deserves (a run that was to succeed
+            // had none).
+            let mut alerts_now =
+                self.failure_alerts(&self.project(), (workflow, run_id), None, &failure);
+            for a in &mut alerts_now {
+                self.redact_json(&mut a.payload);
+            }
+            outcome = RunOutcome::Failed(failure);
             finished = self
                 .store
-                .finish_run(run_id, owner, &outcome, None, alerts)
+                .finish_run(run_id, owner, &outcome, None, &alerts_now)
                 .await;
             if matches!(finished, Err(StoreError::Rejected(_))) {
                 finished = self
@@ -949,7 +1000,11 @@ async fn heartbeat(
             () = tokio::time::sleep(pause) => {}
         }
         let give_up_at = renewed + duration * 5 / 6;
-        let attempt_until = (Instant::now() + every).min(give_up_at);
+        // Even past `give_up_at` (this process was stalled: paused,
+        // throttled) a renewal gets a moment: one that lands is safe, since
+        // watchers expire a lease only at the heartbeat they saw.
+        let now = Instant::now();
+        let attempt_until = (now + every).min(give_up_at).max(now + every / 4);
         let answer =
             tokio::time::timeout_at(attempt_until.into(), store.renew_lease(&run_id, &lease)).await;
         match answer {

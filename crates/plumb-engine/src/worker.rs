@@ -168,10 +168,10 @@ struct Sighting {
     since: Instant,
 }
 
-/// Watches every lease, this process's own included, and expires the ones whose
-/// holder is certainly dead, or that went unrenewed for a whole lease
-/// duration. An expired run is claimed again after a backoff that grows
-/// with its strikes.
+/// Watches every lease but those of this process's running executions,
+/// and expires the ones whose holder is certainly dead, or that went
+/// unrenewed for a whole lease duration. An expired run is claimed again
+/// after a backoff that grows with its strikes.
 async fn watch_leases(engine: Arc<Engine>, shutdown: CancellationToken) {
     let every = watch_interval(engine.lease_duration());
     let mut sightings: HashMap<String, Sighting> = HashMap::new();
@@ -180,11 +180,14 @@ async fn watch_leases(engine: Arc<Engine>, shutdown: CancellationToken) {
             Ok(leased) => {
                 let now = Instant::now();
                 let mut current = HashSet::new();
-                // This process's own leases are watched too: an execution
-                // that stalls without renewing (or whose release never
-                // landed) must not keep its run for as long as the
-                // process lives.
+                // This process's own leases are watched too, except those
+                // of executions running here now (their heartbeats renew
+                // them): a lease whose release never landed must not keep
+                // its run for as long as the process lives.
                 for lease in leased {
+                    if engine.is_executing(&lease.holder) {
+                        continue;
+                    }
                     current.insert(lease.id.clone());
                     let reason = if owner::is_certainly_dead(&lease.holder) {
                         Some("the process running it is gone (it crashed or was killed)".to_owned())

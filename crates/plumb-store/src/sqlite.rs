@@ -23,10 +23,11 @@
 //! take it (claims in the same batch are applied before the batch's new
 //! runs): its sender was told "not accepted" and will send it again. The
 //! answer is decided once, on the caller's side (see `SqliteStore::write`),
-//! so a run is never both refused and kept; the one way left to a
-//! duplicate is a caller whose own task is starved past the grace period
-//! after the store answered in time — a repeat the sender's retry carries,
-//! never a loss.
+//! so a run is never both refused and kept by this process. Ways left to a
+//! duplicate, never a loss: a caller whose own task is starved past the
+//! grace period after the store answered in time, and another process
+//! sharing the file (a `plumb worker`) that claims the run in the
+//! milliseconds between that commit and its withdrawal.
 //!
 //! Within a batch each write sees the ones before it. A write that fails on
 //! its own (a constraint) fails alone; a failure of the database itself

@@ -924,6 +924,14 @@ impl<'a> Checker<'a> {
                     "a lease shorter than 1s would expire between heartbeats",
                 )
                 .help = Some("use at least `1s`; the default is `30s`".into());
+            } else if lease.0 > Duration::from_secs(120) {
+                // `plumb run --resume` watches a lease that ran out by the
+                // clock for at most two minutes before taking the run.
+                self.error_at_value(
+                    &path.key("lease"),
+                    "a lease longer than 2m would leave a stopped run waiting that long, and outlast what `plumb run --resume` watches before taking a run over",
+                )
+                .help = Some("use at most `2m`; the default is `30s`".into());
             } else {
                 serve.lease = lease.0;
             }

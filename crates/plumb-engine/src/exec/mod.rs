@@ -288,7 +288,13 @@ impl<'e> Execution<'e> {
         accept: impl FnOnce(Value) -> Result<T, String>,
     ) -> Result<T, Halt> {
         let context = self.context(step, None, 1);
-        let checked = match self.eval(step, template, context).await {
+        // Interrupts (shutdown, a lost lease) do not wait for a busy
+        // expression pool.
+        let evaluated = tokio::select! {
+            () = self.stop.cancelled() => return Err(Halt::Stopped),
+            r = self.eval(step, template, context) => r,
+        };
+        let checked = match evaluated {
             Ok(value) => accept(value),
             Err(e) => Err(e.to_string()),
         };
