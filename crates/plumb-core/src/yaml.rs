@@ -507,7 +507,7 @@ mod tests {
             long.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
         }
         parse(&long).expect("about 11 MiB of text is fine");
-        long.push_str(&format!("a4: [{}]\n", vec!["*a3"; 10].join(", ")));
+        long.push_str(&format!("a4: [{}]\n", ["*a3"; 10].join(", ")));
         let err = parse(&long).expect_err("too much text");
         assert!(err.message.contains("MiB of text"), "{err}");
 
