@@ -1,5 +1,5 @@
-//! The audit log's hash chain: the canonical encoding of an entry, its
-//! hash, and the verification of a whole chain.
+//! The audit log: [`AuditStore`], and its hash chain — the canonical
+//! encoding of an entry, its hash, and the verification of a whole chain.
 //!
 //! An entry's hash is SHA-256 over the previous entry's hash and the
 //! canonical encoding of the entry: a JSON array
@@ -14,11 +14,12 @@
 
 use std::fmt;
 
+use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::Millis;
+use crate::{Millis, StoreError};
 
 /// The previous hash of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -278,6 +279,34 @@ pub fn verify_log(
         }
     }
     Ok(n)
+}
+
+/// The audit log and its chain head.
+///
+/// # Errors
+///
+/// Every method returns a [`StoreError`] when the database cannot be read or
+/// written.
+#[async_trait]
+pub trait AuditStore: Send + Sync + 'static {
+    /// Appends an audit entry.
+    async fn append_audit(&self, entry: &NewAuditEntry) -> Result<(), StoreError>;
+
+    /// Audit entries after `after_seq`, in order.
+    async fn audit_entries(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// This store's instance secret (see [`AuditStore::audit_head`]'s table
+    /// neighbour `instance`): proves a server serves this store.
+    async fn instance_secret(&self) -> Result<String, StoreError>;
+
+    /// The audit chain's head (sequence number and hash of the last entry
+    /// appended), kept apart from the entries so removing entries at the
+    /// end is detectable.
+    async fn audit_head(&self) -> Result<Option<(i64, String)>, StoreError>;
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use plumb_store::audit::verify_chain;
+use plumb_store::prelude::*;
 use plumb_store::{
     AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
     Lease, LeasedRun, NewAlert, NewRun, Release, ReplayResult, Role, RunFilter, RunOutcome,

@@ -3,6 +3,7 @@
 //! store never holds a record that a later claim, listing or resume could
 //! not read.
 
+use plumb_store::prelude::*;
 use plumb_store::{
     Lease, NewRun, RunFilter, SqliteStore, StepRecord, StepStatus, Store, StoreError, Synchronous,
     WorkflowVersion, now_ms,

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use plumb_core::Diagnostics;
 use plumb_engine::project_dir::{self, LoadError};
-use plumb_store::Store;
+use plumb_store::prelude::*;
 use serde_json::json;
 
 use crate::Exit;

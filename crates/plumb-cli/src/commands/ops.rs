@@ -6,7 +6,8 @@
 
 use std::sync::Arc;
 
-use plumb_store::{CancelResult, ReplayResult, SqliteStore, Store};
+use plumb_store::prelude::*;
+use plumb_store::{CancelResult, ReplayResult, SqliteStore};
 use serde_json::{Value, json};
 
 use crate::cli::{DlqCommand, Global};

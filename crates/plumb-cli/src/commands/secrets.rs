@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use plumb_store::{ApiToken, SecretWrite, SecretWriteResult, SqliteStore, Store};
+use plumb_store::prelude::*;
+use plumb_store::{ApiToken, SecretWrite, SecretWriteResult, SqliteStore};
 use plumb_vault::{MasterKey, SecretValue};
 use serde_json::json;
 use zeroize::Zeroizing;

@@ -1,0 +1,1046 @@
+//! Runs, the journal and the queue on SQLite: every query of
+//! [`RunStore`](crate::RunStore).
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use serde_json::Value;
+
+use super::audit::append_audit;
+use super::{
+    Done, Op, SqliteStore, item_from_db, item_to_db, json_col, map_err, opt_json_text, opt_u16,
+    opt_u32, parse_col, query_all, to_json_text, unexpected,
+};
+use crate::{
+    AttemptFailure, CancelResult, Claim, ClaimToken, Failure, Lease, LeasedRun, Millis, NewAlert,
+    NewAuditEntry, NewRun, Release, ReplayResult, Run, RunFilter, RunOutcome, RunStatus, RunStore,
+    StepRecord, StepStatus, StoreError, WorkflowStats, WorkflowVersion, now_ms,
+};
+
+/// A write of this module, as handed to the writer thread.
+#[derive(Debug)]
+pub(super) enum Write {
+    PutVersion(WorkflowVersion),
+    CreateRun(NewRun),
+    Claim {
+        id: String,
+        lease: Lease,
+        steal_from: Option<(String, i64)>,
+    },
+    ClaimNext(Lease),
+    Renew {
+        id: String,
+        lease: Lease,
+    },
+    Release {
+        id: String,
+        owner: String,
+        how: Release,
+    },
+    Expire {
+        seen: LeasedRun,
+        reason: String,
+        not_before: Millis,
+    },
+    RecordStep {
+        owner: String,
+        record: EncodedStep,
+    },
+    RecordAttempt {
+        owner: String,
+        failure: AttemptFailure,
+    },
+    Finish {
+        id: String,
+        owner: String,
+        outcome: RunOutcome,
+        last_step: Option<EncodedStep>,
+        alerts: Vec<NewAlert>,
+    },
+    Cancel {
+        id: String,
+        reason: String,
+        actor: String,
+    },
+    Replay {
+        id: String,
+        actor: String,
+    },
+}
+
+impl From<Write> for Op {
+    fn from(w: Write) -> Self {
+        Op::Runs(w)
+    }
+}
+
+/// Performs one write inside the writer's open transaction.
+pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError> {
+    match op {
+        Write::PutVersion(v) => {
+            tx.prepare_cached(
+                "INSERT INTO workflow_versions (hash, workflow, file, source, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (hash) DO NOTHING",
+            )
+            .and_then(|mut st| {
+                st.execute(params![v.hash, v.workflow, v.file, v.source, v.created_at])
+            })
+            .map_err(map_err)?;
+            Ok(Done::Unit)
+        }
+        Write::CreateRun(run) => {
+            insert_run(tx, run)?;
+            Ok(Done::Unit)
+        }
+        Write::Claim {
+            id,
+            lease,
+            steal_from,
+        } => claim(
+            tx,
+            id,
+            lease,
+            steal_from.as_ref().map(|(h, b)| (h.as_str(), *b)),
+        )
+        .map(Done::Claim),
+        Write::ClaimNext(lease) => claim_next(tx, lease).map(Done::MaybeRun),
+        Write::Renew { id, lease } => tx
+            .prepare_cached(
+                "UPDATE runs SET lease_expires_at = ?3, lease_ms = ?4, heartbeat = heartbeat + 1 \
+                 WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    id,
+                    lease.owner,
+                    now_ms().saturating_add(lease.ttl_ms),
+                    lease.ttl_ms
+                ])
+            })
+            .map(Done::Rows)
+            .map_err(map_err),
+        Write::Release { id, owner, how } => {
+            match how {
+                // A clean release takes this claim's strike back.
+                Release::Clean => tx
+                    .prepare_cached(
+                        "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, \
+                         updated_at = ?3, strikes = max(strikes - 1, 0), not_before = NULL \
+                         WHERE id = ?1 AND lease_owner = ?2",
+                    )
+                    .and_then(|mut st| st.execute(params![id, owner, now_ms()])),
+                Release::Failed { error, not_before } => tx
+                    .prepare_cached(
+                        "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, \
+                         updated_at = ?3, last_error = ?4, not_before = ?5 \
+                         WHERE id = ?1 AND lease_owner = ?2",
+                    )
+                    .and_then(|mut st| st.execute(params![id, owner, now_ms(), error, not_before])),
+            }
+            .map_err(map_err)?;
+            Ok(Done::Unit)
+        }
+        Write::Expire {
+            seen,
+            reason,
+            not_before,
+        } => tx
+            .prepare_cached(
+                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4, \
+                 last_error = ?5, not_before = ?6 \
+                 WHERE id = ?1 AND lease_owner = ?2 AND heartbeat = ?3 AND status = 'running'",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    seen.id,
+                    seen.holder,
+                    seen.heartbeat,
+                    now_ms(),
+                    reason,
+                    not_before
+                ])
+            })
+            .map(Done::Rows)
+            .map_err(map_err),
+        Write::RecordStep { owner, record } => record_step(tx, owner, record),
+        Write::RecordAttempt { owner, failure: f } => {
+            let rows = tx
+                .prepare_cached(
+                    "INSERT INTO step_attempts (run_id, step_id, item, round, attempt, started_at, \
+                     finished_at, status_code, error, retryable) \
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 \
+                     WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND lease_owner = ?11 AND status = 'running') \
+                     ON CONFLICT (run_id, step_id, item, round, attempt) DO UPDATE SET \
+                     finished_at = excluded.finished_at, status_code = excluded.status_code, \
+                     error = excluded.error, retryable = excluded.retryable",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        f.run_id,
+                        f.step_id,
+                        item_to_db(f.item),
+                        i64::from(f.round),
+                        i64::from(f.attempt),
+                        f.started_at,
+                        f.finished_at,
+                        f.status_code.map(i64::from),
+                        f.error,
+                        f.retryable,
+                        owner,
+                    ])
+                })
+                .map_err(map_err)?;
+            fenced(rows, &f.run_id)
+        }
+        Write::Finish {
+            id,
+            owner,
+            outcome,
+            last_step,
+            alerts,
+        } => {
+            if let Some(record) = last_step {
+                record_step(tx, owner, record)?;
+            }
+            finish(tx, id, owner, outcome, alerts)
+        }
+        Write::Cancel { id, reason, actor } => {
+            let result = cancel(tx, id, reason)?;
+            if result == CancelResult::Cancelled {
+                append_audit(
+                    tx,
+                    &NewAuditEntry::new(
+                        actor,
+                        "run.cancelled",
+                        id,
+                        serde_json::json!({ "reason": reason }),
+                    ),
+                )?;
+            }
+            Ok(Done::Cancel(result))
+        }
+        Write::Replay { id, actor } => {
+            let result = replay(tx, id)?;
+            if result == ReplayResult::Replayed {
+                append_audit(
+                    tx,
+                    &NewAuditEntry::new(actor, "run.replayed", id, serde_json::json!({})),
+                )?;
+            }
+            Ok(Done::Replay(result))
+        }
+    }
+}
+
+fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
+    let status = parse_col(RunStatus::parse(&row.get::<_, String>("status")?))?;
+    let error: Option<String> = row.get("error")?;
+    // A trigger document that does not decode must not stop a claim or a
+    // listing: the run is returned with the reason, and fails on its own.
+    let (trigger, unreadable) = match json_col(row, "trigger_payload") {
+        Ok(t) => (t.unwrap_or(Value::Null), None),
+        Err(e) => (
+            Value::Null,
+            Some(format!("its trigger document cannot be read ({e})")),
+        ),
+    };
+    Ok(Run {
+        id: row.get("id")?,
+        workflow: row.get("workflow")?,
+        version: row.get("version")?,
+        trigger,
+        status,
+        claims: opt_u32(row.get("claims")?).unwrap_or(0),
+        strikes: opt_u32(row.get("strikes")?).unwrap_or(0),
+        last_error: row.get("last_error")?,
+        not_before: row.get("not_before")?,
+        unreadable,
+        replays: opt_u32(row.get("replays")?).unwrap_or(0),
+        created_at: row.get("created_at")?,
+        started_at: row.get("started_at")?,
+        finished_at: row.get("finished_at")?,
+        updated_at: row.get("updated_at")?,
+        failure: match error {
+            Some(message) => Some(Failure {
+                message,
+                step: row.get("failed_step")?,
+                item: opt_u32(row.get("failed_item")?),
+                attempt: opt_u32(row.get("failed_attempt")?),
+                status_code: opt_u16(row.get("failed_status_code")?),
+            }),
+            None => None,
+        },
+        lease_owner: row.get("lease_owner")?,
+        lease_expires_at: row.get("lease_expires_at")?,
+    })
+}
+
+fn step_from_row(row: &Row<'_>) -> rusqlite::Result<StepRecord> {
+    Ok(StepRecord {
+        run_id: row.get("run_id")?,
+        step_id: row.get("step_id")?,
+        item: item_from_db(row.get("item")?),
+        status: parse_col(StepStatus::parse(&row.get::<_, String>("status")?))?,
+        attempt: opt_u32(row.get("attempt")?).unwrap_or(0),
+        state: json_col(row, "state")?,
+        output: json_col(row, "output")?,
+        error: row.get("error")?,
+        status_code: opt_u16(row.get("status_code")?),
+        started_at: row.get("started_at")?,
+        finished_at: row.get("finished_at")?,
+    })
+}
+
+const RUN_COLUMNS: &str = "id, workflow, version, trigger_payload, status, claims, strikes, \
+    last_error, not_before, replays, created_at, started_at, finished_at, updated_at, error, \
+    failed_step, failed_item, failed_attempt, failed_status_code, lease_owner, lease_expires_at";
+
+/// A journal row with its JSON already encoded, by the caller's thread: the
+/// writer thread only binds text, and no copy of a large output travels to
+/// it.
+#[derive(Debug)]
+pub(super) struct EncodedStep {
+    run_id: String,
+    step_id: String,
+    item: Option<u32>,
+    status: StepStatus,
+    attempt: u32,
+    state: Option<String>,
+    output: Option<String>,
+    error: Option<String>,
+    status_code: Option<u16>,
+    started_at: Millis,
+    finished_at: Option<Millis>,
+}
+
+impl EncodedStep {
+    fn new(r: &StepRecord) -> Result<Self, StoreError> {
+        let what = format!("the journal row of step `{}`", r.step_id);
+        Ok(Self {
+            run_id: r.run_id.clone(),
+            step_id: r.step_id.clone(),
+            item: r.item,
+            status: r.status,
+            attempt: r.attempt,
+            state: opt_json_text(r.state.as_ref(), &what)?,
+            output: opt_json_text(r.output.as_ref(), &what)?,
+            error: r.error.clone(),
+            status_code: r.status_code,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+        })
+    }
+}
+
+fn record_step(tx: &Transaction<'_>, owner: &str, r: &EncodedStep) -> Result<Done, StoreError> {
+    let (state, output) = (&r.state, &r.output);
+    let rows = tx
+        .prepare_cached(
+            "INSERT INTO steps (run_id, step_id, item, status, attempt, state, output, error, \
+             status_code, started_at, finished_at) \
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 \
+             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND lease_owner = ?12 AND status = 'running') \
+             ON CONFLICT (run_id, step_id, item) DO UPDATE SET \
+             status = excluded.status, attempt = excluded.attempt, \
+             state = COALESCE(excluded.state, steps.state), output = excluded.output, \
+             error = excluded.error, status_code = excluded.status_code, \
+             started_at = excluded.started_at, finished_at = excluded.finished_at",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                r.run_id,
+                r.step_id,
+                item_to_db(r.item),
+                r.status.as_str(),
+                i64::from(r.attempt),
+                state,
+                output,
+                r.error,
+                r.status_code.map(i64::from),
+                r.started_at,
+                r.finished_at,
+                owner,
+            ])
+        })
+        .map_err(map_err)?;
+    fenced(rows, &r.run_id)
+}
+
+fn fenced(rows: usize, run_id: &str) -> Result<Done, StoreError> {
+    if rows == 0 {
+        Err(StoreError::LeaseLost {
+            run_id: run_id.to_owned(),
+        })
+    } else {
+        Ok(Done::Rows(rows))
+    }
+}
+
+pub(super) fn insert_run(tx: &Transaction<'_>, run: &NewRun) -> Result<(), StoreError> {
+    let now = now_ms();
+    let trigger = to_json_text(&run.trigger, "the trigger document")?;
+    // A run created leased (a foreground `plumb run`) is claim number 1.
+    let (status, owner, expires, ttl, started, claims) = match &run.lease {
+        Some(l) => (
+            RunStatus::Running,
+            Some(ClaimToken::new(&l.owner, 1).to_string()),
+            Some(now.saturating_add(l.ttl_ms)),
+            Some(l.ttl_ms),
+            Some(now),
+            1_i64,
+        ),
+        None => (RunStatus::Queued, None, None, None, None, 0),
+    };
+    tx.prepare_cached(
+        "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, strikes, \
+         heartbeat, created_at, started_at, updated_at, lease_owner, lease_expires_at, lease_ms, \
+         max_concurrency) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?7, ?8, ?7, ?9, ?10, ?11, ?12)",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            run.id,
+            run.workflow,
+            run.version,
+            trigger,
+            status.as_str(),
+            claims,
+            now,
+            started,
+            owner,
+            expires,
+            ttl,
+            run.max_concurrency.map(i64::from),
+        ])
+    })
+    .map_err(map_err)?;
+    Ok(())
+}
+
+fn select_run(conn: &Connection, id: &str) -> Result<Option<Run>, StoreError> {
+    conn.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))
+        .and_then(|mut st| st.query_row(params![id], run_from_row).optional())
+        .map_err(map_err)
+}
+
+fn claim(
+    tx: &Transaction<'_>,
+    id: &str,
+    lease: &Lease,
+    steal_from: Option<(&str, i64)>,
+) -> Result<Claim, StoreError> {
+    /// The lease columns of the run being claimed.
+    struct Current {
+        status: String,
+        claims: i64,
+        holder: Option<String>,
+        heartbeat: i64,
+        expires_at: Option<i64>,
+        ttl_ms: Option<i64>,
+    }
+    let current: Option<Current> = tx
+        .prepare_cached(
+            "SELECT status, claims, lease_owner, heartbeat, lease_expires_at, lease_ms \
+             FROM runs WHERE id = ?1",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![id], |r| {
+                Ok(Current {
+                    status: r.get(0)?,
+                    claims: r.get(1)?,
+                    holder: r.get(2)?,
+                    heartbeat: r.get(3)?,
+                    expires_at: r.get(4)?,
+                    ttl_ms: r.get(5)?,
+                })
+            })
+            .optional()
+        })
+        .map_err(map_err)?;
+    let Some(current) = current else {
+        return Ok(Claim::NotFound);
+    };
+    let status = RunStatus::parse(&current.status)?;
+    if status.is_terminal() {
+        return Ok(Claim::Ended(status));
+    }
+    if let Some(holder) = current.holder
+        && steal_from != Some((holder.as_str(), current.heartbeat))
+    {
+        return Ok(Claim::Busy {
+            owner: holder,
+            expires_at: current.expires_at.unwrap_or(0),
+            heartbeat: current.heartbeat,
+            ttl_ms: current.ttl_ms.unwrap_or(0),
+        });
+    }
+    let claims = current.claims;
+    take_lease(tx, id, claims, lease).map(|run| Claim::Claimed(Box::new(run)))
+}
+
+/// Gives `lease.owner` the run's next claim: a fresh token, a new heartbeat
+/// and a strike that a clean end or release takes back.
+fn take_lease(
+    tx: &Transaction<'_>,
+    id: &str,
+    claims: i64,
+    lease: &Lease,
+) -> Result<Run, StoreError> {
+    let now = now_ms();
+    let claim = u32::try_from(claims.saturating_add(1)).unwrap_or(u32::MAX);
+    let token = ClaimToken::new(&lease.owner, claim).to_string();
+    tx.prepare_cached(&format!(
+        "UPDATE runs SET status = 'running', claims = ?2, strikes = strikes + 1, \
+         heartbeat = heartbeat + 1, started_at = COALESCE(started_at, ?3), updated_at = ?3, \
+         lease_owner = ?4, lease_expires_at = ?5, lease_ms = ?6 \
+         WHERE id = ?1 RETURNING {RUN_COLUMNS}"
+    ))
+    .and_then(|mut st| {
+        st.query_row(
+            params![
+                id,
+                i64::from(claim),
+                now,
+                token,
+                now.saturating_add(lease.ttl_ms),
+                lease.ttl_ms
+            ],
+            run_from_row,
+        )
+    })
+    .map_err(map_err)
+}
+
+/// A claim candidate `r` whose workflow is under its concurrency limit: a
+/// run counts against it while anyone holds its lease.
+const UNDER_LIMIT: &str = "(r.max_concurrency IS NULL OR (SELECT count(*) FROM runs x \
+    WHERE x.workflow = r.workflow AND x.status = 'running' AND x.lease_owner IS NOT NULL) \
+    < r.max_concurrency)";
+
+fn claim_next(tx: &Transaction<'_>, lease: &Lease) -> Result<Option<Box<Run>>, StoreError> {
+    // Interrupted runs (running, lease released or expired, backoff over)
+    // first, then the queue, oldest first; skipping any workflow already at
+    // its concurrency limit. One statement per lane, so each walks its
+    // index and stops at the first match.
+    //
+    // A backoff is at most a minute (see the engine's crash backoff), so a
+    // `not_before` more than two minutes ahead was written by a clock that
+    // runs ahead of this one: it is ignored rather than obeyed, or that
+    // clock would park the run for as long as it is wrong.
+    let lanes = [
+        "r.status = 'running' AND r.lease_owner IS NULL \
+         AND (r.not_before IS NULL OR r.not_before <= ?1 OR r.not_before > ?1 + 120000)",
+        "r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= ?1 \
+         OR r.not_before > ?1 + 120000)",
+    ];
+    let now = now_ms();
+    for lane in lanes {
+        let sql = format!(
+            "SELECT r.id, r.claims FROM runs r WHERE {lane} AND {UNDER_LIMIT} \
+             ORDER BY r.created_at, r.id LIMIT 1"
+        );
+        let found: Option<(String, i64)> = tx
+            .prepare_cached(&sql)
+            .and_then(|mut st| {
+                st.query_row(params![now], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(map_err)?;
+        if let Some((id, claims)) = found {
+            return take_lease(tx, &id, claims, lease).map(|run| Some(Box::new(run)));
+        }
+    }
+    Ok(None)
+}
+
+fn finish(
+    tx: &Transaction<'_>,
+    id: &str,
+    owner: &str,
+    outcome: &RunOutcome,
+    alerts: &[NewAlert],
+) -> Result<Done, StoreError> {
+    let now: Millis = now_ms();
+    let (status, failure) = match outcome {
+        RunOutcome::Succeeded => (RunStatus::Succeeded, None),
+        RunOutcome::Failed(f) => (RunStatus::Failed, Some(f.clone())),
+        RunOutcome::Cancelled(why) => (
+            RunStatus::Cancelled,
+            Some(Failure {
+                message: why.clone(),
+                ..Failure::default()
+            }),
+        ),
+    };
+    let f = failure.unwrap_or_default();
+    let has_failure = !f.message.is_empty();
+    let workflow: Option<String> = tx
+        .prepare_cached(
+            "UPDATE runs SET status = ?3, finished_at = ?4, updated_at = ?4, \
+             error = ?5, failed_step = ?6, failed_item = ?7, failed_attempt = ?8, \
+             failed_status_code = ?9, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ?1 AND lease_owner = ?2 AND status = 'running' \
+             RETURNING workflow",
+        )
+        .and_then(|mut st| {
+            st.query_row(
+                params![
+                    id,
+                    owner,
+                    status.as_str(),
+                    now,
+                    has_failure.then_some(f.message.as_str()),
+                    f.step,
+                    f.item.map(i64::from),
+                    f.attempt.map(i64::from),
+                    f.status_code.map(i64::from),
+                ],
+                |row| row.get(0),
+            )
+            .optional()
+        })
+        .map_err(map_err)?;
+    let Some(workflow) = workflow else {
+        return Err(StoreError::LeaseLost {
+            run_id: id.to_owned(),
+        });
+    };
+    for alert in alerts {
+        let payload = to_json_text(&alert.payload, "an alert")?;
+        tx.prepare_cached(
+            "INSERT INTO alerts (id, run_id, workflow, channel, payload, status, attempts, \
+             next_attempt_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6)",
+        )
+        .and_then(|mut st| st.execute(params![alert.id, id, workflow, alert.channel, payload, now]))
+        .map_err(map_err)?;
+    }
+    Ok(Done::Unit)
+}
+
+fn cancel(tx: &Transaction<'_>, id: &str, reason: &str) -> Result<CancelResult, StoreError> {
+    let rows = tx
+        .prepare_cached(
+            "UPDATE runs SET status = 'cancelled', finished_at = ?2, updated_at = ?2, error = ?3, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ?1 AND status IN ('queued', 'running')",
+        )
+        .and_then(|mut st| st.execute(params![id, now_ms(), reason]))
+        .map_err(map_err)?;
+    if rows == 1 {
+        return Ok(CancelResult::Cancelled);
+    }
+    Ok(match select_run(tx, id)? {
+        None => CancelResult::NotFound,
+        Some(run) => CancelResult::AlreadyEnded(run.status),
+    })
+}
+
+fn replay(tx: &Transaction<'_>, id: &str) -> Result<ReplayResult, StoreError> {
+    let rows = tx
+        .prepare_cached(
+            "UPDATE runs SET status = 'queued', replays = replays + 1, updated_at = ?2, \
+             finished_at = NULL, error = NULL, failed_step = NULL, failed_item = NULL, \
+             failed_attempt = NULL, failed_status_code = NULL, lease_owner = NULL, \
+             lease_expires_at = NULL, strikes = 0, last_error = NULL, not_before = NULL \
+             WHERE id = ?1 AND status = 'failed'",
+        )
+        .and_then(|mut st| st.execute(params![id, now_ms()]))
+        .map_err(map_err)?;
+    if rows == 0 {
+        return Ok(match select_run(tx, id)? {
+            None => ReplayResult::NotFound,
+            Some(run) => ReplayResult::NotFailed(run.status),
+        });
+    }
+    // A failed `for_each` keeps its committed item list (so indices and
+    // keys stay the same) and becomes "in progress" again; every other
+    // failed row is removed so the step, or item, runs afresh. Succeeded
+    // rows stay: they are not run again.
+    tx.prepare_cached(
+        "UPDATE steps SET status = 'running', error = NULL, finished_at = NULL, output = NULL \
+         WHERE run_id = ?1 AND status = 'failed' AND item = -1 AND state IS NOT NULL",
+    )
+    .and_then(|mut st| st.execute(params![id]))
+    .map_err(map_err)?;
+    tx.prepare_cached("DELETE FROM steps WHERE run_id = ?1 AND status = 'failed'")
+        .and_then(|mut st| st.execute(params![id]))
+        .map_err(map_err)?;
+    Ok(ReplayResult::Replayed)
+}
+
+#[async_trait]
+impl RunStore for SqliteStore {
+    async fn put_workflow_version(&self, v: &WorkflowVersion) -> Result<(), StoreError> {
+        self.write(Write::PutVersion(v.clone())).await.map(|_| ())
+    }
+
+    async fn workflow_version(&self, hash: &str) -> Result<Option<WorkflowVersion>, StoreError> {
+        let hash = hash.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT hash, workflow, file, source, created_at FROM workflow_versions WHERE hash = ?1",
+            )
+            .and_then(|mut st| {
+                st.query_row(params![hash], |r| {
+                    Ok(WorkflowVersion {
+                        hash: r.get("hash")?,
+                        workflow: r.get("workflow")?,
+                        file: r.get("file")?,
+                        source: r.get("source")?,
+                        created_at: r.get("created_at")?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn create_run(&self, run: &NewRun) -> Result<(), StoreError> {
+        self.write(Write::CreateRun(run.clone())).await.map(|_| ())
+    }
+
+    async fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |conn| select_run(conn, &id)).await
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        let limit = if filter.limit == 0 { 50 } else { filter.limit };
+        let workflow = filter.workflow.clone();
+        let status = filter.status.map(RunStatus::as_str);
+        self.read(move |conn| {
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM runs \
+                 WHERE (?1 IS NULL OR workflow = ?1) AND (?2 IS NULL OR status = ?2) \
+                 ORDER BY created_at DESC, id DESC LIMIT ?3"
+                ),
+                params![workflow, status, i64::from(limit)],
+                run_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn run_ids_with_prefix(
+        &self,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        // Run ids are UUIDs: a prefix is hex digits and dashes, and every
+        // id starting with it sorts below the prefix followed by `~`.
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            return Ok(Vec::new());
+        }
+        let low = prefix.to_ascii_lowercase();
+        let high = format!("{low}~");
+        self.read(move |conn| {
+            query_all(
+                conn,
+                "SELECT id FROM runs WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3",
+                params![low, high, i64::from(limit)],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    async fn claim_run(
+        &self,
+        id: &str,
+        lease: &Lease,
+        steal_from: Option<(&str, i64)>,
+    ) -> Result<Claim, StoreError> {
+        match self
+            .write(Write::Claim {
+                id: id.to_owned(),
+                lease: lease.clone(),
+                steal_from: steal_from.map(|(h, b)| (h.to_owned(), b)),
+            })
+            .await?
+        {
+            Done::Claim(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn renew_lease(&self, id: &str, lease: &Lease) -> Result<bool, StoreError> {
+        match self
+            .write(Write::Renew {
+                id: id.to_owned(),
+                lease: lease.clone(),
+            })
+            .await?
+        {
+            Done::Rows(n) => Ok(n == 1),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn release_run(&self, id: &str, owner: &str, how: &Release) -> Result<(), StoreError> {
+        self.write(Write::Release {
+            id: id.to_owned(),
+            owner: owner.to_owned(),
+            how: how.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn journal(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError> {
+        let run_id = run_id.to_owned();
+        self.read(move |conn| {
+            query_all(conn, "SELECT run_id, step_id, item, status, attempt, state, output, error, status_code, \
+                 started_at, finished_at FROM steps WHERE run_id = ?1 ORDER BY started_at, step_id, item", params![run_id], step_from_row)
+        })
+        .await
+    }
+
+    async fn item_outputs(&self, run_id: &str, step_id: &str) -> Result<Vec<String>, StoreError> {
+        let (run_id, step_id) = (run_id.to_owned(), step_id.to_owned());
+        self.read(move |conn| {
+            let rows: Vec<(i64, Option<String>)> = query_all(
+                conn,
+                "SELECT item, output FROM steps WHERE run_id = ?1 AND step_id = ?2 AND item >= 0 \
+                 ORDER BY item",
+                params![run_id, step_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let len = rows
+                .last()
+                .and_then(|(i, _)| usize::try_from(*i).ok())
+                .map_or(0, |i| i + 1);
+            let mut out = vec!["null".to_owned(); len];
+            for (item, output) in rows {
+                if let (Ok(i), Some(text)) = (usize::try_from(item), output) {
+                    out[i] = text;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn record_step(&self, owner: &str, record: &StepRecord) -> Result<(), StoreError> {
+        self.write(Write::RecordStep {
+            owner: owner.to_owned(),
+            record: EncodedStep::new(record)?,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn record_attempt_failure(
+        &self,
+        owner: &str,
+        failure: &AttemptFailure,
+    ) -> Result<(), StoreError> {
+        self.write(Write::RecordAttempt {
+            owner: owner.to_owned(),
+            failure: failure.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn attempt_failures(&self, run_id: &str) -> Result<Vec<AttemptFailure>, StoreError> {
+        let run_id = run_id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT run_id, step_id, item, round, attempt, started_at, finished_at, status_code, \
+                 error, retryable FROM step_attempts WHERE run_id = ?1 \
+                 ORDER BY started_at, step_id, item, round, attempt",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![run_id], |r| {
+                    Ok(AttemptFailure {
+                        run_id: r.get("run_id")?,
+                        step_id: r.get("step_id")?,
+                        item: item_from_db(r.get("item")?),
+                        round: opt_u32(r.get("round")?).unwrap_or(0),
+                        attempt: opt_u32(r.get("attempt")?).unwrap_or(0),
+                        started_at: r.get("started_at")?,
+                        finished_at: r.get("finished_at")?,
+                        status_code: opt_u16(r.get("status_code")?),
+                        error: r.get("error")?,
+                        retryable: r.get("retryable")?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn finish_run(
+        &self,
+        id: &str,
+        owner: &str,
+        outcome: &RunOutcome,
+        last_step: Option<&StepRecord>,
+        alerts: &[NewAlert],
+    ) -> Result<(), StoreError> {
+        self.write(Write::Finish {
+            id: id.to_owned(),
+            owner: owner.to_owned(),
+            outcome: outcome.clone(),
+            last_step: last_step.map(EncodedStep::new).transpose()?,
+            alerts: alerts.to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn claim_next(&self, lease: &Lease) -> Result<Option<Run>, StoreError> {
+        match self.write(Write::ClaimNext(lease.clone())).await? {
+            Done::MaybeRun(r) => Ok(r.map(|b| *b)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn leased_runs(&self) -> Result<Vec<LeasedRun>, StoreError> {
+        self.read(|conn| {
+            query_all(
+                conn,
+                "SELECT id, lease_owner, heartbeat, lease_ms, strikes FROM runs \
+                 WHERE status = 'running' AND lease_owner IS NOT NULL",
+                [],
+                |r| {
+                    Ok(LeasedRun {
+                        id: r.get(0)?,
+                        holder: r.get(1)?,
+                        heartbeat: r.get(2)?,
+                        ttl_ms: r.get::<_, Option<i64>>(3)?.unwrap_or(30_000),
+                        strikes: opt_u32(r.get(4)?).unwrap_or(0),
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn expire_lease(
+        &self,
+        seen: &LeasedRun,
+        reason: &str,
+        not_before: Millis,
+    ) -> Result<bool, StoreError> {
+        match self
+            .write(Write::Expire {
+                seen: seen.clone(),
+                reason: reason.to_owned(),
+                not_before,
+            })
+            .await?
+        {
+            Done::Rows(n) => Ok(n == 1),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn cancel_run(
+        &self,
+        id: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<CancelResult, StoreError> {
+        match self
+            .write(Write::Cancel {
+                id: id.to_owned(),
+                reason: reason.to_owned(),
+                actor: actor.to_owned(),
+            })
+            .await?
+        {
+            Done::Cancel(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn replay_run(&self, id: &str, actor: &str) -> Result<ReplayResult, StoreError> {
+        match self
+            .write(Write::Replay {
+                id: id.to_owned(),
+                actor: actor.to_owned(),
+            })
+            .await?
+        {
+            Done::Replay(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn workflow_stats(&self) -> Result<Vec<WorkflowStats>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT workflow, \
+                   sum(status = 'queued'), sum(status = 'running'), sum(status = 'failed'), \
+                   max(CASE WHEN status = 'succeeded' THEN finished_at END), \
+                   max(CASE WHEN status = 'failed' THEN finished_at END) \
+                 FROM runs GROUP BY workflow ORDER BY workflow",
+            )
+            .and_then(|mut st| {
+                st.query_map([], |r| {
+                    let count = |i: usize| -> rusqlite::Result<u64> {
+                        Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
+                    };
+                    Ok(WorkflowStats {
+                        workflow: r.get(0)?,
+                        queued: count(1)?,
+                        running: count(2)?,
+                        dead_letters: count(3)?,
+                        last_success_at: r.get(4)?,
+                        last_failure_at: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn open_counts(&self) -> Result<Vec<WorkflowStats>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT workflow, status, count(*) FROM runs \
+                 WHERE status IN ('queued', 'running', 'failed') GROUP BY workflow, status",
+            )
+            .and_then(|mut st| {
+                let mut out: Vec<WorkflowStats> = Vec::new();
+                let rows = st.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (workflow, status, n) = row?;
+                    let n = u64::try_from(n).unwrap_or(0);
+                    let i = match out.iter().position(|s| s.workflow == workflow) {
+                        Some(i) => i,
+                        None => {
+                            out.push(WorkflowStats {
+                                workflow,
+                                ..WorkflowStats::default()
+                            });
+                            out.len() - 1
+                        }
+                    };
+                    match status.as_str() {
+                        "queued" => out[i].queued = n,
+                        "running" => out[i].running = n,
+                        _ => out[i].dead_letters = n,
+                    }
+                }
+                Ok(out)
+            })
+            .map_err(map_err)
+        })
+        .await
+    }
+}
