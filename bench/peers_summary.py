@@ -28,6 +28,7 @@ def main(paths):
     p99 = defaultdict(list)   # (system, c) -> sender p99 ms
     dups = defaultdict(int)
     w5 = defaultdict(list)    # (system, figure) -> value
+    w1 = defaultdict(list)    # (load, figure) -> value (plumb only)
     for path in paths:
         for line in open(path):
             if not line.strip():
@@ -38,6 +39,16 @@ def main(paths):
                 w6[key].append(completed(r))
                 p99[key].append(r["wrk"]["p99_ms"])
                 dups[r["system"]] += r["sink"]["duplicate_deliveries"]
+            elif r["bench"] == "W1":
+                load = f"{r['target_rps']:>6}/s offered"
+                w1[(load, "achieved/s")].append(r["rps"])
+                w1[(load, "p50 ms")].append(r["p50_ms"])
+                w1[(load, "p99 ms")].append(r["p99_ms"])
+            elif r["bench"] == "W1max":
+                wrk = r["wrk"]
+                w1[("closed loop c=64", "achieved/s")].append(wrk["rps"])
+                w1[("closed loop c=64", "p50 ms")].append(wrk["p50_ms"])
+                w1[("closed loop c=64", "p99 ms")].append(wrk["p99_ms"])
             elif r["bench"] == "W5":
                 start = r.get("start_to_ready_ms", r.get("start_to_first_200_ms"))
                 w5[(r["system"], "start (ms)")].append(start)
@@ -67,6 +78,13 @@ def main(paths):
                 cells.append(f"{s} {m:.2f} ({lo:.2f}-{hi:.2f})")
         print(f"  c={c:<3} " + " | ".join(cells))
     print("duplicate deliveries, all rounds: " + ", ".join(f"{s} {dups[s]}" for s in systems if s in dups))
+    print("W1 (plumb), median (min-max)")
+    for load in sorted({load for (load, _) in w1}):
+        cells = []
+        for fig in ["achieved/s", "p50 ms", "p99 ms"]:
+            m, lo, hi, _ = med(w1[(load, fig)])
+            cells.append(f"{fig} {m:,.1f} ({lo:,.1f}-{hi:,.1f})")
+        print(f"  {load:<18} " + " | ".join(cells))
     print("W5")
     for (s, fig), xs in sorted(w5.items()):
         m, lo, hi, _ = med(xs)
