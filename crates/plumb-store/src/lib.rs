@@ -32,11 +32,14 @@ use async_trait::async_trait;
 pub mod alerts;
 pub mod audit;
 pub mod deployments;
+mod json;
 pub mod lease;
+mod rows;
 pub mod runs;
 pub mod schedules;
 pub mod secrets;
 pub mod sqlite;
+mod writes;
 
 pub use alerts::{Alert, AlertAttempt, AlertStatus, AlertStore, NewAlert};
 pub use audit::{AuditEntry, AuditProblem, AuditStore, NewAuditEntry};

@@ -6,7 +6,8 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::audit::append_audit;
 use super::{Done, Op, SqliteStore, map_err, unexpected};
-use crate::{Deployed, DeploymentStore, NewAuditEntry, StoreError, now_ms};
+use crate::writes::{DeployChange, plan_deployment};
+use crate::{Deployed, DeploymentStore, StoreError, now_ms};
 
 /// A write of this module, as handed to the writer thread.
 #[derive(Debug)]
@@ -39,56 +40,27 @@ fn record_deployment(
                 .collect::<Result<_, _>>()
         })
         .map_err(map_err)?;
-    let mut changed = Vec::new();
     let now = now_ms();
-    for item in items {
-        let before = recorded
-            .iter()
-            .find(|(k, n, _)| *k == item.kind && *n == item.name)
-            .map(|(_, _, v)| v.as_str());
-        if before == Some(item.version.as_str()) {
-            continue;
+    let mut changed = Vec::new();
+    for (change, entry, label) in plan_deployment(&recorded, items, actor) {
+        match change {
+            DeployChange::Upsert(item) => tx
+                .prepare_cached(
+                    "INSERT INTO deployments (kind, name, version, file, deployed_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (kind, name) DO UPDATE SET \
+                     version = excluded.version, file = excluded.file, \
+                     deployed_at = excluded.deployed_at",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![item.kind, item.name, item.version, item.file, now])
+                }),
+            DeployChange::Remove(kind, name) => tx
+                .prepare_cached("DELETE FROM deployments WHERE kind = ?1 AND name = ?2")
+                .and_then(|mut st| st.execute(params![kind, name])),
         }
-        tx.prepare_cached(
-            "INSERT INTO deployments (kind, name, version, file, deployed_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-             ON CONFLICT (kind, name) DO UPDATE SET version = excluded.version, file = excluded.file, \
-             deployed_at = excluded.deployed_at",
-        )
-        .and_then(|mut st| st.execute(params![item.kind, item.name, item.version, item.file, now]))
         .map_err(map_err)?;
-        let action = match item.kind.as_str() {
-            "config" => "config.changed",
-            "connection" => "connection.changed",
-            _ => "workflow.deployed",
-        };
-        append_audit(
-            tx,
-            &NewAuditEntry::new(
-                actor,
-                action,
-                &item.name,
-                serde_json::json!({ "file": item.file, "version": item.version, "previous": before }),
-            ),
-        )?;
-        changed.push(format!("{}:{}", item.kind, item.name));
-    }
-    for (kind, name, version) in &recorded {
-        if kind == "config" || items.iter().any(|i| i.kind == *kind && i.name == *name) {
-            continue;
-        }
-        tx.prepare_cached("DELETE FROM deployments WHERE kind = ?1 AND name = ?2")
-            .and_then(|mut st| st.execute(params![kind, name]))
-            .map_err(map_err)?;
-        append_audit(
-            tx,
-            &NewAuditEntry::new(
-                actor,
-                &format!("{kind}.removed"),
-                name,
-                serde_json::json!({ "previous": version }),
-            ),
-        )?;
-        changed.push(format!("{kind}:{name}"));
+        append_audit(tx, &entry)?;
+        changed.push(label);
     }
     Ok(changed)
 }

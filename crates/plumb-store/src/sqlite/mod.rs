@@ -45,9 +45,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::types::Type;
 use rusqlite::{Connection, ErrorCode, OpenFlags, Row, Transaction, TransactionBehavior, params};
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::writes::{DEADLINE_GRACE, DEADLINE_MISSED, WITHDRAWN};
 use crate::{CancelResult, Claim, ReplayResult, Run, SecretWriteResult, Store, StoreError, now_ms};
 
 mod alerts;
@@ -306,7 +306,7 @@ impl SqliteStore {
         // the channel is closed first and the writer — finding nobody to
         // tell — withdraws the run if its commit lands after all. An answer
         // that raced the close is still taken, never dropped.
-        let grace = deadline + Duration::from_millis(250);
+        let grace = deadline + DEADLINE_GRACE;
         match tokio::time::timeout_at(grace.into(), &mut rx).await {
             Ok(answer) => {
                 answer.map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))?
@@ -315,9 +315,7 @@ impl SqliteStore {
                 rx.close();
                 match rx.try_recv() {
                     Ok(answer) => answer,
-                    Err(_) => Err(StoreError::Unavailable(
-                        "the store could not commit before the deadline".into(),
-                    )),
+                    Err(_) => Err(StoreError::Unavailable(DEADLINE_MISSED.into())),
                 }
             }
         }
@@ -425,10 +423,9 @@ fn commit_jobs(conn: &mut Connection, batch: &mut Vec<Job>, withdraw: &mut Vec<S
         let withdrawn = tx
             .prepare_cached(
                 "UPDATE runs SET status = 'cancelled', finished_at = ?2, updated_at = ?2, \
-                 error = 'withdrawn: its sender was told it was not accepted (the store did not commit in time), so it will send it again' \
-                 WHERE id = ?1 AND status = 'queued'",
+                 error = ?3 WHERE id = ?1 AND status = 'queued'",
             )
-            .and_then(|mut st| st.execute(params![id, now_ms()]));
+            .and_then(|mut st| st.execute(params![id, now_ms(), WITHDRAWN]));
         if let Err(e) = withdrawn {
             fatal = Some(map_err(e));
             break;
@@ -446,9 +443,7 @@ fn commit_jobs(conn: &mut Connection, batch: &mut Vec<Job>, withdraw: &mut Vec<S
             .deadline()
             .is_some_and(|d| std::time::Instant::now() > d);
         if job.reply.is_closed() || expired {
-            results.push(Err(StoreError::Unavailable(
-                "the store could not commit before the deadline".into(),
-            )));
+            results.push(Err(StoreError::Unavailable(DEADLINE_MISSED.into())));
             continue;
         }
         // Each write in its own savepoint: one that fails is undone whole
@@ -548,82 +543,38 @@ fn map_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
-/// Deepest nesting the store writes. serde_json reads back at most 127
-/// levels; what enters plumb is held to [`plumb_core::limits::MAX_DEPTH`]
-/// (64), plus the few levels plumb wraps around it. This is the last line
-/// of defence: a record that would not read back is refused, not stored.
-const MAX_STORED_DEPTH: usize = 120;
+impl crate::rows::Columns for Row<'_> {
+    type Error = rusqlite::Error;
 
-/// Largest JSON text stored in one column (SQLite refuses rows over 1 GB;
-/// what enters plumb is held to far less).
-const MAX_STORED_BYTES: usize = 256 * 1024 * 1024;
-
-/// A JSON value as stored, once it is known to read back.
-fn to_json_text(v: &Value, what: &str) -> Result<String, StoreError> {
-    let m = plumb_core::limits::measure(v, MAX_STORED_DEPTH, MAX_STORED_BYTES);
-    if m.depth > MAX_STORED_DEPTH {
-        return Err(StoreError::Rejected(format!(
-            "{what} nests more than {MAX_STORED_DEPTH} levels deep and would not read back"
-        )));
+    fn text(&self, col: &str) -> rusqlite::Result<String> {
+        self.get(col)
     }
-    let text = v.to_string();
-    if text.len() > MAX_STORED_BYTES {
-        return Err(StoreError::Rejected(format!(
-            "{what} is larger than {} as JSON",
-            plumb_core::limits::human_bytes(MAX_STORED_BYTES)
-        )));
+
+    fn opt_text(&self, col: &str) -> rusqlite::Result<Option<String>> {
+        self.get(col)
     }
-    Ok(text)
+
+    fn int(&self, col: &str) -> rusqlite::Result<i64> {
+        self.get(col)
+    }
+
+    fn opt_int(&self, col: &str) -> rusqlite::Result<Option<i64>> {
+        self.get(col)
+    }
+
+    fn flag(&self, col: &str) -> rusqlite::Result<bool> {
+        self.get(col)
+    }
+
+    fn bytes(&self, col: &str) -> rusqlite::Result<Vec<u8>> {
+        self.get(col)
+    }
+
+    fn invalid(e: StoreError) -> rusqlite::Error {
+        rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e))
+    }
 }
 
-fn opt_json_text(v: Option<&Value>, what: &str) -> Result<Option<String>, StoreError> {
-    v.map(|v| to_json_text(v, what)).transpose()
-}
-
-/// A JSON column that does not decode names the column and why.
-#[derive(Debug, thiserror::Error)]
-#[error("column `{column}` holds JSON that cannot be read: {error}")]
-struct BadJson {
-    column: String,
-    error: serde_json::Error,
-}
-
-fn json_col(row: &Row<'_>, col: &str) -> rusqlite::Result<Option<Value>> {
-    let text: Option<String> = row.get(col)?;
-    text.map(|t| {
-        serde_json::from_str(&t).map_err(|error| {
-            rusqlite::Error::FromSqlConversionFailure(
-                0,
-                Type::Text,
-                Box::new(BadJson {
-                    column: col.to_owned(),
-                    error,
-                }),
-            )
-        })
-    })
-    .transpose()
-}
-
-fn item_to_db(item: Option<u32>) -> i64 {
-    item.map_or(-1, i64::from)
-}
-
-fn item_from_db(item: i64) -> Option<u32> {
-    u32::try_from(item).ok()
-}
-
-fn opt_u16(v: Option<i64>) -> Option<u16> {
-    v.and_then(|v| u16::try_from(v).ok())
-}
-
-fn opt_u32(v: Option<i64>) -> Option<u32> {
-    v.and_then(|v| u32::try_from(v).ok())
-}
-
-fn parse_col<T>(r: Result<T, StoreError>) -> rusqlite::Result<T> {
-    r.map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, Type::Text, Box::new(e)))
-}
 /// Every row of a cached query, mapped.
 fn query_all<T, P, F>(conn: &Connection, sql: &str, params: P, map: F) -> Result<Vec<T>, StoreError>
 where

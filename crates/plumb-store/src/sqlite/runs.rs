@@ -2,18 +2,20 @@
 //! [`RunStore`](crate::RunStore).
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
-use serde_json::Value;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::audit::append_audit;
-use super::{
-    Done, Op, SqliteStore, item_from_db, item_to_db, json_col, map_err, opt_json_text, opt_u16,
-    opt_u32, parse_col, query_all, to_json_text, unexpected,
+use super::{Done, Op, SqliteStore, map_err, query_all, unexpected};
+use crate::json::to_json_text;
+use crate::rows::{self, ATTEMPT_COLUMNS, RUN_COLUMNS, STEP_COLUMNS, item_to_db};
+use crate::writes::{
+    ClaimStep, EncodedStep, Ending, LEASE_STATE_COLUMNS, LeaseState, NewRunRow, NextLease,
+    decide_claim, entries,
 };
 use crate::{
-    AttemptFailure, CancelResult, Claim, ClaimToken, Failure, Lease, LeasedRun, Millis, NewAlert,
-    NewAuditEntry, NewRun, Release, ReplayResult, Run, RunFilter, RunOutcome, RunStatus, RunStore,
-    StepRecord, StepStatus, StoreError, WorkflowStats, WorkflowVersion, now_ms,
+    AttemptFailure, CancelResult, Claim, Lease, LeasedRun, Millis, NewAlert, NewRun, Release,
+    ReplayResult, Run, RunFilter, RunOutcome, RunStatus, RunStore, StepRecord, StoreError,
+    WorkflowStats, WorkflowVersion, now_ms,
 };
 
 /// A write of this module, as handed to the writer thread.
@@ -206,128 +208,17 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
         Write::Cancel { id, reason, actor } => {
             let result = cancel(tx, id, reason)?;
             if result == CancelResult::Cancelled {
-                append_audit(
-                    tx,
-                    &NewAuditEntry::new(
-                        actor,
-                        "run.cancelled",
-                        id,
-                        serde_json::json!({ "reason": reason }),
-                    ),
-                )?;
+                append_audit(tx, &entries::run_cancelled(actor, id, reason))?;
             }
             Ok(Done::Cancel(result))
         }
         Write::Replay { id, actor } => {
             let result = replay(tx, id)?;
             if result == ReplayResult::Replayed {
-                append_audit(
-                    tx,
-                    &NewAuditEntry::new(actor, "run.replayed", id, serde_json::json!({})),
-                )?;
+                append_audit(tx, &entries::run_replayed(actor, id))?;
             }
             Ok(Done::Replay(result))
         }
-    }
-}
-
-fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
-    let status = parse_col(RunStatus::parse(&row.get::<_, String>("status")?))?;
-    let error: Option<String> = row.get("error")?;
-    // A trigger document that does not decode must not stop a claim or a
-    // listing: the run is returned with the reason, and fails on its own.
-    let (trigger, unreadable) = match json_col(row, "trigger_payload") {
-        Ok(t) => (t.unwrap_or(Value::Null), None),
-        Err(e) => (
-            Value::Null,
-            Some(format!("its trigger document cannot be read ({e})")),
-        ),
-    };
-    Ok(Run {
-        id: row.get("id")?,
-        workflow: row.get("workflow")?,
-        version: row.get("version")?,
-        trigger,
-        status,
-        claims: opt_u32(row.get("claims")?).unwrap_or(0),
-        strikes: opt_u32(row.get("strikes")?).unwrap_or(0),
-        last_error: row.get("last_error")?,
-        not_before: row.get("not_before")?,
-        unreadable,
-        replays: opt_u32(row.get("replays")?).unwrap_or(0),
-        created_at: row.get("created_at")?,
-        started_at: row.get("started_at")?,
-        finished_at: row.get("finished_at")?,
-        updated_at: row.get("updated_at")?,
-        failure: match error {
-            Some(message) => Some(Failure {
-                message,
-                step: row.get("failed_step")?,
-                item: opt_u32(row.get("failed_item")?),
-                attempt: opt_u32(row.get("failed_attempt")?),
-                status_code: opt_u16(row.get("failed_status_code")?),
-            }),
-            None => None,
-        },
-        lease_owner: row.get("lease_owner")?,
-        lease_expires_at: row.get("lease_expires_at")?,
-    })
-}
-
-fn step_from_row(row: &Row<'_>) -> rusqlite::Result<StepRecord> {
-    Ok(StepRecord {
-        run_id: row.get("run_id")?,
-        step_id: row.get("step_id")?,
-        item: item_from_db(row.get("item")?),
-        status: parse_col(StepStatus::parse(&row.get::<_, String>("status")?))?,
-        attempt: opt_u32(row.get("attempt")?).unwrap_or(0),
-        state: json_col(row, "state")?,
-        output: json_col(row, "output")?,
-        error: row.get("error")?,
-        status_code: opt_u16(row.get("status_code")?),
-        started_at: row.get("started_at")?,
-        finished_at: row.get("finished_at")?,
-    })
-}
-
-const RUN_COLUMNS: &str = "id, workflow, version, trigger_payload, status, claims, strikes, \
-    last_error, not_before, replays, created_at, started_at, finished_at, updated_at, error, \
-    failed_step, failed_item, failed_attempt, failed_status_code, lease_owner, lease_expires_at";
-
-/// A journal row with its JSON already encoded, by the caller's thread: the
-/// writer thread only binds text, and no copy of a large output travels to
-/// it.
-#[derive(Debug)]
-pub(super) struct EncodedStep {
-    run_id: String,
-    step_id: String,
-    item: Option<u32>,
-    status: StepStatus,
-    attempt: u32,
-    state: Option<String>,
-    output: Option<String>,
-    error: Option<String>,
-    status_code: Option<u16>,
-    started_at: Millis,
-    finished_at: Option<Millis>,
-}
-
-impl EncodedStep {
-    fn new(r: &StepRecord) -> Result<Self, StoreError> {
-        let what = format!("the journal row of step `{}`", r.step_id);
-        Ok(Self {
-            run_id: r.run_id.clone(),
-            step_id: r.step_id.clone(),
-            item: r.item,
-            status: r.status,
-            attempt: r.attempt,
-            state: opt_json_text(r.state.as_ref(), &what)?,
-            output: opt_json_text(r.output.as_ref(), &what)?,
-            error: r.error.clone(),
-            status_code: r.status_code,
-            started_at: r.started_at,
-            finished_at: r.finished_at,
-        })
     }
 }
 
@@ -376,20 +267,7 @@ fn fenced(rows: usize, run_id: &str) -> Result<Done, StoreError> {
 }
 
 pub(super) fn insert_run(tx: &Transaction<'_>, run: &NewRun) -> Result<(), StoreError> {
-    let now = now_ms();
-    let trigger = to_json_text(&run.trigger, "the trigger document")?;
-    // A run created leased (a foreground `plumb run`) is claim number 1.
-    let (status, owner, expires, ttl, started, claims) = match &run.lease {
-        Some(l) => (
-            RunStatus::Running,
-            Some(ClaimToken::new(&l.owner, 1).to_string()),
-            Some(now.saturating_add(l.ttl_ms)),
-            Some(l.ttl_ms),
-            Some(now),
-            1_i64,
-        ),
-        None => (RunStatus::Queued, None, None, None, None, 0),
-    };
+    let row = NewRunRow::new(run)?;
     tx.prepare_cached(
         "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, strikes, \
          heartbeat, created_at, started_at, updated_at, lease_owner, lease_expires_at, lease_ms, \
@@ -401,15 +279,15 @@ pub(super) fn insert_run(tx: &Transaction<'_>, run: &NewRun) -> Result<(), Store
             run.id,
             run.workflow,
             run.version,
-            trigger,
-            status.as_str(),
-            claims,
-            now,
-            started,
-            owner,
-            expires,
-            ttl,
-            run.max_concurrency.map(i64::from),
+            row.trigger,
+            row.status.as_str(),
+            row.claims,
+            row.now,
+            row.started_at,
+            row.lease_owner,
+            row.lease_expires_at,
+            row.lease_ms,
+            row.max_concurrency,
         ])
     })
     .map_err(map_err)?;
@@ -418,7 +296,7 @@ pub(super) fn insert_run(tx: &Transaction<'_>, run: &NewRun) -> Result<(), Store
 
 fn select_run(conn: &Connection, id: &str) -> Result<Option<Run>, StoreError> {
     conn.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))
-        .and_then(|mut st| st.query_row(params![id], run_from_row).optional())
+        .and_then(|mut st| st.query_row(params![id], |r| rows::run(r)).optional())
         .map_err(map_err)
 }
 
@@ -428,53 +306,21 @@ fn claim(
     lease: &Lease,
     steal_from: Option<(&str, i64)>,
 ) -> Result<Claim, StoreError> {
-    /// The lease columns of the run being claimed.
-    struct Current {
-        status: String,
-        claims: i64,
-        holder: Option<String>,
-        heartbeat: i64,
-        expires_at: Option<i64>,
-        ttl_ms: Option<i64>,
-    }
-    let current: Option<Current> = tx
-        .prepare_cached(
-            "SELECT status, claims, lease_owner, heartbeat, lease_expires_at, lease_ms \
-             FROM runs WHERE id = ?1",
-        )
+    let current: Option<LeaseState> = tx
+        .prepare_cached(&format!(
+            "SELECT {LEASE_STATE_COLUMNS} FROM runs WHERE id = ?1"
+        ))
         .and_then(|mut st| {
-            st.query_row(params![id], |r| {
-                Ok(Current {
-                    status: r.get(0)?,
-                    claims: r.get(1)?,
-                    holder: r.get(2)?,
-                    heartbeat: r.get(3)?,
-                    expires_at: r.get(4)?,
-                    ttl_ms: r.get(5)?,
-                })
-            })
-            .optional()
+            st.query_row(params![id], |r| LeaseState::read(r))
+                .optional()
         })
         .map_err(map_err)?;
-    let Some(current) = current else {
-        return Ok(Claim::NotFound);
-    };
-    let status = RunStatus::parse(&current.status)?;
-    if status.is_terminal() {
-        return Ok(Claim::Ended(status));
+    match decide_claim(current, steal_from)? {
+        ClaimStep::Answer(answer) => Ok(answer),
+        ClaimStep::Take(claims) => {
+            take_lease(tx, id, claims, lease).map(|run| Claim::Claimed(Box::new(run)))
+        }
     }
-    if let Some(holder) = current.holder
-        && steal_from != Some((holder.as_str(), current.heartbeat))
-    {
-        return Ok(Claim::Busy {
-            owner: holder,
-            expires_at: current.expires_at.unwrap_or(0),
-            heartbeat: current.heartbeat,
-            ttl_ms: current.ttl_ms.unwrap_or(0),
-        });
-    }
-    let claims = current.claims;
-    take_lease(tx, id, claims, lease).map(|run| Claim::Claimed(Box::new(run)))
 }
 
 /// Gives `lease.owner` the run's next claim: a fresh token, a new heartbeat
@@ -485,9 +331,7 @@ fn take_lease(
     claims: i64,
     lease: &Lease,
 ) -> Result<Run, StoreError> {
-    let now = now_ms();
-    let claim = u32::try_from(claims.saturating_add(1)).unwrap_or(u32::MAX);
-    let token = ClaimToken::new(&lease.owner, claim).to_string();
+    let next = NextLease::new(claims, lease);
     tx.prepare_cached(&format!(
         "UPDATE runs SET status = 'running', claims = ?2, strikes = strikes + 1, \
          heartbeat = heartbeat + 1, started_at = COALESCE(started_at, ?3), updated_at = ?3, \
@@ -498,13 +342,13 @@ fn take_lease(
         st.query_row(
             params![
                 id,
-                i64::from(claim),
-                now,
-                token,
-                now.saturating_add(lease.ttl_ms),
-                lease.ttl_ms
+                next.claim,
+                next.now,
+                next.token,
+                next.expires_at,
+                next.ttl_ms
             ],
-            run_from_row,
+            |r| rows::run(r),
         )
     })
     .map_err(map_err)
@@ -559,20 +403,8 @@ fn finish(
     outcome: &RunOutcome,
     alerts: &[NewAlert],
 ) -> Result<Done, StoreError> {
-    let now: Millis = now_ms();
-    let (status, failure) = match outcome {
-        RunOutcome::Succeeded => (RunStatus::Succeeded, None),
-        RunOutcome::Failed(f) => (RunStatus::Failed, Some(f.clone())),
-        RunOutcome::Cancelled(why) => (
-            RunStatus::Cancelled,
-            Some(Failure {
-                message: why.clone(),
-                ..Failure::default()
-            }),
-        ),
-    };
-    let f = failure.unwrap_or_default();
-    let has_failure = !f.message.is_empty();
+    let end = Ending::new(outcome);
+    let (item, attempt, status_code) = end.numbers();
     let workflow: Option<String> = tx
         .prepare_cached(
             "UPDATE runs SET status = ?3, finished_at = ?4, updated_at = ?4, \
@@ -586,13 +418,13 @@ fn finish(
                 params![
                     id,
                     owner,
-                    status.as_str(),
-                    now,
-                    has_failure.then_some(f.message.as_str()),
-                    f.step,
-                    f.item.map(i64::from),
-                    f.attempt.map(i64::from),
-                    f.status_code.map(i64::from),
+                    end.status.as_str(),
+                    end.now,
+                    end.error,
+                    end.failure.step,
+                    item,
+                    attempt,
+                    status_code,
                 ],
                 |row| row.get(0),
             )
@@ -610,7 +442,16 @@ fn finish(
             "INSERT INTO alerts (id, run_id, workflow, channel, payload, status, attempts, \
              next_attempt_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, ?6)",
         )
-        .and_then(|mut st| st.execute(params![alert.id, id, workflow, alert.channel, payload, now]))
+        .and_then(|mut st| {
+            st.execute(params![
+                alert.id,
+                id,
+                workflow,
+                alert.channel,
+                payload,
+                end.now
+            ])
+        })
         .map_err(map_err)?;
     }
     Ok(Done::Unit)
@@ -680,16 +521,8 @@ impl RunStore for SqliteStore {
                 "SELECT hash, workflow, file, source, created_at FROM workflow_versions WHERE hash = ?1",
             )
             .and_then(|mut st| {
-                st.query_row(params![hash], |r| {
-                    Ok(WorkflowVersion {
-                        hash: r.get("hash")?,
-                        workflow: r.get("workflow")?,
-                        file: r.get("file")?,
-                        source: r.get("source")?,
-                        created_at: r.get("created_at")?,
-                    })
-                })
-                .optional()
+                st.query_row(params![hash], |r| rows::workflow_version(r))
+                    .optional()
             })
             .map_err(map_err)
         })
@@ -718,7 +551,7 @@ impl RunStore for SqliteStore {
                  ORDER BY created_at DESC, id DESC LIMIT ?3"
                 ),
                 params![workflow, status, i64::from(limit)],
-                run_from_row,
+                |r| rows::run(r),
             )
         })
         .await
@@ -792,8 +625,15 @@ impl RunStore for SqliteStore {
     async fn journal(&self, run_id: &str) -> Result<Vec<StepRecord>, StoreError> {
         let run_id = run_id.to_owned();
         self.read(move |conn| {
-            query_all(conn, "SELECT run_id, step_id, item, status, attempt, state, output, error, status_code, \
-                 started_at, finished_at FROM steps WHERE run_id = ?1 ORDER BY started_at, step_id, item", params![run_id], step_from_row)
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 \
+                     ORDER BY started_at, step_id, item"
+                ),
+                params![run_id],
+                |r| rows::step(r),
+            )
         })
         .await
     }
@@ -808,17 +648,7 @@ impl RunStore for SqliteStore {
                 params![run_id, step_id],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            let len = rows
-                .last()
-                .and_then(|(i, _)| usize::try_from(*i).ok())
-                .map_or(0, |i| i + 1);
-            let mut out = vec!["null".to_owned(); len];
-            for (item, output) in rows {
-                if let (Ok(i), Some(text)) = (usize::try_from(item), output) {
-                    out[i] = text;
-                }
-            }
-            Ok(out)
+            Ok(rows::item_outputs(rows))
         })
         .await
     }
@@ -848,29 +678,15 @@ impl RunStore for SqliteStore {
     async fn attempt_failures(&self, run_id: &str) -> Result<Vec<AttemptFailure>, StoreError> {
         let run_id = run_id.to_owned();
         self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT run_id, step_id, item, round, attempt, started_at, finished_at, status_code, \
-                 error, retryable FROM step_attempts WHERE run_id = ?1 \
-                 ORDER BY started_at, step_id, item, round, attempt",
+            query_all(
+                conn,
+                &format!(
+                    "SELECT {ATTEMPT_COLUMNS} FROM step_attempts WHERE run_id = ?1 \
+                     ORDER BY started_at, step_id, item, round, attempt"
+                ),
+                params![run_id],
+                |r| rows::attempt_failure(r),
             )
-            .and_then(|mut st| {
-                st.query_map(params![run_id], |r| {
-                    Ok(AttemptFailure {
-                        run_id: r.get("run_id")?,
-                        step_id: r.get("step_id")?,
-                        item: item_from_db(r.get("item")?),
-                        round: opt_u32(r.get("round")?).unwrap_or(0),
-                        attempt: opt_u32(r.get("attempt")?).unwrap_or(0),
-                        started_at: r.get("started_at")?,
-                        finished_at: r.get("finished_at")?,
-                        status_code: opt_u16(r.get("status_code")?),
-                        error: r.get("error")?,
-                        retryable: r.get("retryable")?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(map_err)
         })
         .await
     }
@@ -908,15 +724,7 @@ impl RunStore for SqliteStore {
                 "SELECT id, lease_owner, heartbeat, lease_ms, strikes FROM runs \
                  WHERE status = 'running' AND lease_owner IS NOT NULL",
                 [],
-                |r| {
-                    Ok(LeasedRun {
-                        id: r.get(0)?,
-                        holder: r.get(1)?,
-                        heartbeat: r.get(2)?,
-                        ttl_ms: r.get::<_, Option<i64>>(3)?.unwrap_or(30_000),
-                        strikes: opt_u32(r.get(4)?).unwrap_or(0),
-                    })
-                },
+                |r| rows::leased_run(r),
             )
         })
         .await
@@ -975,71 +783,31 @@ impl RunStore for SqliteStore {
 
     async fn workflow_stats(&self) -> Result<Vec<WorkflowStats>, StoreError> {
         self.read(|conn| {
-            conn.prepare_cached(
+            query_all(
+                conn,
                 "SELECT workflow, \
-                   sum(status = 'queued'), sum(status = 'running'), sum(status = 'failed'), \
-                   max(CASE WHEN status = 'succeeded' THEN finished_at END), \
-                   max(CASE WHEN status = 'failed' THEN finished_at END) \
+                   sum(status = 'queued') AS queued, sum(status = 'running') AS running, \
+                   sum(status = 'failed') AS dead_letters, \
+                   max(CASE WHEN status = 'succeeded' THEN finished_at END) AS last_success_at, \
+                   max(CASE WHEN status = 'failed' THEN finished_at END) AS last_failure_at \
                  FROM runs GROUP BY workflow ORDER BY workflow",
+                [],
+                |r| rows::workflow_stats(r),
             )
-            .and_then(|mut st| {
-                st.query_map([], |r| {
-                    let count = |i: usize| -> rusqlite::Result<u64> {
-                        Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
-                    };
-                    Ok(WorkflowStats {
-                        workflow: r.get(0)?,
-                        queued: count(1)?,
-                        running: count(2)?,
-                        dead_letters: count(3)?,
-                        last_success_at: r.get(4)?,
-                        last_failure_at: r.get(5)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .map_err(map_err)
         })
         .await
     }
 
     async fn open_counts(&self) -> Result<Vec<WorkflowStats>, StoreError> {
         self.read(|conn| {
-            conn.prepare_cached(
+            query_all(
+                conn,
                 "SELECT workflow, status, count(*) FROM runs \
                  WHERE status IN ('queued', 'running', 'failed') GROUP BY workflow, status",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
-            .and_then(|mut st| {
-                let mut out: Vec<WorkflowStats> = Vec::new();
-                let rows = st.query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })?;
-                for row in rows {
-                    let (workflow, status, n) = row?;
-                    let n = u64::try_from(n).unwrap_or(0);
-                    let i = match out.iter().position(|s| s.workflow == workflow) {
-                        Some(i) => i,
-                        None => {
-                            out.push(WorkflowStats {
-                                workflow,
-                                ..WorkflowStats::default()
-                            });
-                            out.len() - 1
-                        }
-                    };
-                    match status.as_str() {
-                        "queued" => out[i].queued = n,
-                        "running" => out[i].running = n,
-                        _ => out[i].dead_letters = n,
-                    }
-                }
-                Ok(out)
-            })
-            .map_err(map_err)
+            .map(rows::open_counts)
         })
         .await
     }

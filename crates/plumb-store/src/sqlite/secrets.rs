@@ -2,13 +2,15 @@
 //! [`SecretStore`](crate::SecretStore) and [`TokenStore`](crate::TokenStore).
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::audit::append_audit;
-use super::{Done, Op, SqliteStore, map_err, parse_col, query_all, unexpected};
+use super::{Done, Op, SqliteStore, map_err, query_all, unexpected};
+use crate::rows;
+use crate::writes::{check_rekey, entries, secrets_version_of};
 use crate::{
-    ApiToken, NewAuditEntry, Role, SealedSecret, SecretMeta, SecretStore, SecretWrite,
-    SecretWriteResult, StoreError, TokenStore, now_ms,
+    ApiToken, SealedSecret, SecretMeta, SecretStore, SecretWrite, SecretWriteResult, StoreError,
+    TokenStore, now_ms,
 };
 
 /// A write of this module, as handed to the writer thread.
@@ -61,10 +63,7 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
                 .and_then(|mut st| st.execute(params![name]))
                 .map_err(map_err)?;
             if rows == 1 {
-                append_audit(
-                    tx,
-                    &NewAuditEntry::new(actor, "secret.deleted", name, serde_json::json!({})),
-                )?;
+                append_audit(tx, &entries::secret_deleted(actor, name))?;
             }
             Ok(Done::Flag(rows == 1))
         }
@@ -90,15 +89,7 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
                 })
                 .map_err(map_err)?;
             if rows == 1 {
-                append_audit(
-                    tx,
-                    &NewAuditEntry::new(
-                        actor,
-                        "token.created",
-                        &token.name,
-                        serde_json::json!({ "role": token.role.as_str(), "id": token.id }),
-                    ),
-                )?;
+                append_audit(tx, &entries::token_created(actor, token))?;
             }
             Ok(Done::Flag(rows == 1))
         }
@@ -110,10 +101,7 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
                 .and_then(|mut st| st.execute(params![name, now_ms()]))
                 .map_err(map_err)?;
             if rows == 1 {
-                append_audit(
-                    tx,
-                    &NewAuditEntry::new(actor, "token.revoked", name, serde_json::json!({})),
-                )?;
+                append_audit(tx, &entries::token_revoked(actor, name))?;
             }
             Ok(Done::Flag(rows == 1))
         }
@@ -173,12 +161,7 @@ fn put_secret(
         .map_err(map_err)?;
     append_audit(
         tx,
-        &NewAuditEntry::new(
-            actor,
-            action,
-            name,
-            serde_json::json!({ "key_id": sealed.key_id }),
-        ),
+        &entries::secret_written(actor, action, name, &sealed.key_id),
     )?;
     Ok(result)
 }
@@ -189,21 +172,10 @@ fn rekey(
     expected_version: &str,
     actor: &str,
 ) -> Result<(), StoreError> {
-    if secrets_version(tx)? != expected_version {
-        return Err(StoreError::Other(
-            "a secret was set, rotated or deleted while rekeying; nothing was changed, run rekey again".into(),
-        ));
-    }
     let stored: Vec<String> = query_all(tx, "SELECT name FROM secrets ORDER BY name", [], |r| {
         r.get(0)
     })?;
-    let mut given: Vec<&str> = resealed.iter().map(|(n, _)| n.as_str()).collect();
-    given.sort_unstable();
-    if given != stored.iter().map(String::as_str).collect::<Vec<_>>() {
-        return Err(StoreError::Other(
-            "the secrets changed while rekeying; nothing was changed, run rekey again".into(),
-        ));
-    }
+    check_rekey(&secrets_version(tx)?, expected_version, &stored, resealed)?;
     let now = now_ms();
     for (name, sealed) in resealed {
         tx.prepare_cached(
@@ -212,52 +184,18 @@ fn rekey(
         .and_then(|mut st| st.execute(params![name, sealed.nonce, sealed.ciphertext, sealed.key_id, now]))
         .map_err(map_err)?;
     }
-    let key_id = resealed
-        .first()
-        .map(|(_, s)| s.key_id.clone())
-        .unwrap_or_default();
-    append_audit(
-        tx,
-        &NewAuditEntry::new(
-            actor,
-            "secrets.rekeyed",
-            "*",
-            serde_json::json!({ "secrets": resealed.len(), "key_id": key_id }),
-        ),
-    )
+    append_audit(tx, &entries::secrets_rekeyed(actor, resealed))
 }
 
-/// Every seal draws a fresh random nonce, so the nonces change on each
-/// set, rotation and rekey, even within one millisecond.
+/// The secrets' version (see [`secrets_version_of`]).
 fn secrets_version(conn: &Connection) -> Result<String, StoreError> {
-    // Built here in name order: group_concat's order is not guaranteed.
     let rows: Vec<(String, Vec<u8>)> = query_all(
         conn,
         "SELECT name, nonce FROM secrets ORDER BY name",
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let mut h = <sha2::Sha256 as sha2::Digest>::new();
-    for (name, nonce) in &rows {
-        sha2::Digest::update(&mut h, name.as_bytes());
-        sha2::Digest::update(&mut h, [0]);
-        sha2::Digest::update(&mut h, nonce);
-    }
-    Ok(format!(
-        "{}:{}",
-        rows.len(),
-        hex::encode(sha2::Digest::finalize(h))
-    ))
-}
-
-fn token_from_row(r: &Row<'_>) -> rusqlite::Result<ApiToken> {
-    Ok(ApiToken {
-        id: r.get("id")?,
-        name: r.get("name")?,
-        role: parse_col(Role::parse(&r.get::<_, String>("role")?))?,
-        created_at: r.get("created_at")?,
-        revoked_at: r.get("revoked_at")?,
-    })
+    Ok(secrets_version_of(&rows))
 }
 
 #[async_trait]
@@ -289,24 +227,7 @@ impl SecretStore for SqliteStore {
             conn.prepare_cached(
                 "SELECT name, nonce, ciphertext, key_id, created_at, rotated_at FROM secrets WHERE name = ?1",
             )
-            .and_then(|mut st| {
-                st.query_row(params![name], |r| {
-                    Ok((
-                        SealedSecret {
-                            nonce: r.get("nonce")?,
-                            ciphertext: r.get("ciphertext")?,
-                            key_id: r.get("key_id")?,
-                        },
-                        SecretMeta {
-                            name: r.get("name")?,
-                            key_id: r.get("key_id")?,
-                            created_at: r.get("created_at")?,
-                            rotated_at: r.get("rotated_at")?,
-                        },
-                    ))
-                })
-                .optional()
-            })
+            .and_then(|mut st| st.query_row(params![name], |r| rows::secret(r)).optional())
             .map_err(map_err)
         })
         .await
@@ -318,14 +239,7 @@ impl SecretStore for SqliteStore {
                 conn,
                 "SELECT name, key_id, created_at, rotated_at FROM secrets ORDER BY name",
                 [],
-                |r| {
-                    Ok(SecretMeta {
-                        name: r.get("name")?,
-                        key_id: r.get("key_id")?,
-                        created_at: r.get("created_at")?,
-                        rotated_at: r.get("rotated_at")?,
-                    })
-                },
+                |r| rows::secret_meta(r),
             )
         })
         .await
@@ -404,7 +318,7 @@ impl TokenStore for SqliteStore {
             conn.prepare_cached(
                 "SELECT id, name, role, created_at, revoked_at FROM api_tokens WHERE token_hash = ?1",
             )
-            .and_then(|mut st| st.query_row(params![token_hash], token_from_row).optional())
+            .and_then(|mut st| st.query_row(params![token_hash], |r| rows::token(r)).optional())
             .map_err(map_err)
         })
         .await
@@ -416,7 +330,7 @@ impl TokenStore for SqliteStore {
                 conn,
                 "SELECT id, name, role, created_at, revoked_at FROM api_tokens ORDER BY created_at, name",
                 [],
-                token_from_row,
+                |r| rows::token(r),
             )
         })
         .await
