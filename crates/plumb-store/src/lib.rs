@@ -34,6 +34,7 @@ pub mod audit;
 pub mod deployments;
 mod json;
 pub mod lease;
+pub mod postgres;
 mod rows;
 pub mod runs;
 pub mod schedules;
@@ -45,6 +46,7 @@ pub use alerts::{Alert, AlertAttempt, AlertStatus, AlertStore, NewAlert};
 pub use audit::{AuditEntry, AuditProblem, AuditStore, NewAuditEntry};
 pub use deployments::{Deployed, DeploymentStore};
 pub use lease::{ClaimToken, OwnerId};
+pub use postgres::PgStore;
 pub use runs::{
     AttemptFailure, CancelResult, Claim, Failure, Lease, LeasedRun, NewRun, Release, ReplayResult,
     Run, RunFilter, RunOutcome, RunStatus, RunStore, StepRecord, StepStatus, WorkflowStats,

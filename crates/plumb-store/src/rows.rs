@@ -76,6 +76,19 @@ pub(crate) fn item_from_db(item: i64) -> Option<u32> {
     u32::try_from(item).ok()
 }
 
+/// The run ids that start with `prefix` are those `>= low` and `< high`
+/// in byte order; `None` when no run id can. Run ids are UUIDs: a prefix
+/// is hex digits and dashes, and every id starting with it sorts below the
+/// prefix followed by `~`.
+pub(crate) fn run_id_range(prefix: &str) -> Option<(String, String)> {
+    if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return None;
+    }
+    let low = prefix.to_ascii_lowercase();
+    let high = format!("{low}~");
+    Some((low, high))
+}
+
 /// The columns [`run`] reads, in a `SELECT` list.
 pub(crate) const RUN_COLUMNS: &str = "id, workflow, version, trigger_payload, status, claims, \
     strikes, last_error, not_before, replays, created_at, started_at, finished_at, updated_at, \

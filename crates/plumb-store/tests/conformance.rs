@@ -1,17 +1,26 @@
 //! The store contract, written once against `&dyn Store` and run on every
-//! backend (SQLite here; PostgreSQL joins when it lands).
+//! backend: SQLite, and PostgreSQL when `PLUMB_TEST_POSTGRES` names a
+//! database (e.g. `postgres://postgres@127.0.0.1:5432/test`; each test
+//! works in a schema of its own and drops it, so tests run in parallel and
+//! leave nothing behind). Without it the PostgreSQL tests say why and pass.
 
+#![allow(clippy::print_stderr)] // a skipped PostgreSQL test says why
+
+use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use plumb_store::audit::verify_chain;
 use plumb_store::prelude::*;
 use plumb_store::{
     AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
-    Lease, LeasedRun, NewAlert, NewRun, Release, ReplayResult, Role, RunFilter, RunOutcome,
-    RunStatus, SealedSecret, SecretWrite, SecretWriteResult, SqliteStore, StepRecord, StepStatus,
-    Store, StoreError, Synchronous, WorkflowVersion, now_ms,
+    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, Release, ReplayResult, Role,
+    RunFilter, RunOutcome, RunStatus, SealedSecret, SecretWrite, SecretWriteResult, SqliteStore,
+    StepRecord, StepStatus, Store, StoreError, Synchronous, WorkflowVersion, now_ms,
 };
 use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{AssertSqlSafe, Connection};
 
 async fn sqlite() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1099,52 +1108,55 @@ async fn concurrent_writes_share_commits_and_all_land(store: Arc<dyn Store>) {
     assert!(dup.is_err(), "a duplicate id is refused");
 }
 
+/// How many checks need a store of their own.
+const ISOLATED_CHECKS: usize = 3;
+
+/// Check number `check` of those that need a store of their own.
+async fn isolated_check(check: usize, store: &dyn Store) {
+    match check {
+        0 => leases_end_by_watching_heartbeats_not_wall_clocks(store).await,
+        1 => strikes_count_claims_that_did_not_end_cleanly(store).await,
+        _ => what_would_not_read_back_is_refused_not_stored(store).await,
+    }
+}
+
+/// The contract's checks that share one store, in order (each leaves rows
+/// the later ones expect to find, or to ignore).
+async fn the_store_contract(store: &dyn Store) {
+    a_leased_run_cannot_be_claimed_by_another_owner_until_it_expires(store).await;
+    journal_writes_are_fenced_by_the_lease(store).await;
+    a_second_claim_by_the_same_process_fences_the_first(store).await;
+    upsert_replaces_the_row_but_keeps_state(store).await;
+    failures_are_kept_with_the_run(store).await;
+    released_runs_can_be_claimed_at_once(store).await;
+    claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(store).await;
+    cancel_and_replay_move_runs_between_states(store).await;
+    the_last_step_is_committed_with_the_runs_end(store).await;
+    stale_alert_results_and_expired_deadlines_are_not_committed(store).await;
+    a_schedule_slot_is_recorded_once(store).await;
+    alerts_are_committed_with_the_failure_and_tracked_to_delivery(store).await;
+    secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(store).await;
+    tokens_are_found_by_hash_until_revoked(store).await;
+    deployments_are_audited_only_when_something_changed(store).await;
+}
+
 #[tokio::test]
 async fn sqlite_conforms_to_the_store_contract() {
     let (_dir, store) = sqlite().await;
-    a_leased_run_cannot_be_claimed_by_another_owner_until_it_expires(&store).await;
-    journal_writes_are_fenced_by_the_lease(&store).await;
-    a_second_claim_by_the_same_process_fences_the_first(&store).await;
-    upsert_replaces_the_row_but_keeps_state(&store).await;
-    failures_are_kept_with_the_run(&store).await;
-    released_runs_can_be_claimed_at_once(&store).await;
-    claim_next_takes_interrupted_runs_then_the_oldest_queued_within_limits(&store).await;
-    cancel_and_replay_move_runs_between_states(&store).await;
-    the_last_step_is_committed_with_the_runs_end(&store).await;
-    stale_alert_results_and_expired_deadlines_are_not_committed(&store).await;
-    a_schedule_slot_is_recorded_once(&store).await;
-    alerts_are_committed_with_the_failure_and_tracked_to_delivery(&store).await;
-    secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(&store).await;
-    tokens_are_found_by_hash_until_revoked(&store).await;
-    deployments_are_audited_only_when_something_changed(&store).await;
+    the_store_contract(&store).await;
 }
 
 #[tokio::test]
 async fn sqlite_ends_leases_by_observation_and_counts_strikes() {
-    let (_a, store) = sqlite().await;
-    leases_end_by_watching_heartbeats_not_wall_clocks(&store).await;
-    let (_b, store) = sqlite().await;
-    strikes_count_claims_that_did_not_end_cleanly(&store).await;
-    let (_c, store) = sqlite().await;
-    what_would_not_read_back_is_refused_not_stored(&store).await;
+    for check in 0..ISOLATED_CHECKS {
+        let (_dir, store) = sqlite().await;
+        isolated_check(check, &store).await;
+    }
 }
 
-#[tokio::test]
-async fn sqlite_an_unreadable_row_fails_alone() {
-    // A record written before limits existed (or by hand): its trigger
-    // nests past what the JSON reader takes.
-    let (dir, store) = sqlite().await;
-    seed(&store, "ok1", None).await;
-    let deep = "[".repeat(200) + &"]".repeat(200);
-    {
-        let conn = rusqlite::Connection::open(dir.path().join("plumb.db")).expect("open");
-        conn.execute(
-            "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, \
-             created_at, updated_at) VALUES ('bad1', 'w', 'v1', ?1, 'queued', 0, 0, 0)",
-            [format!("{{\"body\": {deep}}}")],
-        )
-        .expect("insert");
-    }
+/// The store holds a good run `ok1` and, written behind its back, a run
+/// `bad1` (older) whose trigger document does not read back.
+async fn the_unreadable_run_fails_alone(store: &dyn Store) {
     let listed = store
         .list_runs(&RunFilter::default())
         .await
@@ -1161,6 +1173,28 @@ async fn sqlite_an_unreadable_row_fails_alone() {
     assert!(first.unreadable.is_some());
     let second = store.claim_next(&a).await.expect("claim").expect("a run");
     assert_eq!(second.id, "ok1");
+}
+
+/// A record written before limits existed (or by hand): its trigger
+/// nests past what the JSON reader takes.
+fn unreadable_trigger() -> String {
+    format!("{{\"body\": {}{}}}", "[".repeat(200), "]".repeat(200))
+}
+
+#[tokio::test]
+async fn sqlite_an_unreadable_row_fails_alone() {
+    let (dir, store) = sqlite().await;
+    seed(&store, "ok1", None).await;
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("plumb.db")).expect("open");
+        conn.execute(
+            "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, \
+             created_at, updated_at) VALUES ('bad1', 'w', 'v1', ?1, 'queued', 0, 0, 0)",
+            [unreadable_trigger()],
+        )
+        .expect("insert");
+    }
+    the_unreadable_run_fails_alone(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1190,4 +1224,376 @@ async fn sqlite_committed_rows_survive_reopening_the_file() {
     let journal = store.journal("r1").await.expect("journal");
     assert_eq!(journal.len(), 1);
     assert_eq!(journal[0].status, StepStatus::Succeeded);
+}
+
+/// A schema of its own on the database `PLUMB_TEST_POSTGRES` names,
+/// dropped (with everything in it) when this is dropped, even when the
+/// test fails.
+struct PgSchema {
+    options: PgConnectOptions,
+    name: String,
+}
+
+impl PgSchema {
+    /// A new empty schema, or `None` (the test is skipped, saying why)
+    /// when no database is named.
+    async fn create() -> Option<Self> {
+        let Ok(url) = std::env::var("PLUMB_TEST_POSTGRES") else {
+            eprintln!(
+                "skipped: set PLUMB_TEST_POSTGRES (e.g. postgres://postgres@127.0.0.1:5432/test) to run the PostgreSQL store tests"
+            );
+            return None;
+        };
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .subsec_nanos();
+        let name = format!(
+            "plumb_t_{}_{}_{}",
+            std::process::id(),
+            nanos,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let options = PgConnectOptions::from_str(&url).expect("PLUMB_TEST_POSTGRES is a URL");
+        let schema = Self { options, name };
+        schema
+            .execute(&format!("CREATE SCHEMA {}", schema.name))
+            .await;
+        Some(schema)
+    }
+
+    /// Options that work in this schema.
+    fn options(&self) -> PgConnectOptions {
+        self.options
+            .clone()
+            .options([("search_path", self.name.as_str())])
+    }
+
+    /// A store on this schema (migrating it if needed).
+    async fn store(&self) -> PgStore {
+        PgStore::connect_with(self.options())
+            .await
+            .expect("connect to PostgreSQL")
+    }
+
+    /// Runs raw SQL in this schema, behind the store's back.
+    async fn execute(&self, sql: &str) {
+        let mut conn = PgConnection::connect_with(&self.options())
+            .await
+            .expect("connect");
+        sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+            .execute(&mut conn)
+            .await
+            .expect("raw SQL");
+        let _ = conn.close().await;
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        // Drop runs outside any runtime's async context only on a thread of
+        // its own: a small runtime there drops the schema and waits.
+        let options = self.options.clone();
+        let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut conn = PgConnection::connect_with(&options).await?;
+                sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test schema {}", self.name);
+        }
+    }
+}
+
+#[tokio::test]
+async fn postgres_conforms_to_the_store_contract() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let store = schema.store().await;
+    the_store_contract(&store).await;
+    store.ping().await.expect("ping");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_ends_leases_by_observation_and_counts_strikes() {
+    for check in 0..ISOLATED_CHECKS {
+        let Some(schema) = PgSchema::create().await else {
+            return;
+        };
+        let store = schema.store().await;
+        isolated_check(check, &store).await;
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn postgres_an_unreadable_row_fails_alone() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let store = schema.store().await;
+    seed(&store, "ok1", None).await;
+    schema
+        .execute(&format!(
+            "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, \
+             created_at, updated_at) VALUES ('bad1', 'w', 'v1', '{}', 'queued', 0, 0, 0)",
+            unreadable_trigger()
+        ))
+        .await;
+    the_unreadable_run_fails_alone(&store).await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_writes_all_land() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let store = schema.store().await;
+    concurrent_writes_share_commits_and_all_land(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn postgres_committed_rows_survive_reconnecting() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    {
+        let store = schema.store().await;
+        seed(&store, "r1", Some(lease("a", 60_000))).await;
+        store
+            .record_step("a#1", &step("r1", "s1", None, StepStatus::Succeeded))
+            .await
+            .expect("write");
+        // Dropped without close(): like a process that dies.
+    }
+    let store = schema.store().await;
+    let journal = store.journal("r1").await.expect("journal");
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].status, StepStatus::Succeeded);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_processes_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let mut starting = Vec::new();
+    for _ in 0..10 {
+        let options = schema.options();
+        starting.push(tokio::spawn(PgStore::connect_with(options)));
+    }
+    for s in starting {
+        let store = s.await.expect("join").expect("every process starts");
+        store.close().await;
+    }
+    let store = schema.store().await;
+    assert_eq!(
+        store.audit_head().await.expect("head"),
+        None,
+        "an empty log has no head"
+    );
+    assert_eq!(
+        store.instance_secret().await.expect("secret").len(),
+        64,
+        "the instance secret is 32 random bytes in hex"
+    );
+    store.close().await;
+    schema
+        .execute("UPDATE plumb_schema_version SET version = version + 1")
+        .await;
+    let err = PgStore::connect_with(schema.options())
+        .await
+        .expect_err("a newer schema");
+    assert!(
+        matches!(&err, StoreError::Open { message, .. } if message.contains("upgrade plumb")),
+        "{err}"
+    );
+}
+
+/// Many concurrent `claim_next` calls, half on each store, until no run is
+/// left: the runs each got, in claim order.
+async fn claim_all(stores: [Arc<PgStore>; 2], per_store: usize) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for (s, store) in stores.iter().enumerate() {
+        for t in 0..per_store {
+            let store = Arc::clone(store);
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                let l = lease(&format!("p{s}t{t}"), 60_000);
+                while let Some(run) = store.claim_next(&l).await.expect("claim") {
+                    got.push(run.id);
+                }
+                got
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("join"));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_processes_claiming_at_once_never_get_the_same_run() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let stores = [
+        Arc::new(schema.store().await),
+        Arc::new(schema.store().await),
+    ];
+    seed(stores[0].as_ref(), "seed-c", None).await;
+    for i in 0..200 {
+        stores[i % 2]
+            .create_run(&queued(&format!("c{i:03}"), "w", None))
+            .await
+            .expect("queue");
+    }
+    let mut claimed = claim_all(stores.clone(), 6).await;
+    claimed.sort();
+    let n = claimed.len();
+    claimed.dedup();
+    assert_eq!(claimed.len(), n, "a run was claimed twice");
+    assert_eq!(n, 201, "every run was claimed");
+    for store in stores {
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_concurrency_limit_holds_across_processes() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let stores = [
+        Arc::new(schema.store().await),
+        Arc::new(schema.store().await),
+    ];
+    seed(stores[0].as_ref(), "seed-l", None).await;
+    stores[0]
+        .cancel_run("seed-l", "not part of this test", "test")
+        .await
+        .expect("cancel");
+    const RUNS: usize = 30;
+    for i in 0..RUNS {
+        stores[i % 2]
+            .create_run(&queued(&format!("l{i:02}"), "single", Some(1)))
+            .await
+            .expect("queue");
+    }
+    // A workflow without a limit, behind the limited one in the queue: it
+    // is claimed while `single` is at its limit.
+    stores[1]
+        .create_run(&queued("free", "other", None))
+        .await
+        .expect("queue");
+    let holding = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let claimed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut tasks = Vec::new();
+    for (s, store) in stores.iter().enumerate() {
+        for t in 0..4 {
+            let (store, holding, finished, claimed) = (
+                Arc::clone(store),
+                Arc::clone(&holding),
+                Arc::clone(&finished),
+                Arc::clone(&claimed),
+            );
+            tasks.push(tokio::spawn(async move {
+                let l = lease(&format!("p{s}t{t}"), 60_000);
+                while finished.load(Ordering::SeqCst) < RUNS {
+                    assert!(std::time::Instant::now() < give_up, "claims stalled");
+                    let Some(run) = store.claim_next(&l).await.expect("claim") else {
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                        continue;
+                    };
+                    claimed.lock().expect("lock").push(run.id.clone());
+                    if run.workflow != "single" {
+                        continue;
+                    }
+                    assert_eq!(
+                        holding.fetch_add(1, Ordering::SeqCst),
+                        0,
+                        "two runs of `single` leased at once"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+                    // Counted down before the end commits: no other claim
+                    // can take a run of `single` until it has.
+                    holding.fetch_sub(1, Ordering::SeqCst);
+                    let owner = run.lease_owner.expect("leased");
+                    store
+                        .finish_run(&run.id, &owner, &RunOutcome::Succeeded, None, &[])
+                        .await
+                        .expect("finish");
+                    finished.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("join");
+    }
+    let mut claimed = claimed.lock().expect("lock").clone();
+    assert!(claimed.contains(&"free".to_owned()), "{claimed:?}");
+    claimed.sort();
+    let n = claimed.len();
+    claimed.dedup();
+    assert_eq!(
+        (n, claimed.len()),
+        (RUNS + 1, RUNS + 1),
+        "each run claimed once"
+    );
+    for store in stores {
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_audit_appends_from_two_processes_never_fork_the_chain() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let stores = [
+        Arc::new(schema.store().await),
+        Arc::new(schema.store().await),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let store = Arc::clone(&stores[i % 2]);
+        tasks.push(tokio::spawn(async move {
+            store
+                .append_audit(&NewAuditEntry::new(
+                    "test",
+                    "secret.set",
+                    &format!("s{i}"),
+                    json!({ "i": i }),
+                ))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("append");
+    }
+    let audit = stores[1].audit_entries(0, 1000).await.expect("audit");
+    assert_eq!(verify_chain(&audit), Ok(40));
+    let head = stores[0].audit_head().await.expect("head").expect("a head");
+    assert_eq!(head, (40, audit[39].hash.clone()));
+    for store in stores {
+        store.close().await;
+    }
 }

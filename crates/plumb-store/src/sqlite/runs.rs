@@ -562,13 +562,9 @@ impl RunStore for SqliteStore {
         prefix: &str,
         limit: u32,
     ) -> Result<Vec<String>, StoreError> {
-        // Run ids are UUIDs: a prefix is hex digits and dashes, and every
-        // id starting with it sorts below the prefix followed by `~`.
-        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        let Some((low, high)) = rows::run_id_range(prefix) else {
             return Ok(Vec::new());
-        }
-        let low = prefix.to_ascii_lowercase();
-        let high = format!("{low}~");
+        };
         self.read(move |conn| {
             query_all(
                 conn,

@@ -1,0 +1,329 @@
+//! The PostgreSQL store: many plumb processes (`plumb serve`, `plumb
+//! worker`) sharing one database.
+//!
+//! # Transactions
+//!
+//! Every write is one transaction on a connection of the pool, committed
+//! before the call returns: "the call returned" means "durable", as on
+//! SQLite. There is no batching of our own: PostgreSQL already groups the
+//! WAL flushes of commits that arrive together.
+//!
+//! Everything that must hold across processes is decided by PostgreSQL's
+//! locks, never by a process's memory:
+//!
+//! * Journal writes are fenced in the statement that writes them: the
+//!   run's row must have `lease_owner` = the caller's claim token and
+//!   status `running`, and that row is locked `FOR SHARE` until the write
+//!   commits, so a claim or expiry that takes the lease waits for it (and
+//!   a write that waited for a claim sees the new holder and is refused).
+//! * Claims lock their candidate `FOR UPDATE SKIP LOCKED`, so concurrent
+//!   claimers never take the same run and never wait for each other. A
+//!   workflow's concurrency limit is checked under a transaction-scoped
+//!   advisory lock on the workflow's name (see `runs.rs`).
+//! * The audit chain's head row is locked by every append, so appends from
+//!   many processes queue and the chain never forks.
+//! * A rekey locks the secrets table against every other secret write
+//!   while it checks the version it was given.
+//!
+//! # New runs with a deadline
+//!
+//! A webhook's run is committed before its deadline or not at all, decided
+//! once, as on SQLite (see `SqliteStore::write`): the insert and commit run
+//! in a task of their own; the caller waits until the deadline plus a
+//! short grace and then answers [`StoreError::Unavailable`]. If that
+//! transaction commits all the same, nobody is left to tell, so the task
+//! withdraws the run at once (cancelled as "withdrawn", only while still
+//! queued): its sender was told "not accepted" and will send it again. A
+//! run that another process claimed in the moment between that commit and
+//! its withdrawal is kept: a duplicate, never a loss.
+//!
+//! # Schema
+//!
+//! `migrations/postgres/`, embedded in the binary and applied at connect in
+//! one transaction under a fixed advisory lock, so processes starting at
+//! once migrate once; `plumb_schema_version` holds how many scripts were
+//! applied. The row format is SQLite's (see the migration's header): ids
+//! and JSON as text, times as epoch milliseconds.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
+
+use crate::rows::Columns;
+use crate::{Store, StoreError, now_ms};
+
+mod alerts;
+mod audit;
+mod deployments;
+mod runs;
+mod schedules;
+mod secrets;
+
+/// Connections kept open to the database, per process.
+const MAX_CONNECTIONS: u32 = 16;
+
+/// How long a call waits for a free connection before the store reports
+/// [`StoreError::Unavailable`]. Shorter than a webhook's commit deadline
+/// would make little sense of it; longer would hide a database that is down.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema, one script per version, applied in order.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+
+/// The advisory lock every migrating process takes (fixed, so processes of
+/// every version agree on it): "plumbmig" in ASCII.
+const MIGRATION_LOCK: i64 = 0x706c_756d_626d_6967;
+
+/// A PostgreSQL-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`),
+    /// with `password` when given (it takes precedence over one in the
+    /// URL), and applies pending migrations.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Open`] when the URL is not valid, the database cannot
+    /// be reached or refuses the login, or the schema cannot be migrated —
+    /// including a database migrated by a newer plumb. No message ever
+    /// holds the password.
+    pub async fn connect(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Open {
+            // The URL may carry a password: it is not repeated.
+            location: "the PostgreSQL URL".into(),
+            message: format!("the URL is not valid: {e}"),
+        })?;
+        let options = match password {
+            Some(password) => options.password(&password),
+            None => options,
+        };
+        Self::connect_with(options).await
+    }
+
+    /// Connects with `options` as given (tests set `search_path` to a
+    /// schema of their own), and applies pending migrations.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgStore::connect`].
+    pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
+        let location = location(&options);
+        let open = |message: String| StoreError::Open {
+            location: location.clone(),
+            message,
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| open(e.to_string()))?;
+        migrate(&pool)
+            .await
+            .map_err(|e| open(format!("migrating the store: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    /// Begins a write.
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(map_err)
+    }
+}
+
+/// Where the store is, for messages: never the password.
+fn location(options: &PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or_default()
+    )
+}
+
+/// Applies the pending migrations in one transaction that first takes
+/// [`MIGRATION_LOCK`]: processes starting at once queue on it, the first
+/// migrates, and the others then find nothing left to do.
+async fn migrate(pool: &PgPool) -> Result<(), String> {
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS plumb_schema_version (\
+         id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL)",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| e.to_string())?;
+    let current: i64 = sqlx::query_scalar("SELECT version FROM plumb_schema_version WHERE id = 1")
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?
+        .unwrap_or(0);
+    if current > known {
+        return Err(format!(
+            "the store has schema version {current}, newer than this plumb knows ({known}); upgrade plumb"
+        ));
+    }
+    if current == known {
+        return tx.commit().await.map_err(|e| e.to_string());
+    }
+    for (i, script) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
+        let version = i + 1;
+        sqlx::raw_sql(*script)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| format!("applying schema version {version}: {e}"))?;
+    }
+    sqlx::query(
+        "INSERT INTO plumb_schema_version (id, version) VALUES (1, $1) \
+         ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+    )
+    .bind(known)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| e.to_string())?;
+    tracing::info!(version = known, "Migrated the PostgreSQL store.");
+    Ok(())
+}
+
+/// Maps a driver error to what it means for the caller.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // Connection exceptions, insufficient resources (disk full, too
+            // many connections), the server shutting down or restarting.
+            Some(code)
+                if code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(code, "57P01" | "57P02" | "57P03") =>
+            {
+                StoreError::Unavailable(e.to_string())
+            }
+            // Serialization failure, deadlock, lock not available: another
+            // writer won this time.
+            Some("40001" | "40P01" | "55P03") => StoreError::Busy(e.to_string()),
+            // A NUL character in text, a value past PostgreSQL's limits:
+            // the write itself can never be stored.
+            Some("22021" | "54000") => StoreError::Rejected(e.to_string()),
+            _ => StoreError::Other(e.to_string()),
+        },
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => StoreError::Unavailable(e.to_string()),
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        _ => StoreError::Other(e.to_string()),
+    }
+}
+
+/// A statement built from constant parts (column lists, lanes), never from
+/// input: values are always bound.
+fn sql(text: String) -> AssertSqlSafe<String> {
+    AssertSqlSafe(text)
+}
+
+/// A statement with its values bound.
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
+
+/// Every row of `query`, mapped.
+async fn fetch_all<T>(
+    query: PgQuery<'_>,
+    pool: &PgPool,
+    map: impl Fn(&PgRow) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let found = query.fetch_all(pool).await.map_err(map_err)?;
+    found.iter().map(map).collect()
+}
+
+/// The row of `query`, if any, mapped.
+async fn fetch_optional<T>(
+    query: PgQuery<'_>,
+    pool: &PgPool,
+    map: impl Fn(&PgRow) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let found = query.fetch_optional(pool).await.map_err(map_err)?;
+    found.as_ref().map(map).transpose()
+}
+
+/// A fenced write that matched no row: the caller lost the lease.
+fn fenced(rows: u64, run_id: &str) -> Result<(), StoreError> {
+    if rows == 0 {
+        Err(StoreError::LeaseLost {
+            run_id: run_id.to_owned(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+impl Columns for PgRow {
+    type Error = StoreError;
+
+    fn text(&self, col: &str) -> Result<String, StoreError> {
+        self.try_get(col).map_err(map_err)
+    }
+
+    fn opt_text(&self, col: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(col).map_err(map_err)
+    }
+
+    fn int(&self, col: &str) -> Result<i64, StoreError> {
+        self.try_get(col).map_err(map_err)
+    }
+
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(col).map_err(map_err)
+    }
+
+    fn flag(&self, col: &str) -> Result<bool, StoreError> {
+        self.try_get(col).map_err(map_err)
+    }
+
+    fn bytes(&self, col: &str) -> Result<Vec<u8>, StoreError> {
+        self.try_get(col).map_err(map_err)
+    }
+
+    fn invalid(e: StoreError) -> StoreError {
+        e
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO health (id, checked_at) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+        )
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
