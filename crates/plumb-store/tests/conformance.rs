@@ -1597,3 +1597,68 @@ async fn postgres_audit_appends_from_two_processes_never_fork_the_chain() {
         store.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_run_past_its_deadline_is_never_kept() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let store = schema.store().await;
+    seed(&store, "seed-d", None).await;
+    let ms = std::time::Duration::from_millis;
+
+    // The insert waits for a lock past the deadline: it is never committed.
+    let mut holder = PgConnection::connect_with(&schema.options())
+        .await
+        .expect("connect");
+    sqlx::raw_sql("BEGIN; LOCK TABLE runs IN EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let mut blocked = queued("d1", "w", None);
+    blocked.deadline = Some(std::time::Instant::now() + ms(100));
+    let err = store.create_run(&blocked).await.expect_err("blocked");
+    assert!(err.is_transient(), "{err}");
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut holder)
+        .await
+        .expect("unlock");
+    tokio::time::sleep(ms(500)).await;
+    assert!(store.run("d1").await.expect("get").is_none(), "never kept");
+
+    // The commit itself outlasts the deadline (a deferred trigger sleeps
+    // at COMMIT): it lands after the caller was told "not accepted", and
+    // the run is withdrawn at once.
+    sqlx::raw_sql(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(0.6); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON runs \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    )
+    .execute(&mut holder)
+    .await
+    .expect("slow commits");
+    let mut late = queued("d2", "w", None);
+    late.deadline = Some(std::time::Instant::now() + ms(100));
+    let err = store
+        .create_run(&late)
+        .await
+        .expect_err("committed too late");
+    assert!(err.is_transient(), "{err}");
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let run = loop {
+        let run = store.run("d2").await.expect("get");
+        if run.as_ref().is_some_and(|r| r.status != RunStatus::Queued)
+            || std::time::Instant::now() > give_up
+        {
+            break run;
+        }
+        tokio::time::sleep(ms(50)).await;
+    };
+    let run = run.expect("the late commit landed");
+    assert_eq!(run.status, RunStatus::Cancelled);
+    let why = run.failure.map(|f| f.message).unwrap_or_default();
+    assert!(why.starts_with("withdrawn:"), "{why}");
+    let _ = holder.close().await;
+    store.close().await;
+}
