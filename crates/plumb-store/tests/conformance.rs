@@ -1662,3 +1662,38 @@ async fn postgres_a_run_past_its_deadline_is_never_kept() {
     let _ = holder.close().await;
     store.close().await;
 }
+
+#[tokio::test]
+async fn postgres_never_shows_the_password() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let secret = "pw-that-must-never-show";
+    // The test server trusts local logins: any password is taken.
+    let store = PgStore::connect_with(schema.options().password(secret))
+        .await
+        .expect("connect");
+    assert!(!format!("{store:?}").contains(secret));
+    assert!(!store.location().contains(secret));
+    store.close().await;
+    for (url, password) in [
+        (
+            "postgres://postgres@127.0.0.1:1/test".to_owned(),
+            Some(secret.to_owned()),
+        ),
+        (
+            format!("postgres://postgres:{secret}@127.0.0.1:1/test"),
+            None,
+        ),
+        (
+            format!("postgres://postgres:{secret}@127.0.0.1:port/test"),
+            None,
+        ),
+    ] {
+        let err = PgStore::connect(&url, password)
+            .await
+            .expect_err("nothing listens on port 1");
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert!(!err.to_string().contains(secret), "{err}");
+    }
+}

@@ -49,8 +49,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
 
 use crate::rows::Columns;
 use crate::{Store, StoreError, now_ms};
@@ -78,9 +78,21 @@ const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.
 const MIGRATION_LOCK: i64 = 0x706c_756d_626d_6967;
 
 /// A PostgreSQL-backed [`Store`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Where it is, without the password.
+    location: String,
+}
+
+/// Shows where the store is and never the connection options, which hold
+/// the password.
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgStore {
@@ -119,16 +131,28 @@ impl PgStore {
             location: location.clone(),
             message,
         };
+        // One connection first, not the pool: a database that is down or
+        // refuses the login is reported as such, at once, rather than as a
+        // pool that timed out.
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| open(e.to_string()))?;
+        migrate(&mut conn)
+            .await
+            .map_err(|e| open(format!("migrating the store: {e}")))?;
+        let _ = conn.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await
-            .map_err(|e| open(e.to_string()))?;
-        migrate(&pool)
-            .await
-            .map_err(|e| open(format!("migrating the store: {e}")))?;
-        Ok(Self { pool })
+            .connect_lazy_with(options);
+        Ok(Self { pool, location })
+    }
+
+    /// Where the store is (`postgres://user@host:port/db`), without the
+    /// password: for messages and logs.
+    #[must_use]
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
     /// Begins a write.
@@ -151,9 +175,9 @@ fn location(options: &PgConnectOptions) -> String {
 /// Applies the pending migrations in one transaction that first takes
 /// [`MIGRATION_LOCK`]: processes starting at once queue on it, the first
 /// migrates, and the others then find nothing left to do.
-async fn migrate(pool: &PgPool) -> Result<(), String> {
+async fn migrate(conn: &mut PgConnection) -> Result<(), String> {
     let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
-    let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+    let mut tx = conn.begin().await.map_err(|e| e.to_string())?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(MIGRATION_LOCK)
         .execute(&mut *tx)
