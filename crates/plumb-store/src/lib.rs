@@ -5,10 +5,18 @@
 //! ([`RunStore`], [`ScheduleStore`], [`AlertStore`], [`SecretStore`],
 //! [`TokenStore`], [`AuditStore`], [`DeploymentStore`]); [`Store`] is all of
 //! them together. Each backend mirrors that layout file for file
-//! (`sqlite/runs.rs` holds every query of [`RunStore`] on SQLite), so a reader
-//! finds any query in one place and a new kind of state is one new module
-//! in each backend. Callers bring the traits into scope with
-//! `use plumb_store::prelude::*`.
+//! (`sqlite/runs.rs` holds every query of [`RunStore`] on SQLite,
+//! `postgres/runs.rs` on PostgreSQL), so a reader finds any query in one
+//! place and a new kind of state is one new module in each backend. Callers
+//! bring the traits into scope with `use plumb_store::prelude::*`.
+//!
+//! The backends share everything that is not SQL: how a row becomes a value
+//! (`rows`), the JSON limits (`json`), and what each write decides — claim
+//! answers and tokens, the columns of a new run or a run's end, the
+//! deployment diff, audit chaining (`writes`). [`SqliteStore`] is one file
+//! with one writer thread; [`PgStore`] is many processes on one database,
+//! each write one transaction, with PostgreSQL's locks deciding what must
+//! hold across processes (see each backend's module doc).
 //!
 //! The store knows rows, not workflows: step ids, payloads and outputs are
 //! opaque strings and JSON to it. It never sees a YAML file, an expression or
@@ -20,7 +28,7 @@
 //! * A step row with a terminal status ([`StepStatus::is_terminal`]) is the
 //!   committed outcome of that step (or `for_each` item). Once the call that
 //!   wrote it returns, it survives SIGKILL and power loss (SQLite in WAL mode
-//!   with `synchronous=FULL`).
+//!   with `synchronous=FULL`; PostgreSQL with its default `synchronous_commit`).
 //! * Journal writes are *fenced*: they succeed only while the writer holds the
 //!   run's lease and the run is `running`. A process that lost its lease (it
 //!   stalled, and another claimed the run) gets [`StoreError::LeaseLost`] and
