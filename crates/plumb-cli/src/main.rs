@@ -63,6 +63,16 @@ impl std::error::Error for UsageError {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `plumb runs list | head` must end quietly when `head` has read enough,
+    // as other command-line tools do, not panic on the closed pipe. The
+    // long-running commands keep Rust's default: a closed stdout must not
+    // kill a server.
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Worker | Command::Demo
+    ) {
+        sigpipe::reset();
+    }
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -404,3 +404,27 @@ async fn an_invalid_input_file_states_the_position_once() {
     assert_eq!(out.stderr.matches("line").count(), 1, "{out}");
     assert!(out.stderr.contains("line 2, column 7"), "{out}");
 }
+
+#[tokio::test]
+async fn piping_a_listing_into_a_reader_that_stops_early_ends_quietly() {
+    let project = Project::new("connections: {}\n");
+    project.workflow("good", &ok_workflow("good"));
+    for _ in 0..3 {
+        let out = project.run(&["run", "good"]).await;
+        assert_eq!(out.code, Some(0), "{out}");
+    }
+    // `plumb runs list | head -0`: the reader is gone before the first line.
+    let mut child = project
+        .cmd(&["runs", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn plumb runs list");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await.expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "a closed pipe is not a crash: {stderr}"
+    );
+}
