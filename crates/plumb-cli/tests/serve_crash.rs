@@ -6,13 +6,12 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Project, Receiver, get_json, post_json, wait_run};
+use support::{Project, Receiver, Senders, get_json, post_json, wait_run};
 
 const HEAD: &str = "owner: qa@example.com\ndescription: test workflow\n";
 
@@ -40,75 +39,19 @@ async fn webhooks_under_sigkill_and_restart_run_every_acknowledged_event_exactly
 
     // Senders: each event is retried until a 202 (as a real sender would);
     // the ack maps the event to its run.
-    let next = Arc::new(AtomicUsize::new(0));
-    let acked: Arc<std::sync::Mutex<HashMap<usize, String>>> = Arc::default();
-    let refused = Arc::new(AtomicUsize::new(0));
-    let mut senders = Vec::new();
-    for _ in 0..CONCURRENCY {
-        let (next, acked, refused, hook) = (
-            Arc::clone(&next),
-            Arc::clone(&acked),
-            Arc::clone(&refused),
-            hook.clone(),
-        );
-        senders.push(tokio::spawn(async move {
-            let client = support::http();
-            loop {
-                let n = next.fetch_add(1, Ordering::SeqCst);
-                if n >= EVENTS {
-                    return;
-                }
-                loop {
-                    let sent = client
-                        .post(&hook)
-                        .json(&json!({"event": format!("e-{n}"), "n": n}))
-                        .timeout(Duration::from_secs(10))
-                        .send()
-                        .await;
-                    match sent {
-                        Ok(r) if r.status().as_u16() == 202 => {
-                            let body: Value = r.json().await.unwrap_or(Value::Null);
-                            let id = body["run_id"]
-                                .as_str()
-                                .expect("202 carries a run id")
-                                .to_owned();
-                            acked.lock().expect("lock").insert(n, id);
-                            break;
-                        }
-                        Ok(r) => {
-                            assert!(
-                                !r.status().is_success(),
-                                "a 2xx other than 202: {}",
-                                r.status()
-                            );
-                            refused.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(_) => {
-                            refused.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }));
-    }
+    let senders = Senders::start(&hook, EVENTS, CONCURRENCY);
 
     // The killer: SIGKILL at spread-out points of the load, restart at once.
     for k in 0..KILLS {
         let target = EVENTS * (k + 1) / (KILLS + 1);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while acked.lock().expect("lock").len() < target && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        senders.wait_acked(target, Duration::from_secs(120)).await;
         if let Some(s) = server.take() {
             s.kill().await;
         }
         server = Some(project.serve(&listen).await);
     }
-    for s in senders {
-        s.await.expect("sender");
-    }
-    let acked = acked.lock().expect("lock").clone();
+    let refused = senders.refused.load(Ordering::SeqCst);
+    let acked = senders.finish().await;
     assert_eq!(
         acked.len(),
         EVENTS,
@@ -127,30 +70,11 @@ async fn webhooks_under_sigkill_and_restart_run_every_acknowledged_event_exactly
         assert!(Instant::now() < deadline, "runs still pending: {w}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let hits = rx.hits();
-    let mut per_key: HashMap<String, usize> = HashMap::new();
-    for h in &hits {
-        *per_key.entry(h.key.clone().expect("key")).or_default() += 1;
-    }
-    let mut missing = Vec::new();
-    for (n, run_id) in &acked {
-        let key = format!("{run_id}:deliver");
-        match per_key.get(&key) {
-            Some(_) => {}
-            None => missing.push(*n),
-        }
-    }
+    let (missing, resent, unacked_runs) = support::deliveries(&rx, &acked, "deliver");
     assert!(
         missing.is_empty(),
         "acknowledged events without effect: {missing:?}"
     );
-    let acked_keys: HashSet<String> = acked.values().map(|r| format!("{r}:deliver")).collect();
-    let resent: usize = per_key
-        .iter()
-        .filter(|(k, _)| acked_keys.contains(*k))
-        .map(|(_, n)| n - 1)
-        .sum();
-    let unacked_runs = per_key.keys().filter(|k| !acked_keys.contains(*k)).count();
     let failed = get_json(&format!("{base}/api/v1/runs?status=failed")).await;
     assert_eq!(
         failed["runs"].as_array().map(Vec::len),
@@ -158,10 +82,8 @@ async fn webhooks_under_sigkill_and_restart_run_every_acknowledged_event_exactly
         "no run failed: {failed}"
     );
     eprintln!(
-        "{EVENTS} events at c={CONCURRENCY}, {KILLS} SIGKILLs: every acked event delivered; {} requests for {} keys ({resent} in-flight re-sends with the same key); {} refused/aborted sends retried by the sender; {unacked_runs} runs whose 202 was lost in a kill (the sender retried those events)",
-        hits.len(),
-        per_key.len(),
-        refused.load(Ordering::SeqCst),
+        "{EVENTS} events at c={CONCURRENCY}, {KILLS} SIGKILLs: every acked event delivered; {} requests ({resent} in-flight re-sends with the same key); {refused} refused/aborted sends retried by the sender; {unacked_runs} runs whose 202 was lost in a kill (the sender retried those events)",
+        rx.hits().len(),
     );
     if let Some(s) = server.take() {
         s.kill().await;

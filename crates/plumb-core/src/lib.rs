@@ -14,6 +14,7 @@ pub mod lint;
 pub mod load;
 pub mod model;
 pub mod spec;
+pub mod store_url;
 pub mod yaml;
 
 pub use diag::{Diagnostic, Diagnostics};

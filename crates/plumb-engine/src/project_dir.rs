@@ -144,45 +144,69 @@ pub fn load_project_partial(root: &Path) -> Result<plumb_core::PartialProject, L
     Ok(plumb_core::load_project_partial(&project, &workflows, None))
 }
 
-/// The file a `sqlite:` store URL points to (relative paths are taken from
-/// the project directory) and its durability mode: `?synchronous=normal`
-/// trades the last commits on power loss for speed; the default is `full`.
+/// Where the project's store is, resolved from its `store:` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file (relative paths taken from the project directory) and
+    /// its durability mode: `?synchronous=normal` trades the last commits
+    /// on power loss for speed; the default is `full`.
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// Its durability mode.
+        synchronous: Synchronous,
+    },
+    /// A PostgreSQL database: the URL as written, without a password.
+    Postgres {
+        /// The URL.
+        url: String,
+    },
+}
+
+impl StoreLocation {
+    /// What names this store to a person, and what a server hashes into
+    /// its store id: the canonical file path, or the URL (it holds no
+    /// password).
+    #[must_use]
+    pub fn display_name(&self) -> String {
+        match self {
+            Self::Sqlite { path, .. } => std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string(),
+            Self::Postgres { url } => url.clone(),
+        }
+    }
+}
+
+/// Resolves the project's `store:` URL.
 ///
 /// # Errors
 ///
-/// Returns a message when the URL is not a SQLite URL or has an unknown
-/// option.
-pub fn sqlite_location(
-    config: &ProjectConfig,
-    root: &Path,
-) -> Result<(PathBuf, Synchronous), String> {
-    let url = config.store.as_str();
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .ok_or_else(|| format!("unsupported store `{url}`: use `sqlite://plumb.db`"))?;
-    let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if file.is_empty() {
-        return Err(format!("the store URL `{url}` names no file"));
-    }
-    let mut synchronous = Synchronous::Full;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("synchronous", v)) => synchronous = v.parse()?,
-            _ => {
-                return Err(format!(
-                    "unknown store option `{pair}` in `{url}`; the only option is `synchronous=full|normal`"
-                ));
-            }
+/// Returns a message when the URL is not one plumb can use (see
+/// [`plumb_core::store_url::parse_store_url`]).
+pub fn store_location(config: &ProjectConfig, root: &Path) -> Result<StoreLocation, String> {
+    match plumb_core::store_url::parse_store_url(&config.store)? {
+        plumb_core::store_url::StoreUrl::Sqlite {
+            file,
+            synchronous_full,
+        } => {
+            let path = Path::new(&file);
+            Ok(StoreLocation::Sqlite {
+                path: if path.is_absolute() {
+                    path.to_owned()
+                } else {
+                    root.join(path)
+                },
+                synchronous: if synchronous_full {
+                    Synchronous::Full
+                } else {
+                    Synchronous::Normal
+                },
+            })
         }
+        plumb_core::store_url::StoreUrl::Postgres { url } => Ok(StoreLocation::Postgres { url }),
     }
-    let path = Path::new(file);
-    let path = if path.is_absolute() {
-        path.to_owned()
-    } else {
-        root.join(path)
-    };
-    Ok((path, synchronous))
 }
 
 #[cfg(test)]
@@ -210,16 +234,28 @@ mod tests {
     fn store_urls_resolve_relative_to_the_project() {
         let root = Path::new("/p");
         assert_eq!(
-            sqlite_location(&config("sqlite://plumb.db"), root),
-            Ok((PathBuf::from("/p/plumb.db"), Synchronous::Full))
+            store_location(&config("sqlite://plumb.db"), root),
+            Ok(StoreLocation::Sqlite {
+                path: PathBuf::from("/p/plumb.db"),
+                synchronous: Synchronous::Full
+            })
         );
         assert_eq!(
-            sqlite_location(
+            store_location(
                 &config("sqlite:///var/lib/plumb.db?synchronous=normal"),
                 root
             ),
-            Ok((PathBuf::from("/var/lib/plumb.db"), Synchronous::Normal))
+            Ok(StoreLocation::Sqlite {
+                path: PathBuf::from("/var/lib/plumb.db"),
+                synchronous: Synchronous::Normal
+            })
         );
-        assert!(sqlite_location(&config("sqlite://x.db?mode=fast"), root).is_err());
+        assert!(store_location(&config("sqlite://x.db?mode=fast"), root).is_err());
+        assert_eq!(
+            store_location(&config("postgres://plumb@db/plumb"), root),
+            Ok(StoreLocation::Postgres {
+                url: "postgres://plumb@db/plumb".into()
+            })
+        );
     }
 }

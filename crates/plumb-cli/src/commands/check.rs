@@ -4,7 +4,6 @@ use std::collections::BTreeSet;
 
 use plumb_core::Diagnostics;
 use plumb_engine::project_dir::{self, LoadError};
-use plumb_store::prelude::*;
 use serde_json::json;
 
 use crate::Exit;
@@ -57,9 +56,14 @@ async fn stored_secret_names(root: &std::path::Path) -> Option<BTreeSet<String>>
     // Quietly: a broken plumb.yaml is reported once, by the check itself.
     let (project_file, _) = project_dir::read_sources(root).ok()?;
     let config = plumb_core::load_config(&project_file).ok()?;
-    let (path, _) = project_dir::sqlite_location(&config, root).ok()?;
-    if !path.is_file() {
-        return Some(BTreeSet::new());
+    match project_dir::store_location(&config, root).ok()? {
+        project_dir::StoreLocation::Sqlite { path, .. } if !path.is_file() => {
+            return Some(BTreeSet::new());
+        }
+        project_dir::StoreLocation::Sqlite { .. } => {}
+        // A check does not connect to a database server (nor migrate it):
+        // secret references are checked when the project starts.
+        project_dir::StoreLocation::Postgres { .. } => return None,
     }
     let store = super::open_store(&config, root).await.ok()?;
     let names = store

@@ -207,6 +207,7 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
         plumb_engine::project_dir::load_project(&root)
             .map_err(|e| anyhow::anyhow!("the demo project is invalid: {e}"))?,
     );
+    let location = super::store_location(&project.config, &root)?;
     let store = super::open_store(&project.config, &root).await?;
     let store_dyn: Arc<dyn Store> = store.clone();
     let engine = Arc::new(Engine::new(store_dyn, Arc::clone(&project), "serve")?);
@@ -220,7 +221,7 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
             scheduler: true,
         },
         Arc::new(DemoObserver { style }),
-        &super::store_id_location(store.path()),
+        &location.display_name(),
     )
     .await?;
     let base = format!("http://{addr}");

@@ -15,8 +15,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use plumb_core::{Diagnostics, ProjectConfig};
+use plumb_engine::project_dir::StoreLocation;
 use plumb_engine::project_dir::{self, LoadError, PROJECT_FILE};
-use plumb_store::SqliteStore;
+use plumb_store::{PgStore, SqliteStore, Store};
 
 /// Prints diagnostics to stderr in the format `plumb check` uses.
 pub fn print_diagnostics(diags: &Diagnostics) {
@@ -93,8 +94,8 @@ pub async fn resolve_run_id(store: &dyn plumb_store::Store, given: &str) -> anyh
 
 /// The id a server of this project reports in `/healthz` (see
 /// `plumb_server::store_id`), from the store's canonical path.
-pub fn store_id_of(path: &Path) -> String {
-    plumb_server::store_id(&store_id_location(path))
+pub fn store_id_of(location: &StoreLocation) -> String {
+    plumb_server::store_id(&location.display_name())
 }
 
 /// Who the audit log says did something from this command line.
@@ -151,20 +152,48 @@ pub async fn load_secrets(engine: &plumb_engine::Engine, root: &Path) -> anyhow:
     Ok(())
 }
 
-/// The location string a server hashes into its store id.
-pub fn store_id_location(path: &Path) -> String {
-    std::fs::canonicalize(path)
-        .unwrap_or_else(|_| path.to_owned())
-        .display()
-        .to_string()
+/// Where the store `plumb.yaml` names is.
+pub fn store_location(config: &ProjectConfig, root: &Path) -> anyhow::Result<StoreLocation> {
+    project_dir::store_location(config, root).map_err(anyhow::Error::msg)
 }
 
-/// Opens the store `plumb.yaml` names.
-pub async fn open_store(config: &ProjectConfig, root: &Path) -> anyhow::Result<Arc<SqliteStore>> {
-    let (path, synchronous) =
-        project_dir::sqlite_location(config, root).map_err(anyhow::Error::msg)?;
-    let store = SqliteStore::open(&path, synchronous)
-        .await
-        .with_context(|| format!("opening the store {}", path.display()))?;
-    Ok(Arc::new(store))
+/// Opens the store `plumb.yaml` names: a SQLite file, or a PostgreSQL
+/// database whose password comes from `PLUMB_STORE_PASSWORD` or the file
+/// `PLUMB_STORE_PASSWORD_FILE` names (never from `plumb.yaml`).
+pub async fn open_store(config: &ProjectConfig, root: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    match store_location(config, root)? {
+        StoreLocation::Sqlite { path, synchronous } => {
+            let store = SqliteStore::open(&path, synchronous)
+                .await
+                .with_context(|| format!("opening the store {}", path.display()))?;
+            Ok(Arc::new(store))
+        }
+        StoreLocation::Postgres { url } => {
+            let store = PgStore::connect(&url, store_password()?)
+                .await
+                .with_context(|| format!("opening the store {url}"))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// The PostgreSQL store's password, if one is given.
+fn store_password() -> anyhow::Result<Option<String>> {
+    if let Ok(password) = std::env::var("PLUMB_STORE_PASSWORD") {
+        return Ok(Some(password));
+    }
+    match std::env::var_os("PLUMB_STORE_PASSWORD_FILE") {
+        None => Ok(None),
+        Some(file) => {
+            let text = std::fs::read_to_string(&file).with_context(|| {
+                format!(
+                    "reading the store password from {} (PLUMB_STORE_PASSWORD_FILE)",
+                    Path::new(&file).display()
+                )
+            })?;
+            // A file written by `echo` ends with a newline that is not part
+            // of the password.
+            Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+        }
+    }
 }

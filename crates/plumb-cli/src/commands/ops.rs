@@ -6,8 +6,7 @@
 
 use std::sync::Arc;
 
-use plumb_store::prelude::*;
-use plumb_store::{CancelResult, ReplayResult, SqliteStore};
+use plumb_store::{CancelResult, ReplayResult, Store};
 use serde_json::{Value, json};
 
 use crate::cli::{DlqCommand, Global};
@@ -18,11 +17,11 @@ use crate::{Exit, UsageError};
 enum Backend {
     /// The server's API; the store is open too, to resolve abbreviated run
     /// ids.
-    Api(ApiClient, Arc<SqliteStore>),
+    Api(ApiClient, Arc<dyn Store>),
     /// The store directly; `server` is this project's running server, if
     /// one answers (there was no `PLUMB_TOKEN` to use its API with).
     Store {
-        store: Arc<SqliteStore>,
+        store: Arc<dyn Store>,
         server: Option<String>,
     },
 }
@@ -31,11 +30,11 @@ impl Backend {
     async fn open(global: &Global) -> anyhow::Result<Self> {
         let root = global.project_dir();
         let config = super::load_config(&root)?;
-        let (path, _) = plumb_engine::project_dir::sqlite_location(&config, &root)
-            .map_err(anyhow::Error::msg)?;
+        let location = super::store_location(&config, &root)?;
         let store = super::open_store(&config, &root).await?;
         let instance = store.instance_secret().await?;
-        let server = ApiClient::probe(&config.listen, &super::store_id_of(&path), &instance).await;
+        let server =
+            ApiClient::probe(&config.listen, &super::store_id_of(&location), &instance).await;
         if let (Some(base), Ok(token)) = (&server, std::env::var("PLUMB_TOKEN"))
             && let Some(client) = ApiClient::new(base.clone(), &token)
         {

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use plumb_core::SourceFile;
 use plumb_core::model::{Action, Step, Workflow, short_version};
-use plumb_store::prelude::*;
 use plumb_store::{AttemptFailure, Run, RunFilter, StepRecord, StepStatus};
 use serde_json::json;
 

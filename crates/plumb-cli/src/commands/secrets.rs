@@ -6,8 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use plumb_store::prelude::*;
-use plumb_store::{ApiToken, SecretWrite, SecretWriteResult, SqliteStore};
+use plumb_store::{ApiToken, SecretWrite, SecretWriteResult, Store};
 use plumb_vault::{MasterKey, SecretValue};
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -16,7 +15,7 @@ use crate::cli::{AuditCommand, Global, SecretsCommand, TokensCommand};
 use crate::output::{Style, timestamp};
 use crate::{Exit, UsageError};
 
-async fn open(global: &Global) -> anyhow::Result<(std::path::PathBuf, Arc<SqliteStore>)> {
+async fn open(global: &Global) -> anyhow::Result<(std::path::PathBuf, Arc<dyn Store>)> {
     let root = global.project_dir();
     let config = super::load_config(&root)?;
     let store = super::open_store(&config, &root).await?;
@@ -74,7 +73,7 @@ fn read_value(name: &str) -> anyhow::Result<SecretValue> {
 
 /// The master key, creating the key file when this is the project's first
 /// secret and no key exists anywhere yet.
-async fn key_for_writing(root: &Path, store: &SqliteStore) -> anyhow::Result<Arc<MasterKey>> {
+async fn key_for_writing(root: &Path, store: &dyn Store) -> anyhow::Result<Arc<MasterKey>> {
     match super::load_master_key(root)? {
         Ok(k) => Ok(k),
         Err(why) => {
@@ -106,10 +105,26 @@ pub async fn secrets(global: &Global, command: SecretsCommand) -> anyhow::Result
             .into());
         }
         SecretsCommand::Set { name } => {
-            write(global, &root, &store, &name, SecretWrite::Create, &actor).await?
+            write(
+                global,
+                &root,
+                store.as_ref(),
+                &name,
+                SecretWrite::Create,
+                &actor,
+            )
+            .await?
         }
         SecretsCommand::Rotate { name } => {
-            write(global, &root, &store, &name, SecretWrite::Rotate, &actor).await?
+            write(
+                global,
+                &root,
+                store.as_ref(),
+                &name,
+                SecretWrite::Rotate,
+                &actor,
+            )
+            .await?
         }
         SecretsCommand::List => {
             let uses = secret_uses(&root);
@@ -185,7 +200,14 @@ pub async fn secrets(global: &Global, command: SecretsCommand) -> anyhow::Result
             Exit::Success
         }
         SecretsCommand::Rekey { new_key_file } => {
-            rekey(global, &root, &store, &actor, new_key_file.as_deref()).await?
+            rekey(
+                global,
+                &root,
+                store.as_ref(),
+                &actor,
+                new_key_file.as_deref(),
+            )
+            .await?
         }
     };
     store.close().await;
@@ -195,7 +217,7 @@ pub async fn secrets(global: &Global, command: SecretsCommand) -> anyhow::Result
 async fn write(
     global: &Global,
     root: &Path,
-    store: &SqliteStore,
+    store: &dyn Store,
     name: &str,
     mode: SecretWrite,
     actor: &str,
@@ -248,7 +270,7 @@ async fn write(
 async fn rekey(
     global: &Global,
     root: &Path,
-    store: &SqliteStore,
+    store: &dyn Store,
     actor: &str,
     new_key_file: Option<&Path>,
 ) -> anyhow::Result<Exit> {

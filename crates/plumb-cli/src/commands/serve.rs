@@ -81,6 +81,7 @@ pub async fn run(global: &Global, args: Option<ServeArgs>) -> anyhow::Result<Exi
         }
         Err(e) => return Err(e.into()),
     };
+    let location = super::store_location(&project.config, &root)?;
     let store = super::open_store(&project.config, &root).await?;
     let store_dyn: Arc<dyn Store> = store.clone();
     let http = args.is_some();
@@ -118,10 +119,10 @@ pub async fn run(global: &Global, args: Option<ServeArgs>) -> anyhow::Result<Exi
             scheduler: http,
         },
         Arc::new(LogObserver),
-        &super::store_id_location(store.path()),
+        &location.display_name(),
     )
     .await?;
-    announce(global, &service, &project, store.path());
+    announce(global, &service, &project, &location.display_name());
 
     wait_for_signals(signals, &root, &engine, &service).await;
     service.shutdown().await;
@@ -132,7 +133,7 @@ pub async fn run(global: &Global, args: Option<ServeArgs>) -> anyhow::Result<Exi
     Ok(Exit::Success)
 }
 
-fn announce(global: &Global, service: &Service, project: &plumb_core::Project, store: &Path) {
+fn announce(global: &Global, service: &Service, project: &plumb_core::Project, store: &str) {
     let workflows = project.workflows.len();
     if global.json {
         println!(
@@ -140,7 +141,7 @@ fn announce(global: &Global, service: &Service, project: &plumb_core::Project, s
             serde_json::json!({
                 "event": "ready",
                 "listen": service.addr.map(|a| format!("http://{a}")),
-                "store": store.display().to_string(),
+                "store": store,
                 "workflows": workflows,
             })
         );
@@ -148,20 +149,14 @@ fn announce(global: &Global, service: &Service, project: &plumb_core::Project, s
     }
     match service.addr {
         Some(addr) => {
-            println!(
-                "plumb listening on http://{addr} · {workflows} workflows · store {}",
-                store.display()
-            );
+            println!("plumb listening on http://{addr} · {workflows} workflows · store {store}");
             for w in &project.workflows {
                 if let plumb_core::model::Trigger::Webhook { path, .. } = &w.trigger {
                     println!("  webhook  POST http://{addr}/hooks/{path} → {}", w.name);
                 }
             }
         }
-        None => println!(
-            "plumb worker started · {workflows} workflows · store {}",
-            store.display()
-        ),
+        None => println!("plumb worker started · {workflows} workflows · store {store}"),
     }
 }
 

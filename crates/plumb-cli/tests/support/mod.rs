@@ -636,3 +636,133 @@ pub async fn post_raw(url: &str, content_type: &str, body: Vec<u8>) -> (u16, Val
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
+
+/// Webhook senders that behave like real ones: each event is posted until
+/// it gets a `202`, whatever happens to the server meanwhile.
+pub struct Senders {
+    /// Event number → the run id its `202` named.
+    pub acked: Arc<Mutex<HashMap<usize, String>>>,
+    /// Sends that were refused or aborted (and retried).
+    pub refused: Arc<std::sync::atomic::AtomicUsize>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Senders {
+    /// Starts `concurrency` senders posting events `0..events` to `hook` as
+    /// `{"event": "e-N", "n": N}`.
+    pub fn start(hook: &str, events: usize, concurrency: usize) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let next = Arc::new(AtomicUsize::new(0));
+        let acked: Arc<Mutex<HashMap<usize, String>>> = Arc::default();
+        let refused = Arc::new(AtomicUsize::new(0));
+        let mut handles = Vec::new();
+        for _ in 0..concurrency {
+            let (next, acked, refused, hook) = (
+                Arc::clone(&next),
+                Arc::clone(&acked),
+                Arc::clone(&refused),
+                hook.to_owned(),
+            );
+            handles.push(tokio::spawn(async move {
+                let client = http();
+                loop {
+                    let n = next.fetch_add(1, Ordering::SeqCst);
+                    if n >= events {
+                        return;
+                    }
+                    loop {
+                        let sent = client
+                            .post(&hook)
+                            .json(&json!({"event": format!("e-{n}"), "n": n}))
+                            .timeout(Duration::from_secs(10))
+                            .send()
+                            .await;
+                        match sent {
+                            Ok(r) if r.status().as_u16() == 202 => {
+                                let body: Value = r.json().await.unwrap_or(Value::Null);
+                                let id = body["run_id"]
+                                    .as_str()
+                                    .expect("202 carries a run id")
+                                    .to_owned();
+                                acked.lock().expect("lock").insert(n, id);
+                                break;
+                            }
+                            Ok(r) => {
+                                assert!(
+                                    !r.status().is_success(),
+                                    "a 2xx other than 202: {}",
+                                    r.status()
+                                );
+                                refused.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(_) => {
+                                refused.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }));
+        }
+        Self {
+            acked,
+            refused,
+            handles,
+        }
+    }
+
+    /// How many events were acknowledged so far.
+    pub fn acked_count(&self) -> usize {
+        self.acked.lock().expect("lock").len()
+    }
+
+    /// Waits until at least `n` events are acknowledged (or `within` ends).
+    pub async fn wait_acked(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.acked_count() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits for every sender; returns event number → run id.
+    pub async fn finish(self) -> HashMap<usize, String> {
+        for h in self.handles {
+            h.await.expect("sender");
+        }
+        self.acked.lock().expect("lock").clone()
+    }
+}
+
+/// What the receiver got for acknowledged runs whose step `step` POSTed
+/// with the key `<run_id>:<step>`: the acknowledged events with no
+/// delivery, the re-sends of an acknowledged key (an in-flight step sent
+/// again with its key), and the keys of runs no `202` named (a sender's
+/// answer lost in a kill; the sender sent the event again).
+pub fn deliveries(
+    rx: &Receiver,
+    acked: &HashMap<usize, String>,
+    step: &str,
+) -> (Vec<usize>, usize, usize) {
+    let suffix = format!(":{step}");
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    for h in rx.hits() {
+        let key = h.key.clone().expect("key");
+        if key.ends_with(&suffix) {
+            *per_key.entry(key).or_default() += 1;
+        }
+    }
+    let acked_keys: std::collections::HashSet<String> =
+        acked.values().map(|r| format!("{r}:{step}")).collect();
+    let missing = acked
+        .iter()
+        .filter(|(_, run)| !per_key.contains_key(&format!("{run}:{step}")))
+        .map(|(n, _)| *n)
+        .collect();
+    let resent = per_key
+        .iter()
+        .filter(|(k, _)| acked_keys.contains(*k))
+        .map(|(_, n)| n - 1)
+        .sum();
+    let unacked = per_key.keys().filter(|k| !acked_keys.contains(*k)).count();
+    (missing, resent, unacked)
+}

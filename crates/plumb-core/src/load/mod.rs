@@ -233,7 +233,7 @@ pub fn load_config_lenient(file: &SourceFile) -> Result<(ProjectConfig, Diagnost
     else {
         return Err(problems);
     };
-    if check_store_url(&store).is_err() {
+    if crate::store_url::parse_store_url(&store).is_err() {
         return Err(problems);
     }
     let config = ProjectConfig {
@@ -325,10 +325,9 @@ fn load_config_inner(
         }
     }
     let store = spec.store.unwrap_or_else(|| DEFAULT_STORE.to_owned());
-    if let Err(message) = check_store_url(&store) {
-        cx.error_at_value(&root.key("store"), message).help = Some(
-            "use `sqlite://plumb.db` (relative to the project) or `sqlite:///absolute/path.db`, optionally with `?synchronous=normal`".into(),
-        );
+    if let Err(message) = crate::store_url::parse_store_url(&store) {
+        cx.error_at_value(&root.key("store"), message).help =
+            Some(crate::store_url::STORE_URL_HELP.into());
     }
     let mut alerts = BTreeMap::new();
     for (name, raw) in &spec.alerts {
@@ -1242,25 +1241,6 @@ pub fn parse_size(value: &Value) -> Result<u64, String> {
     number
         .checked_mul(factor)
         .ok_or_else(|| format!("`{text}` is too large"))
-}
-
-fn check_store_url(url: &str) -> Result<(), String> {
-    let Some(rest) = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    else {
-        return Err(format!("unsupported store `{url}`"));
-    };
-    let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if file.is_empty() {
-        return Err(format!("the store URL `{url}` names no file"));
-    }
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        if !matches!(pair, "synchronous=full" | "synchronous=normal") {
-            return Err(format!("unknown store option `{pair}` in `{url}`"));
-        }
-    }
-    Ok(())
 }
 
 /// `.a.b[0].c` → `["a", "b", "0", "c"]`; `None` if it is not such a path.

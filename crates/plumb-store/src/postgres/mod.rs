@@ -141,6 +141,18 @@ impl PgStore {
             .await
             .map_err(|e| open(format!("migrating the store: {e}")))?;
         let _ = conn.close().await;
+        // A process that stops between two statements of a transaction
+        // (SIGSTOP, a long GC-like pause, a frozen VM) keeps its row locks
+        // until it wakes: every other process that needs those rows would
+        // wait as long. The server ends such a session after a few
+        // seconds, which rolls the transaction back (the stalled process
+        // then finds its lease gone), and no lock wait lasts forever. Only
+        // the pool's sessions: migration waits for its lock as long as
+        // another process migrates.
+        let options = options.options([
+            ("idle_in_transaction_session_timeout", "5s"),
+            ("lock_timeout", "10s"),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)

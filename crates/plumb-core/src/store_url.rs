@@ -1,0 +1,153 @@
+//! The `store:` URL of `plumb.yaml`: which backend holds plumb's state and
+//! where. Parsed here once, for `plumb check` and for opening the store.
+//!
+//! This module knows URLs, not databases: it never connects anywhere.
+
+/// A parsed `store:` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `sqlite://plumb.db` (relative to the project) or
+    /// `sqlite:///absolute/path.db`, optionally `?synchronous=normal`.
+    Sqlite {
+        /// The file as written (relative paths are the project's).
+        file: String,
+        /// `synchronous=full` (the default): every commit survives power
+        /// loss. `false` for `synchronous=normal`.
+        synchronous_full: bool,
+    },
+    /// `postgres://user@host:5432/database` (or `postgresql://`). Never
+    /// with a password: that comes from `PLUMB_STORE_PASSWORD` or
+    /// `PLUMB_STORE_PASSWORD_FILE`, because the store cannot hold the key
+    /// to itself and `plumb.yaml` is meant to be committed.
+    Postgres {
+        /// The URL as written.
+        url: String,
+    },
+}
+
+/// What `plumb check` suggests for a store URL it cannot use.
+pub const STORE_URL_HELP: &str = "use `sqlite://plumb.db` (relative to the project), \
+    `sqlite:///absolute/path.db` (optionally with `?synchronous=normal`), or \
+    `postgres://user@host:5432/database` with the password in PLUMB_STORE_PASSWORD";
+
+/// Parses a `store:` URL.
+///
+/// # Errors
+///
+/// A message naming what is wrong: an unknown scheme, a SQLite URL without
+/// a file or with an unknown option, a PostgreSQL URL without a host or
+/// with a password in it.
+pub fn parse_store_url(url: &str) -> Result<StoreUrl, String> {
+    if let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        let (file, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if file.is_empty() {
+            return Err(format!("the store URL `{url}` names no file"));
+        }
+        let mut synchronous_full = true;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair {
+                "synchronous=full" => synchronous_full = true,
+                "synchronous=normal" => synchronous_full = false,
+                _ => {
+                    return Err(format!(
+                        "unknown store option `{pair}` in `{url}`; the only option is `synchronous=full|normal`"
+                    ));
+                }
+            }
+        }
+        return Ok(StoreUrl::Sqlite {
+            file: file.to_owned(),
+            synchronous_full,
+        });
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| format!("the store URL `{}` is not a URL: {e}", redact(url)))?;
+        if parsed.password().is_some() || parsed.query_pairs().any(|(k, _)| k == "password") {
+            return Err(format!(
+                "the store URL `{}` holds a password; remove it from plumb.yaml and set \
+                 PLUMB_STORE_PASSWORD (or PLUMB_STORE_PASSWORD_FILE, a file holding it)",
+                redact(url)
+            ));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(format!("the store URL `{url}` names no host"));
+        }
+        return Ok(StoreUrl::Postgres {
+            url: url.to_owned(),
+        });
+    }
+    Err(format!("unsupported store `{}`", redact(url)))
+}
+
+/// The URL without its query and with the password between `://` and `@`
+/// blanked, so an error about a URL that holds a password never repeats it.
+fn redact(url: &str) -> String {
+    let url = url.split_once('?').map_or(url, |(base, _)| base);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_a_file_and_a_durability_mode() {
+        assert_eq!(
+            parse_store_url("sqlite://plumb.db"),
+            Ok(StoreUrl::Sqlite {
+                file: "plumb.db".into(),
+                synchronous_full: true
+            })
+        );
+        assert_eq!(
+            parse_store_url("sqlite:///var/lib/p.db?synchronous=normal"),
+            Ok(StoreUrl::Sqlite {
+                file: "/var/lib/p.db".into(),
+                synchronous_full: false
+            })
+        );
+        assert!(parse_store_url("sqlite://").is_err());
+        assert!(parse_store_url("sqlite://x.db?mode=fast").is_err());
+    }
+
+    #[test]
+    fn postgres_urls_are_accepted_without_a_password() {
+        assert_eq!(
+            parse_store_url("postgres://plumb@db.internal:5432/plumb"),
+            Ok(StoreUrl::Postgres {
+                url: "postgres://plumb@db.internal:5432/plumb".into()
+            })
+        );
+        assert!(parse_store_url("postgresql://plumb@localhost/plumb").is_ok());
+    }
+
+    #[test]
+    fn a_password_in_a_postgres_url_is_refused_without_repeating_it() {
+        let err = parse_store_url("postgres://plumb:hunter2@db/plumb").expect_err("password");
+        assert!(err.contains("PLUMB_STORE_PASSWORD"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = parse_store_url("postgres://plumb@db/plumb?password=hunter2").expect_err("query");
+        assert!(err.contains("PLUMB_STORE_PASSWORD"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn other_schemes_are_refused() {
+        let err = parse_store_url("mysql://root:pw@db/x").expect_err("mysql");
+        assert!(err.contains("unsupported store"), "{err}");
+        assert!(!err.contains("pw@"), "{err}");
+    }
+}
