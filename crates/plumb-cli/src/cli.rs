@@ -98,6 +98,23 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The store itself: copy it to another backend.
+    Store {
+        /// What to do.
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+/// `plumb store …`.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy everything in this project's store (runs with their journals, the queue, schedule slots, alerts, sealed secrets, tokens, deployments, the audit log) into a new, empty store. Stop every plumb process of the project first.
+    Copy {
+        /// The target store's URL (`postgres://user@host:5432/db`); its password from PLUMB_STORE_PASSWORD or PLUMB_STORE_PASSWORD_FILE.
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
 }
 
 /// `plumb secrets …`.

@@ -120,6 +120,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Exit> {
         Command::Secrets { command } => commands::secrets::secrets(&global, command).await,
         Command::Tokens { command } => commands::secrets::tokens(&global, command).await,
         Command::Audit { command } => commands::secrets::audit(&global, command).await,
+        Command::Store { command } => commands::store::run(&global, command).await,
     }
 }
 

@@ -242,3 +242,107 @@ async fn a_serve_and_three_workers_on_postgres_deliver_every_event_once_by_key_t
     );
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_store_copied_to_postgres_keeps_secrets_tokens_and_audit_and_resumes_an_interrupted_run()
+ {
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let rx = Receiver::start().await;
+    let listen = format!("127.0.0.1:{}", support::free_port());
+    let connections = format!(
+        "connections:\n  rx:\n    http:\n      base_url: {}\n      auth: {{ header: {{ name: X-Api-Key, secret: rx_key }} }}\nserve:\n  lease: 2s\n",
+        rx.base_url
+    );
+    let project = Project::new(&format!("listen: {listen}\n{connections}"));
+    project.workflow(
+        "slow",
+        &format!(
+            "name: slow\n{HEAD}trigger:\n  webhook: {{ path: slow }}\nsteps:\n  - id: first\n    http: {{ connection: rx, method: POST, path: /ok/first }}\n  - id: second\n    http: {{ connection: rx, method: POST, path: /ok/second, query: {{ delay_ms: 3000 }} }}\n"
+        ),
+    );
+    let set = project.set_secret("rx_key", "k-123").await;
+    assert_eq!(set.code, Some(0), "{set}");
+
+    // On SQLite: a run killed while its second step is in flight.
+    let server = project.serve(&listen).await;
+    let (code, body) = support::post_json(
+        &format!("{}/hooks/slow", server.base_url),
+        &serde_json::json!({"x": 1}),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    let run_id = body["run_id"].as_str().expect("run id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rx.hits().iter().any(|h| h.path.ends_with("/second")) {
+        assert!(Instant::now() < deadline, "the second step never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill().await;
+
+    // A copy into a database that is not empty is refused, leaving it as it was.
+    let copy = project
+        .cmd(&["store", "copy", "--to", &db.url])
+        .output()
+        .await
+        .expect("plumb store copy");
+    assert_eq!(
+        copy.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    let again = project.run(&["store", "copy", "--to", &db.url]).await;
+    assert_eq!(
+        again.code,
+        Some(1),
+        "a second copy into the same database: {again}"
+    );
+    assert!(again.stderr.contains("already holds"), "{again}");
+
+    // Served from PostgreSQL.
+    std::fs::write(
+        project.path().join("plumb.yaml"),
+        format!("store: {}\nlisten: {listen}\n{connections}", db.url),
+    )
+    .expect("rewrite plumb.yaml");
+    let verify = project.run(&["audit", "verify"]).await;
+    assert_eq!(verify.code, Some(0), "audit verify on the copy: {verify}");
+    let secrets = project.run(&["secrets", "list"]).await;
+    assert!(secrets.stdout.contains("rx_key"), "{secrets}");
+    let server = project.serve(&listen).await;
+    // The API token made on SQLite works here (the JSON helpers send it).
+    let run = support::wait_run(&server.base_url, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(
+        run["run"]["status"], "succeeded",
+        "the interrupted run finished: {run}"
+    );
+    let second: Vec<_> = rx
+        .hits()
+        .into_iter()
+        .filter(|h| h.path.ends_with("/second"))
+        .collect();
+    assert!(
+        second
+            .iter()
+            .all(|h| h.key.as_deref() == Some(&format!("{run_id}:second"))),
+        "the resumed step kept its key"
+    );
+    assert!(
+        second
+            .iter()
+            .all(|h| h.headers.get("x-api-key").map(String::as_str) == Some("k-123")),
+        "the sealed secret opens on the copy"
+    );
+    assert_eq!(
+        rx.hits()
+            .iter()
+            .filter(|h| h.path.ends_with("/first"))
+            .count(),
+        1,
+        "the step committed before the copy is not run again"
+    );
+    server.kill().await;
+    db.drop().await;
+}

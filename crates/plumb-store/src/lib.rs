@@ -39,6 +39,7 @@ use async_trait::async_trait;
 
 pub mod alerts;
 pub mod audit;
+pub mod copy;
 pub mod deployments;
 mod json;
 pub mod lease;

@@ -9,6 +9,7 @@ pub mod run;
 pub mod runs;
 pub mod secrets;
 pub mod serve;
+pub mod store;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -178,7 +179,7 @@ pub async fn open_store(config: &ProjectConfig, root: &Path) -> anyhow::Result<A
 }
 
 /// The PostgreSQL store's password, if one is given.
-fn store_password() -> anyhow::Result<Option<String>> {
+pub fn store_password() -> anyhow::Result<Option<String>> {
     if let Ok(password) = std::env::var("PLUMB_STORE_PASSWORD") {
         return Ok(Some(password));
     }

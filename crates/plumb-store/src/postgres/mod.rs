@@ -57,6 +57,7 @@ use crate::{Store, StoreError, now_ms};
 
 mod alerts;
 mod audit;
+mod copy;
 mod deployments;
 mod runs;
 mod schedules;

@@ -52,6 +52,7 @@ use crate::{CancelResult, Claim, ReplayResult, Run, SecretWriteResult, Store, St
 
 mod alerts;
 mod audit;
+mod copy;
 mod deployments;
 mod runs;
 mod schedules;
