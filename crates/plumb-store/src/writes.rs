@@ -27,6 +27,72 @@ pub(crate) const DEADLINE_MISSED: &str = "the store could not commit before the 
 /// Why a run committed behind its sender's back was cancelled.
 pub(crate) const WITHDRAWN: &str = "withdrawn: its sender was told it was not accepted (the store did not commit in time), so it will send it again";
 
+/// Most workflows one claim looks at before it gives up for this call (the
+/// next call goes on from where it stopped).
+pub(crate) const MAX_WORKFLOWS_PER_CLAIM: usize = 64;
+
+/// The order in which a claim visits the workflows that have queued runs:
+/// round-robin by name, starting after the workflow this process claimed
+/// from last, so a backlog of one workflow never starves the others; oldest
+/// first within a workflow. One round at most per call.
+#[derive(Debug)]
+pub(crate) struct WorkflowWalk {
+    start: String,
+    cursor: String,
+    wrapped: bool,
+    left: usize,
+}
+
+/// What a claim does next on its walk.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Visit {
+    /// Try this workflow's oldest claimable queued run.
+    Try(String),
+    /// Look again from the lowest name (the walk wrapped around).
+    Again,
+    /// Every workflow was visited: nothing to claim now.
+    Done,
+}
+
+impl WorkflowWalk {
+    /// A walk that starts after `after` (empty: from the lowest name).
+    pub(crate) fn new(after: &str) -> Self {
+        Self {
+            start: after.to_owned(),
+            cursor: after.to_owned(),
+            wrapped: false,
+            left: MAX_WORKFLOWS_PER_CLAIM,
+        }
+    }
+
+    /// The bound of the next lookup: the lowest workflow with queued runs
+    /// whose name is greater than this.
+    pub(crate) fn cursor(&self) -> &str {
+        &self.cursor
+    }
+
+    /// Given that lookup's answer, where to go.
+    pub(crate) fn next(&mut self, found: Option<String>) -> Visit {
+        if self.left == 0 {
+            return Visit::Done;
+        }
+        self.left -= 1;
+        match found {
+            None if !self.wrapped && !self.start.is_empty() => {
+                self.wrapped = true;
+                self.cursor.clear();
+                Visit::Again
+            }
+            None => Visit::Done,
+            Some(w) if self.wrapped && w > self.start => Visit::Done,
+            Some(w) => {
+                self.cursor.clone_from(&w);
+                Visit::Try(w)
+            }
+        }
+    }
+}
+
 /// A journal row with its JSON already encoded, by the caller's task: the
 /// statement only binds text, and a large output is encoded once.
 #[derive(Debug)]
@@ -458,5 +524,45 @@ impl Chained {
             prev_hash,
             hash,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Visit, WorkflowWalk};
+
+    /// Runs a walk over `queued` (workflows with queued runs), every try
+    /// failing, and returns the workflows it tried in order.
+    fn tried(after: &str, queued: &[&str]) -> Vec<String> {
+        let mut walk = WorkflowWalk::new(after);
+        let mut out = Vec::new();
+        loop {
+            let found = queued
+                .iter()
+                .filter(|w| **w > walk.cursor())
+                .min()
+                .map(|w| (*w).to_owned());
+            match walk.next(found) {
+                Visit::Try(w) => out.push(w),
+                Visit::Again => {}
+                Visit::Done => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn a_walk_visits_every_workflow_once_starting_after_the_last_claimed() {
+        assert_eq!(tried("", &["a", "b", "c"]), ["a", "b", "c"]);
+        assert_eq!(tried("b", &["a", "b", "c"]), ["c", "a", "b"]);
+        assert_eq!(tried("c", &["a", "b", "c"]), ["a", "b", "c"]);
+        assert_eq!(tried("zz", &["a"]), ["a"]);
+        assert!(tried("b", &[]).is_empty());
+    }
+
+    #[test]
+    fn a_walk_is_bounded() {
+        let many: Vec<String> = (0..1000).map(|i| format!("w{i:04}")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(tried("", &refs).len(), super::MAX_WORKFLOWS_PER_CLAIM);
     }
 }

@@ -72,7 +72,10 @@ const MAX_CONNECTIONS: u32 = 16;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema, one script per version, applied in order.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_init.sql"),
+    include_str!("../../migrations/postgres/0002_fair_claims.sql"),
+];
 
 /// The advisory lock every migrating process takes (fixed, so processes of
 /// every version agree on it): "plumbmig" in ASCII.
@@ -84,6 +87,9 @@ pub struct PgStore {
     pool: PgPool,
     /// Where it is, without the password.
     location: String,
+    /// The workflow this process last claimed a run of: the next claim
+    /// looks at the workflows after it first (see `WorkflowWalk`).
+    claimed_from: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 /// Shows where the store is and never the connection options, which hold
@@ -158,7 +164,11 @@ impl PgStore {
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);
-        Ok(Self { pool, location })
+        Ok(Self {
+            pool,
+            location,
+            claimed_from: std::sync::Arc::default(),
+        })
     }
 
     /// Where the store is (`postgres://user@host:port/db`), without the

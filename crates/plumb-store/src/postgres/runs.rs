@@ -34,7 +34,7 @@ use crate::json::to_json_text;
 use crate::rows::{self, ATTEMPT_COLUMNS, Columns, RUN_COLUMNS, STEP_COLUMNS, item_to_db};
 use crate::writes::{
     ClaimStep, DEADLINE_GRACE, DEADLINE_MISSED, EncodedStep, Ending, LEASE_STATE_COLUMNS,
-    LeaseState, NewRunRow, NextLease, WITHDRAWN, decide_claim, entries,
+    LeaseState, NewRunRow, NextLease, Visit, WITHDRAWN, WorkflowWalk, decide_claim, entries,
 };
 use crate::{
     AttemptFailure, CancelResult, Claim, Lease, LeasedRun, Millis, NewAlert, NewRun, Release,
@@ -257,24 +257,32 @@ struct Candidate {
     max_concurrency: Option<i64>,
 }
 
-/// The oldest claimable run of `lane` not of a workflow in `set_aside`,
-/// locked.
+/// The oldest claimable run of `lane` not of a workflow in `set_aside`
+/// (and of workflow `only`, when given), locked.
 async fn candidate(
     conn: &mut PgConnection,
     lane: &str,
     now: Millis,
     set_aside: &[String],
+    only: Option<&str>,
 ) -> Result<Option<Candidate>, StoreError> {
-    let row: Option<PgRow> = sqlx::query(sql(format!(
+    let of_workflow = if only.is_some() {
+        "AND r.workflow = $3"
+    } else {
+        ""
+    };
+    let query = sqlx::query(sql(format!(
         "SELECT r.id, r.claims, r.workflow, r.max_concurrency FROM runs r \
-         WHERE {lane} AND {UNDER_LIMIT} AND r.workflow <> ALL($2) \
+         WHERE {lane} AND {UNDER_LIMIT} AND r.workflow <> ALL($2) {of_workflow} \
          ORDER BY r.created_at, r.id LIMIT 1 FOR UPDATE OF r SKIP LOCKED"
     )))
     .bind(now)
-    .bind(set_aside)
-    .fetch_optional(conn)
-    .await
-    .map_err(map_err)?;
+    .bind(set_aside);
+    let query = match only {
+        Some(w) => query.bind(w.to_owned()),
+        None => query,
+    };
+    let row: Option<PgRow> = query.fetch_optional(conn).await.map_err(map_err)?;
     row.map(|r| {
         Ok(Candidate {
             id: r.text("id")?,
@@ -314,21 +322,48 @@ async fn under_limit(
     Ok(leased < limit)
 }
 
-async fn claim_next(conn: &mut PgConnection, lease: &Lease) -> Result<Option<Run>, StoreError> {
+async fn claim_next(
+    conn: &mut PgConnection,
+    lease: &Lease,
+    after_workflow: &str,
+) -> Result<Option<Run>, StoreError> {
     let now = now_ms();
+    // Interrupted runs first, oldest first, whatever their workflow.
     let mut set_aside: Vec<String> = Vec::new();
-    for lane in LANES {
-        while let Some(c) = candidate(conn, lane, now, &set_aside).await? {
+    while let Some(c) = candidate(conn, LANES[0], now, &set_aside, None).await? {
+        if let Some(limit) = c.max_concurrency
+            && !under_limit(conn, &c.workflow, limit).await?
+        {
+            set_aside.push(c.workflow);
+            continue;
+        }
+        return take_lease(conn, &c.id, c.claims, lease).await.map(Some);
+    }
+    // Then the queue, workflow by workflow (see `WorkflowWalk`), oldest
+    // first within each.
+    let mut walk = WorkflowWalk::new(after_workflow);
+    loop {
+        let next: Option<String> = sqlx::query_scalar(
+            "SELECT min(workflow) FROM runs WHERE status = 'queued' AND workflow > $1",
+        )
+        .bind(walk.cursor())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(map_err)?;
+        let workflow = match walk.next(next) {
+            Visit::Try(w) => w,
+            Visit::Again => continue,
+            Visit::Done => return Ok(None),
+        };
+        if let Some(c) = candidate(conn, LANES[1], now, &[], Some(&workflow)).await? {
             if let Some(limit) = c.max_concurrency
                 && !under_limit(conn, &c.workflow, limit).await?
             {
-                set_aside.push(c.workflow);
                 continue;
             }
             return take_lease(conn, &c.id, c.claims, lease).await.map(Some);
         }
     }
-    Ok(None)
 }
 
 async fn finish(
@@ -738,9 +773,19 @@ impl RunStore for PgStore {
     }
 
     async fn claim_next(&self, lease: &Lease) -> Result<Option<Run>, StoreError> {
+        let after = self
+            .claimed_from
+            .lock()
+            .map(|w| w.clone())
+            .unwrap_or_default();
         let mut tx = self.begin().await?;
-        let run = claim_next(&mut tx, lease).await?;
+        let run = claim_next(&mut tx, lease, &after).await?;
         tx.commit().await.map_err(map_err)?;
+        if let Some(run) = &run
+            && let Ok(mut w) = self.claimed_from.lock()
+        {
+            run.workflow.clone_into(&mut w);
+        }
         Ok(run)
     }
 

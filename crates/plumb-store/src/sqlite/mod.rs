@@ -99,6 +99,9 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Job>,
     readers: Arc<ReaderPool>,
     path: PathBuf,
+    /// The workflow this process last claimed a run of: the next claim
+    /// looks at the workflows after it first (see `WorkflowWalk`).
+    claimed_from: Mutex<String>,
 }
 
 #[derive(Debug)]
@@ -167,7 +170,7 @@ impl Op {
     fn is_claim(&self) -> bool {
         matches!(
             self,
-            Op::Runs(runs::Write::Claim { .. } | runs::Write::ClaimNext(_))
+            Op::Runs(runs::Write::Claim { .. } | runs::Write::ClaimNext { .. })
         )
     }
 }
@@ -202,6 +205,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0004_queue_index.sql"),
     include_str!("../../migrations/sqlite/0005_secrets_tokens_audit.sql"),
     include_str!("../../migrations/sqlite/0006_strikes_and_heartbeats.sql"),
+    include_str!("../../migrations/sqlite/0007_fair_claims.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes
@@ -281,7 +285,23 @@ impl SqliteStore {
                 idle: Mutex::new(Vec::new()),
             }),
             path,
+            claimed_from: Mutex::new(String::new()),
         })
+    }
+
+    /// The workflow this process last claimed a run of.
+    fn claimed_from(&self) -> String {
+        self.claimed_from
+            .lock()
+            .map(|w| w.clone())
+            .unwrap_or_default()
+    }
+
+    /// Notes that this process claimed a run of `workflow`.
+    fn claimed(&self, workflow: &str) {
+        if let Ok(mut w) = self.claimed_from.lock() {
+            workflow.clone_into(&mut w);
+        }
     }
 
     /// The file this store lives in.

@@ -9,8 +9,8 @@ use super::{Done, Op, SqliteStore, map_err, query_all, unexpected};
 use crate::json::to_json_text;
 use crate::rows::{self, ATTEMPT_COLUMNS, RUN_COLUMNS, STEP_COLUMNS, item_to_db};
 use crate::writes::{
-    ClaimStep, EncodedStep, Ending, LEASE_STATE_COLUMNS, LeaseState, NewRunRow, NextLease,
-    decide_claim, entries,
+    ClaimStep, EncodedStep, Ending, LEASE_STATE_COLUMNS, LeaseState, NewRunRow, NextLease, Visit,
+    WorkflowWalk, decide_claim, entries,
 };
 use crate::{
     AttemptFailure, CancelResult, Claim, Lease, LeasedRun, Millis, NewAlert, NewRun, Release,
@@ -28,7 +28,10 @@ pub(super) enum Write {
         lease: Lease,
         steal_from: Option<(String, i64)>,
     },
-    ClaimNext(Lease),
+    ClaimNext {
+        lease: Lease,
+        after_workflow: String,
+    },
     Renew {
         id: String,
         lease: Lease,
@@ -104,7 +107,10 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
             steal_from.as_ref().map(|(h, b)| (h.as_str(), *b)),
         )
         .map(Done::Claim),
-        Write::ClaimNext(lease) => claim_next(tx, lease).map(Done::MaybeRun),
+        Write::ClaimNext {
+            lease,
+            after_workflow,
+        } => claim_next(tx, lease, after_workflow).map(Done::MaybeRun),
         Write::Renew { id, lease } => tx
             .prepare_cached(
                 "UPDATE runs SET lease_expires_at = ?3, lease_ms = ?4, heartbeat = heartbeat + 1 \
@@ -360,32 +366,59 @@ const UNDER_LIMIT: &str = "(r.max_concurrency IS NULL OR (SELECT count(*) FROM r
     WHERE x.workflow = r.workflow AND x.status = 'running' AND x.lease_owner IS NOT NULL) \
     < r.max_concurrency)";
 
-fn claim_next(tx: &Transaction<'_>, lease: &Lease) -> Result<Option<Box<Run>>, StoreError> {
+fn claim_next(
+    tx: &Transaction<'_>,
+    lease: &Lease,
+    after_workflow: &str,
+) -> Result<Option<Box<Run>>, StoreError> {
     // Interrupted runs (running, lease released or expired, backoff over)
-    // first, then the queue, oldest first; skipping any workflow already at
-    // its concurrency limit. One statement per lane, so each walks its
-    // index and stops at the first match.
+    // first, oldest first; then the queue, workflow by workflow (see
+    // `WorkflowWalk`), oldest first within each; skipping any workflow
+    // already at its concurrency limit. Every statement walks an index and
+    // stops at its first match.
     //
     // A backoff is at most a minute (see the engine's crash backoff), so a
     // `not_before` more than two minutes ahead was written by a clock that
     // runs ahead of this one: it is ignored rather than obeyed, or that
     // clock would park the run for as long as it is wrong.
-    let lanes = [
-        "r.status = 'running' AND r.lease_owner IS NULL \
-         AND (r.not_before IS NULL OR r.not_before <= ?1 OR r.not_before > ?1 + 120000)",
-        "r.status = 'queued' AND (r.not_before IS NULL OR r.not_before <= ?1 \
-         OR r.not_before > ?1 + 120000)",
-    ];
     let now = now_ms();
-    for lane in lanes {
-        let sql = format!(
-            "SELECT r.id, r.claims FROM runs r WHERE {lane} AND {UNDER_LIMIT} \
-             ORDER BY r.created_at, r.id LIMIT 1"
-        );
+    let interrupted = format!(
+        "SELECT r.id, r.claims FROM runs r WHERE r.status = 'running' AND r.lease_owner IS NULL \
+         AND (r.not_before IS NULL OR r.not_before <= ?1 OR r.not_before > ?1 + 120000) \
+         AND {UNDER_LIMIT} ORDER BY r.created_at, r.id LIMIT 1"
+    );
+    let found: Option<(String, i64)> = tx
+        .prepare_cached(&interrupted)
+        .and_then(|mut st| {
+            st.query_row(params![now], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(map_err)?;
+    if let Some((id, claims)) = found {
+        return take_lease(tx, &id, claims, lease).map(|run| Some(Box::new(run)));
+    }
+    let queued = format!(
+        "SELECT r.id, r.claims FROM runs r WHERE r.status = 'queued' AND r.workflow = ?2 \
+         AND (r.not_before IS NULL OR r.not_before <= ?1 OR r.not_before > ?1 + 120000) \
+         AND {UNDER_LIMIT} ORDER BY r.created_at, r.id LIMIT 1"
+    );
+    let mut walk = WorkflowWalk::new(after_workflow);
+    loop {
+        let next: Option<String> = tx
+            .prepare_cached(
+                "SELECT min(workflow) FROM runs WHERE status = 'queued' AND workflow > ?1",
+            )
+            .and_then(|mut st| st.query_row(params![walk.cursor()], |r| r.get(0)))
+            .map_err(map_err)?;
+        let workflow = match walk.next(next) {
+            Visit::Try(w) => w,
+            Visit::Again => continue,
+            Visit::Done => return Ok(None),
+        };
         let found: Option<(String, i64)> = tx
-            .prepare_cached(&sql)
+            .prepare_cached(&queued)
             .and_then(|mut st| {
-                st.query_row(params![now], |r| Ok((r.get(0)?, r.get(1)?)))
+                st.query_row(params![now, workflow], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
             })
             .map_err(map_err)?;
@@ -393,7 +426,6 @@ fn claim_next(tx: &Transaction<'_>, lease: &Lease) -> Result<Option<Box<Run>>, S
             return take_lease(tx, &id, claims, lease).map(|run| Some(Box::new(run)));
         }
     }
-    Ok(None)
 }
 
 fn finish(
@@ -707,8 +739,21 @@ impl RunStore for SqliteStore {
     }
 
     async fn claim_next(&self, lease: &Lease) -> Result<Option<Run>, StoreError> {
-        match self.write(Write::ClaimNext(lease.clone())).await? {
-            Done::MaybeRun(r) => Ok(r.map(|b| *b)),
+        let after_workflow = self.claimed_from();
+        match self
+            .write(Write::ClaimNext {
+                lease: lease.clone(),
+                after_workflow,
+            })
+            .await?
+        {
+            Done::MaybeRun(r) => {
+                let run = r.map(|b| *b);
+                if let Some(run) = &run {
+                    self.claimed(&run.workflow);
+                }
+                Ok(run)
+            }
             other => Err(unexpected(&other)),
         }
     }
