@@ -90,7 +90,9 @@ fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
+    // The last `@` ends the user info, as URL parsers read it: a password
+    // may itself contain `@`.
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return url.to_owned();
     };
     match userinfo.split_once(':') {
@@ -139,6 +141,8 @@ mod tests {
         let err = parse_store_url("postgres://plumb:hunter2@db/plumb").expect_err("password");
         assert!(err.contains("PLUMB_STORE_PASSWORD"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
+        let err = parse_store_url("postgres://plumb:p@ss@db/plumb").expect_err("an @ in it");
+        assert!(!err.contains("ss@"), "{err}");
         let err = parse_store_url("postgres://plumb@db/plumb?password=hunter2").expect_err("query");
         assert!(err.contains("PLUMB_STORE_PASSWORD"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");

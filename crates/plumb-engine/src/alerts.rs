@@ -27,6 +27,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
 /// Per-attempt timeout.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a deliverer holds an alert while it sends it: longer than any
+/// send may take ([`SEND_LIMIT`]), so no other process sends it meanwhile;
+/// if the deliverer dies, the alert is due again after it.
+const CLAIM_HOLD: Duration = Duration::from_secs(120);
+
+/// The longest one send may take, whatever the connection's timeout.
+const SEND_LIMIT: Duration = Duration::from_secs(90);
+
 /// The wait after `attempts` failed attempts: 2 s, 4 s, 8 s … up to 15 min.
 #[must_use]
 pub fn backoff(attempts: u32) -> Duration {
@@ -52,6 +60,17 @@ pub async fn deliver_due(
             break;
         }
         if only_run.is_some_and(|r| r != alert.run_id) {
+            continue;
+        }
+        // This attempt is this process's alone: another process's
+        // deliverer finds it not due until the hold ends.
+        let now = now_ms();
+        let hold = i64::try_from(CLAIM_HOLD.as_millis()).unwrap_or(i64::MAX / 4);
+        if !engine
+            .store
+            .claim_alert(&alert.id, alert.attempts, now, now.saturating_add(hold))
+            .await?
+        {
             continue;
         }
         let sent = match stop {
@@ -127,21 +146,27 @@ async fn send(engine: &Engine, alert: &Alert) -> Result<(), String> {
         headers.push((name, value));
     }
     headers.push(("Idempotency-Key".to_owned(), format!("alert:{}", alert.id)));
-    engine
-        .http
-        .send(HttpRequest {
-            method: method.clone(),
-            url,
-            headers,
-            body: Some(alert.payload.clone()),
-            timeout: http.timeout.unwrap_or(TIMEOUT),
-            expect_status: None,
-            credential_header,
-            scrub: Some(crate::secrets::scrubber(Arc::clone(&secrets))),
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| secrets.redactor().redact(&e.to_string()).into_owned())
+    let request = engine.http.send(HttpRequest {
+        method: method.clone(),
+        url,
+        headers,
+        body: Some(alert.payload.clone()),
+        timeout: http.timeout.unwrap_or(TIMEOUT),
+        expect_status: None,
+        credential_header,
+        scrub: Some(crate::secrets::scrubber(Arc::clone(&secrets))),
+    });
+    // Whatever the connection's timeout, a send ends well within the hold
+    // this process took on the alert.
+    match tokio::time::timeout(SEND_LIMIT, request).await {
+        Ok(sent) => sent
+            .map(|_| ())
+            .map_err(|e| secrets.redactor().redact(&e.to_string()).into_owned()),
+        Err(_) => Err(format!(
+            "the alert channel did not answer within {} s",
+            SEND_LIMIT.as_secs()
+        )),
+    }
 }
 
 /// Delivers alerts until `shutdown`: whenever woken (a run failed here) and

@@ -118,6 +118,20 @@ pub trait AlertStore: Send + Sync + 'static {
     /// Pending alerts due at `now`, oldest first.
     async fn due_alerts(&self, now: Millis, limit: u32) -> Result<Vec<Alert>, StoreError>;
 
+    /// Takes delivery attempt number `attempts + 1` of a due alert for the
+    /// caller: the alert is not due again before `until`, so no other
+    /// deliverer (another process) sends it meanwhile. `false` when it is
+    /// no longer due at `now` with that many attempts (another deliverer
+    /// took or recorded it). A deliverer that dies while sending leaves
+    /// the alert due again at `until`.
+    async fn claim_alert(
+        &self,
+        id: &str,
+        attempts: u32,
+        now: Millis,
+        until: Millis,
+    ) -> Result<bool, StoreError>;
+
     /// Records the result of delivery attempt number `attempts + 1`; `false`
     /// when another deliverer recorded that attempt first (its result wins).
     async fn record_alert_attempt(

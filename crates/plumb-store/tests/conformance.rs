@@ -1107,6 +1107,70 @@ async fn concurrent_writes_share_commits_and_all_land(store: Arc<dyn Store>) {
 }
 
 /// How many checks need a store of their own.
+/// Two deliverers (two processes) that both read a due alert: only the one
+/// that takes the attempt sends it; the other finds it taken.
+async fn an_alert_attempt_is_taken_by_one_deliverer(store: &dyn Store) {
+    seed(store, "al-claim", Some(lease("a", 60_000))).await;
+    let alert = NewAlert {
+        id: "alert-claim".into(),
+        channel: "ops".into(),
+        payload: json!({"run_id": "al-claim"}),
+    };
+    store
+        .finish_run(
+            "al-claim",
+            "a#1",
+            &RunOutcome::Failed(Failure {
+                message: "boom".into(),
+                ..Failure::default()
+            }),
+            None,
+            &[alert],
+        )
+        .await
+        .expect("finish");
+    let now = now_ms() + 1;
+    let due = store.due_alerts(now, 10).await.expect("due");
+    assert!(due.iter().any(|a| a.id == "alert-claim"), "{due:?}");
+    assert!(
+        store
+            .claim_alert("alert-claim", 0, now, now + 60_000)
+            .await
+            .expect("claim")
+    );
+    assert!(
+        !store
+            .claim_alert("alert-claim", 0, now, now + 60_000)
+            .await
+            .expect("claim"),
+        "a second deliverer does not get the same attempt"
+    );
+    assert!(
+        !store
+            .due_alerts(now, 10)
+            .await
+            .expect("due")
+            .iter()
+            .any(|a| a.id == "alert-claim"),
+        "a taken alert is not due while it is held"
+    );
+    // A deliverer that died: the alert is due again when the hold ends.
+    assert!(
+        store
+            .due_alerts(now + 60_000, 10)
+            .await
+            .expect("due")
+            .iter()
+            .any(|a| a.id == "alert-claim")
+    );
+    assert!(
+        store
+            .record_alert_attempt("alert-claim", 0, &AlertAttempt::Delivered)
+            .await
+            .expect("record")
+    );
+}
+
 /// A workflow with a long queue, older than everything else, does not keep
 /// another workflow's runs waiting behind it: claims go round the
 /// workflows that have queued runs.
@@ -1168,6 +1232,7 @@ async fn the_store_contract(store: &dyn Store) {
     stale_alert_results_and_expired_deadlines_are_not_committed(store).await;
     a_schedule_slot_is_recorded_once(store).await;
     alerts_are_committed_with_the_failure_and_tracked_to_delivery(store).await;
+    an_alert_attempt_is_taken_by_one_deliverer(store).await;
     secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(store).await;
     tokens_are_found_by_hash_until_revoked(store).await;
     deployments_are_audited_only_when_something_changed(store).await;

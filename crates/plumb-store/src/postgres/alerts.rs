@@ -2,13 +2,35 @@
 
 use async_trait::async_trait;
 
-use super::{PgStore, fetch_all, map_err, sql};
+use super::{PgStore, fetch_all, map_err, no_nul, sql};
 use crate::rows::{self, ALERT_COLUMNS};
 use crate::writes::AlertUpdate;
 use crate::{Alert, AlertAttempt, AlertStore, Millis, StoreError};
 
 #[async_trait]
 impl AlertStore for PgStore {
+    async fn claim_alert(
+        &self,
+        id: &str,
+        attempts: u32,
+        now: Millis,
+        until: Millis,
+    ) -> Result<bool, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE alerts SET next_attempt_at = $4 \
+             WHERE id = $1 AND status = 'pending' AND attempts = $2 AND next_attempt_at <= $3",
+        )
+        .bind(id)
+        .bind(i64::from(attempts))
+        .bind(now)
+        .bind(until)
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        Ok(rows == 1)
+    }
+
     async fn due_alerts(&self, now: Millis, limit: u32) -> Result<Vec<Alert>, StoreError> {
         let query = sqlx::query(sql(format!(
             "SELECT {ALERT_COLUMNS} FROM alerts WHERE status = 'pending' \
@@ -36,7 +58,7 @@ impl AlertStore for PgStore {
         .bind(id)
         .bind(u.status.as_str())
         .bind(u.next_attempt_at)
-        .bind(u.error)
+        .bind(u.error.map(no_nul))
         .bind(u.delivered_at)
         .bind(i64::from(attempts))
         .execute(&self.pool)

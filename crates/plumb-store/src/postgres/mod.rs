@@ -13,7 +13,7 @@
 //!
 //! * Journal writes are fenced in the statement that writes them: the
 //!   run's row must have `lease_owner` = the caller's claim token and
-//!   status `running`, and that row is locked `FOR SHARE` until the write
+//!   status `running`, and that row is locked (`FOR NO KEY UPDATE`) until the write
 //!   commits, so a claim or expiry that takes the lease waits for it (and
 //!   a write that waited for a claim sees the new holder and is refused).
 //! * Claims lock their candidate `FOR UPDATE SKIP LOCKED`, so concurrent
@@ -144,26 +144,31 @@ impl PgStore {
         let mut conn = PgConnection::connect_with(&options)
             .await
             .map_err(|e| open(e.to_string()))?;
+        // Text is stored as given: a database in another encoding would
+        // refuse the first emoji of a webhook body, long after start-up.
+        let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| open(e.to_string()))?;
+        if !encoding.eq_ignore_ascii_case("UTF8") {
+            return Err(open(format!(
+                "the database's encoding is {encoding}; plumb needs UTF8 \
+                 (CREATE DATABASE … ENCODING 'UTF8' TEMPLATE template0)"
+            )));
+        }
         migrate(&mut conn)
             .await
             .map_err(|e| open(format!("migrating the store: {e}")))?;
         let _ = conn.close().await;
-        // A process that stops between two statements of a transaction
-        // (SIGSTOP, a long GC-like pause, a frozen VM) keeps its row locks
-        // until it wakes: every other process that needs those rows would
-        // wait as long. The server ends such a session after a few
-        // seconds, which rolls the transaction back (the stalled process
-        // then finds its lease gone), and no lock wait lasts forever. Only
-        // the pool's sessions: migration waits for its lock as long as
-        // another process migrates.
-        let options = options.options([
-            ("idle_in_transaction_session_timeout", "5s"),
-            ("lock_timeout", "10s"),
-        ]);
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _| Box::pin(async move { prepare_session(conn).await }))
             .connect_lazy_with(options);
+        // One session of the pool now: settings a connection pooler in
+        // front of the database refuses are an error at start, not a 503 on
+        // every later request.
+        drop(pool.acquire().await.map_err(|e| open(e.to_string()))?);
         Ok(Self {
             pool,
             location,
@@ -256,10 +261,17 @@ fn map_err(e: sqlx::Error) -> StoreError {
         sqlx::Error::Database(db) => match db.code().as_deref() {
             // Connection exceptions, insufficient resources (disk full, too
             // many connections), the server shutting down or restarting.
+            // Also a read-only transaction (a standby after a failover),
+            // system I/O errors, a statement cancelled by the server, and a
+            // session the server ended for idling or timing out.
             Some(code)
                 if code.starts_with("08")
                     || code.starts_with("53")
-                    || matches!(code, "57P01" | "57P02" | "57P03") =>
+                    || code.starts_with("58")
+                    || matches!(
+                        code,
+                        "57P01" | "57P02" | "57P03" | "57P05" | "57014" | "25006" | "25P03"
+                    ) =>
             {
                 StoreError::Unavailable(e.to_string())
             }
@@ -272,6 +284,7 @@ fn map_err(e: sqlx::Error) -> StoreError {
             _ => StoreError::Other(e.to_string()),
         },
         sqlx::Error::PoolTimedOut
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolClosed
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
@@ -282,6 +295,38 @@ fn map_err(e: sqlx::Error) -> StoreError {
         }
         _ => StoreError::Other(e.to_string()),
     }
+}
+
+/// Settings of every session of the pool, applied as it connects.
+///
+/// * A process that stops between two statements of a transaction
+///   (SIGSTOP, a long pause, a frozen VM) keeps its row locks until it
+///   wakes, and every other process that needs those rows would wait as
+///   long: the server ends such a session after a few seconds, which rolls
+///   the transaction back (the stalled process then finds its lease gone).
+/// * No lock wait lasts forever (the error is `Busy`: retried).
+/// * A commit is durable when it returns (SPEC G1), whatever the server's
+///   or the role's default: `synchronous_commit = off` is raised to `on`.
+///
+/// Only the pool's sessions: migration waits for its lock as long as
+/// another process migrates.
+async fn prepare_session(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(
+        "SET idle_in_transaction_session_timeout = '5s'; SET lock_timeout = '10s'; \
+         SELECT set_config('synchronous_commit', 'on', false) \
+         WHERE current_setting('synchronous_commit') = 'off'",
+    )
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Free text (an error, a reason) as PostgreSQL stores it: a text value
+/// cannot hold a NUL character (SQLite's can), and an upstream's error body
+/// may contain one; it becomes U+FFFD rather than failing the write, which
+/// would turn a retryable failure into a permanent one.
+fn no_nul(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
 }
 
 /// A statement built from constant parts (column lists, lanes), never from

@@ -29,7 +29,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use tokio::sync::oneshot;
 
 use super::audit::append_audit;
-use super::{PgStore, fenced, fetch_all, fetch_optional, map_err, sql};
+use super::{PgStore, fenced, fetch_all, fetch_optional, map_err, no_nul, sql};
 use crate::json::to_json_text;
 use crate::rows::{self, ATTEMPT_COLUMNS, Columns, RUN_COLUMNS, STEP_COLUMNS, item_to_db};
 use crate::writes::{
@@ -114,6 +114,10 @@ async fn create_before(
     reply: oneshot::Sender<Result<(), StoreError>>,
 ) {
     let late = |reply: &oneshot::Sender<_>| reply.is_closed() || Instant::now() > deadline;
+    // Whether the commit was sent: if it then fails (the connection drops
+    // before the server's answer arrives), the run may be committed all the
+    // same while its sender is told "not accepted".
+    let mut commit_sent = false;
     let result = async {
         let mut tx = pool.begin().await.map_err(map_err)?;
         // Waiting for a connection may have outlasted the deadline: a run
@@ -125,12 +129,14 @@ async fn create_before(
         if late(&reply) {
             return Err(StoreError::Unavailable(DEADLINE_MISSED.into()));
         }
+        commit_sent = true;
         tx.commit().await.map_err(map_err)
     }
     .await;
     let committed = result.is_ok();
-    if reply.send(result).is_err() && committed {
-        tracing::warn!(run_id = %run.id, "A run committed after its sender was answered 503; withdrawing it.");
+    let unknown = commit_sent && !committed;
+    if (reply.send(result).is_err() && committed) || unknown {
+        tracing::warn!(run_id = %run.id, "A run may have committed after its sender was answered 503; withdrawing it.");
         withdraw(&pool, &run.id).await;
     }
 }
@@ -164,14 +170,16 @@ async fn withdraw(pool: &PgPool, id: &str) {
 
 /// `insert … SELECT … FROM lease`, fenced: it inserts only while the
 /// claim token bound as `owner` (e.g. `$12`) holds the lease of run `$1`
-/// and the run is running. The run's row stays locked `FOR SHARE` until
-/// the write commits, so the lease cannot change hands under it: a claim
-/// or expiry waits for the write, and a write that waited for one finds
-/// the new holder and inserts nothing.
+/// and the run is running. The run's row stays locked (`FOR NO KEY
+/// UPDATE`) until the write commits, so the lease cannot change hands
+/// under it: a claim or expiry waits for the write, and a write that waited
+/// for one finds the new holder and inserts nothing. Not `FOR SHARE`:
+/// shared locks let a stream of concurrent item writes of one `for_each`
+/// overtake a waiting lease renewal indefinitely; exclusive ones queue.
 fn fenced_insert(owner: &str, insert: &str) -> AssertSqlSafe<String> {
     sql(format!(
         "WITH lease AS (SELECT 1 FROM runs WHERE id = $1 AND lease_owner = {owner} \
-         AND status = 'running' FOR SHARE) {insert}"
+         AND status = 'running' FOR NO KEY UPDATE) {insert}"
     ))
 }
 
@@ -199,7 +207,7 @@ async fn record_step(
     .bind(i64::from(r.attempt))
     .bind(&r.state)
     .bind(&r.output)
-    .bind(&r.error)
+    .bind(r.error.as_deref().map(no_nul))
     .bind(r.status_code.map(i64::from))
     .bind(r.started_at)
     .bind(r.finished_at)
@@ -404,7 +412,7 @@ async fn finish(
     .bind(id)
     .bind(end.status.as_str())
     .bind(end.now)
-    .bind(&end.error)
+    .bind(end.error.as_deref().map(no_nul))
     .bind(&end.failure.step)
     .bind(item)
     .bind(attempt)
@@ -442,7 +450,7 @@ async fn cancel(
     )
     .bind(id)
     .bind(now_ms())
-    .bind(reason)
+    .bind(no_nul(reason))
     .execute(&mut *conn)
     .await
     .map_err(map_err)?
@@ -677,7 +685,7 @@ impl RunStore for PgStore {
             .bind(id)
             .bind(owner)
             .bind(now_ms())
-            .bind(error)
+            .bind(no_nul(error))
             .bind(*not_before),
         };
         query.execute(&self.pool).await.map_err(map_err)?;
@@ -734,7 +742,7 @@ impl RunStore for PgStore {
         .bind(f.started_at)
         .bind(f.finished_at)
         .bind(f.status_code.map(i64::from))
-        .bind(&f.error)
+        .bind(no_nul(&f.error))
         .bind(f.retryable)
         .bind(owner)
         .execute(&self.pool)
@@ -812,7 +820,7 @@ impl RunStore for PgStore {
         .bind(&seen.holder)
         .bind(seen.heartbeat)
         .bind(now_ms())
-        .bind(reason)
+        .bind(no_nul(reason))
         .bind(not_before)
         .execute(&self.pool)
         .await

@@ -38,7 +38,9 @@ async fn put_secret(
     mode: SecretWrite,
     actor: &str,
 ) -> Result<SecretWriteResult, StoreError> {
-    sqlx::query("LOCK TABLE secrets IN ROW EXCLUSIVE MODE")
+    // A mode that conflicts with itself: two writers sealing with
+    // different master keys must not both pass the key check below.
+    sqlx::query("LOCK TABLE secrets IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *conn)
         .await
         .map_err(map_err)?;

@@ -11,6 +11,12 @@ use crate::{Alert, AlertAttempt, AlertStore, Millis, StoreError};
 /// A write of this module, as handed to the writer thread.
 #[derive(Debug)]
 pub(super) enum Write {
+    Claim {
+        id: String,
+        attempts: u32,
+        now: Millis,
+        until: Millis,
+    },
     AlertAttempt {
         id: String,
         attempts: u32,
@@ -27,6 +33,16 @@ impl From<Write> for Op {
 /// Performs one write inside the writer's open transaction.
 pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError> {
     match op {
+        Write::Claim {
+            id,
+            attempts,
+            now,
+            until,
+        } => tx
+            .prepare_cached(CLAIM_ALERT)
+            .and_then(|mut st| st.execute(params![id, i64::from(*attempts), now, until]))
+            .map(Done::Rows)
+            .map_err(map_err),
         Write::AlertAttempt {
             id,
             attempts,
@@ -54,8 +70,34 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
     }
 }
 
+/// Moves a due alert's next attempt to `until` if it is still due with
+/// that many attempts.
+const CLAIM_ALERT: &str = "UPDATE alerts SET next_attempt_at = ?4 \
+    WHERE id = ?1 AND status = 'pending' AND attempts = ?2 AND next_attempt_at <= ?3";
+
 #[async_trait]
 impl AlertStore for SqliteStore {
+    async fn claim_alert(
+        &self,
+        id: &str,
+        attempts: u32,
+        now: Millis,
+        until: Millis,
+    ) -> Result<bool, StoreError> {
+        match self
+            .write(Write::Claim {
+                id: id.to_owned(),
+                attempts,
+                now,
+                until,
+            })
+            .await?
+        {
+            Done::Rows(n) => Ok(n == 1),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     async fn due_alerts(&self, now: Millis, limit: u32) -> Result<Vec<Alert>, StoreError> {
         self.read(move |conn| {
             query_all(conn, &format!(
