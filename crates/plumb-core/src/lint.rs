@@ -284,9 +284,13 @@ fn credential_literal(literal: &str) -> bool {
 /// A password (or, for HTTP, a user name) written into a URL.
 fn url_userinfo(literal: &str) -> Option<String> {
     let start = literal.find("://")?;
+    // The scheme starts after the last character that cannot be in one
+    // (which may be several bytes long).
     let scheme_start = literal[..start]
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.'))
-        .map_or(0, |i| i + 1);
+        .char_indices()
+        .rev()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .map_or(0, |(i, c)| i + c.len_utf8());
     let candidate = literal[scheme_start..].split_whitespace().next()?;
     let url = url::Url::parse(candidate).ok()?;
     if url.password().is_some_and(|p| !p.is_empty()) {
@@ -365,6 +369,15 @@ fn shannon(bytes: &[u8]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_url_after_a_multibyte_character_is_read_without_panicking() {
+        assert!(url_userinfo("ቛ𖄇://🕴Ѩ=").is_none());
+        assert_eq!(
+            url_userinfo("𖄇postgres://u:pw@db/x").as_deref(),
+            Some("a password in a postgres URL")
+        );
+    }
     use super::*;
 
     fn at(path: &[&str], text: &str) -> Option<String> {
