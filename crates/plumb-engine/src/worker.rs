@@ -136,6 +136,7 @@ async fn claim_loop(
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = wake.notified() => {}
+                    () = store_signal(engine.store.work_signal()) => {}
                     () = tokio::time::sleep(POLL) => {}
                 }
             }
@@ -148,6 +149,15 @@ async fn claim_loop(
                 }
             }
         }
+    }
+}
+
+/// Waits for the store's cross-process signal that a run may be
+/// claimable; forever when the store has none (the poll covers it).
+async fn store_signal(signal: Option<Arc<Notify>>) {
+    match signal {
+        Some(signal) => signal.notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -538,4 +538,13 @@ pub trait RunStore: Send + Sync + 'static {
     /// Queued, running and failed runs per workflow: cheap (it reads no
     /// finished run), for gauges sampled often.
     async fn open_counts(&self) -> Result<Vec<WorkflowStats>, StoreError>;
+
+    /// Fires when another process may have made a run claimable (a new
+    /// run, a released lease, a replay), where the backend can tell across
+    /// processes (PostgreSQL's `LISTEN`/`NOTIFY`), so idle workers start it
+    /// at once instead of at their next poll. `None`: claimers poll. Never
+    /// needed for correctness: a lost signal costs one poll interval.
+    fn work_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 }

@@ -1795,3 +1795,44 @@ async fn postgres_never_shows_the_password() {
         assert!(!err.to_string().contains(secret), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_new_run_wakes_the_idle_workers_of_other_processes() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let (a, b) = (schema.store().await, schema.store().await);
+    let signal = a.work_signal().expect("PostgreSQL signals new work");
+    seed(&b, "seed-n", None).await;
+    // The listener starts in the background (and wakes whoever waits when
+    // it does): waiting starts once it surely listens; then runs are queued
+    // until one is heard (each commit notifies).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let heard = tokio::spawn(async move {
+        tokio::time::timeout(std::time::Duration::from_secs(10), signal.notified()).await
+    });
+    let mut queued = 0;
+    while !heard.is_finished() && queued < 40 {
+        b.create_run(&queued_run(&format!("n{queued}")))
+            .await
+            .expect("queue");
+        queued += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(
+        heard.await.expect("waiter").is_ok(),
+        "a run queued by another process woke this one"
+    );
+    a.close().await;
+    b.close().await;
+}
+
+fn queued_run(id: &str) -> NewRun {
+    queued(id, "w", None)
+}
+
+#[tokio::test]
+async fn sqlite_has_no_cross_process_signal_and_relies_on_polling() {
+    let (_dir, store) = sqlite().await;
+    assert!(store.work_signal().is_none());
+}

@@ -90,6 +90,72 @@ pub struct PgStore {
     /// The workflow this process last claimed a run of: the next claim
     /// looks at the workflows after it first (see `WorkflowWalk`).
     claimed_from: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Fired by `LISTEN plumb_work_…` (see [`RunStore::work_signal`]).
+    ///
+    /// [`RunStore::work_signal`]: crate::RunStore::work_signal
+    work: std::sync::Arc<tokio::sync::Notify>,
+    /// The task that listens; stopped when the last handle goes.
+    listener: std::sync::Arc<Listening>,
+}
+
+/// The listening task, aborted when dropped.
+#[derive(Debug)]
+struct Listening(tokio::task::JoinHandle<()>);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Listens for this schema's `plumb_work_…` notifications for as long as it runs, and
+/// wakes idle claimers on each; reconnects with a backoff when the
+/// connection is lost (claimers poll meanwhile, so nothing waits for it).
+async fn listen(pool: PgPool, work: std::sync::Arc<tokio::sync::Notify>) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let channel = sqlx::query_scalar::<_, String>(
+            "SELECT 'plumb_work_' || left(md5(current_schema()), 16)",
+        )
+        .fetch_one(&pool)
+        .await;
+        let listening = match channel {
+            Ok(channel) => match sqlx::postgres::PgListener::connect_with(&pool).await {
+                Ok(mut listener) => listener.listen(&channel).await.map(|()| listener),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match listening {
+            Ok(mut listener) => {
+                pause = Duration::from_millis(100);
+                // Whatever was sent while not listening.
+                work.notify_waiters();
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => {
+                            // Every idle claimer, and the next one to wait
+                            // if none is waiting right now.
+                            work.notify_waiters();
+                            work.notify_one();
+                        }
+                        // The connection was lost and is listening again:
+                        // what was sent meanwhile is unknown.
+                        Ok(None) => work.notify_waiters(),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "Listening for new runs failed; idle workers poll meanwhile.");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Could not listen for new runs; idle workers poll meanwhile.");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// Shows where the store is and never the connection options, which hold
@@ -169,10 +235,17 @@ impl PgStore {
         // front of the database refuses are an error at start, not a 503 on
         // every later request.
         drop(pool.acquire().await.map_err(|e| open(e.to_string()))?);
+        let work = std::sync::Arc::new(tokio::sync::Notify::new());
+        let listener = std::sync::Arc::new(Listening(tokio::spawn(listen(
+            pool.clone(),
+            std::sync::Arc::clone(&work),
+        ))));
         Ok(Self {
             pool,
             location,
             claimed_from: std::sync::Arc::default(),
+            work,
+            listener,
         })
     }
 
@@ -416,6 +489,7 @@ impl Store for PgStore {
     }
 
     async fn close(&self) {
+        self.listener.0.abort();
         self.pool.close().await;
     }
 }

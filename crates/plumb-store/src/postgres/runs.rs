@@ -21,12 +21,13 @@
 //! of this claim and the next candidate is tried: `None` means no run of
 //! any other workflow was claimable either.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use super::audit::append_audit;
 use super::{PgStore, fenced, fetch_all, fetch_optional, map_err, no_nul, sql};
@@ -73,12 +74,15 @@ pub(super) async fn insert_run(
     run: &NewRun,
     row: &NewRunRow,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, strikes, \
-         heartbeat, created_at, started_at, updated_at, lease_owner, lease_expires_at, lease_ms, \
-         max_concurrency) \
-         VALUES ($1, $2, $3, $4, $5, $6, $6, $6, $7, $8, $7, $9, $10, $11, $12)",
-    )
+    // The notification is sent when the transaction commits: idle workers
+    // of every process wake up (see `PgStore::work_signal`).
+    sqlx::query(sql(format!(
+        "WITH inserted AS (INSERT INTO runs (id, workflow, version, trigger_payload, status, \
+         claims, strikes, heartbeat, created_at, started_at, updated_at, lease_owner, \
+         lease_expires_at, lease_ms, max_concurrency) \
+         VALUES ($1, $2, $3, $4, $5, $6, $6, $6, $7, $8, $7, $9, $10, $11, $12) RETURNING 1) \
+         SELECT {NOTIFY_WORK} FROM inserted"
+    )))
     .bind(&run.id)
     .bind(&run.workflow)
     .bind(&run.version)
@@ -94,6 +98,22 @@ pub(super) async fn insert_run(
     .execute(conn)
     .await
     .map_err(map_err)?;
+    Ok(())
+}
+
+/// The notification that a run may be claimable, sent when the transaction
+/// commits, on a channel of this store's schema (two installations in one
+/// database do not wake each other's workers).
+pub(super) const NOTIFY_WORK: &str =
+    "pg_notify('plumb_work_' || left(md5(current_schema()), 16), '')";
+
+/// Tells idle workers of every process, when the transaction commits, that
+/// a run may be claimable.
+async fn notify_work(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query(sql(format!("SELECT {NOTIFY_WORK}")))
+        .execute(conn)
+        .await
+        .map_err(map_err)?;
     Ok(())
 }
 
@@ -531,6 +551,10 @@ impl RunStore for PgStore {
         fetch_optional(query, &self.pool, rows::workflow_version).await
     }
 
+    fn work_signal(&self) -> Option<Arc<Notify>> {
+        Some(Arc::clone(&self.work))
+    }
+
     async fn create_run(&self, run: &NewRun) -> Result<(), StoreError> {
         let row = NewRunRow::new(run)?;
         let Some(deadline) = run.deadline else {
@@ -669,11 +693,12 @@ impl RunStore for PgStore {
     async fn release_run(&self, id: &str, owner: &str, how: &Release) -> Result<(), StoreError> {
         let query = match how {
             // A clean release takes this claim's strike back.
-            Release::Clean => sqlx::query(
-                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, \
+            Release::Clean => sqlx::query(sql(format!(
+                "WITH released AS (UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, \
                  updated_at = $3, strikes = GREATEST(strikes - 1, 0), not_before = NULL \
-                 WHERE id = $1 AND lease_owner = $2",
-            )
+                 WHERE id = $1 AND lease_owner = $2 RETURNING 1) \
+                 SELECT {NOTIFY_WORK} FROM released"
+            )))
             .bind(id)
             .bind(owner)
             .bind(now_ms()),
@@ -811,6 +836,8 @@ impl RunStore for PgStore {
         reason: &str,
         not_before: Millis,
     ) -> Result<bool, StoreError> {
+        // Claimable at `not_before` (a backoff): idle workers find it by
+        // polling then; one that wakes now finds it not yet due.
         let rows = sqlx::query(
             "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, updated_at = $4, \
              last_error = $5, not_before = $6 \
@@ -849,6 +876,7 @@ impl RunStore for PgStore {
         let result = replay(&mut tx, id).await?;
         if result == ReplayResult::Replayed {
             append_audit(&mut tx, &entries::run_replayed(actor, id)).await?;
+            notify_work(&mut tx).await?;
         }
         tx.commit().await.map_err(map_err)?;
         Ok(result)
