@@ -60,8 +60,8 @@ pub enum Command {
     },
     /// Serve webhooks and the API, fire schedules and run workers, in one process.
     Serve(ServeArgs),
-    /// Run workers only (no HTTP, no scheduler), sharing the project's store.
-    Worker,
+    /// Run workers only (no webhooks, no API, no scheduler), sharing the project's store.
+    Worker(WorkerArgs),
     /// A self-contained demo: a server, a flaky mock upstream and a few events.
     Demo,
     /// The dead-letter list: failed runs, and replaying them.
@@ -98,6 +98,8 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The processes sharing this project's store (serve and workers, on any host): role, host, pid, version, runs in hand, last heartbeat.
+    Workers,
     /// The store itself: copy it to another backend.
     Store {
         /// What to do.
@@ -217,6 +219,14 @@ pub enum AuditCommand {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Listen here instead of plumb.yaml's `listen` (`127.0.0.1:0` picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+}
+
+/// `plumb worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Serve /healthz, /readyz (which checks the store) and /metrics here, and nothing else (`127.0.0.1:0` picks a free port).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
 }

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
     // kill a server.
     if !matches!(
         cli.command,
-        Command::Serve(_) | Command::Worker | Command::Demo
+        Command::Serve(_) | Command::Worker(_) | Command::Demo
     ) {
         sigpipe::reset();
     }
@@ -111,12 +111,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Exit> {
             RunsCommand::List(args) => commands::runs::list(&global, args).await,
             RunsCommand::Show { run_id } => commands::runs::show(&global, &run_id).await,
         },
-        Command::Serve(args) => commands::serve::run(&global, Some(args)).await,
-        Command::Worker => commands::serve::run(&global, None).await,
+        Command::Serve(args) => commands::serve::run(&global, args).await,
+        Command::Worker(args) => commands::serve::run_worker(&global, args).await,
         Command::Demo => commands::demo::run(&global).await,
         Command::Dlq { command } => commands::ops::dlq(&global, command).await,
         Command::Cancel { run_id, reason } => commands::ops::cancel(&global, &run_id, reason).await,
         Command::Status => commands::ops::status(&global).await,
+        Command::Workers => commands::store::workers(&global).await,
         Command::Secrets { command } => commands::secrets::secrets(&global, command).await,
         Command::Tokens { command } => commands::secrets::tokens(&global, command).await,
         Command::Audit { command } => commands::secrets::audit(&global, command).await,

@@ -228,6 +228,29 @@ async fn a_serve_and_three_workers_on_postgres_deliver_every_event_once_by_key_t
     assert!(doubled.is_empty(), "slots fired twice: {doubled:?}");
     assert!(!runs_of_slot.is_empty(), "the schedule fired");
 
+    // Every running process of the cluster is listed, live, in its role
+    // (killed ones may still show until their last beat is 30 s old).
+    let workers = project.run(&["workers", "--json"]).await;
+    let listed: serde_json::Value = serde_json::from_str(&workers.stdout).expect("workers json");
+    let listed: Vec<(u64, String)> = listed["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| {
+            (
+                w["pid"].as_u64().unwrap_or(0),
+                w["role"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    for (i, p) in procs.iter().enumerate() {
+        let pid = u64::from(p.as_ref().expect("running").pid());
+        let role = if i == 0 { "serve" } else { "worker" };
+        assert!(
+            listed.contains(&(pid, role.to_owned())),
+            "plumb workers lists {role} {pid}: {listed:?}"
+        );
+    }
     for p in procs.into_iter().flatten() {
         p.kill().await;
     }

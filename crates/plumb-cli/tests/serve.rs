@@ -567,3 +567,67 @@ async fn the_demo_shows_a_retry_a_dead_letter_and_an_alert_then_stops_cleanly_on
         "the demo removes its directory"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_its_health_and_nothing_else_and_plumb_workers_lists_it() {
+    let project = Project::new("connections: {}\n");
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let mut child = project
+        .cmd(&["worker", "--listen", &addr])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn plumb worker");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reader = tokio::io::BufReader::new(stdout);
+    let mut first = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut first),
+    )
+    .await
+    .expect("the worker starts")
+    .expect("read");
+    assert!(
+        first.contains("worker started") && first.contains(&format!("health on http://{addr}")),
+        "{first}"
+    );
+    let client = support::http();
+    for (path, want) in [("/healthz", 200), ("/readyz", 200), ("/metrics", 200)] {
+        let got = client
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(got.status().as_u16(), want, "{path}");
+    }
+    // A worker takes no webhooks and serves no API.
+    let hook = client
+        .post(format!("http://{addr}/hooks/x"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(hook.status().as_u16(), 404);
+    let api = client
+        .get(format!("http://{addr}/api/v1/status"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(api.status().as_u16(), 404);
+
+    let listed = project.run(&["workers", "--json"]).await;
+    let listed: Value = serde_json::from_str(&listed.stdout).expect("json");
+    let pid = u64::from(child.id().expect("running"));
+    assert!(
+        listed["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .any(|w| w["pid"] == pid && w["role"] == "worker" && w["capacity"] == 64),
+        "{listed}"
+    );
+    let human = project.run(&["workers"]).await;
+    assert!(human.stdout.contains("1 live process"), "{human}");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}

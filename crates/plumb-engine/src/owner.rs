@@ -58,6 +58,12 @@ impl Owner {
         &self.text
     }
 
+    /// Its parts: role, host, pid ….
+    #[must_use]
+    pub fn id(&self) -> &OwnerId {
+        &self.id
+    }
+
     /// Whether a lease holder (a claim token) is one of this process's own
     /// claims.
     #[must_use]

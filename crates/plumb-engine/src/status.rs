@@ -201,3 +201,21 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
         verdict,
     })
 }
+
+/// How recently a process must have recorded a heartbeat to be listed as
+/// live (six beats).
+pub const LIVE_WITHIN_MS: Millis = 30_000;
+
+/// The processes sharing the store that recorded a heartbeat within
+/// [`LIVE_WITHIN_MS`], and the store's clock now (their `beat_at` is on it).
+///
+/// # Errors
+///
+/// The store's error when it cannot be read.
+pub async fn live_processes(
+    store: &dyn Store,
+) -> Result<(Millis, Vec<plumb_store::ProcessInfo>), StoreError> {
+    let now = store.store_now().await?;
+    let live = store.processes(now.saturating_sub(LIVE_WITHIN_MS)).await?;
+    Ok((now, live))
+}

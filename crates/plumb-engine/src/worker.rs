@@ -57,6 +57,12 @@ pub async fn run_workers(
     let mut loops = JoinSet::new();
     let executions = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
     loops.spawn(watch_leases(Arc::clone(&engine), shutdown.clone()));
+    loops.spawn(beat(
+        Arc::clone(&engine),
+        Arc::clone(&permits),
+        workers.max(1),
+        shutdown.clone(),
+    ));
     for _ in 0..claimers {
         loops.spawn(claim_loop(
             Arc::clone(&engine),
@@ -158,6 +164,51 @@ async fn store_signal(signal: Option<Arc<Notify>>) {
     match signal {
         Some(signal) => signal.notified().await,
         None => std::future::pending().await,
+    }
+}
+
+/// How often a process records that it is alive, for `plumb workers`.
+const BEAT: Duration = Duration::from_secs(5);
+
+/// Records this process in the store's process list every [`BEAT`], with
+/// the runs it is executing, until `shutdown`; then takes it off the list
+/// (and anything not heard of for a day). Display only: failures are
+/// logged, never fatal.
+async fn beat(
+    engine: Arc<Engine>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    shutdown: CancellationToken,
+) {
+    let id = engine.owner().id().clone();
+    let started_at = plumb_store::now_ms();
+    loop {
+        let running = capacity.saturating_sub(permits.available_permits());
+        let beat = plumb_store::ProcessBeat {
+            owner: engine.owner().as_str().to_owned(),
+            role: id.role.clone(),
+            host: id.host.clone(),
+            pid: id.pid,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at,
+            runs: u32::try_from(running).unwrap_or(u32::MAX),
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+        };
+        if let Err(e) = engine.store.beat(&beat).await {
+            tracing::debug!(error = %e, "Could not record this process's heartbeat for `plumb workers`.");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(BEAT) => {}
+        }
+    }
+    let day_ago = plumb_store::now_ms().saturating_sub(24 * 3600 * 1000);
+    if let Err(e) = engine
+        .store
+        .forget_processes(engine.owner().as_str(), day_ago)
+        .await
+    {
+        tracing::debug!(error = %e, "Could not take this process off the store's process list.");
     }
 }
 

@@ -33,6 +33,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/dlq/replay", post(replay_all))
         .route("/dlq/{id}/replay", post(replay_one))
         .route("/status", get(status))
+        .route("/workers", get(workers))
         .route("/secrets", get(list_secrets).post(set_secret))
         .route(
             "/secrets/{name}",
@@ -287,6 +288,14 @@ async fn status(
     Ok(Json(
         serde_json::to_value(status).map_err(|e| ApiError::internal(&e))?,
     ))
+}
+
+async fn workers(
+    _auth: Auth<Viewer>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let (now, live) = plumb_engine::status::live_processes(state.engine.store().as_ref()).await?;
+    Ok(Json(json!({ "now": now, "workers": live })))
 }
 
 async fn list_secrets(

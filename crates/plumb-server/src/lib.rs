@@ -76,6 +76,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A worker's HTTP: `/healthz`, `/readyz` (a committed write to the store)
+/// and `/metrics`, for a load balancer or an orchestrator's probes.
+pub fn health_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
 /// Unknown routes answer JSON like every other error.
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!(
@@ -125,6 +136,8 @@ pub struct DeployRejected {
 pub struct Service {
     /// The address the HTTP server listens on, if it serves HTTP.
     pub addr: Option<SocketAddr>,
+    /// The address a worker serves its health endpoints on, if asked to.
+    pub health_addr: Option<SocketAddr>,
     deploy_requests: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<DeployRequest>>>,
     shutdown: CancellationToken,
     scheduler: tokio::sync::Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
@@ -183,9 +196,10 @@ impl Service {
         let wake_alerts = Arc::new(Notify::new());
         let mut tasks = tokio::task::JoinSet::new();
         let mut addr = None;
+        let mut health_addr = None;
         let (deploy, deploy_requests) = tokio::sync::mpsc::channel(4);
         if let Some(listener) = listener {
-            addr = Some(listener.local_addr()?);
+            let local = listener.local_addr()?;
             let instance_secret: Arc<str> = engine
                 .store()
                 .instance_secret()
@@ -200,7 +214,14 @@ impl Service {
                 store_id: store_id(store_location),
                 instance_secret,
             };
-            let app = router(state);
+            // A worker serves only its health: no webhooks, no API.
+            let app = if roles.http {
+                addr = Some(local);
+                router(state)
+            } else {
+                health_addr = Some(local);
+                health_router(state)
+            };
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 let served = axum::serve(listener, app)
@@ -236,6 +257,7 @@ impl Service {
         tasks.spawn(follow_secrets(Arc::clone(&engine), shutdown.clone()));
         let service = Self {
             addr,
+            health_addr,
             deploy_requests: std::sync::Mutex::new(Some(deploy_requests)),
             shutdown,
             scheduler: tokio::sync::Mutex::new(None),

@@ -260,8 +260,9 @@ pub const TABLES: &[Table] = &[
 ];
 
 /// Tables that hold nothing worth moving: `health` is a scratch row that
-/// `/readyz` overwrites.
-pub const NOT_COPIED: &[&str] = &["health"];
+/// `/readyz` overwrites; `processes` lists the processes running on the
+/// source, all stopped for the copy.
+pub const NOT_COPIED: &[&str] = &["health", "processes"];
 
 /// How many rows travel together.
 pub const BATCH: u32 = 500;

@@ -3,7 +3,7 @@
 //!
 //! The store is split by concern, one module and one small trait each
 //! ([`RunStore`], [`ScheduleStore`], [`AlertStore`], [`SecretStore`],
-//! [`TokenStore`], [`AuditStore`], [`DeploymentStore`]); [`Store`] is all of
+//! [`TokenStore`], [`AuditStore`], [`DeploymentStore`], [`ProcessStore`]); [`Store`] is all of
 //! them together. Each backend mirrors that layout file for file
 //! (`sqlite/runs.rs` holds every query of [`RunStore`] on SQLite,
 //! `postgres/runs.rs` on PostgreSQL), so a reader finds any query in one
@@ -44,6 +44,7 @@ pub mod deployments;
 mod json;
 pub mod lease;
 pub mod postgres;
+pub mod processes;
 mod rows;
 pub mod runs;
 pub mod schedules;
@@ -56,6 +57,7 @@ pub use audit::{AuditEntry, AuditProblem, AuditStore, NewAuditEntry};
 pub use deployments::{Deployed, DeploymentStore};
 pub use lease::{ClaimToken, OwnerId};
 pub use postgres::PgStore;
+pub use processes::{ProcessBeat, ProcessInfo, ProcessStore};
 pub use runs::{
     AttemptFailure, CancelResult, Claim, Failure, Lease, LeasedRun, NewRun, Release, ReplayResult,
     Run, RunFilter, RunOutcome, RunStatus, RunStore, StepRecord, StepStatus, WorkflowStats,
@@ -72,8 +74,8 @@ pub use sqlite::{SqliteStore, Synchronous};
 /// `use plumb_store::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        AlertStore, AuditStore, DeploymentStore, RunStore, ScheduleStore, SecretStore, Store,
-        TokenStore,
+        AlertStore, AuditStore, DeploymentStore, ProcessStore, RunStore, ScheduleStore,
+        SecretStore, Store, TokenStore,
     };
 }
 
@@ -148,6 +150,7 @@ pub trait Store:
     + TokenStore
     + AuditStore
     + DeploymentStore
+    + ProcessStore
     + Send
     + Sync
     + 'static

@@ -14,9 +14,9 @@ use plumb_store::audit::verify_chain;
 use plumb_store::prelude::*;
 use plumb_store::{
     AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
-    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, Release, ReplayResult, Role,
-    RunFilter, RunOutcome, RunStatus, SealedSecret, SecretWrite, SecretWriteResult, SqliteStore,
-    StepRecord, StepStatus, Store, StoreError, Synchronous, WorkflowVersion, now_ms,
+    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat, Release, ReplayResult,
+    Role, RunFilter, RunOutcome, RunStatus, SealedSecret, SecretWrite, SecretWriteResult,
+    SqliteStore, StepRecord, StepStatus, Store, StoreError, Synchronous, WorkflowVersion, now_ms,
 };
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -1171,6 +1171,57 @@ async fn an_alert_attempt_is_taken_by_one_deliverer(store: &dyn Store) {
     );
 }
 
+/// The process list: each process's last beat, forgotten when it stops.
+async fn processes_are_listed_by_their_last_beat_until_forgotten(store: &dyn Store) {
+    let beat = |owner: &str, role: &str, runs: u32| ProcessBeat {
+        owner: owner.into(),
+        role: role.into(),
+        host: "h1".into(),
+        pid: 42,
+        version: "0.1.0".into(),
+        started_at: now_ms(),
+        runs,
+        capacity: 64,
+    };
+    let since = store.store_now().await.expect("now") - 1_000;
+    store
+        .beat(&beat("p-serve", "serve", 1))
+        .await
+        .expect("beat");
+    store
+        .beat(&beat("p-worker", "worker", 0))
+        .await
+        .expect("beat");
+    store
+        .beat(&beat("p-serve", "serve", 3))
+        .await
+        .expect("beat again");
+    let live = store.processes(since).await.expect("list");
+    let serve = live
+        .iter()
+        .find(|p| p.owner == "p-serve")
+        .expect("serve listed");
+    assert_eq!(
+        (serve.role.as_str(), serve.runs, serve.capacity),
+        ("serve", 3, 64)
+    );
+    assert!(live.iter().any(|p| p.owner == "p-worker"));
+    assert!(serve.beat_at >= since, "beats are on the store's clock");
+    // A clean stop takes a process off; so does a day without a beat.
+    store
+        .forget_processes("p-serve", since - 86_400_000)
+        .await
+        .expect("forget");
+    let live = store.processes(since).await.expect("list");
+    assert!(!live.iter().any(|p| p.owner == "p-serve"), "{live:?}");
+    assert!(live.iter().any(|p| p.owner == "p-worker"));
+    store
+        .forget_processes("nobody", store.store_now().await.expect("now") + 1_000)
+        .await
+        .expect("forget the old");
+    assert!(store.processes(0).await.expect("list").is_empty());
+}
+
 /// A workflow with a long queue, older than everything else, does not keep
 /// another workflow's runs waiting behind it: claims go round the
 /// workflows that have queued runs.
@@ -1236,6 +1287,7 @@ async fn the_store_contract(store: &dyn Store) {
     secrets_are_created_rotated_rekeyed_and_deleted_with_an_audit_trail(store).await;
     tokens_are_found_by_hash_until_revoked(store).await;
     deployments_are_audited_only_when_something_changed(store).await;
+    processes_are_listed_by_their_last_beat_until_forgotten(store).await;
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use plumb_server::{DeployRejected, DeployRequest, Deployed, Roles, Service};
 use plumb_store::{RunStatus, Store};
 
 use crate::Exit;
-use crate::cli::{Global, ServeArgs};
+use crate::cli::{Global, ServeArgs, WorkerArgs};
 
 /// Logs what matters from runs: failures loudly, the rest at debug level.
 pub struct LogObserver;
@@ -71,7 +71,21 @@ impl Observer for LogObserver {
 }
 
 /// `plumb serve` (HTTP + scheduler + workers) or `plumb worker` (workers).
-pub async fn run(global: &Global, args: Option<ServeArgs>) -> anyhow::Result<Exit> {
+/// `plumb worker`: workers only; with `--listen`, health endpoints too.
+pub async fn run_worker(global: &Global, args: WorkerArgs) -> anyhow::Result<Exit> {
+    run_service(global, None, args.listen).await
+}
+
+/// `plumb serve`.
+pub async fn run(global: &Global, args: ServeArgs) -> anyhow::Result<Exit> {
+    run_service(global, Some(args), None).await
+}
+
+async fn run_service(
+    global: &Global,
+    args: Option<ServeArgs>,
+    health_listen: Option<String>,
+) -> anyhow::Result<Exit> {
     let root = global.project_dir();
     let project = match project_dir::load_project(&root) {
         Ok(p) => Arc::new(p),
@@ -106,7 +120,14 @@ pub async fn run(global: &Global, args: Option<ServeArgs>) -> anyhow::Result<Exi
                 .with_context(|| format!("cannot listen on {addr} (is another server running? set `listen:` in plumb.yaml or pass --listen)"))?;
             Some(listener)
         }
-        None => None,
+        None => match &health_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (--listen)"))?,
+            ),
+            None => None,
+        },
     };
     // Signals are caught from here on: a SIGTERM during start-up must stop
     // the service cleanly, not kill it.
@@ -156,7 +177,12 @@ fn announce(global: &Global, service: &Service, project: &plumb_core::Project, s
                 }
             }
         }
-        None => println!("plumb worker started · {workflows} workflows · store {store}"),
+        None => match service.health_addr {
+            Some(addr) => println!(
+                "plumb worker started · {workflows} workflows · store {store} · health on http://{addr}"
+            ),
+            None => println!("plumb worker started · {workflows} workflows · store {store}"),
+        },
     }
 }
 

@@ -1,4 +1,5 @@
-//! `plumb store copy --to URL`: move a project's store to PostgreSQL.
+//! The store itself: `plumb store copy --to URL` moves a project's store to
+//! PostgreSQL; `plumb workers` lists the processes sharing it.
 
 use anyhow::Context;
 use plumb_core::store_url::{StoreUrl, parse_store_url};
@@ -96,5 +97,48 @@ async fn copy(global: &Global, to: &str) -> anyhow::Result<Exit> {
             "next: set `store: {target}` in plumb.yaml, and PLUMB_STORE_PASSWORD where plumb runs"
         );
     }
+    Ok(Exit::Success)
+}
+
+/// `plumb workers`: the processes that recorded a heartbeat in the last
+/// 30 s.
+pub async fn workers(global: &Global) -> anyhow::Result<Exit> {
+    let root = global.project_dir();
+    let config = super::load_config(&root)?;
+    let store = super::open_store(&config, &root).await?;
+    let listed = plumb_engine::status::live_processes(store.as_ref()).await;
+    store.close().await;
+    let (now, live) = listed?;
+    if global.json {
+        println!("{}", serde_json::json!({ "now": now, "workers": live }));
+        return Ok(Exit::Success);
+    }
+    if live.is_empty() {
+        println!("no plumb process has recorded a heartbeat in this store in the last 30 s");
+        return Ok(Exit::Success);
+    }
+    println!(
+        "{:<7} {:<24} {:>8}  {:<8} {:>9}  {:>9}  STARTED",
+        "ROLE", "HOST", "PID", "VERSION", "RUNS", "LAST BEAT"
+    );
+    for p in &live {
+        println!(
+            "{:<7} {:<24} {:>8}  {:<8} {:>9}  {:>9}  {}",
+            p.role,
+            p.host,
+            p.pid,
+            p.version,
+            format!("{}/{}", p.runs, p.capacity),
+            format!("{} s ago", (now - p.beat_at).max(0) / 1000),
+            crate::output::timestamp(p.started_at),
+        );
+    }
+    let runs: u32 = live.iter().map(|p| p.runs).sum();
+    println!(
+        "{} live process{}, {runs} run{} in hand",
+        live.len(),
+        if live.len() == 1 { "" } else { "es" },
+        if runs == 1 { "" } else { "s" }
+    );
     Ok(Exit::Success)
 }

@@ -59,6 +59,7 @@ mod alerts;
 mod audit;
 mod copy;
 mod deployments;
+mod processes;
 mod runs;
 mod schedules;
 mod secrets;
@@ -75,6 +76,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_fair_claims.sql"),
+    include_str!("../../migrations/postgres/0003_processes.sql"),
 ];
 
 /// The advisory lock every migrating process takes (fixed, so processes of

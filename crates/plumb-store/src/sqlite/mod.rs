@@ -54,6 +54,7 @@ mod alerts;
 mod audit;
 mod copy;
 mod deployments;
+mod processes;
 mod runs;
 mod schedules;
 mod secrets;
@@ -145,6 +146,7 @@ enum Op {
     Deployments(deployments::Write),
     Schedules(schedules::Write),
     Alerts(alerts::Write),
+    Processes(processes::Write),
     Ping,
     Close,
 }
@@ -206,6 +208,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0005_secrets_tokens_audit.sql"),
     include_str!("../../migrations/sqlite/0006_strikes_and_heartbeats.sql"),
     include_str!("../../migrations/sqlite/0007_fair_claims.sql"),
+    include_str!("../../migrations/sqlite/0008_processes.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes
@@ -616,6 +619,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
         Op::Deployments(w) => deployments::apply(tx, w),
         Op::Schedules(w) => schedules::apply(tx, w),
         Op::Alerts(w) => alerts::apply(tx, w),
+        Op::Processes(w) => processes::apply(tx, w),
         Op::Ping => {
             tx.prepare_cached(
                 "INSERT INTO health (id, checked_at) VALUES (1, ?1) \
