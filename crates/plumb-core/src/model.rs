@@ -26,6 +26,24 @@ pub const DEFAULT_RETRY: RetryPolicy = RetryPolicy {
 /// Per-attempt timeout used when nothing is configured.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long runs and payloads are kept when nothing says: ended runs 30
+/// days, their payloads 7.
+pub const DEFAULT_RETENTION: Retention = Retention {
+    runs: Duration::from_secs(30 * 24 * 3600),
+    payloads: Duration::from_secs(7 * 24 * 3600),
+};
+
+/// How long ended runs are kept, and their payloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Ended runs older than this are deleted with their journal,
+    /// attempts and alerts. Dead letters too: they are kept this long.
+    pub runs: Duration,
+    /// Trigger payloads and step outputs of succeeded or cancelled runs
+    /// older than this are blanked; dead letters keep theirs for a replay.
+    pub payloads: Duration,
+}
+
 /// Where runs are stored when `plumb.yaml` does not say.
 pub const DEFAULT_STORE: &str = "sqlite://plumb.db";
 
@@ -168,6 +186,8 @@ pub struct Defaults {
     pub retry: RetryPolicy,
     /// Per-attempt timeout.
     pub timeout: Duration,
+    /// Retention of runs and payloads.
+    pub retention: Retention,
 }
 
 /// A named connection.
@@ -366,6 +386,8 @@ pub struct Workflow {
     pub alerts_on_failure: Vec<String>,
     /// Fields masked before payloads are journaled.
     pub redact: Vec<RedactPath>,
+    /// How long its ended runs and their payloads are kept.
+    pub retention: Retention,
     /// The file, relative to the project directory.
     pub file: String,
     /// SHA-256 of the file text, hex: the version a run is pinned to.

@@ -122,6 +122,20 @@ pub struct DefaultsSpec {
     pub retry: Option<RetrySpec>,
     /// Per-step timeout unless overridden.
     pub timeout: Option<Dur>,
+    /// How long runs and their payloads are kept, unless a workflow says.
+    pub retention: Option<RetentionSpec>,
+}
+
+/// `retention:` (a workflow's, or `defaults.retention`); each field
+/// overrides the level above.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSpec {
+    /// Ended runs older than this are deleted with their journal.
+    pub runs: Option<Dur>,
+    /// Trigger payloads and step outputs of ended runs older than this are
+    /// blanked (status, timings, errors and keys stay).
+    pub payloads: Option<Dur>,
 }
 
 /// A retry policy; every field is optional and overrides the level above.
@@ -184,6 +198,8 @@ pub struct WorkflowSpec {
     /// Fields masked before payloads are journaled (`.trigger.body.ssn`).
     #[serde(default)]
     pub redact: Vec<String>,
+    /// How long this workflow's runs and payloads are kept.
+    pub retention: Option<RetentionSpec>,
 }
 
 /// `alerts:` in a workflow.

@@ -221,6 +221,7 @@ mod tests {
             defaults: plumb_core::model::Defaults {
                 retry: plumb_core::model::DEFAULT_RETRY,
                 timeout: plumb_core::model::DEFAULT_TIMEOUT,
+                retention: plumb_core::model::DEFAULT_RETENTION,
             },
             alerts: std::collections::BTreeMap::new(),
             serve: plumb_core::model::ServeConfig::default(),

@@ -28,8 +28,9 @@ use crate::diag::{Diagnostic, Diagnostics};
 use crate::expr::{Program, Template};
 use crate::lint::LintAllow;
 use crate::model::{
-    Action, DEFAULT_LISTEN, DEFAULT_RETRY, DEFAULT_STORE, DEFAULT_TIMEOUT, Defaults, Project,
-    ProjectConfig, RedactPath, RetryPolicy, ServeConfig, Step, Trigger, Workflow,
+    Action, DEFAULT_LISTEN, DEFAULT_RETENTION, DEFAULT_RETRY, DEFAULT_STORE, DEFAULT_TIMEOUT,
+    Defaults, Project, ProjectConfig, RedactPath, Retention, RetryPolicy, ServeConfig, Step,
+    Trigger, Workflow,
 };
 use crate::spec::{ProjectSpec, RetrySpec, ServeSpec, WorkflowSpec};
 use crate::yaml::{self, Document, FieldPath, Segment};
@@ -243,6 +244,7 @@ pub fn load_config_lenient(file: &SourceFile) -> Result<(ProjectConfig, Diagnost
         defaults: Defaults {
             retry: DEFAULT_RETRY,
             timeout: DEFAULT_TIMEOUT,
+            retention: DEFAULT_RETENTION,
         },
         alerts: BTreeMap::new(),
         serve: ServeConfig::default(),
@@ -303,6 +305,11 @@ fn load_config_inner(
     );
     let timeout = spec.defaults.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
     cx.check_timeout(timeout, &defaults_path.key("timeout"));
+    let retention = cx.retention(
+        DEFAULT_RETENTION,
+        spec.defaults.retention.as_ref(),
+        &defaults_path.key("retention"),
+    );
     let mut connections = BTreeMap::new();
     let connection_versions = spec
         .connections
@@ -341,7 +348,11 @@ fn load_config_inner(
         store,
         listen: spec.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
         connections,
-        defaults: Defaults { retry, timeout },
+        defaults: Defaults {
+            retry,
+            timeout,
+            retention,
+        },
         alerts,
         serve,
         version: hex::encode(Sha256::digest(file.text.as_bytes())),
@@ -472,6 +483,11 @@ fn load_workflow_inner(
         }
     }
     let redact = cx.redact_paths(&spec.redact, &root.key("redact"), &steps);
+    let retention = cx.retention(
+        config.map_or(DEFAULT_RETENTION, |c| c.defaults.retention),
+        spec.retention.as_ref(),
+        &root.key("retention"),
+    );
     let version = hex::encode(Sha256::digest(file.text.as_bytes()));
     if !cx.diags.is_empty() {
         return Err(cx.finish());
@@ -485,6 +501,7 @@ fn load_workflow_inner(
         concurrency: spec.concurrency,
         alerts_on_failure,
         redact,
+        retention,
         file: file.path.clone(),
         version,
         source: Arc::from(file.text.as_str()),
@@ -761,6 +778,35 @@ impl<'a> Checker<'a> {
                 None
             }
         }
+    }
+
+    /// A retention: `spec` over `base`, each at least an hour, payloads
+    /// kept no longer than their runs.
+    fn retention(
+        &mut self,
+        base: Retention,
+        spec: Option<&crate::spec::RetentionSpec>,
+        path: &FieldPath,
+    ) -> Retention {
+        let runs = spec.and_then(|s| s.runs).map_or(base.runs, |d| d.0);
+        let payloads = spec.and_then(|s| s.payloads).map_or(base.payloads, |d| d.0);
+        for (field, value) in [("runs", runs), ("payloads", payloads)] {
+            if value < Duration::from_secs(3600) {
+                self.error_at_value(
+                    &path.key(field),
+                    format!("`retention.{field}` is under an hour: ended runs would be deleted before anyone could look at them"),
+                )
+                .help = Some("use a duration of at least `1h` (the defaults are runs 30d, payloads 7d)".into());
+            }
+        }
+        if payloads > runs {
+            self.error_at_value(
+                &path.key("payloads"),
+                "`retention.payloads` is longer than `retention.runs`: payloads go with their run",
+            )
+            .help = Some("make `payloads` at most as long as `runs`".into());
+        }
+        Retention { runs, payloads }
     }
 
     fn check_timeout(&mut self, timeout: Duration, path: &FieldPath) {
@@ -1477,6 +1523,42 @@ mod tests {
         ))
         .expect_err("concurrency without for_each");
         assert!(err.0[0].message.contains("only applies to `for_each`"));
+    }
+
+    #[test]
+    fn retention_is_resolved_over_the_defaults_and_checked() {
+        let cfg = config("defaults:\n  retention: { payloads: 2d }\n");
+        assert_eq!(
+            cfg.defaults.retention,
+            Retention {
+                runs: Duration::from_secs(30 * 24 * 3600),
+                payloads: Duration::from_secs(2 * 24 * 3600)
+            }
+        );
+        let w = load_workflow(
+            &SourceFile {
+                path: "workflows/w.yaml".into(),
+                text: format!("{HEAD}retention: {{ runs: 90d }}\nsteps:\n  - id: x\n    jq: '1'\n"),
+            },
+            &cfg,
+        )
+        .expect("valid");
+        assert_eq!(w.retention.runs, Duration::from_secs(90 * 24 * 3600));
+        assert_eq!(w.retention.payloads, Duration::from_secs(2 * 24 * 3600));
+        let err = workflow(&format!(
+            "{HEAD}retention: {{ runs: 10m, payloads: 60d }}\nsteps:\n  - id: x\n    jq: '1'\n"
+        ))
+        .expect_err("too short, and payloads past runs");
+        let text = err.to_string();
+        assert!(text.contains("retention.runs` is under an hour"), "{text}");
+        assert!(text.contains("longer than `retention.runs`"), "{text}");
+        assert!(
+            workflow(&format!(
+                "{HEAD}retention: {{ rows: 1d }}\nsteps:\n  - id: x\n    jq: '1'\n"
+            ))
+            .is_err(),
+            "unknown field"
+        );
     }
 
     #[test]
