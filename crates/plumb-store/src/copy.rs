@@ -124,6 +124,7 @@ pub const TABLES: &[Table] = &[
             ("not_before", Int),
             ("heartbeat", Int),
             ("lease_ms", Int),
+            ("payloads_purged_at", Int),
         ],
         singleton: false,
     },

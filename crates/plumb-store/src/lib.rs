@@ -3,7 +3,7 @@
 //!
 //! The store is split by concern, one module and one small trait each
 //! ([`RunStore`], [`ScheduleStore`], [`AlertStore`], [`SecretStore`],
-//! [`TokenStore`], [`AuditStore`], [`DeploymentStore`], [`ProcessStore`]); [`Store`] is all of
+//! [`TokenStore`], [`AuditStore`], [`DeploymentStore`], [`ProcessStore`], [`RetentionStore`]); [`Store`] is all of
 //! them together. Each backend mirrors that layout file for file
 //! (`sqlite/runs.rs` holds every query of [`RunStore`] on SQLite,
 //! `postgres/runs.rs` on PostgreSQL), so a reader finds any query in one
@@ -45,6 +45,7 @@ mod json;
 pub mod lease;
 pub mod postgres;
 pub mod processes;
+pub mod retention;
 mod rows;
 pub mod runs;
 pub mod schedules;
@@ -58,6 +59,7 @@ pub use deployments::{Deployed, DeploymentStore};
 pub use lease::{ClaimToken, OwnerId};
 pub use postgres::PgStore;
 pub use processes::{ProcessBeat, ProcessInfo, ProcessStore};
+pub use retention::{PurgeScope, Purged, RetentionStore, StoreSize};
 pub use runs::{
     AttemptFailure, CancelResult, Claim, Failure, Lease, LeasedRun, NewRun, Release, ReplayResult,
     Run, RunFilter, RunOutcome, RunStatus, RunStore, StepRecord, StepStatus, WorkflowStats,
@@ -74,8 +76,8 @@ pub use sqlite::{SqliteStore, Synchronous};
 /// `use plumb_store::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        AlertStore, AuditStore, DeploymentStore, ProcessStore, RunStore, ScheduleStore,
-        SecretStore, Store, TokenStore,
+        AlertStore, AuditStore, DeploymentStore, ProcessStore, RetentionStore, RunStore,
+        ScheduleStore, SecretStore, Store, TokenStore,
     };
 }
 
@@ -151,6 +153,7 @@ pub trait Store:
     + AuditStore
     + DeploymentStore
     + ProcessStore
+    + RetentionStore
     + Send
     + Sync
     + 'static

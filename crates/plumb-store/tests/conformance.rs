@@ -14,9 +14,10 @@ use plumb_store::audit::verify_chain;
 use plumb_store::prelude::*;
 use plumb_store::{
     AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
-    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat, Release, ReplayResult,
-    Role, RunFilter, RunOutcome, RunStatus, SealedSecret, SecretWrite, SecretWriteResult,
-    SqliteStore, StepRecord, StepStatus, Store, StoreError, Synchronous, WorkflowVersion, now_ms,
+    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat, PurgeScope, Purged,
+    Release, ReplayResult, Role, RunFilter, RunOutcome, RunStatus, SealedSecret, SecretWrite,
+    SecretWriteResult, SqliteStore, StepRecord, StepStatus, Store, StoreError, Synchronous,
+    WorkflowVersion, now_ms,
 };
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -1222,6 +1223,142 @@ async fn processes_are_listed_by_their_last_beat_until_forgotten(store: &dyn Sto
     assert!(store.processes(0).await.expect("list").is_empty());
 }
 
+/// Retention removes exactly what is old and ended, and keeps the rest:
+/// queued and running runs whatever their age, young runs, dead letters'
+/// payloads, other workflows' runs, the audit log.
+async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
+    let a = lease("ret", 60_000);
+    // Ends `id` (created leased) with `outcome`, with a journal row and an
+    // alert hanging off it.
+    async fn ended(store: &dyn Store, id: &str, workflow: &str, outcome: RunOutcome, a: &Lease) {
+        let mut run = queued(id, workflow, None);
+        run.lease = Some(a.clone());
+        store.create_run(&run).await.expect("create");
+        let token = format!("{}#1", a.owner);
+        store
+            .record_step(&token, &step(id, "s", None, StepStatus::Succeeded))
+            .await
+            .expect("journal");
+        store
+            .finish_run(
+                id,
+                &token,
+                &outcome,
+                None,
+                &[NewAlert {
+                    id: format!("alert-{id}"),
+                    channel: "ops".into(),
+                    payload: json!({}),
+                }],
+            )
+            .await
+            .expect("finish");
+    }
+    let failed = || {
+        RunOutcome::Failed(Failure {
+            message: "boom".into(),
+            ..Failure::default()
+        })
+    };
+    seed(store, "ret-seed", None).await;
+    ended(store, "ret-old-ok", "w", RunOutcome::Succeeded, &a).await;
+    ended(store, "ret-old-failed", "w", failed(), &a).await;
+    ended(store, "ret-other", "other", RunOutcome::Succeeded, &a).await;
+    store
+        .create_run(&queued("ret-queued", "w", None))
+        .await
+        .expect("queue");
+    let mut running = queued("ret-running", "w", None);
+    running.lease = Some(a.clone());
+    store.create_run(&running).await.expect("running");
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let cut = now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    ended(store, "ret-young", "w", RunOutcome::Succeeded, &a).await;
+    let audit_before = store.audit_entries(0, 1000).await.expect("audit").len();
+
+    // Payloads first: old succeeded runs are blanked, the dead letter keeps
+    // its payload for a replay.
+    let p = store
+        .purge(&PurgeScope::Workflow("w".into()), 0, cut, 100)
+        .await
+        .expect("purge payloads");
+    assert_eq!(
+        p,
+        Purged {
+            runs: 0,
+            payloads: 1
+        }
+    );
+    let ok = store.run("ret-old-ok").await.expect("read").expect("kept");
+    assert_eq!(ok.trigger, serde_json::Value::Null);
+    assert_eq!(ok.status, RunStatus::Succeeded);
+    assert!(
+        store.journal("ret-old-ok").await.expect("journal")[0]
+            .output
+            .is_none()
+    );
+    let dead = store
+        .run("ret-old-failed")
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_ne!(dead.trigger, serde_json::Value::Null);
+
+    // Then runs: the old ended ones of `w`, in batches.
+    let p = store
+        .purge(&PurgeScope::Workflow("w".into()), cut, cut, 1)
+        .await
+        .expect("purge");
+    assert_eq!(p.runs, 1, "one per batch");
+    let p = store
+        .purge(&PurgeScope::Workflow("w".into()), cut, cut, 100)
+        .await
+        .expect("purge");
+    assert_eq!(p.runs, 1);
+    for gone in ["ret-old-ok", "ret-old-failed"] {
+        assert!(store.run(gone).await.expect("read").is_none(), "{gone}");
+        assert!(store.journal(gone).await.expect("journal").is_empty());
+    }
+    for kept in [
+        "ret-queued",
+        "ret-running",
+        "ret-young",
+        "ret-other",
+        "ret-seed",
+    ] {
+        assert!(
+            store.run(kept).await.expect("read").is_some(),
+            "{kept} is kept"
+        );
+    }
+    assert!(
+        !store
+            .undelivered_alerts(1000)
+            .await
+            .expect("alerts")
+            .iter()
+            .any(|al| al.run_id.starts_with("ret-old")),
+        "alerts go with their run"
+    );
+    // Workflows no longer in the project: `Others` leaves the named ones.
+    let p = store
+        .purge(&PurgeScope::Others(vec!["w".into()]), now_ms() + 1, 0, 100)
+        .await
+        .expect("purge others");
+    assert!(p.runs >= 1);
+    assert!(store.run("ret-other").await.expect("read").is_none());
+    assert!(store.run("ret-young").await.expect("read").is_some());
+    assert_eq!(
+        store.audit_entries(0, 1000).await.expect("audit").len(),
+        audit_before,
+        "the audit log is never purged"
+    );
+    let size = store.store_size().await.expect("size");
+    assert!(size.bytes > 0);
+    assert!(size.oldest_run_at.is_some());
+}
+
 /// A workflow with a long queue, older than everything else, does not keep
 /// another workflow's runs waiting behind it: claims go round the
 /// workflows that have queued runs.
@@ -1256,7 +1393,7 @@ async fn a_backlog_of_one_workflow_does_not_starve_the_others(store: &dyn Store)
     );
 }
 
-const ISOLATED_CHECKS: usize = 4;
+const ISOLATED_CHECKS: usize = 5;
 
 /// Check number `check` of those that need a store of their own.
 async fn isolated_check(check: usize, store: &dyn Store) {
@@ -1264,6 +1401,7 @@ async fn isolated_check(check: usize, store: &dyn Store) {
         0 => leases_end_by_watching_heartbeats_not_wall_clocks(store).await,
         1 => strikes_count_claims_that_did_not_end_cleanly(store).await,
         2 => a_backlog_of_one_workflow_does_not_starve_the_others(store).await,
+        3 => retention_purges_only_old_ended_runs(store).await,
         _ => what_would_not_read_back_is_refused_not_stored(store).await,
     }
 }

@@ -60,6 +60,7 @@ mod audit;
 mod copy;
 mod deployments;
 mod processes;
+mod retention;
 mod runs;
 mod schedules;
 mod secrets;
@@ -77,6 +78,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_fair_claims.sql"),
     include_str!("../../migrations/postgres/0003_processes.sql"),
+    include_str!("../../migrations/postgres/0004_retention.sql"),
 ];
 
 /// The advisory lock every migrating process takes (fixed, so processes of

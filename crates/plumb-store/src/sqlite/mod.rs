@@ -55,6 +55,7 @@ mod audit;
 mod copy;
 mod deployments;
 mod processes;
+mod retention;
 mod runs;
 mod schedules;
 mod secrets;
@@ -147,6 +148,7 @@ enum Op {
     Schedules(schedules::Write),
     Alerts(alerts::Write),
     Processes(processes::Write),
+    Retention(retention::Write),
     Ping,
     Close,
 }
@@ -189,6 +191,7 @@ enum Done {
     Secret(SecretWriteResult),
     Flag(bool),
     Names(Vec<String>),
+    Purged(crate::Purged),
 }
 
 struct Job {
@@ -209,6 +212,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0006_strikes_and_heartbeats.sql"),
     include_str!("../../migrations/sqlite/0007_fair_claims.sql"),
     include_str!("../../migrations/sqlite/0008_processes.sql"),
+    include_str!("../../migrations/sqlite/0009_retention.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes
@@ -620,6 +624,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
         Op::Schedules(w) => schedules::apply(tx, w),
         Op::Alerts(w) => alerts::apply(tx, w),
         Op::Processes(w) => processes::apply(tx, w),
+        Op::Retention(w) => retention::apply(tx, w),
         Op::Ping => {
             tx.prepare_cached(
                 "INSERT INTO health (id, checked_at) VALUES (1, ?1) \
