@@ -580,11 +580,7 @@ async fn an_execution_that_panics_releases_its_run_and_the_run_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_clock_is_an_hour_ahead_takes_no_live_lease() {
-    let faketime_works = std::process::Command::new("faketime")
-        .args(["-f", "+1h", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !faketime_works {
+    if !support::faketime_works() {
         eprintln!("skipped: `faketime` is not installed (apt-get install faketime)");
         return;
     }
@@ -598,15 +594,9 @@ async fn a_worker_whose_clock_is_an_hour_ahead_takes_no_live_lease() {
     let base = server.base_url.clone();
     // A worker whose wall clock is an hour ahead: every lease the server
     // writes has expired by its clock the moment it is written.
-    let mut worker = tokio::process::Command::new("faketime")
-        .args(["-f", "+1h", support::plumb_bin(), "--project"])
-        .arg(project.path())
-        .arg("worker")
-        .env("DONT_FAKE_MONOTONIC", "1")
-        .env("NO_COLOR", "1")
+    let mut worker = support::plumb_at(project.path(), "+1h", &["worker"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn the worker");
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -369,3 +369,12 @@ async fn a_sqlite_store_copied_to_postgres_keeps_secrets_tokens_and_audit_and_re
     server.kill().await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_old_ended_runs_and_survives_a_sigkill_mid_purge_on_postgres() {
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    support::retention_purges_old_runs_through_a_sigkill(&format!("store: {}\n", db.url)).await;
+    db.drop().await;
+}

@@ -249,3 +249,8 @@ async fn runs_interrupted_by_a_crash_resume_on_the_next_start() {
     );
     b.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_old_ended_runs_and_survives_a_sigkill_mid_purge_on_sqlite() {
+    support::retention_purges_old_runs_through_a_sigkill("").await;
+}

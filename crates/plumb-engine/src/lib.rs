@@ -26,6 +26,7 @@ mod journal;
 pub mod ops;
 pub mod owner;
 pub mod project_dir;
+pub mod retention;
 pub mod retry;
 pub mod schedule;
 pub mod secrets;

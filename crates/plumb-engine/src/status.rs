@@ -39,6 +39,8 @@ pub struct Status {
     pub workflows: Vec<WorkflowStatus>,
     /// Alerts not delivered yet or given up on.
     pub undelivered_alerts: Vec<Alert>,
+    /// The store's size and its oldest kept run.
+    pub store: plumb_store::StoreSize,
     /// Whether anything needs a person, and what.
     pub verdict: Verdict,
 }
@@ -198,6 +200,7 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
         generated_at: now_ms(),
         workflows,
         undelivered_alerts,
+        store: store.store_size().await?,
         verdict,
     })
 }

@@ -267,6 +267,14 @@ impl Service {
         };
         if roles.scheduler {
             service.restart_scheduler().await;
+            service
+                .tasks
+                .lock()
+                .await
+                .spawn(plumb_engine::retention::run_purge(
+                    Arc::clone(&service.engine),
+                    service.shutdown.clone(),
+                ));
         }
         Ok(service)
     }

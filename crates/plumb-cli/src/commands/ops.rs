@@ -356,6 +356,15 @@ pub async fn status(global: &Global) -> anyhow::Result<Exit> {
             when(&w["next_fire_at"]),
         );
     }
+    let store = &status["store"];
+    println!(
+        "\n{}",
+        s.dim(&format!(
+            "store    {:.1} MiB · oldest run {}",
+            store["bytes"].as_u64().unwrap_or(0) as f64 / (1024.0 * 1024.0),
+            when(&store["oldest_run_at"]),
+        ))
+    );
     let alerts = status["undelivered_alerts"]
         .as_array()
         .cloned()

@@ -1,0 +1,98 @@
+//! The purge job: what retention no longer keeps leaves the store, a small
+//! batch at a time, so the store's size follows what is kept and intake
+//! never waits behind it (see [`plumb_store::retention`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use plumb_core::model::Retention;
+use plumb_store::{PurgeScope, Purged, StoreError, now_ms};
+use tokio_util::sync::CancellationToken;
+
+use crate::Engine;
+
+/// Runs deleted (and runs blanked) per batch.
+const BATCH: u32 = 500;
+
+/// The pause between two batches: commits of webhooks and workers go
+/// between them.
+const PAUSE: Duration = Duration::from_millis(20);
+
+/// How often the job looks for work.
+const EVERY: Duration = Duration::from_secs(60);
+
+/// Purges every [`EVERY`] (the first time shortly after start) until
+/// `shutdown`. Every process that fires schedules runs it; two at once
+/// only share the work.
+pub async fn run_purge(engine: Arc<Engine>, shutdown: CancellationToken) {
+    let mut wait = Duration::from_secs(5);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = EVERY;
+        match purge_once(&engine, Some(&shutdown)).await {
+            Ok(p) if p.runs > 0 || p.payloads > 0 => {
+                tracing::info!(
+                    runs = p.runs,
+                    payloads = p.payloads,
+                    "Retention: deleted ended runs and blanked old payloads."
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "Retention could not purge; it tries again in a minute.");
+            }
+        }
+    }
+}
+
+/// One pass over every workflow (each under its own retention) and the
+/// runs of workflows no longer in the project (under the defaults), batch
+/// by batch until nothing is left to purge or `stop` fires.
+///
+/// # Errors
+///
+/// The store's error; what was purged before it stays purged.
+pub async fn purge_once(
+    engine: &Engine,
+    stop: Option<&CancellationToken>,
+) -> Result<Purged, StoreError> {
+    let project = engine.project();
+    let mut scopes: Vec<(PurgeScope, Retention)> = project
+        .workflows
+        .iter()
+        .map(|w| (PurgeScope::Workflow(w.name.clone()), w.retention))
+        .collect();
+    scopes.push((
+        PurgeScope::Others(project.workflows.iter().map(|w| w.name.clone()).collect()),
+        project.config.defaults.retention,
+    ));
+    let now = now_ms();
+    let before = |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut total = Purged::default();
+    for (scope, retention) in scopes {
+        loop {
+            if stop.is_some_and(CancellationToken::is_cancelled) {
+                return Ok(total);
+            }
+            let p = engine
+                .store
+                .purge(
+                    &scope,
+                    before(retention.runs),
+                    before(retention.payloads),
+                    BATCH,
+                )
+                .await?;
+            total.runs += p.runs;
+            total.payloads += p.payloads;
+            if p.runs < u64::from(BATCH) && p.payloads < u64::from(BATCH) {
+                break;
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+    }
+    Ok(total)
+}
