@@ -1359,6 +1359,60 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
     assert!(size.oldest_run_at.is_some());
 }
 
+/// The status figures per workflow, exactly.
+async fn workflow_stats_count_every_state_of_every_workflow(store: &dyn Store) {
+    seed(store, "st-seed", None).await; // w: queued
+    let a = lease("st", 60_000);
+    let token = "st#1";
+    let make = |id: &str, workflow: &str, leased: bool| {
+        let mut run = queued(id, workflow, None);
+        if leased {
+            run.lease = Some(a.clone());
+        }
+        run
+    };
+    for (id, wf, leased) in [
+        ("st-q", "w", false),
+        ("st-r", "w", true),
+        ("st-ok", "w", true),
+        ("st-f1", "w", true),
+        ("st-f2", "w", true),
+        ("st-b", "b", true),
+    ] {
+        store
+            .create_run(&make(id, wf, leased))
+            .await
+            .expect("create");
+    }
+    let fail = RunOutcome::Failed(Failure {
+        message: "boom".into(),
+        ..Failure::default()
+    });
+    for (id, outcome) in [
+        ("st-ok", RunOutcome::Succeeded),
+        ("st-f1", fail.clone()),
+        ("st-f2", fail),
+        ("st-b", RunOutcome::Succeeded),
+    ] {
+        store
+            .finish_run(id, token, &outcome, None, &[])
+            .await
+            .expect("finish");
+    }
+    let stats = store.workflow_stats().await.expect("stats");
+    let names: Vec<&str> = stats.iter().map(|s| s.workflow.as_str()).collect();
+    assert_eq!(names, ["b", "w"], "every workflow with runs, by name");
+    let w = &stats[1];
+    assert_eq!((w.queued, w.running, w.dead_letters), (2, 1, 2), "{w:?}");
+    assert!(w.last_success_at.is_some() && w.last_failure_at.is_some());
+    let b = &stats[0];
+    assert_eq!((b.queued, b.running, b.dead_letters), (0, 0, 0), "{b:?}");
+    assert!(b.last_success_at.is_some() && b.last_failure_at.is_none());
+    let open = store.open_counts().await.expect("open");
+    let w = open.iter().find(|s| s.workflow == "w").expect("w open");
+    assert_eq!((w.queued, w.running, w.dead_letters), (2, 1, 2));
+}
+
 /// A workflow with a long queue, older than everything else, does not keep
 /// another workflow's runs waiting behind it: claims go round the
 /// workflows that have queued runs.
@@ -1393,7 +1447,7 @@ async fn a_backlog_of_one_workflow_does_not_starve_the_others(store: &dyn Store)
     );
 }
 
-const ISOLATED_CHECKS: usize = 5;
+const ISOLATED_CHECKS: usize = 6;
 
 /// Check number `check` of those that need a store of their own.
 async fn isolated_check(check: usize, store: &dyn Store) {
@@ -1402,6 +1456,7 @@ async fn isolated_check(check: usize, store: &dyn Store) {
         1 => strikes_count_claims_that_did_not_end_cleanly(store).await,
         2 => a_backlog_of_one_workflow_does_not_starve_the_others(store).await,
         3 => retention_purges_only_old_ended_runs(store).await,
+        4 => workflow_stats_count_every_state_of_every_workflow(store).await,
         _ => what_would_not_read_back_is_refused_not_stored(store).await,
     }
 }

@@ -79,6 +79,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0002_fair_claims.sql"),
     include_str!("../../migrations/postgres/0003_processes.sql"),
     include_str!("../../migrations/postgres/0004_retention.sql"),
+    include_str!("../../migrations/postgres/0005_listing_indexes.sql"),
 ];
 
 /// The advisory lock every migrating process takes (fixed, so processes of

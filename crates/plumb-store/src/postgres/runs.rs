@@ -883,15 +883,7 @@ impl RunStore for PgStore {
     }
 
     async fn workflow_stats(&self) -> Result<Vec<WorkflowStats>, StoreError> {
-        let query = sqlx::query(
-            "SELECT workflow, \
-               count(*) FILTER (WHERE status = 'queued') AS queued, \
-               count(*) FILTER (WHERE status = 'running') AS running, \
-               count(*) FILTER (WHERE status = 'failed') AS dead_letters, \
-               max(finished_at) FILTER (WHERE status = 'succeeded') AS last_success_at, \
-               max(finished_at) FILTER (WHERE status = 'failed') AS last_failure_at \
-             FROM runs GROUP BY workflow ORDER BY workflow",
-        );
+        let query = sqlx::query(rows::WORKFLOW_STATS);
         fetch_all(query, &self.pool, rows::workflow_stats).await
     }
 

@@ -213,6 +213,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0007_fair_claims.sql"),
     include_str!("../../migrations/sqlite/0008_processes.sql"),
     include_str!("../../migrations/sqlite/0009_retention.sql"),
+    include_str!("../../migrations/sqlite/0010_listing_indexes.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes

@@ -574,13 +574,21 @@ impl RunStore for SqliteStore {
         let limit = if filter.limit == 0 { 50 } else { filter.limit };
         let workflow = filter.workflow.clone();
         let status = filter.status.map(RunStatus::as_str);
+        // Only the conditions asked for: `(?1 IS NULL OR workflow = ?1)`
+        // would keep SQLite from using the index that serves each listing,
+        // and the dead-letter list would read every stored run.
+        let filter_sql = match (&workflow, status) {
+            (Some(_), Some(_)) => "WHERE workflow = ?1 AND status = ?2",
+            (Some(_), None) => "WHERE workflow = ?1 AND ?2 IS NULL",
+            (None, Some(_)) => "WHERE ?1 IS NULL AND status = ?2",
+            (None, None) => "WHERE ?1 IS NULL AND ?2 IS NULL",
+        };
         self.read(move |conn| {
             query_all(
                 conn,
                 &format!(
-                    "SELECT {RUN_COLUMNS} FROM runs \
-                 WHERE (?1 IS NULL OR workflow = ?1) AND (?2 IS NULL OR status = ?2) \
-                 ORDER BY created_at DESC, id DESC LIMIT ?3"
+                    "SELECT {RUN_COLUMNS} FROM runs {filter_sql} \
+                     ORDER BY created_at DESC, id DESC LIMIT ?3"
                 ),
                 params![workflow, status, i64::from(limit)],
                 |r| rows::run(r),
@@ -823,20 +831,8 @@ impl RunStore for SqliteStore {
     }
 
     async fn workflow_stats(&self) -> Result<Vec<WorkflowStats>, StoreError> {
-        self.read(|conn| {
-            query_all(
-                conn,
-                "SELECT workflow, \
-                   sum(status = 'queued') AS queued, sum(status = 'running') AS running, \
-                   sum(status = 'failed') AS dead_letters, \
-                   max(CASE WHEN status = 'succeeded' THEN finished_at END) AS last_success_at, \
-                   max(CASE WHEN status = 'failed' THEN finished_at END) AS last_failure_at \
-                 FROM runs GROUP BY workflow ORDER BY workflow",
-                [],
-                |r| rows::workflow_stats(r),
-            )
-        })
-        .await
+        self.read(|conn| query_all(conn, rows::WORKFLOW_STATS, [], |r| rows::workflow_stats(r)))
+            .await
     }
 
     async fn open_counts(&self) -> Result<Vec<WorkflowStats>, StoreError> {
