@@ -4,6 +4,7 @@
 //!
 //! * `POST <any path>` with a JSON body holding `"id"` → `200 {"ok":true}`,
 //!   counted by id (duplicates counted separately) and by idempotency key;
+//! * `?delay_ms=N` on any of them: the answer comes N ms later;
 //! * `GET /stats` → counters and first/last delivery times;
 //! * `POST /reset`, `GET /health`.
 //!
@@ -48,6 +49,26 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Json<Value> {
+    // `?delay_ms=N`: answer N ms later, like a slow upstream (the W3
+    // benchmark); the request is counted when it arrives.
+    let delay = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay_ms=")))
+        .and_then(|v| v.parse::<u64>().ok());
+    let answer = record(&state, &method, &uri, &headers, &body);
+    if let Some(ms) = delay {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    answer
+}
+
+fn record(
+    state: &Shared,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Json<Value> {
     let path = uri.path();
     let Ok(mut c) = state.lock() else {
         return Json(json!({"error": "poisoned"}));
@@ -80,7 +101,7 @@ async fn handle(
             c.accepted += 1;
             c.first_ts.get_or_insert(ts);
             c.last_ts = Some(ts);
-            match serde_json::from_slice::<Value>(&body)
+            match serde_json::from_slice::<Value>(body)
                 .ok()
                 .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
             {
