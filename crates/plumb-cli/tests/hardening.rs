@@ -410,13 +410,7 @@ async fn a_worker_in_another_pid_namespace_is_never_taken_for_dead() {
         let done = wait_run(&base, id, Duration::from_secs(40)).await;
         assert_eq!(done["run"]["status"], "succeeded", "{done}");
     }
-    let mut per_key: HashMap<String, usize> = HashMap::new();
-    for hit in rx.hits() {
-        *per_key.entry(hit.key.unwrap_or_default()).or_default() += 1;
-    }
-    let twice: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "keys sent more than once: {twice:?}");
-    assert_eq!(per_key.len(), ids.len());
+    assert_each_key_sent_once(&rx, ids.len());
     let _ = worker.start_kill();
     let _ = worker.wait().await;
     server.kill().await;
@@ -621,14 +615,20 @@ async fn a_worker_whose_clock_is_an_hour_ahead_takes_no_live_lease() {
         by_the_worker > 0,
         "the worker with the skewed clock ran none of the runs"
     );
+    assert_each_key_sent_once(&rx, ids.len());
+    let _ = worker.start_kill();
+    let _ = worker.wait().await;
+    server.kill().await;
+}
+
+/// Every idempotency key the receiver saw arrived exactly once, and there
+/// are `runs` of them.
+fn assert_each_key_sent_once(rx: &Receiver, runs: usize) {
     let mut per_key: HashMap<String, usize> = HashMap::new();
     for hit in rx.hits() {
         *per_key.entry(hit.key.unwrap_or_default()).or_default() += 1;
     }
     let twice: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "keys sent more than once: {twice:?}");
-    assert_eq!(per_key.len(), ids.len());
-    let _ = worker.start_kill();
-    let _ = worker.wait().await;
-    server.kill().await;
+    assert_eq!(per_key.len(), runs);
 }

@@ -577,16 +577,7 @@ async fn a_worker_serves_its_health_and_nothing_else_and_plumb_workers_lists_it(
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn plumb worker");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut reader = tokio::io::BufReader::new(stdout);
-    let mut first = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut first),
-    )
-    .await
-    .expect("the worker starts")
-    .expect("read");
+    let (first, _rest) = support::first_line(&mut child).await;
     assert!(
         first.contains("worker started") && first.contains(&format!("health on http://{addr}")),
         "{first}"

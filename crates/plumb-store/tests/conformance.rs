@@ -938,26 +938,31 @@ async fn a_schedule_slot_is_recorded_once(store: &dyn Store) {
     assert_eq!(store.last_fire("sched").await.expect("last"), Some(2_000));
 }
 
-async fn alerts_are_committed_with_the_failure_and_tracked_to_delivery(store: &dyn Store) {
-    seed(store, "al1", Some(lease("a", 60_000))).await;
-    let alert = NewAlert {
-        id: "alert-1".into(),
-        channel: "ops".into(),
-        payload: json!({"run_id": "al1"}),
-    };
+/// Seeds run `run` leased to `a`, and fails it with alert `alert` (to
+/// channel `ops`) committed in the same transaction.
+async fn fail_with_an_alert(store: &dyn Store, run: &str, alert: &str) {
+    seed(store, run, Some(lease("a", 60_000))).await;
     store
         .finish_run(
-            "al1",
+            run,
             "a#1",
             &RunOutcome::Failed(Failure {
                 message: "boom".into(),
                 ..Failure::default()
             }),
             None,
-            &[alert],
+            &[NewAlert {
+                id: alert.into(),
+                channel: "ops".into(),
+                payload: json!({ "run_id": run }),
+            }],
         )
         .await
         .expect("finish");
+}
+
+async fn alerts_are_committed_with_the_failure_and_tracked_to_delivery(store: &dyn Store) {
+    fail_with_an_alert(store, "al1", "alert-1").await;
     let due = store.due_alerts(now_ms() + 1, 10).await.expect("due");
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].workflow, "w");
@@ -1002,25 +1007,7 @@ async fn alerts_are_committed_with_the_failure_and_tracked_to_delivery(store: &d
 }
 
 async fn stale_alert_results_and_expired_deadlines_are_not_committed(store: &dyn Store) {
-    seed(store, "al2", Some(lease("a", 60_000))).await;
-    let alert = NewAlert {
-        id: "alert-2".into(),
-        channel: "ops".into(),
-        payload: json!({}),
-    };
-    store
-        .finish_run(
-            "al2",
-            "a#1",
-            &RunOutcome::Failed(Failure {
-                message: "x".into(),
-                ..Failure::default()
-            }),
-            None,
-            &[alert],
-        )
-        .await
-        .expect("finish");
+    fail_with_an_alert(store, "al2", "alert-2").await;
     assert!(
         store
             .record_alert_attempt("alert-2", 0, &AlertAttempt::Delivered)
@@ -1111,25 +1098,7 @@ async fn concurrent_writes_share_commits_and_all_land(store: Arc<dyn Store>) {
 /// Two deliverers (two processes) that both read a due alert: only the one
 /// that takes the attempt sends it; the other finds it taken.
 async fn an_alert_attempt_is_taken_by_one_deliverer(store: &dyn Store) {
-    seed(store, "al-claim", Some(lease("a", 60_000))).await;
-    let alert = NewAlert {
-        id: "alert-claim".into(),
-        channel: "ops".into(),
-        payload: json!({"run_id": "al-claim"}),
-    };
-    store
-        .finish_run(
-            "al-claim",
-            "a#1",
-            &RunOutcome::Failed(Failure {
-                message: "boom".into(),
-                ..Failure::default()
-            }),
-            None,
-            &[alert],
-        )
-        .await
-        .expect("finish");
+    fail_with_an_alert(store, "al-claim", "alert-claim").await;
     let now = now_ms() + 1;
     let due = store.due_alerts(now, 10).await.expect("due");
     assert!(due.iter().any(|a| a.id == "alert-claim"), "{due:?}");

@@ -433,6 +433,24 @@ async fn handle(
     }
 }
 
+/// The first line a started `plumb` prints (what it listens on), within
+/// 20 s, and the rest of its stdout.
+pub async fn first_line(
+    child: &mut tokio::process::Child,
+) -> (String, tokio::io::BufReader<tokio::process::ChildStdout>) {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut reader = tokio::io::BufReader::new(stdout);
+    let mut first = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut first),
+    )
+    .await
+    .expect("plumb starts within 20 s")
+    .expect("read the first line");
+    (first, reader)
+}
+
 /// A `plumb serve` (or `plumb worker`) process.
 pub struct Server {
     pub child: tokio::process::Child,
@@ -455,16 +473,7 @@ impl Project {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("spawn plumb serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut reader = tokio::io::BufReader::new(stdout);
-        let mut first = String::new();
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut first),
-        )
-        .await
-        .expect("plumb serve starts within 20 s")
-        .expect("read the first line");
+        let (first, reader) = first_line(&mut child).await;
         let base_url = first
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -490,12 +499,7 @@ impl Project {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn plumb worker");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut reader = tokio::io::BufReader::new(stdout);
-        let mut first = String::new();
-        tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut first)
-            .await
-            .expect("worker starts");
+        let (first, mut reader) = first_line(&mut child).await;
         assert!(first.contains("worker started"), "{first}");
         // Keep draining so the worker never blocks on a full pipe.
         tokio::spawn(async move {
@@ -813,16 +817,7 @@ impl Project {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("spawn plumb serve with a moved clock");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut reader = tokio::io::BufReader::new(stdout);
-        let mut first = String::new();
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            tokio::io::AsyncBufReadExt::read_line(&mut reader, &mut first),
-        )
-        .await
-        .expect("plumb serve starts within 20 s")
-        .expect("read the first line");
+        let (_first, reader) = first_line(&mut child).await;
         let base_url = format!("http://{listen}");
         {
             let mut tokens = TOKENS.lock().unwrap_or_else(|e| e.into_inner());
