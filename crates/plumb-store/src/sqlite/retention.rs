@@ -39,15 +39,17 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
 }
 
 /// The scope as SQL over `runs`, and its one parameter: a workflow name,
-/// or the names to leave out as a JSON array.
-fn scope_sql(scope: &PurgeScope) -> (&'static str, String) {
-    match scope {
+/// or the names to leave out as a JSON array. Never a fallback that would
+/// widen the scope: an empty list would purge every workflow's runs under
+/// the defaults.
+fn scope_sql(scope: &PurgeScope) -> Result<(&'static str, String), StoreError> {
+    Ok(match scope {
         PurgeScope::Workflow(name) => ("workflow = ?1", name.clone()),
         PurgeScope::Others(names) => (
             "workflow NOT IN (SELECT value FROM json_each(?1))",
-            serde_json::to_string(names).unwrap_or_else(|_| "[]".to_owned()),
+            serde_json::to_string(names).map_err(|e| StoreError::Other(e.to_string()))?,
         ),
-    }
+    })
 }
 
 fn purge(
@@ -57,7 +59,7 @@ fn purge(
     payloads_before: Millis,
     limit: u32,
 ) -> Result<Purged, StoreError> {
-    let (of_scope, param) = scope_sql(scope);
+    let (of_scope, param) = scope_sql(scope)?;
     let ended = "status IN ('succeeded', 'failed', 'cancelled') AND finished_at IS NOT NULL";
     let old: Vec<String> = tx
         .prepare_cached(&format!(
