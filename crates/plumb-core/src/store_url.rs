@@ -20,15 +20,49 @@ pub enum StoreUrl {
     /// `PLUMB_STORE_PASSWORD_FILE`, because the store cannot hold the key
     /// to itself and `plumb.yaml` is meant to be committed.
     Postgres {
-        /// The URL as written.
+        /// The URL for the driver: as written, without plumb's own options
+        /// (`pool`, `notify`), which the driver does not know.
         url: String,
+        /// plumb's own options of the URL.
+        options: PostgresOptions,
     },
 }
+
+/// plumb's own options of a `postgres://` store URL, beside the driver's
+/// (`sslmode`, `application_name`, …), which pass through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// `pool=N`: connections each process keeps open (default 16). Every
+    /// serve and worker opens its own: N processes need N × pool of the
+    /// server's `max_connections`.
+    pub pool: u32,
+    /// `notify=false`: no `LISTEN`/`NOTIFY` (databases that speak
+    /// PostgreSQL's protocol without them, or a pooler in transaction
+    /// mode): idle workers find new runs by polling, up to ~0.5 s later.
+    pub notify: bool,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            pool: DEFAULT_POOL,
+            notify: true,
+        }
+    }
+}
+
+/// Connections per process unless the URL says `pool=N`.
+pub const DEFAULT_POOL: u32 = 16;
+
+/// The most connections per process a URL may ask for: beyond it a pool
+/// is a typo, and PostgreSQL's own `max_connections` defaults to 100.
+pub const MAX_POOL: u32 = 1000;
 
 /// What `plumb check` suggests for a store URL it cannot use.
 pub const STORE_URL_HELP: &str = "use `sqlite://plumb.db` (relative to the project), \
     `sqlite:///absolute/path.db` (optionally with `?synchronous=normal`), or \
-    `postgres://user@host:5432/database` with the password in PLUMB_STORE_PASSWORD";
+    `postgres://user@host:5432/database` (optionally with `?pool=16&notify=true`) with the \
+    password in PLUMB_STORE_PASSWORD";
 
 /// Parses a `store:` URL.
 ///
@@ -76,11 +110,51 @@ pub fn parse_store_url(url: &str) -> Result<StoreUrl, String> {
         if parsed.host_str().is_none_or(str::is_empty) {
             return Err(format!("the store URL `{url}` names no host"));
         }
-        return Ok(StoreUrl::Postgres {
-            url: url.to_owned(),
-        });
+        let (url, options) = postgres_options(parsed)?;
+        return Ok(StoreUrl::Postgres { url, options });
     }
     Err(format!("unsupported store `{}`", redact(url)))
+}
+
+/// plumb's options taken out of a PostgreSQL URL: the URL left for the
+/// driver, and the options.
+fn postgres_options(mut parsed: url::Url) -> Result<(String, PostgresOptions), String> {
+    let mut options = PostgresOptions::default();
+    let mut rest: Vec<(String, String)> = Vec::new();
+    for (key, value) in parsed.query_pairs() {
+        match &*key {
+            "pool" => {
+                options.pool = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=MAX_POOL).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "the store option `pool={value}` is not a number of connections \
+                             from 1 to {MAX_POOL} (default {DEFAULT_POOL})"
+                        )
+                    })?;
+            }
+            "notify" => {
+                options.notify = match &*value {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(format!(
+                            "the store option `notify={value}` is neither `true` nor `false`"
+                        ));
+                    }
+                };
+            }
+            _ => rest.push((key.into_owned(), value.into_owned())),
+        }
+    }
+    if rest.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(rest);
+    }
+    Ok((parsed.to_string(), options))
 }
 
 /// The URL without its query and with the password between `://` and `@`
@@ -130,10 +204,40 @@ mod tests {
         assert_eq!(
             parse_store_url("postgres://plumb@db.internal:5432/plumb"),
             Ok(StoreUrl::Postgres {
-                url: "postgres://plumb@db.internal:5432/plumb".into()
+                url: "postgres://plumb@db.internal:5432/plumb".into(),
+                options: PostgresOptions::default(),
             })
         );
         assert!(parse_store_url("postgresql://plumb@localhost/plumb").is_ok());
+    }
+
+    #[test]
+    fn plumbs_postgres_options_are_taken_out_and_the_drivers_pass_through() {
+        assert_eq!(
+            parse_store_url("postgres://plumb@db/plumb?sslmode=require&pool=4&notify=false"),
+            Ok(StoreUrl::Postgres {
+                url: "postgres://plumb@db/plumb?sslmode=require".into(),
+                options: PostgresOptions {
+                    pool: 4,
+                    notify: false
+                },
+            })
+        );
+        assert_eq!(
+            parse_store_url("postgres://plumb@db/plumb?pool=64"),
+            Ok(StoreUrl::Postgres {
+                url: "postgres://plumb@db/plumb".into(),
+                options: PostgresOptions {
+                    pool: 64,
+                    notify: true
+                },
+            })
+        );
+        for bad in ["pool=0", "pool=1001", "pool=many", "notify=yes"] {
+            let err = parse_store_url(&format!("postgres://plumb@db/plumb?{bad}"))
+                .expect_err("a bad option");
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
     }
 
     #[test]

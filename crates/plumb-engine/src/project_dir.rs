@@ -158,8 +158,10 @@ pub enum StoreLocation {
     },
     /// A PostgreSQL database: the URL as written, without a password.
     Postgres {
-        /// The URL.
+        /// The URL, without plumb's own options.
         url: String,
+        /// plumb's own options (`pool`, `notify`).
+        options: plumb_core::store_url::PostgresOptions,
     },
 }
 
@@ -174,7 +176,7 @@ impl StoreLocation {
                 .unwrap_or_else(|_| path.clone())
                 .display()
                 .to_string(),
-            Self::Postgres { url } => url.clone(),
+            Self::Postgres { url, .. } => url.clone(),
         }
     }
 }
@@ -205,7 +207,9 @@ pub fn store_location(config: &ProjectConfig, root: &Path) -> Result<StoreLocati
                 },
             })
         }
-        plumb_core::store_url::StoreUrl::Postgres { url } => Ok(StoreLocation::Postgres { url }),
+        plumb_core::store_url::StoreUrl::Postgres { url, options } => {
+            Ok(StoreLocation::Postgres { url, options })
+        }
     }
 }
 
@@ -255,7 +259,8 @@ mod tests {
         assert_eq!(
             store_location(&config("postgres://plumb@db/plumb"), root),
             Ok(StoreLocation::Postgres {
-                url: "postgres://plumb@db/plumb".into()
+                url: "postgres://plumb@db/plumb".into(),
+                options: plumb_core::store_url::PostgresOptions::default(),
             })
         );
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use plumb_store::audit::verify_chain;
+use plumb_store::postgres::PostgresOptions;
 use plumb_store::prelude::*;
 use plumb_store::{
     AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
@@ -2002,7 +2003,7 @@ async fn postgres_never_shows_the_password() {
             None,
         ),
     ] {
-        let err = PgStore::connect(&url, password)
+        let err = PgStore::connect(&url, password, PostgresOptions::default())
             .await
             .expect_err("nothing listens on port 1");
         assert!(matches!(err, StoreError::Open { .. }), "{err}");
@@ -2039,6 +2040,56 @@ async fn postgres_a_new_run_wakes_the_idle_workers_of_other_processes() {
     );
     a.close().await;
     b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_without_notify_works_by_polling_and_never_calls_pg_notify() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let listening = schema.store().await;
+    let signal = listening.work_signal().expect("this one listens");
+    let quiet = PgStore::connect_with_settings(
+        schema.options(),
+        PostgresOptions {
+            pool: 2,
+            notify: false,
+        },
+    )
+    .await
+    .expect("connect without notifications");
+    assert!(
+        quiet.work_signal().is_none(),
+        "a store without notifications leaves idle workers to poll"
+    );
+    seed(&quiet, "seed-q", None).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let heard = tokio::spawn(async move {
+        tokio::time::timeout(std::time::Duration::from_millis(1500), signal.notified()).await
+    });
+    // Every statement that would announce work: a new run, and a claim
+    // released cleanly (it puts the run back in the queue).
+    for i in 0..3 {
+        quiet
+            .create_run(&queued_run(&format!("q{i}")))
+            .await
+            .expect("queue without pg_notify");
+    }
+    let run = quiet
+        .claim_next(&lease("w1", 60_000))
+        .await
+        .expect("claim")
+        .expect("a queued run");
+    quiet
+        .release_run(&run.id, "w1", &Release::Clean)
+        .await
+        .expect("release without pg_notify");
+    assert!(
+        heard.await.expect("waiter").is_err(),
+        "no notification was sent by a store told not to"
+    );
+    listening.close().await;
+    quiet.close().await;
 }
 
 fn queued_run(id: &str) -> NewRun {

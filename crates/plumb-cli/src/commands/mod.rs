@@ -169,8 +169,8 @@ pub async fn open_store(config: &ProjectConfig, root: &Path) -> anyhow::Result<A
                 .with_context(|| format!("opening the store {}", path.display()))?;
             Ok(Arc::new(store))
         }
-        StoreLocation::Postgres { url } => {
-            let store = PgStore::connect(&url, store_password()?)
+        StoreLocation::Postgres { url, options } => {
+            let store = PgStore::connect(&url, store_password()?, options)
                 .await
                 .with_context(|| format!("opening the store {url}"))?;
             Ok(Arc::new(store))

@@ -37,7 +37,7 @@ async fn copy(global: &Global, to: &str) -> anyhow::Result<Exit> {
         .into());
     }
     let target = match parse_store_url(to) {
-        Ok(StoreUrl::Postgres { url }) => url,
+        Ok(StoreUrl::Postgres { url, options }) => (url, options),
         Ok(StoreUrl::Sqlite { .. }) => {
             return Err(UsageError(
                 "copy to a PostgreSQL store: --to postgres://user@host:5432/database".into(),
@@ -61,7 +61,8 @@ async fn copy(global: &Global, to: &str) -> anyhow::Result<Exit> {
         ))
         .into());
     }
-    let target_store = PgStore::connect(&target, super::store_password()?)
+    let (target, options) = target;
+    let target_store = PgStore::connect(&target, super::store_password()?, options)
         .await
         .with_context(|| format!("opening the target store {target}"))?;
     let copied = target_store
@@ -94,7 +95,7 @@ async fn copy(global: &Global, to: &str) -> anyhow::Result<Exit> {
             println!("  {:<18} {:>10} rows", c.table, c.rows);
         }
         println!(
-            "next: set `store: {target}` in plumb.yaml, and PLUMB_STORE_PASSWORD where plumb runs"
+            "next: set `store: {to}` in plumb.yaml, and PLUMB_STORE_PASSWORD where plumb runs"
         );
     }
     Ok(Exit::Success)

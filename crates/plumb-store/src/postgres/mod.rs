@@ -49,6 +49,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use plumb_core::store_url::PostgresOptions;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Connection, Postgres, Row, Transaction};
 
@@ -64,9 +65,6 @@ mod retention;
 mod runs;
 mod schedules;
 mod secrets;
-
-/// Connections kept open to the database, per process.
-const MAX_CONNECTIONS: u32 = 16;
 
 /// How long a call waits for a free connection before the store reports
 /// [`StoreError::Unavailable`]. Shorter than a webhook's commit deadline
@@ -99,17 +97,22 @@ pub struct PgStore {
     ///
     /// [`RunStore::work_signal`]: crate::RunStore::work_signal
     work: std::sync::Arc<tokio::sync::Notify>,
-    /// The task that listens; stopped when the last handle goes.
+    /// Whether new work is announced with `NOTIFY` and listened for
+    /// (`notify=false` in the URL turns both off).
+    notify: bool,
+    /// The task that listens, if any; stopped when the last handle goes.
     listener: std::sync::Arc<Listening>,
 }
 
 /// The listening task, aborted when dropped.
 #[derive(Debug)]
-struct Listening(tokio::task::JoinHandle<()>);
+struct Listening(Option<tokio::task::JoinHandle<()>>);
 
 impl Drop for Listening {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -184,7 +187,11 @@ impl PgStore {
     /// be reached or refuses the login, or the schema cannot be migrated —
     /// including a database migrated by a newer plumb. No message ever
     /// holds the password.
-    pub async fn connect(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &str,
+        password: Option<String>,
+        settings: PostgresOptions,
+    ) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Open {
             // The URL may carry a password: it is not repeated.
             location: "the PostgreSQL URL".into(),
@@ -194,7 +201,7 @@ impl PgStore {
             Some(password) => options.password(&password),
             None => options,
         };
-        Self::connect_with(options).await
+        Self::connect_with_settings(options, settings).await
     }
 
     /// Connects with `options` as given (tests set `search_path` to a
@@ -204,6 +211,19 @@ impl PgStore {
     ///
     /// As [`PgStore::connect`].
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
+        Self::connect_with_settings(options, PostgresOptions::default()).await
+    }
+
+    /// Connects with `options` and plumb's `settings` (pool size, whether
+    /// to listen), and applies pending migrations.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgStore::connect`].
+    pub async fn connect_with_settings(
+        options: PgConnectOptions,
+        settings: PostgresOptions,
+    ) -> Result<Self, StoreError> {
         let location = location(&options);
         let open = |message: String| StoreError::Open {
             location: location.clone(),
@@ -232,7 +252,7 @@ impl PgStore {
             .map_err(|e| open(format!("migrating the store: {e}")))?;
         let _ = conn.close().await;
         let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
+            .max_connections(settings.pool)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(|conn, _| Box::pin(async move { prepare_session(conn).await }))
             .connect_lazy_with(options);
@@ -241,15 +261,17 @@ impl PgStore {
         // every later request.
         drop(pool.acquire().await.map_err(|e| open(e.to_string()))?);
         let work = std::sync::Arc::new(tokio::sync::Notify::new());
-        let listener = std::sync::Arc::new(Listening(tokio::spawn(listen(
-            pool.clone(),
-            std::sync::Arc::clone(&work),
-        ))));
+        let listener = std::sync::Arc::new(Listening(
+            settings
+                .notify
+                .then(|| tokio::spawn(listen(pool.clone(), std::sync::Arc::clone(&work)))),
+        ));
         Ok(Self {
             pool,
             location,
             claimed_from: std::sync::Arc::default(),
             work,
+            notify: settings.notify,
             listener,
         })
     }
@@ -494,7 +516,9 @@ impl Store for PgStore {
     }
 
     async fn close(&self) {
-        self.listener.0.abort();
+        if let Some(task) = &self.listener.0 {
+            task.abort();
+        }
         self.pool.close().await;
     }
 }

@@ -73,15 +73,17 @@ pub(super) async fn insert_run(
     conn: &mut PgConnection,
     run: &NewRun,
     row: &NewRunRow,
+    notify: bool,
 ) -> Result<(), StoreError> {
     // The notification is sent when the transaction commits: idle workers
     // of every process wake up (see `PgStore::work_signal`).
+    let notify_work = notify_work_sql(notify);
     sqlx::query(sql(format!(
         "WITH inserted AS (INSERT INTO runs (id, workflow, version, trigger_payload, status, \
          claims, strikes, heartbeat, created_at, started_at, updated_at, lease_owner, \
          lease_expires_at, lease_ms, max_concurrency) \
          VALUES ($1, $2, $3, $4, $5, $6, $6, $6, $7, $8, $7, $9, $10, $11, $12) RETURNING 1) \
-         SELECT {NOTIFY_WORK} FROM inserted"
+         SELECT {notify_work} FROM inserted"
     )))
     .bind(&run.id)
     .bind(&run.workflow)
@@ -101,26 +103,40 @@ pub(super) async fn insert_run(
     Ok(())
 }
 
-/// The notification that a run may be claimable, sent when the transaction
-/// commits, on a channel of this store's schema (two installations in one
-/// database do not wake each other's workers).
-pub(super) const NOTIFY_WORK: &str =
-    "pg_notify('plumb_work_' || left(md5(current_schema()), 16), '')";
+/// The expression that announces that a run may be claimable, sent when
+/// the transaction commits, on a channel of this store's schema (two
+/// installations in one database do not wake each other's workers); `NULL`
+/// for a store without notifications (`notify=false`), whose database may
+/// not have `pg_notify` at all.
+fn notify_work_sql(notify: bool) -> &'static str {
+    if notify {
+        "pg_notify('plumb_work_' || left(md5(current_schema()), 16), '')"
+    } else {
+        "NULL"
+    }
+}
 
 /// Tells idle workers of every process, when the transaction commits, that
 /// a run may be claimable.
-async fn notify_work(conn: &mut PgConnection) -> Result<(), StoreError> {
-    sqlx::query(sql(format!("SELECT {NOTIFY_WORK}")))
-        .execute(conn)
-        .await
-        .map_err(map_err)?;
+async fn notify_work(conn: &mut PgConnection, notify: bool) -> Result<(), StoreError> {
+    if notify {
+        sqlx::query(sql(format!("SELECT {}", notify_work_sql(true))))
+            .execute(conn)
+            .await
+            .map_err(map_err)?;
+    }
     Ok(())
 }
 
 /// Creates a run in a transaction of its own.
-async fn create_run_now(pool: &PgPool, run: &NewRun, row: &NewRunRow) -> Result<(), StoreError> {
+async fn create_run_now(
+    pool: &PgPool,
+    run: &NewRun,
+    row: &NewRunRow,
+    notify: bool,
+) -> Result<(), StoreError> {
     let mut conn = pool.acquire().await.map_err(map_err)?;
-    insert_run(&mut conn, run, row).await
+    insert_run(&mut conn, run, row, notify).await
 }
 
 /// Commits `run` if that can be done before `deadline`, answering on
@@ -128,6 +144,7 @@ async fn create_run_now(pool: &PgPool, run: &NewRun, row: &NewRunRow) -> Result<
 /// waiting (see the module doc of `postgres`).
 async fn create_before(
     pool: PgPool,
+    notify: bool,
     run: NewRun,
     row: NewRunRow,
     deadline: Instant,
@@ -145,7 +162,7 @@ async fn create_before(
         if late(&reply) {
             return Err(StoreError::Unavailable(DEADLINE_MISSED.into()));
         }
-        insert_run(&mut tx, &run, &row).await?;
+        insert_run(&mut tx, &run, &row, notify).await?;
         if late(&reply) {
             return Err(StoreError::Unavailable(DEADLINE_MISSED.into()));
         }
@@ -552,13 +569,13 @@ impl RunStore for PgStore {
     }
 
     fn work_signal(&self) -> Option<Arc<Notify>> {
-        Some(Arc::clone(&self.work))
+        self.notify.then(|| Arc::clone(&self.work))
     }
 
     async fn create_run(&self, run: &NewRun) -> Result<(), StoreError> {
         let row = NewRunRow::new(run)?;
         let Some(deadline) = run.deadline else {
-            return create_run_now(&self.pool, run, &row).await;
+            return create_run_now(&self.pool, run, &row, self.notify).await;
         };
         // The commit runs in a task of its own, so it finishes (and can
         // withdraw the run) even after this caller stopped waiting. The
@@ -569,6 +586,7 @@ impl RunStore for PgStore {
         let (reply, mut answer) = oneshot::channel();
         tokio::spawn(create_before(
             self.pool.clone(),
+            self.notify,
             run.clone(),
             row,
             deadline,
@@ -697,7 +715,8 @@ impl RunStore for PgStore {
                 "WITH released AS (UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, \
                  updated_at = $3, strikes = GREATEST(strikes - 1, 0), not_before = NULL \
                  WHERE id = $1 AND lease_owner = $2 RETURNING 1) \
-                 SELECT {NOTIFY_WORK} FROM released"
+                 SELECT {} FROM released",
+                notify_work_sql(self.notify)
             )))
             .bind(id)
             .bind(owner)
@@ -876,7 +895,7 @@ impl RunStore for PgStore {
         let result = replay(&mut tx, id).await?;
         if result == ReplayResult::Replayed {
             append_audit(&mut tx, &entries::run_replayed(actor, id)).await?;
-            notify_work(&mut tx).await?;
+            notify_work(&mut tx, self.notify).await?;
         }
         tx.commit().await.map_err(map_err)?;
         Ok(result)

@@ -44,7 +44,7 @@ impl ScheduleStore for PgStore {
         if inserted && let (Some(run), Some(row)) = (run, &row) {
             // A run that cannot be inserted fails the fire whole (dropping
             // `tx` rolls the slot back): the slot can still fire.
-            insert_run(&mut tx, run, row).await?;
+            insert_run(&mut tx, run, row, self.notify).await?;
         }
         tx.commit().await.map_err(map_err)?;
         Ok(inserted)
