@@ -225,6 +225,29 @@ pub(crate) const WORKFLOW_STATS: &str = "WITH RECURSIVE w(workflow) AS ( \
         AS last_failure_at \
     FROM w WHERE w.workflow IS NOT NULL ORDER BY w.workflow";
 
+/// The workflows that have runs in the store, in name order: one index
+/// lookup per workflow (skipping from one name to the next), never a walk
+/// of the runs.
+pub(crate) const STORED_WORKFLOWS: &str = "WITH RECURSIVE w(workflow) AS ( \
+        SELECT min(workflow) FROM runs \
+        UNION ALL \
+        SELECT (SELECT min(r.workflow) FROM runs r WHERE r.workflow > w.workflow) \
+        FROM w WHERE w.workflow IS NOT NULL) \
+    SELECT workflow FROM w WHERE workflow IS NOT NULL";
+
+/// The workflows a purge of `scope` covers, out of those with runs stored:
+/// the one named, or every one not named (never a condition like
+/// `workflow NOT IN (…)`, which no index can serve and which read every
+/// ended run of the store once a minute).
+pub(crate) fn purge_workflows(scope: &crate::PurgeScope, stored: Vec<String>) -> Vec<String> {
+    match scope {
+        crate::PurgeScope::Workflow(name) => vec![name.clone()],
+        crate::PurgeScope::Others(names) => {
+            stored.into_iter().filter(|w| !names.contains(w)).collect()
+        }
+    }
+}
+
 /// A row of [`WORKFLOW_STATS`].
 pub(crate) fn workflow_stats<R: Columns>(row: &R) -> Result<WorkflowStats, R::Error> {
     let count = |col: &str| -> Result<u64, R::Error> {

@@ -4,22 +4,10 @@
 //! different runs, and a run being read or written is left for later.
 
 use async_trait::async_trait;
+use sqlx::PgConnection;
 
-use super::{PgStore, map_err, sql};
-use crate::{Millis, PurgeScope, Purged, RetentionStore, StoreError, StoreSize, now_ms};
-
-/// Ended runs.
-const ENDED: &str = "status IN ('succeeded', 'failed', 'cancelled') AND finished_at IS NOT NULL";
-
-/// The scope as SQL over `runs`: the workflow is bound as `$1`, the names
-/// to leave out as `$2`; both are typed in the text, since PostgreSQL
-/// refuses a parameter whose type it cannot infer.
-fn scope_sql(scope: &PurgeScope) -> &'static str {
-    match scope {
-        PurgeScope::Workflow(_) => "workflow = $1::text AND $2::text[] IS NOT NULL",
-        PurgeScope::Others(_) => "$1::text IS NOT NULL AND workflow <> ALL($2::text[])",
-    }
-}
+use super::{PgStore, map_err};
+use crate::{Millis, PurgeScope, Purged, RetentionStore, StoreError, StoreSize, now_ms, rows};
 
 #[async_trait]
 impl RetentionStore for PgStore {
@@ -30,70 +18,30 @@ impl RetentionStore for PgStore {
         payloads_before: Millis,
         limit: u32,
     ) -> Result<Purged, StoreError> {
-        let (name, others) = match scope {
-            PurgeScope::Workflow(name) => (name.clone(), Vec::new()),
-            PurgeScope::Others(names) => (String::new(), names.clone()),
-        };
-        let of_scope = scope_sql(scope);
         let mut tx = self.begin().await?;
-        let old: Vec<String> = sqlx::query_scalar(sql(format!(
-            "SELECT id FROM runs WHERE {of_scope} AND {ENDED} AND finished_at < $3 \
-             ORDER BY finished_at LIMIT $4 FOR UPDATE SKIP LOCKED"
-        )))
-        .bind(&name)
-        .bind(&others)
-        .bind(runs_before)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if !old.is_empty() {
-            // The journal and attempts go with the run (ON DELETE CASCADE).
-            for statement in [
-                "DELETE FROM alerts WHERE run_id = ANY($1)",
-                "UPDATE schedule_fires SET run_id = NULL WHERE run_id = ANY($1)",
-                "DELETE FROM runs WHERE id = ANY($1)",
-            ] {
-                sqlx::query(statement)
-                    .bind(&old)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
+        let stored: Vec<String> = match scope {
+            PurgeScope::Workflow(_) => Vec::new(),
+            PurgeScope::Others(_) => sqlx::query_scalar(rows::STORED_WORKFLOWS)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?,
+        };
+        let mut done = Purged::default();
+        for workflow in rows::purge_workflows(scope, stored) {
+            let left = u64::from(limit).saturating_sub(done.runs);
+            if left > 0 {
+                done.runs += delete_old(&mut tx, &workflow, runs_before, left).await?;
+            }
+            let left = u64::from(limit).saturating_sub(done.payloads);
+            if left > 0 {
+                done.payloads += blank_old(&mut tx, &workflow, payloads_before, left).await?;
+            }
+            if done.runs >= u64::from(limit) && done.payloads >= u64::from(limit) {
+                break;
             }
         }
-        let blank: Vec<String> = sqlx::query_scalar(sql(format!(
-            "SELECT id FROM runs WHERE {of_scope} AND {ENDED} AND status <> 'failed' \
-             AND payloads_purged_at IS NULL AND finished_at < $3 \
-             ORDER BY finished_at LIMIT $4 FOR UPDATE SKIP LOCKED"
-        )))
-        .bind(&name)
-        .bind(&others)
-        .bind(payloads_before)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if !blank.is_empty() {
-            sqlx::query("UPDATE steps SET output = NULL, state = NULL WHERE run_id = ANY($1)")
-                .bind(&blank)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-            sqlx::query(
-                "UPDATE runs SET trigger_payload = 'null', payloads_purged_at = $2 \
-                 WHERE id = ANY($1)",
-            )
-            .bind(&blank)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        }
         tx.commit().await.map_err(map_err)?;
-        Ok(Purged {
-            runs: old.len() as u64,
-            payloads: blank.len() as u64,
-        })
+        Ok(done)
     }
 
     async fn store_size(&self) -> Result<StoreSize, StoreError> {
@@ -115,4 +63,81 @@ impl RetentionStore for PgStore {
             oldest_run_at: oldest,
         })
     }
+}
+
+/// Deletes up to `limit` runs of `workflow` that ended before `before`,
+/// with everything that hangs off them (locked `SKIP LOCKED`: a run being
+/// read or written, or taken by another purger, is left for later).
+async fn delete_old(
+    tx: &mut PgConnection,
+    workflow: &str,
+    before: Millis,
+    limit: u64,
+) -> Result<u64, StoreError> {
+    let old: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM runs WHERE workflow = $1 \
+         AND status IN ('succeeded', 'failed', 'cancelled') AND finished_at < $2 \
+         LIMIT $3 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(workflow)
+    .bind(before)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(map_err)?;
+    if old.is_empty() {
+        return Ok(0);
+    }
+    // The journal and attempts go with the run (ON DELETE CASCADE).
+    for statement in [
+        "DELETE FROM alerts WHERE run_id = ANY($1)",
+        "UPDATE schedule_fires SET run_id = NULL WHERE run_id = ANY($1)",
+        "DELETE FROM runs WHERE id = ANY($1)",
+    ] {
+        sqlx::query(statement)
+            .bind(&old)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+    }
+    Ok(old.len() as u64)
+}
+
+/// Blanks the payloads of up to `limit` succeeded or cancelled runs of
+/// `workflow` that ended before `before` (dead letters keep theirs for a
+/// replay), through `runs_to_blank`, which holds only runs not yet blanked.
+async fn blank_old(
+    tx: &mut PgConnection,
+    workflow: &str,
+    before: Millis,
+    limit: u64,
+) -> Result<u64, StoreError> {
+    let blank: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM runs WHERE workflow = $1 AND payloads_purged_at IS NULL \
+         AND status IN ('succeeded', 'cancelled') AND finished_at < $2 \
+         LIMIT $3 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(workflow)
+    .bind(before)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(map_err)?;
+    if blank.is_empty() {
+        return Ok(0);
+    }
+    sqlx::query("UPDATE steps SET output = NULL, state = NULL WHERE run_id = ANY($1)")
+        .bind(&blank)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+    sqlx::query(
+        "UPDATE runs SET trigger_payload = 'null', payloads_purged_at = $2 WHERE id = ANY($1)",
+    )
+    .bind(&blank)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await
+    .map_err(map_err)?;
+    Ok(blank.len() as u64)
 }

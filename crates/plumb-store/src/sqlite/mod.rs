@@ -125,6 +125,7 @@ impl ReaderPool {
         conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
         conn.pragma_update(None, "query_only", true)
             .map_err(map_err)?;
+        plan_once(&conn).map_err(map_err)?;
         Ok(conn)
     }
 
@@ -214,6 +215,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0008_processes.sql"),
     include_str!("../../migrations/sqlite/0009_retention.sql"),
     include_str!("../../migrations/sqlite/0010_listing_indexes.sql"),
+    include_str!("../../migrations/sqlite/0011_lean_run_indexes.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes
@@ -368,6 +370,19 @@ impl SqliteStore {
     }
 }
 
+/// Plans each statement once, whatever values are bound to it later (the
+/// query planner stability guarantee). Otherwise SQLite may look at a bound
+/// value while planning and then plan the statement again whenever that
+/// parameter is bound anew: the claim statements were parsed and planned
+/// on every claim (measured: 6% of a busy serve's CPU).
+fn plan_once(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )
+    .map(|_| ())
+}
+
 fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, String> {
     if let Some(parent) = path.parent()
         && !parent.as_os_str().is_empty()
@@ -390,6 +405,13 @@ fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, Stri
     .map_err(|e| e.to_string())?;
     conn.pragma_update(None, "foreign_keys", true)
         .map_err(|e| e.to_string())?;
+    // Each write of a batch runs in a savepoint, whose journal of original
+    // pages is a temporary file: in memory it is a copy, not a write
+    // system call per page (measured: a fifth of a busy serve's CPU). A
+    // batch is bounded, so is this memory.
+    conn.pragma_update(None, "temp_store", "memory")
+        .map_err(|e| e.to_string())?;
+    plan_once(&conn).map_err(|e| e.to_string())?;
     conn.set_prepared_statement_cache_capacity(64);
     migrate(&mut conn).map_err(|e| format!("migrating the store: {e}"))?;
     Ok(conn)

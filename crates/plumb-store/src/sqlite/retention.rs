@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Done, Op, SqliteStore, map_err};
-use crate::{Millis, PurgeScope, Purged, RetentionStore, StoreError, StoreSize, now_ms};
+use crate::{Millis, PurgeScope, Purged, RetentionStore, StoreError, StoreSize, now_ms, rows};
 
 /// A write of this module, as handed to the writer thread.
 #[derive(Debug)]
@@ -38,20 +38,6 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
     }
 }
 
-/// The scope as SQL over `runs`, and its one parameter: a workflow name,
-/// or the names to leave out as a JSON array. Never a fallback that would
-/// widen the scope: an empty list would purge every workflow's runs under
-/// the defaults.
-fn scope_sql(scope: &PurgeScope) -> Result<(&'static str, String), StoreError> {
-    Ok(match scope {
-        PurgeScope::Workflow(name) => ("workflow = ?1", name.clone()),
-        PurgeScope::Others(names) => (
-            "workflow NOT IN (SELECT value FROM json_each(?1))",
-            serde_json::to_string(names).map_err(|e| StoreError::Other(e.to_string()))?,
-        ),
-    })
-}
-
 fn purge(
     tx: &Transaction<'_>,
     scope: &PurgeScope,
@@ -59,62 +45,113 @@ fn purge(
     payloads_before: Millis,
     limit: u32,
 ) -> Result<Purged, StoreError> {
-    let (of_scope, param) = scope_sql(scope)?;
-    let ended = "status IN ('succeeded', 'failed', 'cancelled') AND finished_at IS NOT NULL";
-    let old: Vec<String> = tx
-        .prepare_cached(&format!(
-            "SELECT id FROM runs WHERE {of_scope} AND {ended} AND finished_at < ?2 \
-             ORDER BY finished_at LIMIT ?3"
-        ))
-        .and_then(|mut st| {
-            st.query_map(params![param, runs_before, i64::from(limit)], |r| r.get(0))?
-                .collect()
-        })
-        .map_err(map_err)?;
-    let ids = serde_json::to_string(&old).map_err(|e| StoreError::Other(e.to_string()))?;
-    if !old.is_empty() {
-        // The journal and attempts go with the run (ON DELETE CASCADE).
-        for sql in [
-            "DELETE FROM alerts WHERE run_id IN (SELECT value FROM json_each(?1))",
-            "UPDATE schedule_fires SET run_id = NULL WHERE run_id IN (SELECT value FROM json_each(?1))",
-            "DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?1))",
-        ] {
-            tx.prepare_cached(sql)
-                .and_then(|mut st| st.execute(params![ids]))
-                .map_err(map_err)?;
+    let stored = match scope {
+        PurgeScope::Workflow(_) => Vec::new(),
+        PurgeScope::Others(_) => tx
+            .prepare_cached(rows::STORED_WORKFLOWS)
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+            .map_err(map_err)?,
+    };
+    let mut done = Purged::default();
+    for workflow in rows::purge_workflows(scope, stored) {
+        let left = u64::from(limit).saturating_sub(done.runs);
+        if left > 0 {
+            done.runs += delete_old(tx, &workflow, runs_before, left)?;
+        }
+        let left = u64::from(limit).saturating_sub(done.payloads);
+        if left > 0 {
+            done.payloads += blank_old(tx, &workflow, payloads_before, left)?;
+        }
+        if done.runs >= u64::from(limit) && done.payloads >= u64::from(limit) {
+            break;
         }
     }
-    let blank: Vec<String> = tx
-        .prepare_cached(&format!(
-            "SELECT id FROM runs WHERE {of_scope} AND {ended} AND status <> 'failed' \
-             AND payloads_purged_at IS NULL AND finished_at < ?2 ORDER BY finished_at LIMIT ?3"
-        ))
+    Ok(done)
+}
+
+/// Deletes up to `limit` runs of `workflow` that ended before `before`,
+/// with everything that hangs off them. Walks
+/// `runs_by_workflow_status_finished`: one range per ended status.
+fn delete_old(
+    tx: &Transaction<'_>,
+    workflow: &str,
+    before: Millis,
+    limit: u64,
+) -> Result<u64, StoreError> {
+    let old: Vec<String> = tx
+        .prepare_cached(DELETABLE)
         .and_then(|mut st| {
-            st.query_map(params![param, payloads_before, i64::from(limit)], |r| {
-                r.get(0)
-            })?
+            st.query_map(
+                params![workflow, before, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| r.get(0),
+            )?
             .collect()
         })
         .map_err(map_err)?;
-    if !blank.is_empty() {
-        let ids = serde_json::to_string(&blank).map_err(|e| StoreError::Other(e.to_string()))?;
-        tx.prepare_cached(
-            "UPDATE steps SET output = NULL, state = NULL \
-             WHERE run_id IN (SELECT value FROM json_each(?1))",
-        )
-        .and_then(|mut st| st.execute(params![ids]))
-        .map_err(map_err)?;
-        tx.prepare_cached(
-            "UPDATE runs SET trigger_payload = 'null', payloads_purged_at = ?2 \
-             WHERE id IN (SELECT value FROM json_each(?1))",
-        )
-        .and_then(|mut st| st.execute(params![ids, now_ms()]))
-        .map_err(map_err)?;
+    if old.is_empty() {
+        return Ok(0);
     }
-    Ok(Purged {
-        runs: old.len() as u64,
-        payloads: blank.len() as u64,
-    })
+    let ids = serde_json::to_string(&old).map_err(|e| StoreError::Other(e.to_string()))?;
+    // The journal and attempts go with the run (ON DELETE CASCADE).
+    for sql in [
+        "DELETE FROM alerts WHERE run_id IN (SELECT value FROM json_each(?1))",
+        "UPDATE schedule_fires SET run_id = NULL WHERE run_id IN (SELECT value FROM json_each(?1))",
+        "DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?1))",
+    ] {
+        tx.prepare_cached(sql)
+            .and_then(|mut st| st.execute(params![ids]))
+            .map_err(map_err)?;
+    }
+    Ok(old.len() as u64)
+}
+
+/// Up to `?3` runs of workflow `?1` whose payloads may be blanked, ended
+/// before `?2`. The index is named: left to itself SQLite walks
+/// `runs_by_workflow_status_finished`, through every run already blanked.
+const BLANKABLE: &str = "SELECT id FROM runs INDEXED BY runs_to_blank \
+    WHERE workflow = ?1 AND payloads_purged_at IS NULL \
+    AND status IN ('succeeded', 'cancelled') AND finished_at < ?2 LIMIT ?3";
+
+/// Up to `?3` runs of workflow `?1` that ended before `?2`.
+const DELETABLE: &str = "SELECT id FROM runs WHERE workflow = ?1 \
+    AND status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?2 LIMIT ?3";
+
+/// Blanks the payloads of up to `limit` succeeded or cancelled runs of
+/// `workflow` that ended before `before` (dead letters keep theirs for a
+/// replay). Walks `runs_to_blank`, which holds only runs not yet blanked.
+fn blank_old(
+    tx: &Transaction<'_>,
+    workflow: &str,
+    before: Millis,
+    limit: u64,
+) -> Result<u64, StoreError> {
+    let blank: Vec<String> = tx
+        .prepare_cached(BLANKABLE)
+        .and_then(|mut st| {
+            st.query_map(
+                params![workflow, before, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| r.get(0),
+            )?
+            .collect()
+        })
+        .map_err(map_err)?;
+    if blank.is_empty() {
+        return Ok(0);
+    }
+    let ids = serde_json::to_string(&blank).map_err(|e| StoreError::Other(e.to_string()))?;
+    tx.prepare_cached(
+        "UPDATE steps SET output = NULL, state = NULL \
+         WHERE run_id IN (SELECT value FROM json_each(?1))",
+    )
+    .and_then(|mut st| st.execute(params![ids]))
+    .map_err(map_err)?;
+    tx.prepare_cached(
+        "UPDATE runs SET trigger_payload = 'null', payloads_purged_at = ?2 \
+         WHERE id IN (SELECT value FROM json_each(?1))",
+    )
+    .and_then(|mut st| st.execute(params![ids, now_ms()]))
+    .map_err(map_err)?;
+    Ok(blank.len() as u64)
 }
 
 #[async_trait]
@@ -160,5 +197,45 @@ impl RetentionStore for SqliteStore {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BLANKABLE, DELETABLE};
+    use crate::{SqliteStore, Synchronous};
+
+    /// A purge batch reads only what it removes or blanks: each lookup is
+    /// a range of an index, never a walk of the history (the runs already
+    /// blanked are most of a month's runs).
+    #[tokio::test]
+    async fn purge_lookups_are_index_ranges() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("plumb.db"), Synchronous::Full)
+            .await
+            .expect("open");
+        for (sql, index) in [
+            (
+                BLANKABLE,
+                "INDEX runs_to_blank (workflow=? AND finished_at<?)",
+            ),
+            (
+                DELETABLE,
+                "INDEX runs_by_workflow_status_finished (workflow=? AND status=? AND finished_at<?)",
+            ),
+        ] {
+            let plan: Vec<String> = store
+                .read(move |conn| {
+                    conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                        .and_then(|mut st| {
+                            st.query_map(rusqlite::params!["w", 1, 10], |r| r.get(3))?
+                                .collect()
+                        })
+                        .map_err(super::map_err)
+                })
+                .await
+                .expect("plan");
+            assert_eq!(plan, vec![format!("SEARCH runs USING {index}")], "{sql}");
+        }
     }
 }
