@@ -93,7 +93,7 @@ pub fn now_ms() -> Millis {
 }
 
 /// Errors from the store, already classified for the caller.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store could not be opened or migrated.
     #[error("cannot open the store at {location}: {message}")]

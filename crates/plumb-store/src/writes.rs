@@ -131,6 +131,7 @@ impl EncodedStep {
 }
 
 /// The columns of a new run's row.
+#[derive(Debug)]
 pub(crate) struct NewRunRow {
     pub(crate) trigger: String,
     pub(crate) status: RunStatus,

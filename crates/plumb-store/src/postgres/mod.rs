@@ -60,6 +60,7 @@ mod alerts;
 mod audit;
 mod copy;
 mod deployments;
+mod intake;
 mod processes;
 mod retention;
 mod runs;
@@ -103,6 +104,9 @@ pub struct PgStore {
     notify: bool,
     /// The task that listens, if any; stopped when the last handle goes.
     listener: std::sync::Arc<Listening>,
+    /// New runs with a deadline (webhooks), committed in batches (see
+    /// `intake`).
+    intake: tokio::sync::mpsc::Sender<intake::Pending>,
 }
 
 /// The listening task, aborted when dropped.
@@ -267,6 +271,7 @@ impl PgStore {
                 .notify
                 .then(|| tokio::spawn(listen(pool.clone(), std::sync::Arc::clone(&work)))),
         ));
+        let intake = intake::start(pool.clone(), settings.notify);
         Ok(Self {
             pool,
             location,
@@ -274,6 +279,7 @@ impl PgStore {
             work,
             notify: settings.notify,
             listener,
+            intake,
         })
     }
 

@@ -30,6 +30,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use tokio::sync::{Notify, oneshot};
 
 use super::audit::append_audit;
+use super::intake::Pending;
 use super::{PgStore, fenced, fetch_all, fetch_optional, map_err, no_nul, sql};
 use crate::json::to_json_text;
 use crate::rows::{self, ATTEMPT_COLUMNS, Columns, RUN_COLUMNS, STEP_COLUMNS, item_to_db};
@@ -108,7 +109,7 @@ pub(super) async fn insert_run(
 /// installations in one database do not wake each other's workers); `NULL`
 /// for a store without notifications (`notify=false`), whose database may
 /// not have `pg_notify` at all.
-fn notify_work_sql(notify: bool) -> &'static str {
+pub(super) fn notify_work_sql(notify: bool) -> &'static str {
     if notify {
         "pg_notify('plumb_work_' || left(md5(current_schema()), 16), '')"
     } else {
@@ -142,7 +143,7 @@ async fn create_run_now(
 /// Commits `run` if that can be done before `deadline`, answering on
 /// `reply`; withdraws it if the commit landed after the caller stopped
 /// waiting (see the module doc of `postgres`).
-async fn create_before(
+pub(super) async fn create_before(
     pool: PgPool,
     notify: bool,
     run: NewRun,
@@ -181,7 +182,7 @@ async fn create_before(
 /// Cancels a run committed behind its sender's back, while it is still
 /// queued; retried for a while if the store fails, since its sender will
 /// send it again.
-async fn withdraw(pool: &PgPool, id: &str) {
+pub(super) async fn withdraw(pool: &PgPool, id: &str) {
     let mut pause = std::time::Duration::from_millis(50);
     for attempt in 1..=12 {
         let done = sqlx::query(
@@ -584,14 +585,18 @@ impl RunStore for PgStore {
         // tell, withdraws the run if its commit lands after all. An answer
         // that raced the close is still taken, never dropped.
         let (reply, mut answer) = oneshot::channel();
-        tokio::spawn(create_before(
-            self.pool.clone(),
-            self.notify,
-            run.clone(),
+        let pending = Pending {
+            run: run.clone(),
             row,
             deadline,
             reply,
-        ));
+        };
+        // Committed with whatever else arrives meanwhile (see `intake`).
+        match tokio::time::timeout_at(deadline.into(), self.intake.send(pending)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(StoreError::Unavailable("the store is closed".into())),
+            Err(_) => return Err(StoreError::Unavailable(DEADLINE_MISSED.into())),
+        }
         let grace = deadline + DEADLINE_GRACE;
         match tokio::time::timeout_at(grace.into(), &mut answer).await {
             Ok(answer) => answer.map_err(|_| {
