@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Medians (with min-max) of an A/B run of bench/ab.sh, per side.
+"""Medians (with min-max) of an A/B run, per side.
 
-Reads the log bench/ab.sh wrote: step-overhead lines and the webhooks
-result files of each round. Prints one line per figure:
+Reads the log bench/ab.sh (sides `base` and `head`) or bench/w3.sh (sides
+`sqlite` and `postgres`) wrote: step-overhead lines and the webhooks result
+files of each round, as `<side> <round> results <file>`. Prints one line
+per figure, the second side's median over the first's last:
     <figure>: base <median> (<min>-<max>)  head <median> (<min>-<max>)  head/base
 """
 import json
@@ -46,15 +48,19 @@ def figures_of(path):
 def main(log):
     values = defaultdict(lambda: defaultdict(list))  # figure -> side -> [values]
     order = []
+    sides = []
     for line in open(log):
-        m = re.match(r"^(base|head) (\d+) jq step end to end \(run mean / 40\): ([\d.]+) ms", line)
+        m = re.match(r"^(\w+) (\d+) (?:jq step|results)", line)
+        if m and m.group(1) not in sides:
+            sides.append(m.group(1))
+        m = re.match(r"^(\w+) (\d+) jq step end to end \(run mean / 40\): ([\d.]+) ms", line)
         if m:
             name = "step overhead, jq step end to end (ms)"
             values[name][m.group(1)].append(float(m.group(3)))
             if name not in order:
                 order.append(name)
             continue
-        m = re.match(r"^(base|head) (\d+) results (\S+)", line)
+        m = re.match(r"^(\w+) (\d+) results (\S+)", line)
         if m:
             for name, v in figures_of(m.group(3)).items():
                 if v is None:
@@ -62,11 +68,14 @@ def main(log):
                 values[name][m.group(1)].append(float(v))
                 if name not in order:
                     order.append(name)
-    print("\nmedian (min-max) over the rounds; head/base is the ratio of medians")
+    if len(sides) != 2:
+        sys.exit(f"expected two sides in {log}, found {sides}")
+    first, second = sides
+    print(f"\nmedian (min-max) over the rounds; {second}/{first} is the ratio of medians")
     for name in order:
         cells = []
         med = {}
-        for side in ("base", "head"):
+        for side in sides:
             xs = sorted(values[name][side])
             if not xs:
                 cells.append(f"{side} -")
@@ -74,8 +83,8 @@ def main(log):
             med[side] = statistics.median(xs)
             cells.append(f"{side} {med[side]:.3g} ({xs[0]:.3g}-{xs[-1]:.3g}, n={len(xs)})")
         ratio = ""
-        if med.get("base"):
-            ratio = f"  head/base {med['head'] / med['base']:.2f}" if "head" in med else ""
+        if med.get(first) and second in med:
+            ratio = f"  {second}/{first} {med[second] / med[first]:.2f}"
         print(f"{name:<36} {'  '.join(cells)}{ratio}")
 
 

@@ -10,8 +10,9 @@
 # the receiver (unique deliveries / time from the first to the last). The
 # configurations alternate within each round. Also per run of the
 # benchmark: enqueue-to-start p50/p99 of runs sent one at a time (20/s) to
-# idle workers of another process (a worker, not the serve that took the
-# webhook): the LISTEN/NOTIFY wake-up path.
+# idle workers of another process, with LISTEN/NOTIFY and with polling
+# alone (`?notify=false`); then W1 and W6 (bench/webhooks.sh) with the
+# store on SQLite and on PostgreSQL, alternating (W3_WEBHOOKS=0 skips them).
 #
 # Needs PostgreSQL (PLUMB_BENCH_POSTGRES, default
 # postgres://postgres@127.0.0.1:5432/postgres; its user must create
@@ -47,11 +48,13 @@ say "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d:
 say "== versions: $("$PLUMB" --version), $(psql "$ADMIN" -qAtc 'SHOW server_version'), git $(git rev-parse --short HEAD)"
 say "== W3: $EVENTS webhooks, one http step waiting 50 ms, serve.workers=$WORKERS per process, $ROUNDS rounds"
 
+db_url() { python3 -c "import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(p._replace(path='/'+sys.argv[2], query='').geturl())" "$ADMIN" "$1"; }
+
 # A project on a fresh database; prints its directory.
-project() {   # db listen
+project() {   # db listen [store URL options, e.g. ?notify=false]
   local dir url
   dir=$(mktemp -d)
-  url=$(python3 -c "import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(p._replace(path='/'+sys.argv[2]).geturl())" "$ADMIN" "$1")
+  url=$(db_url "$1")${3:-}
   mkdir -p "$dir/workflows"
   cat > "$dir/plumb.yaml" <<EOF
 store: $url
@@ -145,22 +148,85 @@ one=$(python3 -c 'import statistics,sys; print(statistics.median(float(x) for x 
 four=$(python3 -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' ${RATES[4]})
 say "  4 processes / 1 process: $(python3 -c "print(f'{$four/$one:.2f}x')") (target >= 3.6x)"
 
-# Enqueue-to-start through another process: a serve with no spare worker
-# capacity would take the run itself, so the serve runs 1 worker and is kept
-# busy by nothing; the measurement reads created_at -> started_at.
-db="plumb_w3_latency_$$"
-psql_admin "CREATE DATABASE $db"
-port=$(free_port)
-dir=$(project "$db" "127.0.0.1:$port")
-start "$dir" "127.0.0.1:$port" 2
-for i in $(seq 1 200); do
-  curl -s -o /dev/null -H 'content-type: application/json' -d "{\"id\":\"l$i\"}" "http://127.0.0.1:$port/hooks/slow"
-  sleep 0.05
+# Enqueue-to-start through another process, with LISTEN/NOTIFY and with
+# polling alone (`?notify=false`): the serve takes the webhooks, a worker
+# starts the runs; read from created_at -> started_at. Alternating, ROUNDS
+# times.
+declare -A LAT
+for round in $(seq 1 "$ROUNDS"); do
+  for mode in notify poll; do
+    db="plumb_w3_latency_${mode}_$$"
+    psql_admin "CREATE DATABASE $db"
+    port=$(free_port)
+    opts=; [ $mode = poll ] && opts='?notify=false'
+    dir=$(project "$db" "127.0.0.1:$port" "$opts")
+    # The serve's only worker is kept busy by a run that waits 10 minutes,
+    # so every measured run is started by the other process: the
+    # cross-process wake-up, not the serve's own in-process one.
+    wdir=$(mktemp -d)
+    cp -r "$dir/." "$wdir/"
+    sed -i 's/^  workers: .*/  workers: 1/' "$dir/plumb.yaml"
+    sed -i 's/^    http: { base_url: \(.*\) }$/    http: { base_url: \1, timeout: 900s }/' "$dir/plumb.yaml"
+    cat > "$dir/workflows/block.yaml" <<'EOF'
+name: block
+owner: bench@example.com
+description: keeps the serve's one worker busy
+trigger:
+  webhook: { path: block }
+timeout: 900s
+steps:
+  - id: wait
+    http: { connection: sink, method: POST, path: /block, query: { delay_ms: 600000 } }
+EOF
+    "$PLUMB" --project "$dir" serve > /dev/null 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+    curl -s -o /dev/null -H 'content-type: application/json' -d '{}' "http://127.0.0.1:$port/hooks/block"
+    sleep 1
+    "$PLUMB" --project "$wdir" worker > /dev/null 2>&1 &
+    PIDS+=($!)
+    sleep 1
+    for i in $(seq 1 200); do
+      curl -s -o /dev/null -H 'content-type: application/json' -d "{\"id\":\"l$i\"}" "http://127.0.0.1:$port/hooks/slow"
+      sleep 0.05
+    done
+    sleep 2
+    row=$(psql "$(db_url "$db")" -qAtc "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY started_at - created_at)::numeric, 1) || ' ' || round(percentile_cont(0.99) WITHIN GROUP (ORDER BY started_at - created_at)::numeric, 1) || ' ' || max(started_at - created_at) || ' ' || count(*) FILTER (WHERE started_at IS NOT NULL) FROM runs WHERE workflow = 'slow'")
+    read -r p50 p99 max started <<< "$row"
+    say "round $round, enqueue-to-start with $mode: p50 $p50 ms, p99 $p99 ms, max $max ms ($started of 200 runs started)"
+    LAT[$mode-p50]="${LAT[$mode-p50]:-} $p50"
+    LAT[$mode-p99]="${LAT[$mode-p99]:-} $p99"
+    stop_plumb
+    psql_admin "DROP DATABASE $db WITH (FORCE)"
+    rm -rf "$dir" "$wdir"
+  done
 done
-sleep 2
-url=$(python3 -c "import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(p._replace(path='/'+sys.argv[2]).geturl())" "$ADMIN" "$db")
-say "== enqueue-to-start, 200 runs at 20/s (serve + 1 worker, either may start a run), ms: $(psql "$url" -qAtc "SELECT 'p50 ' || percentile_cont(0.5) WITHIN GROUP (ORDER BY started_at - created_at) || ', p99 ' || percentile_cont(0.99) WITHIN GROUP (ORDER BY started_at - created_at) || ', max ' || max(started_at - created_at) FROM runs")"
-stop_plumb
-psql_admin "DROP DATABASE $db WITH (FORCE)"
-rm -rf "$dir" "$body"
+say "== enqueue-to-start, 200 runs at 20/s taken by a serve and started by a worker, median (min-max) over $ROUNDS rounds, ms"
+for mode in notify poll; do
+  # shellcheck disable=SC2086
+  say "  $mode: p50 $(median ${LAT[$mode-p50]}), p99 $(median ${LAT[$mode-p99]}) (target p99 <= 20 ms with notify)"
+done
+rm -f "$body"
+
+# W1 and W6 (bench/webhooks.sh, plumb only) with the store on SQLite and
+# on PostgreSQL, alternating; summarised by bench/ab_summary.py.
+if [ "${W3_WEBHOOKS:-1}" = 1 ]; then
+  WLOG=${OUT%.txt}-webhooks.txt
+  : > "$WLOG"
+  for round in $(seq 1 "$ROUNDS"); do
+    for side in sqlite postgres; do
+      store=
+      if [ $side = postgres ]; then
+        db="plumb_w3_webhooks_$$"
+        psql_admin "CREATE DATABASE $db"
+        store=$(db_url "$db")
+      fi
+      PLUMB_BIN=$PLUMB PLUMB_STORE=$store LABEL=w3-$side-$round DUR=${DUR:-15} RATES=${RATES:-"2000 5000"} \
+        bench/webhooks.sh plumb > /dev/null 2>> "$WLOG.stderr" || true
+      echo "$side $round results $(ls -t bench/results/webhooks-*-w3-$side-$round.jsonl | head -1)" >> "$WLOG"
+      [ $side = postgres ] && psql_admin "DROP DATABASE $db WITH (FORCE)"
+    done
+  done
+  python3 bench/ab_summary.py "$WLOG" | tee -a "$OUT"
+fi
 say "results: $OUT"

@@ -19,7 +19,9 @@
 # /tmp/plumb-peers). Results: bench/results/webhooks-<UTC time>[-LABEL].jsonl.
 #
 # PLUMB_BIN=path runs that plumb binary instead of building this checkout
-# (bench/ab.sh uses it to compare two builds); LABEL names the results file.
+# (bench/ab.sh uses it to compare two builds); LABEL names the results file;
+# PLUMB_STORE=postgres://… puts plumb's store there (an empty database; the
+# default is SQLite in the project; bench/w3.sh uses it).
 # plumb listens on a free port; the sink on 9999, where the peers' flows
 # post.
 set -u
@@ -61,6 +63,7 @@ rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null
 plumb_project() {   # dir
   rm -rf "$1"; mkdir -p "$1/workflows"
   cat > "$1/plumb.yaml" <<EOF
+${PLUMB_STORE:+store: $PLUMB_STORE}
 listen: 127.0.0.1:$PORT
 connections:
   sink:
