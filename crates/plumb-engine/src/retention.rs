@@ -18,7 +18,8 @@ use crate::Engine;
 const BATCH: u32 = 100;
 
 /// The pause between two batches: commits of webhooks and workers go
-/// between them. With [`BATCH`], a purge deletes up to ~8,000 runs/s.
+/// between them. With [`BATCH`], a purge deleted ~6,900 runs/s on SQLite
+/// (bench/w10.sh).
 const PAUSE: Duration = Duration::from_millis(10);
 
 /// How often the job looks for work.

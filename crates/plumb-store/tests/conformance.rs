@@ -1417,7 +1417,41 @@ async fn a_backlog_of_one_workflow_does_not_starve_the_others(store: &dyn Store)
     );
 }
 
-const ISOLATED_CHECKS: usize = 6;
+/// Webhooks arrive together and are committed together (group commit on
+/// both stores): one that the store refuses (here, a run id already taken)
+/// fails alone, and every other one is committed and answered as such.
+async fn one_refused_run_among_concurrent_arrivals_fails_alone(store: &dyn Store) {
+    seed(store, "burst-taken", None).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let ids: Vec<String> = (0..40)
+        .map(|i| {
+            if i == 17 {
+                "burst-taken".to_owned()
+            } else {
+                format!("burst-{i}")
+            }
+        })
+        .collect();
+    let answers = futures::future::join_all(ids.iter().map(|id| {
+        let mut run = queued(id, "burst", None);
+        run.deadline = Some(deadline);
+        async move { store.create_run(&run).await }
+    }))
+    .await;
+    for (id, answer) in ids.iter().zip(&answers) {
+        if id == "burst-taken" {
+            assert!(answer.is_err(), "a second run with a taken id is refused");
+        } else {
+            assert!(answer.is_ok(), "{id}: {answer:?}");
+            assert!(
+                store.run(id).await.expect("read").is_some(),
+                "{id} was answered committed and is stored"
+            );
+        }
+    }
+}
+
+const ISOLATED_CHECKS: usize = 7;
 
 /// Check number `check` of those that need a store of their own.
 async fn isolated_check(check: usize, store: &dyn Store) {
@@ -1427,6 +1461,7 @@ async fn isolated_check(check: usize, store: &dyn Store) {
         2 => a_backlog_of_one_workflow_does_not_starve_the_others(store).await,
         3 => retention_purges_only_old_ended_runs(store).await,
         4 => workflow_stats_count_every_state_of_every_workflow(store).await,
+        5 => one_refused_run_among_concurrent_arrivals_fails_alone(store).await,
         _ => what_would_not_read_back_is_refused_not_stored(store).await,
     }
 }

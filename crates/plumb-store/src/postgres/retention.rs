@@ -65,6 +65,34 @@ impl RetentionStore for PgStore {
     }
 }
 
+/// Up to `$3` runs of workflow `$1` that ended before `$2`.
+const DELETABLE: &str = "SELECT id FROM runs WHERE workflow = $1 \
+    AND status IN ('succeeded', 'failed', 'cancelled') AND finished_at < $2 \
+    LIMIT $3 FOR UPDATE SKIP LOCKED";
+
+/// Up to `$3` runs of workflow `$1` whose payloads may be blanked, ended
+/// before `$2` (through `runs_to_blank`).
+const BLANKABLE: &str = "SELECT id FROM runs WHERE workflow = $1 \
+    AND payloads_purged_at IS NULL AND status IN ('succeeded', 'cancelled') \
+    AND finished_at < $2 LIMIT $3 FOR UPDATE SKIP LOCKED";
+
+/// The ids a purge lookup finds, locked `SKIP LOCKED`.
+async fn ids_of(
+    tx: &mut PgConnection,
+    lookup: &'static str,
+    workflow: &str,
+    before: Millis,
+    limit: u64,
+) -> Result<Vec<String>, StoreError> {
+    sqlx::query_scalar(lookup)
+        .bind(workflow)
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(tx)
+        .await
+        .map_err(map_err)
+}
+
 /// Deletes up to `limit` runs of `workflow` that ended before `before`,
 /// with everything that hangs off them (locked `SKIP LOCKED`: a run being
 /// read or written, or taken by another purger, is left for later).
@@ -74,17 +102,7 @@ async fn delete_old(
     before: Millis,
     limit: u64,
 ) -> Result<u64, StoreError> {
-    let old: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM runs WHERE workflow = $1 \
-         AND status IN ('succeeded', 'failed', 'cancelled') AND finished_at < $2 \
-         LIMIT $3 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(workflow)
-    .bind(before)
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(map_err)?;
+    let old = ids_of(&mut *tx, DELETABLE, workflow, before, limit).await?;
     if old.is_empty() {
         return Ok(0);
     }
@@ -112,17 +130,7 @@ async fn blank_old(
     before: Millis,
     limit: u64,
 ) -> Result<u64, StoreError> {
-    let blank: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM runs WHERE workflow = $1 AND payloads_purged_at IS NULL \
-         AND status IN ('succeeded', 'cancelled') AND finished_at < $2 \
-         LIMIT $3 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(workflow)
-    .bind(before)
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(map_err)?;
+    let blank = ids_of(&mut *tx, BLANKABLE, workflow, before, limit).await?;
     if blank.is_empty() {
         return Ok(0);
     }

@@ -69,6 +69,25 @@ fn purge(
     Ok(done)
 }
 
+/// The ids a purge lookup (`DELETABLE`, `BLANKABLE`) finds.
+fn ids_of(
+    tx: &Transaction<'_>,
+    lookup: &str,
+    workflow: &str,
+    before: Millis,
+    limit: u64,
+) -> Result<Vec<String>, StoreError> {
+    tx.prepare_cached(lookup)
+        .and_then(|mut st| {
+            st.query_map(
+                params![workflow, before, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| r.get(0),
+            )?
+            .collect()
+        })
+        .map_err(map_err)
+}
+
 /// Deletes up to `limit` runs of `workflow` that ended before `before`,
 /// with everything that hangs off them. Walks
 /// `runs_by_workflow_status_finished`: one range per ended status.
@@ -78,16 +97,7 @@ fn delete_old(
     before: Millis,
     limit: u64,
 ) -> Result<u64, StoreError> {
-    let old: Vec<String> = tx
-        .prepare_cached(DELETABLE)
-        .and_then(|mut st| {
-            st.query_map(
-                params![workflow, before, i64::try_from(limit).unwrap_or(i64::MAX)],
-                |r| r.get(0),
-            )?
-            .collect()
-        })
-        .map_err(map_err)?;
+    let old = ids_of(tx, DELETABLE, workflow, before, limit)?;
     if old.is_empty() {
         return Ok(0);
     }
@@ -125,16 +135,7 @@ fn blank_old(
     before: Millis,
     limit: u64,
 ) -> Result<u64, StoreError> {
-    let blank: Vec<String> = tx
-        .prepare_cached(BLANKABLE)
-        .and_then(|mut st| {
-            st.query_map(
-                params![workflow, before, i64::try_from(limit).unwrap_or(i64::MAX)],
-                |r| r.get(0),
-            )?
-            .collect()
-        })
-        .map_err(map_err)?;
+    let blank = ids_of(tx, BLANKABLE, workflow, before, limit)?;
     if blank.is_empty() {
         return Ok(0);
     }
