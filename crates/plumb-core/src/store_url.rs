@@ -40,6 +40,11 @@ pub struct PostgresOptions {
     /// PostgreSQL's protocol without them, or a pooler in transaction
     /// mode): idle workers find new runs by polling, up to ~0.5 s later.
     pub notify: bool,
+    /// Whether this process listens for new work (not a URL option: set by
+    /// the command). A one-shot command (`plumb status`, `plumb dlq list`)
+    /// claims nothing, so it opens no listening connection; it still
+    /// announces the runs it queues when `notify` is on.
+    pub listen: bool,
 }
 
 impl Default for PostgresOptions {
@@ -47,9 +52,31 @@ impl Default for PostgresOptions {
         Self {
             pool: DEFAULT_POOL,
             notify: true,
+            listen: true,
         }
     }
 }
+
+impl PostgresOptions {
+    /// The options for a one-shot command: no listening connection, and at
+    /// most two connections. Each new PostgreSQL connection is a server
+    /// process forked and logged in (~4 ms on loopback, more with TLS),
+    /// which is most of what a short command costs; two, not one, so a
+    /// command that reads while it holds a transaction cannot wait on
+    /// itself.
+    #[must_use]
+    pub fn for_command(self) -> Self {
+        Self {
+            pool: self.pool.min(COMMAND_POOL),
+            listen: false,
+            ..self
+        }
+    }
+}
+
+/// The most connections a one-shot command opens (see
+/// [`PostgresOptions::for_command`]).
+pub const COMMAND_POOL: u32 = 2;
 
 /// Connections per process unless the URL says `pool=N`.
 pub const DEFAULT_POOL: u32 = 16;
@@ -219,7 +246,8 @@ mod tests {
                 url: "postgres://plumb@db/plumb?sslmode=require".into(),
                 options: PostgresOptions {
                     pool: 4,
-                    notify: false
+                    notify: false,
+                    listen: true,
                 },
             })
         );
@@ -229,7 +257,8 @@ mod tests {
                 url: "postgres://plumb@db/plumb".into(),
                 options: PostgresOptions {
                     pool: 64,
-                    notify: true
+                    notify: true,
+                    listen: true,
                 },
             })
         );

@@ -2089,6 +2089,7 @@ async fn postgres_without_notify_works_by_polling_and_never_calls_pg_notify() {
         PostgresOptions {
             pool: 2,
             notify: false,
+            ..PostgresOptions::default()
         },
     )
     .await
@@ -2125,6 +2126,43 @@ async fn postgres_without_notify_works_by_polling_and_never_calls_pg_notify() {
     );
     listening.close().await;
     quiet.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_one_shot_command_does_not_listen_but_still_announces_the_runs_it_queues() {
+    let Some(schema) = PgSchema::create().await else {
+        return;
+    };
+    let serving = schema.store().await;
+    let signal = serving.work_signal().expect("a serving process listens");
+    let command =
+        PgStore::connect_with_settings(schema.options(), PostgresOptions::default().for_command())
+            .await
+            .expect("connect as a command");
+    assert!(
+        command.work_signal().is_none(),
+        "a one-shot command opens no listening connection"
+    );
+    seed(&command, "seed-c", None).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let heard = tokio::spawn(async move {
+        tokio::time::timeout(std::time::Duration::from_secs(10), signal.notified()).await
+    });
+    let mut queued = 0;
+    while !heard.is_finished() && queued < 40 {
+        command
+            .create_run(&queued_run(&format!("c{queued}")))
+            .await
+            .expect("queue from a command");
+        queued += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(
+        heard.await.expect("waiter").is_ok(),
+        "a run queued by a command (`plumb dlq replay`) wakes the serving process at once"
+    );
+    serving.close().await;
+    command.close().await;
 }
 
 fn queued_run(id: &str) -> NewRun {

@@ -65,7 +65,7 @@ async fn stored_secret_names(root: &std::path::Path) -> Option<BTreeSet<String>>
         // secret references are checked when the project starts.
         project_dir::StoreLocation::Postgres { .. } => return None,
     }
-    let store = super::open_store(&config, root).await.ok()?;
+    let store = super::open_store_for_command(&config, root).await.ok()?;
     let names = store
         .list_secrets()
         .await

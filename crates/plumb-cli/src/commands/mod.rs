@@ -162,6 +162,25 @@ pub fn store_location(config: &ProjectConfig, root: &Path) -> anyhow::Result<Sto
 /// database whose password comes from `PLUMB_STORE_PASSWORD` or the file
 /// `PLUMB_STORE_PASSWORD_FILE` names (never from `plumb.yaml`).
 pub async fn open_store(config: &ProjectConfig, root: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    open_store_as(config, root, false).await
+}
+
+/// Opens the store for a one-shot command that claims no work (`status`,
+/// `dlq`, `runs`, `secrets`, …): on PostgreSQL without a listening
+/// connection and with at most two connections (see
+/// [`plumb_core::store_url::PostgresOptions::for_command`]).
+pub async fn open_store_for_command(
+    config: &ProjectConfig,
+    root: &Path,
+) -> anyhow::Result<Arc<dyn Store>> {
+    open_store_as(config, root, true).await
+}
+
+async fn open_store_as(
+    config: &ProjectConfig,
+    root: &Path,
+    command: bool,
+) -> anyhow::Result<Arc<dyn Store>> {
     match store_location(config, root)? {
         StoreLocation::Sqlite { path, synchronous } => {
             let store = SqliteStore::open(&path, synchronous)
@@ -170,6 +189,11 @@ pub async fn open_store(config: &ProjectConfig, root: &Path) -> anyhow::Result<A
             Ok(Arc::new(store))
         }
         StoreLocation::Postgres { url, options } => {
+            let options = if command {
+                options.for_command()
+            } else {
+                options
+            };
             let store = PgStore::connect(&url, store_password()?, options)
                 .await
                 .with_context(|| format!("opening the store {url}"))?;

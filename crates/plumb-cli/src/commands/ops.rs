@@ -31,7 +31,7 @@ impl Backend {
         let root = global.project_dir();
         let config = super::load_config(&root)?;
         let location = super::store_location(&config, &root)?;
-        let store = super::open_store(&config, &root).await?;
+        let store = super::open_store_for_command(&config, &root).await?;
         let instance = store.instance_secret().await?;
         let server =
             ApiClient::probe(&config.listen, &super::store_id_of(&location), &instance).await;

@@ -24,7 +24,7 @@ fn run_duration(run: &Run) -> Option<Duration> {
 pub async fn list(global: &Global, args: ListArgs) -> anyhow::Result<Exit> {
     let root = global.project_dir();
     let config = super::load_config(&root)?;
-    let store = super::open_store(&config, &root).await?;
+    let store = super::open_store_for_command(&config, &root).await?;
     let runs = store
         .list_runs(&RunFilter {
             workflow: args.workflow.clone(),
@@ -104,7 +104,7 @@ pub async fn list(global: &Global, args: ListArgs) -> anyhow::Result<Exit> {
 pub async fn show(global: &Global, run_id: &str) -> anyhow::Result<Exit> {
     let root = global.project_dir();
     let config = super::load_config(&root)?;
-    let store = super::open_store(&config, &root).await?;
+    let store = super::open_store_for_command(&config, &root).await?;
     let run_id = &super::resolve_run_id(store.as_ref(), run_id).await?;
     let Some(run) = store.run(run_id).await? else {
         return Err(UsageError(format!(

@@ -18,7 +18,7 @@ use crate::{Exit, UsageError};
 async fn open(global: &Global) -> anyhow::Result<(std::path::PathBuf, Arc<dyn Store>)> {
     let root = global.project_dir();
     let config = super::load_config(&root)?;
-    let store = super::open_store(&config, &root).await?;
+    let store = super::open_store_for_command(&config, &root).await?;
     Ok((root, store))
 }
 

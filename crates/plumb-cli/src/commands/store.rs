@@ -106,7 +106,7 @@ async fn copy(global: &Global, to: &str) -> anyhow::Result<Exit> {
 pub async fn workers(global: &Global) -> anyhow::Result<Exit> {
     let root = global.project_dir();
     let config = super::load_config(&root)?;
-    let store = super::open_store(&config, &root).await?;
+    let store = super::open_store_for_command(&config, &root).await?;
     let listed = plumb_engine::status::live_processes(store.as_ref()).await;
     store.close().await;
     let (now, live) = listed?;

@@ -234,16 +234,28 @@ impl PgStore {
             location: location.clone(),
             message,
         };
-        // One connection first, not the pool: a database that is down or
-        // refuses the login is reported as such, at once, rather than as a
-        // pool that timed out.
-        let mut conn = PgConnection::connect_with(&options)
-            .await
-            .map_err(|e| open(e.to_string()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.pool)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _| Box::pin(async move { prepare_session(conn).await }))
+            .connect_lazy_with(options.clone());
+        // The pool's first session does the start-up checks and stays open
+        // for the queries that follow: a separate connection for them would
+        // cost a server process more (most of a short command's time). It
+        // also proves at start that the session settings are accepted (a
+        // pooler in front of the database may refuse them), rather than as
+        // a 503 on every later request.
+        let mut conn = match pool.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                pool.close().await;
+                return Err(open(why_not_connected(&options, e).await));
+            }
+        };
         // Text is stored as given: a database in another encoding would
         // refuse the first emoji of a webhook body, long after start-up.
         let encoding: String = sqlx::query_scalar("SELECT current_setting('server_encoding')")
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *conn)
             .await
             .map_err(|e| open(e.to_string()))?;
         if !encoding.eq_ignore_ascii_case("UTF8") {
@@ -255,20 +267,13 @@ impl PgStore {
         migrate(&mut conn)
             .await
             .map_err(|e| open(format!("migrating the store: {e}")))?;
-        let _ = conn.close().await;
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.pool)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(|conn, _| Box::pin(async move { prepare_session(conn).await }))
-            .connect_lazy_with(options);
-        // One session of the pool now: settings a connection pooler in
-        // front of the database refuses are an error at start, not a 503 on
-        // every later request.
-        drop(pool.acquire().await.map_err(|e| open(e.to_string()))?);
+        // Back in the pool before the first query: dropped, it would return
+        // from a task of its own (after a ping), and a query right after
+        // would find the pool empty and open a second server process.
+        conn.return_to_pool().await;
         let work = std::sync::Arc::new(tokio::sync::Notify::new());
         let listener = std::sync::Arc::new(Listening(
-            settings
-                .notify
+            (settings.notify && settings.listen)
                 .then(|| tokio::spawn(listen(pool.clone(), std::sync::Arc::clone(&work)))),
         ));
         let intake = intake::start(pool.clone(), settings.notify);
@@ -281,6 +286,12 @@ impl PgStore {
             listener,
             intake,
         })
+    }
+
+    /// Whether this process hears of new work through `LISTEN` (see
+    /// [`crate::RunStore::work_signal`]).
+    fn listening(&self) -> bool {
+        self.listener.0.is_some()
     }
 
     /// Where the store is (`postgres://user@host:port/db`), without the
@@ -307,12 +318,53 @@ fn location(options: &PgConnectOptions) -> String {
     )
 }
 
+/// Why the pool could not open its first session, in the driver's words.
+/// The pool retries a refused connection until its acquire timeout (a
+/// database still starting up) and then reports only that it timed out:
+/// one direct attempt names the cause (refused, unknown host, …).
+async fn why_not_connected(options: &PgConnectOptions, pool_error: sqlx::Error) -> String {
+    if !matches!(pool_error, sqlx::Error::PoolTimedOut) {
+        return pool_error.to_string();
+    }
+    match PgConnection::connect_with(options).await {
+        Err(e) => e.to_string(),
+        Ok(conn) => {
+            let _ = conn.close().await;
+            format!(
+                "no connection within {} s (the database answers now: try again)",
+                ACQUIRE_TIMEOUT.as_secs()
+            )
+        }
+    }
+}
+
 /// Applies the pending migrations in one transaction that first takes
 /// [`MIGRATION_LOCK`]: processes starting at once queue on it, the first
 /// migrates, and the others then find nothing left to do.
 async fn migrate(conn: &mut PgConnection) -> Result<(), String> {
     let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    // Nearly always the schema is current: one read says so without the
+    // lock and the transaction (five round trips fewer for every
+    // command). A missing table, an older version or any error takes the
+    // locked path, which decides.
+    let current: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM plumb_schema_version WHERE id = 1")
+            .fetch_optional(&mut *conn)
+            .await
+            .ok()
+            .flatten();
+    if current == Some(known) {
+        return Ok(());
+    }
     let mut tx = conn.begin().await.map_err(|e| e.to_string())?;
+    // The session's `lock_timeout` is for runs, not for this: the other
+    // processes starting at once wait for as long as the first one takes
+    // to migrate (an index built over millions of runs), and a migration
+    // waits for whatever a running older process holds.
+    sqlx::raw_sql("SET LOCAL lock_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| e.to_string())?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(MIGRATION_LOCK)
         .execute(&mut *tx)

@@ -570,7 +570,7 @@ impl RunStore for PgStore {
     }
 
     fn work_signal(&self) -> Option<Arc<Notify>> {
-        self.notify.then(|| Arc::clone(&self.work))
+        self.listening().then(|| Arc::clone(&self.work))
     }
 
     async fn create_run(&self, run: &NewRun) -> Result<(), StoreError> {
