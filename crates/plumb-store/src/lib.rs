@@ -59,7 +59,7 @@ pub use deployments::{Deployed, DeploymentStore};
 pub use lease::{ClaimToken, OwnerId};
 pub use postgres::PgStore;
 pub use processes::{ProcessBeat, ProcessInfo, ProcessStore};
-pub use retention::{PurgeScope, Purged, RetentionStore, StoreSize};
+pub use retention::{PurgePosition, PurgeScope, Purged, RetentionStore, StoreSize};
 pub use runs::{
     AttemptFailure, CancelResult, Claim, Failure, Lease, LeasedRun, NewRun, Release, ReplayResult,
     Run, RunFilter, RunOutcome, RunStatus, RunStore, StepRecord, StepStatus, WorkflowStats,

@@ -15,7 +15,7 @@ use plumb_store::postgres::PostgresOptions;
 use plumb_store::prelude::*;
 use plumb_store::{
     AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
-    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat, PurgeScope, Purged,
+    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat, PurgePosition, PurgeScope, Purged,
     Release, ReplayResult, Role, RunFilter, RunOutcome, RunStatus, SealedSecret, SecretWrite,
     SecretWriteResult, SqliteStore, StepRecord, StepStatus, Store, StoreError, Synchronous,
     WorkflowVersion, now_ms,
@@ -1250,7 +1250,7 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
     // Payloads first: old succeeded runs are blanked, the dead letter keeps
     // its payload for a replay.
     let p = store
-        .purge(&PurgeScope::Workflow("w".into()), 0, cut, 100)
+        .purge(&PurgeScope::Workflow("w".into()), 0, cut, 100, &mut PurgePosition::default())
         .await
         .expect("purge payloads");
     assert_eq!(
@@ -1275,14 +1275,16 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
         .expect("kept");
     assert_ne!(dead.trigger, serde_json::Value::Null);
 
-    // Then runs: the old ended ones of `w`, in batches.
+    // Then runs: the old ended ones of `w`, in batches that carry their
+    // position.
+    let mut position = PurgePosition::default();
     let p = store
-        .purge(&PurgeScope::Workflow("w".into()), cut, cut, 1)
+        .purge(&PurgeScope::Workflow("w".into()), cut, cut, 1, &mut position)
         .await
         .expect("purge");
     assert_eq!(p.runs, 1, "one per batch");
     let p = store
-        .purge(&PurgeScope::Workflow("w".into()), cut, cut, 100)
+        .purge(&PurgeScope::Workflow("w".into()), cut, cut, 100, &mut position)
         .await
         .expect("purge");
     assert_eq!(p.runs, 1);
@@ -1313,7 +1315,13 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
     );
     // Workflows no longer in the project: `Others` leaves the named ones.
     let p = store
-        .purge(&PurgeScope::Others(vec!["w".into()]), now_ms() + 1, 0, 100)
+        .purge(
+            &PurgeScope::Others(vec!["w".into()]),
+            now_ms() + 1,
+            0,
+            100,
+            &mut PurgePosition::default(),
+        )
         .await
         .expect("purge others");
     assert!(p.runs >= 1);
@@ -1327,6 +1335,42 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
     let size = store.store_size().await.expect("size");
     assert!(size.bytes > 0);
     assert!(size.oldest_run_at.is_some());
+
+    // Batches of one that carry their position find every run, those that
+    // ended in the same millisecond included (a batch resumes at the last
+    // run taken, not after it), and blank before they delete.
+    for i in 0..4 {
+        ended(store, &format!("ret-burst-{i}"), "burst", RunOutcome::Succeeded, &a).await;
+    }
+    let cut = now_ms() + 1;
+    let mut position = PurgePosition::default();
+    let mut done = Purged::default();
+    for _ in 0..10 {
+        let p = store
+            .purge(&PurgeScope::Workflow("burst".into()), 0, cut, 1, &mut position)
+            .await
+            .expect("blank");
+        done.payloads += p.payloads;
+    }
+    assert_eq!(done.payloads, 4, "every burst run blanked once");
+    let mut position = PurgePosition::default();
+    for _ in 0..10 {
+        let p = store
+            .purge(&PurgeScope::Workflow("burst".into()), cut, 0, 1, &mut position)
+            .await
+            .expect("delete");
+        done.runs += p.runs;
+    }
+    assert_eq!(done.runs, 4, "every burst run deleted");
+    for i in 0..4 {
+        assert!(
+            store
+                .run(&format!("ret-burst-{i}"))
+                .await
+                .expect("read")
+                .is_none()
+        );
+    }
 }
 
 /// The status figures per workflow, exactly.

@@ -7,7 +7,10 @@ use async_trait::async_trait;
 use sqlx::PgConnection;
 
 use super::{PgStore, map_err};
-use crate::{Millis, PurgeScope, Purged, RetentionStore, StoreError, StoreSize, now_ms, rows};
+use crate::retention::{BLANK, ENDED};
+use crate::{
+    Millis, PurgePosition, PurgeScope, Purged, RetentionStore, StoreError, StoreSize, now_ms, rows,
+};
 
 #[async_trait]
 impl RetentionStore for PgStore {
@@ -17,8 +20,12 @@ impl RetentionStore for PgStore {
         runs_before: Millis,
         payloads_before: Millis,
         limit: u32,
+        position: &mut PurgePosition,
     ) -> Result<Purged, StoreError> {
         let mut tx = self.begin().await?;
+        // Moved on only once the batch commits: a batch rolled back leaves
+        // its runs where the next one looks.
+        let mut moved = position.clone();
         let stored: Vec<String> = match scope {
             PurgeScope::Workflow(_) => Vec::new(),
             PurgeScope::Others(_) => sqlx::query_scalar(rows::STORED_WORKFLOWS)
@@ -30,17 +37,20 @@ impl RetentionStore for PgStore {
         for workflow in rows::purge_workflows(scope, stored) {
             let left = u64::from(limit).saturating_sub(done.runs);
             if left > 0 {
-                done.runs += delete_old(&mut tx, &workflow, runs_before, left).await?;
+                done.runs +=
+                    delete_old(&mut tx, &workflow, runs_before, left, &mut moved).await?;
             }
             let left = u64::from(limit).saturating_sub(done.payloads);
             if left > 0 {
-                done.payloads += blank_old(&mut tx, &workflow, payloads_before, left).await?;
+                done.payloads +=
+                    blank_old(&mut tx, &workflow, payloads_before, left, &mut moved).await?;
             }
             if done.runs >= u64::from(limit) && done.payloads >= u64::from(limit) {
                 break;
             }
         }
         tx.commit().await.map_err(map_err)?;
+        *position = moved;
         Ok(done)
     }
 
@@ -65,32 +75,36 @@ impl RetentionStore for PgStore {
     }
 }
 
-/// Up to `$3` runs of workflow `$1` that ended before `$2`.
-const DELETABLE: &str = "SELECT id FROM runs WHERE workflow = $1 \
-    AND status IN ('succeeded', 'failed', 'cancelled') AND finished_at < $2 \
-    LIMIT $3 FOR UPDATE SKIP LOCKED";
+/// Up to `$5` runs of workflow `$1` with ended status `$2` that ended from
+/// `$3` to before `$4`, oldest first (one range of
+/// `runs_by_workflow_status_finished`).
+const DELETABLE: &str = "SELECT id, finished_at FROM runs WHERE workflow = $1 \
+    AND status = $2 AND finished_at >= $3 AND finished_at < $4 \
+    ORDER BY finished_at LIMIT $5 FOR UPDATE SKIP LOCKED";
 
-/// Up to `$3` runs of workflow `$1` whose payloads may be blanked, ended
-/// before `$2` (through `runs_to_blank`).
-const BLANKABLE: &str = "SELECT id FROM runs WHERE workflow = $1 \
+/// Up to `$4` runs of workflow `$1` whose payloads may be blanked, ended
+/// from `$2` to before `$3`, oldest first (through `runs_to_blank`).
+const BLANKABLE: &str = "SELECT id, finished_at FROM runs WHERE workflow = $1 \
     AND payloads_purged_at IS NULL AND status IN ('succeeded', 'cancelled') \
-    AND finished_at < $2 LIMIT $3 FOR UPDATE SKIP LOCKED";
+    AND finished_at >= $2 AND finished_at < $3 \
+    ORDER BY finished_at LIMIT $4 FOR UPDATE SKIP LOCKED";
 
-/// The ids a purge lookup finds, locked `SKIP LOCKED`.
-async fn ids_of(
-    tx: &mut PgConnection,
-    lookup: &'static str,
+/// The ids of `found` (id, finished_at), with `lane` of `workflow` in
+/// `position` moved to the last one.
+fn taken(
+    found: Vec<(String, Millis)>,
+    position: &mut PurgePosition,
     workflow: &str,
-    before: Millis,
-    limit: u64,
-) -> Result<Vec<String>, StoreError> {
-    sqlx::query_scalar(lookup)
-        .bind(workflow)
-        .bind(before)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(tx)
-        .await
-        .map_err(map_err)
+    lane: &'static str,
+) -> Vec<String> {
+    if let Some((_, last)) = found.last() {
+        position.advance(workflow, lane, *last);
+    }
+    found.into_iter().map(|(id, _)| id).collect()
+}
+
+fn limit_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Deletes up to `limit` runs of `workflow` that ended before `before`,
@@ -101,8 +115,25 @@ async fn delete_old(
     workflow: &str,
     before: Millis,
     limit: u64,
+    position: &mut PurgePosition,
 ) -> Result<u64, StoreError> {
-    let old = ids_of(&mut *tx, DELETABLE, workflow, before, limit).await?;
+    let mut old = Vec::new();
+    for status in ENDED {
+        let left = limit.saturating_sub(old.len() as u64);
+        if left == 0 {
+            break;
+        }
+        let found = sqlx::query_as(DELETABLE)
+            .bind(workflow)
+            .bind(status)
+            .bind(position.from(workflow, status))
+            .bind(before)
+            .bind(limit_of(left))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        old.extend(taken(found, position, workflow, status));
+    }
     if old.is_empty() {
         return Ok(0);
     }
@@ -129,8 +160,17 @@ async fn blank_old(
     workflow: &str,
     before: Millis,
     limit: u64,
+    position: &mut PurgePosition,
 ) -> Result<u64, StoreError> {
-    let blank = ids_of(&mut *tx, BLANKABLE, workflow, before, limit).await?;
+    let found = sqlx::query_as(BLANKABLE)
+        .bind(workflow)
+        .bind(position.from(workflow, BLANK))
+        .bind(before)
+        .bind(limit_of(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+    let blank = taken(found, position, workflow, BLANK);
     if blank.is_empty() {
         return Ok(0);
     }

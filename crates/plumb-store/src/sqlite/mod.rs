@@ -192,7 +192,7 @@ enum Done {
     Secret(SecretWriteResult),
     Flag(bool),
     Names(Vec<String>),
-    Purged(crate::Purged),
+    Purged(crate::Purged, crate::PurgePosition),
 }
 
 struct Job {

@@ -7,7 +7,10 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Done, Op, SqliteStore, map_err};
-use crate::{Millis, PurgeScope, Purged, RetentionStore, StoreError, StoreSize, now_ms, rows};
+use crate::retention::{BLANK, ENDED};
+use crate::{
+    Millis, PurgePosition, PurgeScope, Purged, RetentionStore, StoreError, StoreSize, now_ms, rows,
+};
 
 /// A write of this module, as handed to the writer thread.
 #[derive(Debug)]
@@ -17,6 +20,7 @@ pub(super) enum Write {
         runs_before: Millis,
         payloads_before: Millis,
         limit: u32,
+        position: PurgePosition,
     },
 }
 
@@ -34,7 +38,14 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
             runs_before,
             payloads_before,
             limit,
-        } => purge(tx, scope, *runs_before, *payloads_before, *limit).map(Done::Purged),
+            position,
+        } => {
+            // Moved on only if the batch commits: the writer rolls back a
+            // write that fails, and the caller keeps its old position.
+            let mut moved = position.clone();
+            purge(tx, scope, *runs_before, *payloads_before, *limit, &mut moved)
+                .map(|p| Done::Purged(p, moved))
+        }
     }
 }
 
@@ -44,6 +55,7 @@ fn purge(
     runs_before: Millis,
     payloads_before: Millis,
     limit: u32,
+    position: &mut PurgePosition,
 ) -> Result<Purged, StoreError> {
     let stored = match scope {
         PurgeScope::Workflow(_) => Vec::new(),
@@ -56,11 +68,11 @@ fn purge(
     for workflow in rows::purge_workflows(scope, stored) {
         let left = u64::from(limit).saturating_sub(done.runs);
         if left > 0 {
-            done.runs += delete_old(tx, &workflow, runs_before, left)?;
+            done.runs += delete_old(tx, &workflow, runs_before, left, position)?;
         }
         let left = u64::from(limit).saturating_sub(done.payloads);
         if left > 0 {
-            done.payloads += blank_old(tx, &workflow, payloads_before, left)?;
+            done.payloads += blank_old(tx, &workflow, payloads_before, left, position)?;
         }
         if done.runs >= u64::from(limit) && done.payloads >= u64::from(limit) {
             break;
@@ -69,23 +81,32 @@ fn purge(
     Ok(done)
 }
 
-/// The ids a purge lookup (`DELETABLE`, `BLANKABLE`) finds.
-fn ids_of(
+/// The ids `lookup` finds with `params` (its last one the limit), with
+/// `lane` of `workflow` in `position` moved to the last one (the lookups
+/// return runs oldest first).
+fn taken(
     tx: &Transaction<'_>,
     lookup: &str,
+    params: &[&dyn rusqlite::ToSql],
+    position: &mut PurgePosition,
     workflow: &str,
-    before: Millis,
-    limit: u64,
+    lane: &'static str,
 ) -> Result<Vec<String>, StoreError> {
-    tx.prepare_cached(lookup)
+    let found: Vec<(String, Millis)> = tx
+        .prepare_cached(lookup)
         .and_then(|mut st| {
-            st.query_map(
-                params![workflow, before, i64::try_from(limit).unwrap_or(i64::MAX)],
-                |r| r.get(0),
-            )?
-            .collect()
+            st.query_map(params, |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
         })
-        .map_err(map_err)
+        .map_err(map_err)?;
+    if let Some((_, last)) = found.last() {
+        position.advance(workflow, lane, *last);
+    }
+    Ok(found.into_iter().map(|(id, _)| id).collect())
+}
+
+fn limit_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Deletes up to `limit` runs of `workflow` that ended before `before`,
@@ -96,8 +117,24 @@ fn delete_old(
     workflow: &str,
     before: Millis,
     limit: u64,
+    position: &mut PurgePosition,
 ) -> Result<u64, StoreError> {
-    let old = ids_of(tx, DELETABLE, workflow, before, limit)?;
+    let mut old = Vec::new();
+    for status in ENDED {
+        let left = limit.saturating_sub(old.len() as u64);
+        if left == 0 {
+            break;
+        }
+        let from = position.from(workflow, status);
+        old.extend(taken(
+            tx,
+            DELETABLE,
+            params![workflow, status, from, before, limit_of(left)],
+            position,
+            workflow,
+            status,
+        )?);
+    }
     if old.is_empty() {
         return Ok(0);
     }
@@ -115,16 +152,21 @@ fn delete_old(
     Ok(old.len() as u64)
 }
 
-/// Up to `?3` runs of workflow `?1` whose payloads may be blanked, ended
-/// before `?2`. The index is named: left to itself SQLite walks
-/// `runs_by_workflow_status_finished`, through every run already blanked.
-const BLANKABLE: &str = "SELECT id FROM runs INDEXED BY runs_to_blank \
+/// Up to `?4` runs of workflow `?1` whose payloads may be blanked, ended
+/// from `?2` to before `?3`, oldest first. The index is named: left to
+/// itself SQLite walks `runs_by_workflow_status_finished`, through every
+/// run already blanked.
+const BLANKABLE: &str = "SELECT id, finished_at FROM runs INDEXED BY runs_to_blank \
     WHERE workflow = ?1 AND payloads_purged_at IS NULL \
-    AND status IN ('succeeded', 'cancelled') AND finished_at < ?2 LIMIT ?3";
+    AND status IN ('succeeded', 'cancelled') AND finished_at >= ?2 AND finished_at < ?3 \
+    ORDER BY finished_at LIMIT ?4";
 
-/// Up to `?3` runs of workflow `?1` that ended before `?2`.
-const DELETABLE: &str = "SELECT id FROM runs WHERE workflow = ?1 \
-    AND status IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?2 LIMIT ?3";
+/// Up to `?5` runs of workflow `?1` with ended status `?2` that ended from
+/// `?3` to before `?4`, oldest first (one range of
+/// `runs_by_workflow_status_finished`).
+const DELETABLE: &str = "SELECT id, finished_at FROM runs WHERE workflow = ?1 \
+    AND status = ?2 AND finished_at >= ?3 AND finished_at < ?4 \
+    ORDER BY finished_at LIMIT ?5";
 
 /// Blanks the payloads of up to `limit` succeeded or cancelled runs of
 /// `workflow` that ended before `before` (dead letters keep theirs for a
@@ -134,8 +176,17 @@ fn blank_old(
     workflow: &str,
     before: Millis,
     limit: u64,
+    position: &mut PurgePosition,
 ) -> Result<u64, StoreError> {
-    let blank = ids_of(tx, BLANKABLE, workflow, before, limit)?;
+    let from = position.from(workflow, BLANK);
+    let blank = taken(
+        tx,
+        BLANKABLE,
+        params![workflow, from, before, limit_of(limit)],
+        position,
+        workflow,
+        BLANK,
+    )?;
     if blank.is_empty() {
         return Ok(0);
     }
@@ -163,6 +214,7 @@ impl RetentionStore for SqliteStore {
         runs_before: Millis,
         payloads_before: Millis,
         limit: u32,
+        position: &mut PurgePosition,
     ) -> Result<Purged, StoreError> {
         match self
             .write(Write::Purge {
@@ -170,12 +222,20 @@ impl RetentionStore for SqliteStore {
                 runs_before,
                 payloads_before,
                 limit,
+                position: position.clone(),
             })
             .await?
         {
-            Done::Purged(p) => Ok(p),
+            Done::Purged(p, moved) => {
+                *position = moved;
+                Ok(p)
+            }
             other => Err(super::unexpected(&other)),
         }
+    }
+
+    fn one_writer(&self) -> bool {
+        true
     }
 
     async fn store_size(&self) -> Result<StoreSize, StoreError> {
@@ -207,29 +267,40 @@ mod tests {
     use crate::{SqliteStore, Synchronous};
 
     /// A purge batch reads only what it removes or blanks: each lookup is
-    /// a range of an index, never a walk of the history (the runs already
-    /// blanked are most of a month's runs).
+    /// a range of an index from where the last batch ended, already in the
+    /// order it is walked (no sort), never a walk of the history (the runs
+    /// already blanked are most of a month's runs).
     #[tokio::test]
-    async fn purge_lookups_are_index_ranges() {
+    async fn purge_lookups_are_index_ranges_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("plumb.db"), Synchronous::Full)
             .await
             .expect("open");
-        for (sql, index) in [
+        for (sql, index, params) in [
             (
                 BLANKABLE,
-                "INDEX runs_to_blank (workflow=? AND finished_at<?)",
+                "INDEX runs_to_blank (workflow=? AND finished_at>? AND finished_at<?)",
+                4,
             ),
             (
                 DELETABLE,
-                "INDEX runs_by_workflow_status_finished (workflow=? AND status=? AND finished_at<?)",
+                "INDEX runs_by_workflow_status_finished \
+                 (workflow=? AND status=? AND finished_at>? AND finished_at<?)",
+                5,
             ),
         ] {
             let plan: Vec<String> = store
                 .read(move |conn| {
+                    let values: Vec<rusqlite::types::Value> = (0..params)
+                        .map(|i| match i {
+                            0 => "w".to_owned().into(),
+                            1 if params == 5 => "succeeded".to_owned().into(),
+                            _ => 10_i64.into(),
+                        })
+                        .collect();
                     conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
                         .and_then(|mut st| {
-                            st.query_map(rusqlite::params!["w", 1, 10], |r| r.get(3))?
+                            st.query_map(rusqlite::params_from_iter(values), |r| r.get(3))?
                                 .collect()
                         })
                         .map_err(super::map_err)
