@@ -11,27 +11,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Engine;
 
-/// How long a batch may hold a store with one writer (SQLite): a webhook
-/// that arrives meanwhile waits for it. Batches of a fixed 100 runs took
-/// ~3 ms and moved W1's p99 from 7.6 to 10.5 ms during a purge
-/// (bench/w10.sh); the batch size now follows what the last batch took.
-const SLICE: Duration = Duration::from_micros(1500);
+/// Runs deleted (and runs blanked) per batch on a store with one writer
+/// (SQLite), where a batch holds the writer while it runs and webhooks
+/// arriving meanwhile wait for it: 500 runs a batch (~13 ms) tripled W1's
+/// p99 during a purge of 1M runs, 100 (~3 ms) moved it 1.4× (7.6 → 10.5
+/// ms, bench/w10.sh). Batches sized to a 1.5 ms slice of measured time
+/// (10 to 200 runs) did worse: the time a batch takes there is mostly its
+/// wait for the writer and the shared commit, so they shrank to 10 runs,
+/// the purge slowed to ~500 runs/s and W1's p99 rose to 22 ms.
+const ONE_WRITER_BATCH: u32 = 100;
 
-/// Bounds of a batch on a store with one writer (see [`Pace`]).
-const MIN_BATCH: u32 = 10;
-const MAX_BATCH: u32 = 200;
-
-/// A batch on a store with row locks (PostgreSQL), which locks only the
-/// old runs it takes.
+/// Runs per batch on a store with row locks (PostgreSQL): a batch locks
+/// only the old runs it takes.
 const SHARED_BATCH: u32 = 500;
 
-/// The shortest pause between two batches: commits of webhooks and
-/// workers go between them.
+/// The pause between two batches: commits of webhooks and workers go
+/// between them. With [`ONE_WRITER_BATCH`], a purge deleted ~6,900 runs/s
+/// on SQLite (bench/w10.sh).
 const PAUSE: Duration = Duration::from_millis(10);
-
-/// After a batch that took `t`, the purge waits at least `SHARE × t`: on
-/// a store with one writer it takes at most a quarter of its time.
-const SHARE: u32 = 3;
 
 /// How often the job looks for work.
 const EVERY: Duration = Duration::from_secs(60);
@@ -87,7 +84,11 @@ pub async fn purge_once(
     let now = now_ms();
     let before = |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     let mut total = Purged::default();
-    let mut pace = Pace::new(engine.store.one_writer());
+    let batch = if engine.store.one_writer() {
+        ONE_WRITER_BATCH
+    } else {
+        SHARED_BATCH
+    };
     // One position for the whole pass: each batch starts where the last
     // one of its workflow ended.
     let mut position = PurgePosition::default();
@@ -96,8 +97,6 @@ pub async fn purge_once(
             if stop.is_some_and(CancellationToken::is_cancelled) {
                 return Ok(total);
             }
-            let batch = pace.batch;
-            let started = std::time::Instant::now();
             let p = engine
                 .store
                 .purge(
@@ -108,92 +107,13 @@ pub async fn purge_once(
                     &mut position,
                 )
                 .await?;
-            let took = started.elapsed();
             total.runs += p.runs;
             total.payloads += p.payloads;
             if p.runs < u64::from(batch) && p.payloads < u64::from(batch) {
                 break;
             }
-            tokio::time::sleep(pace.after(took)).await;
+            tokio::time::sleep(PAUSE).await;
         }
     }
     Ok(total)
-}
-
-/// The size of the next batch and the pause after each.
-#[derive(Debug)]
-struct Pace {
-    /// Whether the store has one writer (see
-    /// [`plumb_store::RetentionStore::one_writer`]): the batch size then
-    /// follows [`SLICE`].
-    one_writer: bool,
-    batch: u32,
-}
-
-impl Pace {
-    fn new(one_writer: bool) -> Self {
-        Self {
-            one_writer,
-            batch: if one_writer { MIN_BATCH } else { SHARED_BATCH },
-        }
-    }
-
-    /// Adjusts the batch to what the last one took (which includes its
-    /// wait for the writer: under load, batches shrink), and says how
-    /// long to pause.
-    fn after(&mut self, took: Duration) -> Duration {
-        if self.one_writer {
-            let slice = SLICE.as_secs_f64();
-            let took_s = took.as_secs_f64().max(1e-6);
-            let next = if took_s > slice {
-                // Proportionally smaller: the next one fits the slice.
-                f64::from(self.batch) * slice / took_s
-            } else if took_s < slice / 2.0 {
-                f64::from(self.batch) * 2.0
-            } else {
-                f64::from(self.batch)
-            };
-            // In range by the clamp; the cast only drops the fraction.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let next = next.clamp(f64::from(MIN_BATCH), f64::from(MAX_BATCH)) as u32;
-            self.batch = next;
-        }
-        PAUSE.max(took * SHARE)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn on_one_writer_batches_shrink_to_fit_the_slice_and_grow_back_when_quick() {
-        let mut pace = Pace::new(true);
-        assert_eq!(pace.batch, MIN_BATCH, "a pass starts small");
-        pace.after(Duration::from_micros(100));
-        assert_eq!(pace.batch, 2 * MIN_BATCH);
-        for _ in 0..10 {
-            pace.after(Duration::from_micros(100));
-        }
-        assert_eq!(pace.batch, MAX_BATCH, "quick batches grow up to the bound");
-        // A batch of 200 that took 6 ms (four slices): the next is a quarter.
-        pace.after(Duration::from_millis(6));
-        assert_eq!(pace.batch, 50);
-        pace.after(Duration::from_secs(1));
-        assert_eq!(pace.batch, MIN_BATCH, "never below the bound");
-    }
-
-    #[test]
-    fn the_pause_gives_the_store_at_least_three_quarters_of_its_time() {
-        let mut pace = Pace::new(true);
-        assert_eq!(pace.after(Duration::from_millis(1)), PAUSE);
-        assert_eq!(pace.after(Duration::from_millis(20)), Duration::from_millis(60));
-    }
-
-    #[test]
-    fn with_row_locks_batches_stay_large() {
-        let mut pace = Pace::new(false);
-        pace.after(Duration::from_millis(200));
-        assert_eq!(pace.batch, SHARED_BATCH);
-    }
 }

@@ -37,13 +37,19 @@ impl RetentionStore for PgStore {
         for workflow in rows::purge_workflows(scope, stored) {
             let left = u64::from(limit).saturating_sub(done.runs);
             if left > 0 {
-                done.runs +=
-                    delete_old(&mut tx, &workflow, runs_before, left, &mut moved).await?;
+                done.runs += delete_old(&mut tx, &workflow, runs_before, left, &mut moved).await?;
             }
             let left = u64::from(limit).saturating_sub(done.payloads);
             if left > 0 {
-                done.payloads +=
-                    blank_old(&mut tx, &workflow, payloads_before, left, &mut moved).await?;
+                done.payloads += blank_old(
+                    &mut tx,
+                    &workflow,
+                    runs_before,
+                    payloads_before,
+                    left,
+                    &mut moved,
+                )
+                .await?;
             }
             if done.runs >= u64::from(limit) && done.payloads >= u64::from(limit) {
                 break;
@@ -158,13 +164,16 @@ async fn delete_old(
 async fn blank_old(
     tx: &mut PgConnection,
     workflow: &str,
+    deleted_before: Millis,
     before: Millis,
     limit: u64,
     position: &mut PurgePosition,
 ) -> Result<u64, StoreError> {
+    // What ended before `deleted_before` is deleted by this purge anyway:
+    // blanking it first would write every old run twice.
     let found = sqlx::query_as(BLANKABLE)
         .bind(workflow)
-        .bind(position.from(workflow, BLANK))
+        .bind(position.from(workflow, BLANK).max(deleted_before))
         .bind(before)
         .bind(limit_of(limit))
         .fetch_all(&mut *tx)

@@ -43,8 +43,15 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
             // Moved on only if the batch commits: the writer rolls back a
             // write that fails, and the caller keeps its old position.
             let mut moved = position.clone();
-            purge(tx, scope, *runs_before, *payloads_before, *limit, &mut moved)
-                .map(|p| Done::Purged(p, moved))
+            purge(
+                tx,
+                scope,
+                *runs_before,
+                *payloads_before,
+                *limit,
+                &mut moved,
+            )
+            .map(|p| Done::Purged(p, moved))
         }
     }
 }
@@ -72,7 +79,8 @@ fn purge(
         }
         let left = u64::from(limit).saturating_sub(done.payloads);
         if left > 0 {
-            done.payloads += blank_old(tx, &workflow, payloads_before, left, position)?;
+            done.payloads +=
+                blank_old(tx, &workflow, runs_before, payloads_before, left, position)?;
         }
         if done.runs >= u64::from(limit) && done.payloads >= u64::from(limit) {
             break;
@@ -174,11 +182,14 @@ const DELETABLE: &str = "SELECT id, finished_at FROM runs WHERE workflow = ?1 \
 fn blank_old(
     tx: &Transaction<'_>,
     workflow: &str,
+    deleted_before: Millis,
     before: Millis,
     limit: u64,
     position: &mut PurgePosition,
 ) -> Result<u64, StoreError> {
-    let from = position.from(workflow, BLANK);
+    // What ended before `deleted_before` is deleted by this purge anyway:
+    // blanking it first would write every old run twice.
+    let from = position.from(workflow, BLANK).max(deleted_before);
     let blank = taken(
         tx,
         BLANKABLE,
