@@ -220,8 +220,15 @@ async fn the_readme_examples_pass_check() {
         .iter()
         .find(|b| b.starts_with("name:"))
         .expect("workflow example");
+    let schema = readme
+        .split("`schemas/contacts-page.json`, the contract of the example above:\n\n```json\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the example's schema");
     let project = Project::new(config);
     project.workflow("example", workflow);
+    std::fs::create_dir_all(project.path().join("schemas")).expect("schemas dir");
+    std::fs::write(project.path().join("schemas/contacts-page.json"), schema).expect("schema");
     let out = project.run(&["check"]).await;
     assert_eq!(out.code, Some(0), "{out}");
 }

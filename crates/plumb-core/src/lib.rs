@@ -7,6 +7,7 @@
 //! expressions. It performs no I/O and knows nothing of stores, networks or
 //! the command line: callers hand it file contents and get values back.
 
+pub mod contract;
 pub mod diag;
 pub mod expr;
 pub mod limits;

@@ -135,6 +135,9 @@ pub struct ProjectConfig {
     pub connection_versions: BTreeMap<String, String>,
     /// Lint findings allowed as not being credentials.
     pub lint_allow: Vec<crate::lint::LintAllow>,
+    /// The data contracts in `schemas/`, compiled, by their path in the
+    /// project (`schemas/page.json`).
+    pub schemas: BTreeMap<String, crate::contract::Contract>,
 }
 
 /// Settings of `plumb serve`, with defaults applied.
@@ -355,6 +358,9 @@ pub enum Trigger {
         path: String,
         /// How senders authenticate, if they must.
         auth: Option<WebhookAuth>,
+        /// The contract a body must keep to start a run (`schema:`); manual
+        /// runs of the workflow are held to it too.
+        schema: Option<crate::contract::Contract>,
     },
     /// A cron schedule.
     Schedule {
@@ -397,6 +403,16 @@ pub struct Workflow {
 }
 
 impl Workflow {
+    /// The contract a run's input must keep: the webhook trigger's
+    /// `schema:`, for webhook deliveries and manual runs alike.
+    #[must_use]
+    pub fn input_contract(&self) -> Option<&crate::contract::Contract> {
+        match &self.trigger {
+            Trigger::Webhook { schema, .. } => schema.as_ref(),
+            _ => None,
+        }
+    }
+
     /// The first 12 hex digits of the version, for display.
     #[must_use]
     pub fn short_version(&self) -> &str {
@@ -616,4 +632,7 @@ pub struct HttpAction {
     pub body: Option<Template>,
     /// Success statuses; `None` means any 2xx.
     pub expect_status: Option<Vec<u16>>,
+    /// The contract a successful response's body must keep
+    /// (`expect.schema`): one that breaks it fails the step for good.
+    pub expect_schema: Option<crate::contract::Contract>,
 }

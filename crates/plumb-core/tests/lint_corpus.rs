@@ -373,8 +373,9 @@ fn with_known_secrets_a_pasted_credential_is_named_by_fingerprint_and_real_names
     };
     let known: std::collections::BTreeSet<String> =
         ["github_app_private_key_2024".to_owned()].into();
-    let err = plumb_core::load::load_project_checking_secrets(&config, &[workflow], Some(&known))
-        .expect_err("the pasted token is refused");
+    let err =
+        plumb_core::load::load_project_checking_secrets(&config, &[workflow], &[], Some(&known))
+            .expect_err("the pasted token is refused");
     let text = err.to_string();
     assert!(!text.contains(&token), "the token is repeated: {text}");
     assert!(

@@ -1,4 +1,5 @@
-//! Reading a project from disk: `plumb.yaml` and `workflows/*.yaml`.
+//! Reading a project from disk: `plumb.yaml`, `workflows/*.yaml` and the
+//! data contracts in `schemas/` (`*.json`, in subfolders too).
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,24 @@ pub const PROJECT_FILE: &str = "plumb.yaml";
 /// The workflows folder.
 pub const WORKFLOWS_DIR: &str = "workflows";
 
+/// The data contracts folder.
+pub const SCHEMAS_DIR: &str = "schemas";
+
+/// How deep `schemas/` is searched: a link loop or a deep tree is not read
+/// forever.
+const MAX_SCHEMA_DEPTH: usize = 8;
+
+/// Every project file as text.
+#[derive(Clone, Debug)]
+pub struct Sources {
+    /// `plumb.yaml`.
+    pub project: SourceFile,
+    /// `workflows/*.yaml`, by file name.
+    pub workflows: Vec<SourceFile>,
+    /// `schemas/**/*.json`, by path.
+    pub schemas: Vec<SourceFile>,
+}
+
 /// Reads every project file as text. Unreadable files become diagnostics so
 /// `plumb check` still reports everything else.
 ///
@@ -32,7 +51,7 @@ pub const WORKFLOWS_DIR: &str = "workflows";
 ///
 /// [`LoadError::NoProject`] when `plumb.yaml` is missing, or
 /// [`LoadError::Invalid`] when a file cannot be read.
-pub fn read_sources(root: &Path) -> Result<(SourceFile, Vec<SourceFile>), LoadError> {
+pub fn read_sources(root: &Path) -> Result<Sources, LoadError> {
     let project_path = root.join(PROJECT_FILE);
     if !project_path.is_file() {
         return Err(LoadError::NoProject {
@@ -75,9 +94,71 @@ pub fn read_sources(root: &Path) -> Result<(SourceFile, Vec<SourceFile>), LoadEr
             )),
         }
     }
+    let mut schemas = Vec::new();
+    read_schemas(root, Path::new(SCHEMAS_DIR), 0, &mut schemas, &mut diags);
+    schemas.sort_by(|a, b| a.path.cmp(&b.path));
     match project {
-        Some(project) if diags.is_empty() => Ok((project, workflows)),
+        Some(project) if diags.is_empty() => Ok(Sources {
+            project,
+            workflows,
+            schemas,
+        }),
         _ => Err(LoadError::Invalid(diags)),
+    }
+}
+
+/// Reads the `.json` files below `root/relative` into `out`, as paths
+/// relative to the project with `/` separators.
+fn read_schemas(
+    root: &Path,
+    relative: &Path,
+    depth: usize,
+    out: &mut Vec<SourceFile>,
+    diags: &mut Diagnostics,
+) {
+    let dir = root.join(relative);
+    if depth > MAX_SCHEMA_DEPTH || !dir.is_dir() {
+        return;
+    }
+    let display_dir = relative.to_string_lossy().replace('\\', "/");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            diags.push(Diagnostic::file(
+                &display_dir,
+                format!("cannot list the schemas folder: {e}"),
+            ));
+            return;
+        }
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let inner = relative.join(&name);
+        let display = format!("{display_dir}/{name}");
+        if path.is_dir() {
+            read_schemas(root, &inner, depth + 1, out, diags);
+        } else if path.extension().and_then(|e| e.to_str()) == Some("json") {
+            // A schema is small: a huge file is refused before it is read.
+            let too_big = std::fs::metadata(&path)
+                .is_ok_and(|m| m.len() > plumb_core::contract::MAX_SCHEMA_BYTES as u64);
+            if too_big {
+                diags.push(
+                    Diagnostic::file(
+                        &display,
+                        format!(
+                            "the schema is larger than {} bytes",
+                            plumb_core::contract::MAX_SCHEMA_BYTES
+                        ),
+                    )
+                    .help(
+                        "a data contract describes a payload's shape; split it or remove examples",
+                    ),
+                );
+            } else if let Some(file) = read_one(&path, &display, diags) {
+                out.push(file);
+            }
+        }
     }
 }
 
@@ -112,8 +193,14 @@ fn read_one(path: &Path, display: &str, diags: &mut Diagnostics) -> Option<Sourc
 ///
 /// As [`read_sources`], plus every validation problem.
 pub fn load_project(root: &Path) -> Result<Project, LoadError> {
-    let (project, workflows) = read_sources(root)?;
-    plumb_core::load_project(&project, &workflows).map_err(LoadError::Invalid)
+    let sources = read_sources(root)?;
+    plumb_core::load_project_checking_secrets(
+        &sources.project,
+        &sources.workflows,
+        &sources.schemas,
+        None,
+    )
+    .map_err(LoadError::Invalid)
 }
 
 /// Like [`load_project`], and also reports every secret the files name
@@ -126,9 +213,14 @@ pub fn load_project_checking_secrets(
     root: &Path,
     known_secrets: &std::collections::BTreeSet<String>,
 ) -> Result<Project, LoadError> {
-    let (project, workflows) = read_sources(root)?;
-    plumb_core::load_project_checking_secrets(&project, &workflows, Some(known_secrets))
-        .map_err(LoadError::Invalid)
+    let sources = read_sources(root)?;
+    plumb_core::load_project_checking_secrets(
+        &sources.project,
+        &sources.workflows,
+        &sources.schemas,
+        Some(known_secrets),
+    )
+    .map_err(LoadError::Invalid)
 }
 
 /// Loads what can be loaded of the project (see
@@ -140,8 +232,13 @@ pub fn load_project_checking_secrets(
 /// [`LoadError::NoProject`] when there is no `plumb.yaml`, or
 /// [`LoadError::Invalid`] when a file cannot be read at all.
 pub fn load_project_partial(root: &Path) -> Result<plumb_core::PartialProject, LoadError> {
-    let (project, workflows) = read_sources(root)?;
-    Ok(plumb_core::load_project_partial(&project, &workflows, None))
+    let sources = read_sources(root)?;
+    Ok(plumb_core::load_project_partial(
+        &sources.project,
+        &sources.workflows,
+        &sources.schemas,
+        None,
+    ))
 }
 
 /// Where the project's store is, resolved from its `store:` URL.
@@ -219,6 +316,7 @@ mod tests {
 
     fn config(store: &str) -> ProjectConfig {
         ProjectConfig {
+            schemas: std::collections::BTreeMap::new(),
             store: store.to_owned(),
             listen: String::new(),
             connections: std::collections::BTreeMap::new(),

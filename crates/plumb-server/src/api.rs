@@ -102,7 +102,7 @@ async fn workflows(_auth: Auth<Viewer>, State(state): State<AppState>) -> Json<V
         .map(|w| {
             let trigger = match &w.trigger {
                 Trigger::Manual => json!({ "type": "manual" }),
-                Trigger::Webhook { path, auth } => json!({ "type": "webhook", "path": format!("/hooks/{path}"), "authenticated": auth.is_some() }),
+                Trigger::Webhook { path, auth, schema } => json!({ "type": "webhook", "path": format!("/hooks/{path}"), "authenticated": auth.is_some(), "schema": schema.as_ref().map(plumb_core::contract::Contract::path) }),
                 Trigger::Schedule { cron, timezone, catch_up } => {
                     json!({ "type": "schedule", "cron": cron, "timezone": timezone, "catch_up": catch_up })
                 }
@@ -138,6 +138,7 @@ async fn start_run(
     } else {
         plumb_core::limits::parse_json(&bytes, "the input").map_err(crate::webhook::parse_error)?
     };
+    crate::webhook::keeps_contract(&state, workflow, &input)?;
     let id = crate::webhook::enqueue(&state, workflow, manual_trigger(input)).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": id }))).into_response())
 }

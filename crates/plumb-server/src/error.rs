@@ -20,6 +20,8 @@ pub struct ApiError {
     pub retry_after: Option<u32>,
     /// Whether to ask for a bearer token (`WWW-Authenticate`), for 401s.
     pub www_authenticate: bool,
+    /// What a contract violation found, listed beside the message.
+    pub violations: Option<Vec<plumb_core::contract::Violation>>,
 }
 
 impl ApiError {
@@ -31,6 +33,19 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             www_authenticate: false,
+            violations: None,
+        }
+    }
+
+    /// `400 contract_violation`: a document breaks the workflow's data
+    /// contract; each violation names the JSON pointer and the rule.
+    pub fn contract_violation(
+        message: impl Into<String>,
+        violations: Vec<plumb_core::contract::Violation>,
+    ) -> Self {
+        Self {
+            violations: Some(violations),
+            ..Self::new(StatusCode::BAD_REQUEST, "contract_violation", message)
         }
     }
 
@@ -91,7 +106,11 @@ impl From<plumb_engine::EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({ "error": { "code": self.code, "message": self.message } }));
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some(violations) = &self.violations {
+            error["violations"] = json!(violations);
+        }
+        let body = Json(json!({ "error": error }));
         let mut response = (self.status, body).into_response();
         if self.www_authenticate {
             response

@@ -114,8 +114,52 @@ async fn accept(
             ));
         }
     };
+    if let Err(e) = keeps_contract(state, workflow, &parsed) {
+        metrics::counter!(
+            "plumb_webhook_contract_violations_total",
+            "workflow" => workflow.name.clone(),
+        )
+        .increment(1);
+        return Err(e);
+    }
     let trigger = trigger_document(path, parsed, &query, headers);
     enqueue(state, workflow, trigger).await
+}
+
+/// Holds a run's input (a webhook body, a manual run's input) to the
+/// workflow's contract: a document that breaks it is a `400` listing the
+/// violations (each message passed through the redactor) and starts
+/// nothing.
+pub(crate) fn keeps_contract(
+    state: &AppState,
+    workflow: &Workflow,
+    input: &Value,
+) -> Result<(), ApiError> {
+    let Some(contract) = workflow.input_contract() else {
+        return Ok(());
+    };
+    let mut violations = contract.violations(input);
+    if violations.is_empty() {
+        return Ok(());
+    }
+    for v in &mut violations {
+        v.message = state.engine.redact(&v.message);
+    }
+    tracing::info!(workflow = %workflow.name, schema = contract.path(), violations = violations.len(), "Refused a document that breaks the workflow's contract.");
+    Err(ApiError::contract_violation(
+        format!(
+            "the body does not match {} ({} violation{}{})",
+            contract.path(),
+            violations.len(),
+            if violations.len() == 1 { "" } else { "s" },
+            if violations.len() == plumb_core::contract::MAX_VIOLATIONS {
+                ", the first ones"
+            } else {
+                ""
+            }
+        ),
+        violations,
+    ))
 }
 
 /// Reads a body of at most `limit` bytes within [`BODY_TIMEOUT`].

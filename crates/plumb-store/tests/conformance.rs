@@ -15,10 +15,10 @@ use plumb_store::postgres::PostgresOptions;
 use plumb_store::prelude::*;
 use plumb_store::{
     AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
-    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat, PurgePosition, PurgeScope, Purged,
-    Release, ReplayResult, Role, RunFilter, RunOutcome, RunStatus, SealedSecret, SecretWrite,
-    SecretWriteResult, SqliteStore, StepRecord, StepStatus, Store, StoreError, Synchronous,
-    WorkflowVersion, now_ms,
+    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat, PurgePosition,
+    PurgeScope, Purged, Release, ReplayResult, Role, RunFilter, RunOutcome, RunStatus,
+    SealedSecret, SecretWrite, SecretWriteResult, SqliteStore, StepRecord, StepStatus, Store,
+    StoreError, Synchronous, WorkflowVersion, now_ms,
 };
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -1250,7 +1250,13 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
     // Payloads first: old succeeded runs are blanked, the dead letter keeps
     // its payload for a replay.
     let p = store
-        .purge(&PurgeScope::Workflow("w".into()), 0, cut, 100, &mut PurgePosition::default())
+        .purge(
+            &PurgeScope::Workflow("w".into()),
+            0,
+            cut,
+            100,
+            &mut PurgePosition::default(),
+        )
         .await
         .expect("purge payloads");
     assert_eq!(
@@ -1279,12 +1285,24 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
     // position.
     let mut position = PurgePosition::default();
     let p = store
-        .purge(&PurgeScope::Workflow("w".into()), cut, cut, 1, &mut position)
+        .purge(
+            &PurgeScope::Workflow("w".into()),
+            cut,
+            cut,
+            1,
+            &mut position,
+        )
         .await
         .expect("purge");
     assert_eq!(p.runs, 1, "one per batch");
     let p = store
-        .purge(&PurgeScope::Workflow("w".into()), cut, cut, 100, &mut position)
+        .purge(
+            &PurgeScope::Workflow("w".into()),
+            cut,
+            cut,
+            100,
+            &mut position,
+        )
         .await
         .expect("purge");
     assert_eq!(p.runs, 1);
@@ -1340,14 +1358,27 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
     // ended in the same millisecond included (a batch resumes at the last
     // run taken, not after it), and blank before they delete.
     for i in 0..4 {
-        ended(store, &format!("ret-burst-{i}"), "burst", RunOutcome::Succeeded, &a).await;
+        ended(
+            store,
+            &format!("ret-burst-{i}"),
+            "burst",
+            RunOutcome::Succeeded,
+            &a,
+        )
+        .await;
     }
     let cut = now_ms() + 1;
     let mut position = PurgePosition::default();
     let mut done = Purged::default();
     for _ in 0..10 {
         let p = store
-            .purge(&PurgeScope::Workflow("burst".into()), 0, cut, 1, &mut position)
+            .purge(
+                &PurgeScope::Workflow("burst".into()),
+                0,
+                cut,
+                1,
+                &mut position,
+            )
             .await
             .expect("blank");
         done.payloads += p.payloads;
@@ -1356,7 +1387,13 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
     let mut position = PurgePosition::default();
     for _ in 0..10 {
         let p = store
-            .purge(&PurgeScope::Workflow("burst".into()), cut, 0, 1, &mut position)
+            .purge(
+                &PurgeScope::Workflow("burst".into()),
+                cut,
+                0,
+                1,
+                &mut position,
+            )
             .await
             .expect("delete");
         done.runs += p.runs;

@@ -54,8 +54,8 @@ pub async fn run(global: &Global) -> anyhow::Result<Exit> {
 /// references are then checked when the project starts.
 async fn stored_secret_names(root: &std::path::Path) -> Option<BTreeSet<String>> {
     // Quietly: a broken plumb.yaml is reported once, by the check itself.
-    let (project_file, _) = project_dir::read_sources(root).ok()?;
-    let config = plumb_core::load_config(&project_file).ok()?;
+    let sources = project_dir::read_sources(root).ok()?;
+    let config = plumb_core::load_config(&sources.project).ok()?;
     match project_dir::store_location(&config, root).ok()? {
         project_dir::StoreLocation::Sqlite { path, .. } if !path.is_file() => {
             return Some(BTreeSet::new());

@@ -39,7 +39,7 @@ pub fn print_diagnostics(diags: &Diagnostics) {
 /// fixes the problem (`plumb secrets set` the secret it names).
 pub fn load_config(root: &Path) -> anyhow::Result<ProjectConfig> {
     let project_file = match project_dir::read_sources(root) {
-        Ok((project_file, _)) => project_file,
+        Ok(sources) => sources.project,
         // A workflow file that cannot be read is not this command's
         // business; plumb.yaml must be readable.
         Err(LoadError::Invalid(_)) => {

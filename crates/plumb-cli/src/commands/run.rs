@@ -81,6 +81,21 @@ pub async fn run(global: &Global, args: RunArgs) -> anyhow::Result<Exit> {
                 .into());
             };
             let input = read_input(args.input.as_deref())?;
+            if let Some(contract) = workflow.input_contract() {
+                let violations = contract.violations(&input);
+                if !violations.is_empty() {
+                    let list: Vec<String> = violations
+                        .iter()
+                        .map(|v| format!("  {}", engine.redact(&v.to_string())))
+                        .collect();
+                    return Err(UsageError(format!(
+                        "the input does not match {} (the workflow's trigger schema); nothing was run:\n{}",
+                        contract.path(),
+                        list.join("\n")
+                    ))
+                    .into());
+                }
+            }
             // A version that was never deployed (edited files, run by
             // hand) is audited with who ran it; deployments stay what
             // serve and the API deployed.

@@ -103,7 +103,13 @@ pub async fn list(global: &Global, args: ListArgs) -> anyhow::Result<Exit> {
 /// One run with its step timeline.
 pub async fn show(global: &Global, run_id: &str) -> anyhow::Result<Exit> {
     let root = global.project_dir();
-    let config = super::load_config(&root)?;
+    let mut config = super::load_config(&root)?;
+    // The pinned workflow is loaded below: the contracts it names are
+    // today's files in `schemas/` (those that do not compile are left out,
+    // and `plumb check` reports them).
+    if let Ok(sources) = plumb_engine::project_dir::read_sources(&root) {
+        config.schemas = plumb_core::load::load_schemas(&sources.schemas).0;
+    }
     let store = super::open_store_for_command(&config, &root).await?;
     let run_id = &super::resolve_run_id(store.as_ref(), run_id).await?;
     let Some(run) = store.run(run_id).await? else {

@@ -24,6 +24,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use url::Url;
 
+use crate::contract::Contract;
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::expr::{Program, Template};
 use crate::lint::LintAllow;
@@ -61,7 +62,7 @@ pub const MAX_ATTEMPTS: u32 = 100;
 ///
 /// Returns every problem found in any file.
 pub fn load_project(config: &SourceFile, workflows: &[SourceFile]) -> Result<Project, Diagnostics> {
-    load_project_checking_secrets(config, workflows, None)
+    load_project_checking_secrets(config, workflows, &[], None)
 }
 
 /// Like [`load_project`], and also reports every secret reference that is
@@ -73,9 +74,10 @@ pub fn load_project(config: &SourceFile, workflows: &[SourceFile]) -> Result<Pro
 pub fn load_project_checking_secrets(
     config: &SourceFile,
     workflows: &[SourceFile],
+    schemas: &[SourceFile],
     known_secrets: Option<&std::collections::BTreeSet<String>>,
 ) -> Result<Project, Diagnostics> {
-    let partial = load_project_partial(config, workflows, known_secrets);
+    let partial = load_project_partial(config, workflows, schemas, known_secrets);
     match partial.config {
         Some(config) if partial.problems.is_empty() => Ok(Project {
             config,
@@ -109,17 +111,25 @@ impl PartialProject {
     }
 }
 
-/// Loads what can be loaded of a project (see [`PartialProject`]); with
-/// `known_secrets`, also reports secret references not among them.
+/// Loads what can be loaded of a project (see [`PartialProject`]), with
+/// the JSON Schemas of `schemas/` (each file's path relative to the
+/// project, `schemas/page.json`); with `known_secrets`, also reports secret
+/// references not among them.
 #[must_use]
 pub fn load_project_partial(
     config: &SourceFile,
     workflows: &[SourceFile],
+    schemas: &[SourceFile],
     known_secrets: Option<&std::collections::BTreeSet<String>>,
 ) -> PartialProject {
     let mut diags = Diagnostics::default();
+    let (contracts, schema_problems) = load_schemas(schemas);
+    diags.0.extend(schema_problems);
     let config = match load_config_inner(config, known_secrets) {
-        Ok(c) => Arc::new(c),
+        Ok(mut c) => {
+            c.schemas = contracts;
+            Arc::new(c)
+        }
         Err(d) => {
             diags.0.extend(d.0);
             // Keep checking the workflows against an empty configuration so
@@ -183,6 +193,32 @@ pub fn load_project_partial(
         workflows: loaded,
         problems: diags,
     }
+}
+
+/// Compiles every schema file (see [`crate::contract`]): the contracts
+/// that compile, by path, and a problem for each one that does not.
+pub fn load_schemas(files: &[SourceFile]) -> (BTreeMap<String, Contract>, Vec<Diagnostic>) {
+    let mut contracts = BTreeMap::new();
+    let mut problems = Vec::new();
+    for file in files {
+        match Contract::compile(&file.path, &file.text) {
+            Ok(c) => {
+                contracts.insert(file.path.clone(), c);
+            }
+            Err(e) => {
+                let d = match e.location {
+                    Some(at) => Diagnostic::at(&file.path, at, e.message),
+                    None => Diagnostic::file(&file.path, e.message),
+                };
+                problems.push(d.help(
+                    "a schema is one JSON document (draft 2020-12 unless `$schema` names \
+                     another, e.g. draft 7); `$ref` may point inside it (`#/$defs/…`), not \
+                     to another file or URL",
+                ));
+            }
+        }
+    }
+    (contracts, problems)
 }
 
 /// `plumb.yaml` for commands that only need to find the store and the
@@ -251,6 +287,7 @@ pub fn load_config_lenient(file: &SourceFile) -> Result<(ProjectConfig, Diagnost
         version: hex::encode(Sha256::digest(file.text.as_bytes())),
         connection_versions: BTreeMap::new(),
         lint_allow: Vec::new(),
+        schemas: BTreeMap::new(),
     };
     Ok((config, problems))
 }
@@ -358,6 +395,7 @@ fn load_config_inner(
         version: hex::encode(Sha256::digest(file.text.as_bytes())),
         connection_versions,
         lint_allow: cx.lint_allow(&spec.lint, &root.key("lint")),
+        schemas: BTreeMap::new(),
     };
     if cx.diags.is_empty() {
         Ok(config)
@@ -547,6 +585,32 @@ struct Checker<'a> {
 }
 
 impl<'a> Checker<'a> {
+    /// The contract a `schema:` field at `path` names (`schemas/page.json`,
+    /// relative to the project directory). `None`, with a problem, when no
+    /// such schema was loaded; `None` without one when `plumb.yaml` itself
+    /// did not load (then nothing can be judged).
+    fn contract(&mut self, reference: &str, path: &FieldPath) -> Option<Contract> {
+        let config = self.config?;
+        let key = reference.trim_start_matches("./");
+        if let Some(c) = config.schemas.get(key) {
+            return Some(c.clone());
+        }
+        let help = if !key.starts_with("schemas/") || !key.ends_with(".json") {
+            "schemas live in the project's `schemas/` directory as `.json` files: write e.g. `schemas/order.json`".to_owned()
+        } else if config.schemas.is_empty() {
+            format!("create `{key}` (a JSON Schema) in the project directory")
+        } else {
+            let names: Vec<&str> = config.schemas.keys().map(String::as_str).collect();
+            match closest(key, &names) {
+                Some(best) => format!("did you mean `{best}`?"),
+                None => format!("create `{key}`, or use one of: {}", names.join(", ")),
+            }
+        };
+        self.error_at_value(path, format!("no schema `{reference}` in the project"))
+            .help = Some(help);
+        None
+    }
+
     fn lint_allow(&mut self, spec: &crate::spec::LintSpec, path: &FieldPath) -> Vec<LintAllow> {
         let mut out = Vec::new();
         for (i, a) in spec.allow.iter().enumerate() {

@@ -52,7 +52,11 @@ fn default_path() -> Value {
 #[serde(deny_unknown_fields)]
 pub struct ExpectSpec {
     /// Status codes that count as success (default: any 2xx).
+    #[serde(default)]
     pub status: Vec<u16>,
+    /// The data contract a successful response's body must keep
+    /// (`schemas/page.json`).
+    pub schema: Option<String>,
 }
 
 fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
@@ -149,7 +153,11 @@ fn http_action(
         Some(b) => Some(cx.template(b, &path.key("body"))?),
         None => None,
     };
+    let mut expect_schema = None;
     if let Some(expect) = &spec.expect {
+        if let Some(reference) = &expect.schema {
+            expect_schema = Some(cx.contract(reference, &path.key("expect").key("schema"))?);
+        }
         for (i, s) in expect.status.iter().enumerate() {
             if !(100..=599).contains(s) {
                 cx.error_at_value(
@@ -168,7 +176,12 @@ fn http_action(
             query,
             headers,
             body,
-            expect_status: spec.expect.as_ref().map(|e| e.status.clone()),
+            expect_status: spec
+                .expect
+                .as_ref()
+                .map(|e| e.status.clone())
+                .filter(|s| !s.is_empty()),
+            expect_schema,
         },
         connection_timeout,
     ))

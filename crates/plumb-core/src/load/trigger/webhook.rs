@@ -26,6 +26,8 @@ pub struct WebhookSpec {
     pub path: String,
     /// How senders prove who they are.
     pub auth: Option<WebhookAuthSpec>,
+    /// The data contract a body must keep (`schemas/order.json`).
+    pub schema: Option<String>,
 }
 
 /// `trigger.webhook.auth`: exactly one of `hmac_sha256`, `bearer`, `preset`.
@@ -74,7 +76,15 @@ fn check(cx: &mut Checker<'_>, raw: &Value, path: &FieldPath) -> Option<Trigger>
         Some(a) => cx.webhook_auth(a, &path.key("auth")),
         None => None,
     };
-    Some(Trigger::Webhook { path: hook, auth })
+    let schema = match &w.schema {
+        Some(reference) => Some(cx.contract(reference, &path.key("schema"))?),
+        None => None,
+    };
+    Some(Trigger::Webhook {
+        path: hook,
+        auth,
+        schema,
+    })
 }
 
 impl Checker<'_> {

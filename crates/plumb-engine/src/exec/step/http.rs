@@ -103,6 +103,24 @@ impl Execution<'_> {
             })
             .await?;
         let status = response.status;
+        if let Some(contract) = &http.expect_schema {
+            let violations = contract.violations(&response.body);
+            if !violations.is_empty() {
+                // The upstream changed what it sends: retrying will not
+                // help, and passing it on is the failure a contract exists
+                // to stop.
+                return Err(ActionError::Permanent {
+                    message: secrets
+                        .redactor()
+                        .redact(&format!(
+                            "HTTP {status}, but the body breaks the contract {}",
+                            plumb_core::contract::summary(contract, &violations)
+                        ))
+                        .into_owned(),
+                    status: Some(status),
+                });
+            }
+        }
         // The snapshot that supplied the credential also redacts the answer:
         // an upstream echoing a value rotated meanwhile is still caught.
         let mut output = response.into_output();
