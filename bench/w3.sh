@@ -25,9 +25,11 @@ WORKERS=${WORKERS:-8}
 ADMIN=${PLUMB_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
 OUT=bench/results/w3-$(date -u +%Y%m%dT%H%M%SZ).txt
 mkdir -p bench/results
-cargo build --release -q -p plumb-cli -p plumb-bench
-PLUMB=$PWD/target/release/plumb
-SINK=$PWD/target/release/bench-sink
+# PLUMB_BIN (and SINK_BIN) run binaries built elsewhere instead of building
+# this checkout.
+[ -n "${PLUMB_BIN:-}" ] || cargo build --release -q -p plumb-cli -p plumb-bench
+PLUMB=${PLUMB_BIN:-$PWD/target/release/plumb}
+SINK=${SINK_BIN:-$PWD/target/release/bench-sink}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 SINK_PID=

@@ -361,6 +361,9 @@ pub enum Trigger {
         /// The contract a body must keep to start a run (`schema:`); manual
         /// runs of the workflow are held to it too.
         schema: Option<crate::contract::Contract>,
+        /// How a second delivery of one event is recognised (`dedupe:`, or
+        /// the sender preset's delivery id).
+        dedupe: Option<Box<TriggerDedupe>>,
     },
     /// A cron schedule.
     Schedule {
@@ -372,6 +375,54 @@ pub enum Trigger {
         catch_up: CatchUp,
     },
 }
+
+/// A webhook's dedupe key: the events whose key evaluates equal within
+/// `window` start one run between them.
+#[derive(Clone, Debug)]
+pub struct TriggerDedupe {
+    /// The key expression as written (or the sender preset's).
+    pub source: String,
+    /// The key, evaluated over `.trigger`; `null` means "this event
+    /// cannot be deduplicated" and starts a run.
+    pub key: crate::expr::Template,
+    /// How long a key counts.
+    pub window: Duration,
+}
+
+impl TriggerDedupe {
+    /// The longest key kept as written; a longer one (a whole object, say)
+    /// is kept as its SHA-256.
+    pub const MAX_KEY: usize = 256;
+
+    /// The key an evaluated `value` stands for: text as it is, anything
+    /// else as compact JSON, hashed when longer than [`Self::MAX_KEY`];
+    /// `None` for `null` (the event cannot be deduplicated).
+    #[must_use]
+    pub fn key_text(value: &serde_json::Value) -> Option<String> {
+        use sha2::Digest;
+        let text = match value {
+            serde_json::Value::Null => return None,
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if text.len() <= Self::MAX_KEY {
+            Some(text)
+        } else {
+            Some(format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(text.as_bytes()))
+            ))
+        }
+    }
+}
+
+impl PartialEq for TriggerDedupe {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source && self.window == other.window
+    }
+}
+
+impl Eq for TriggerDedupe {}
 
 /// A validated workflow, pinned to the exact file text it came from.
 #[derive(Clone, Debug)]

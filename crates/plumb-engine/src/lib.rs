@@ -41,9 +41,13 @@ use plumb_connectors::http::{ClientError, HttpClient};
 use plumb_core::model::{Project, Workflow};
 use plumb_core::{SourceFile, load_workflow};
 use plumb_store::{
-    Claim, Failure, Lease, NewAlert, NewRun, Release, Run, RunOutcome, RunStatus, StepRecord,
-    Store, StoreError, WorkflowVersion, now_ms,
+    Claim, Dedupe, Failure, Lease, NewAlert, NewRun, Release, Run, RunOutcome, RunStatus,
+    StepRecord, Store, StoreError, WorkflowVersion, now_ms,
 };
+
+/// How long a webhook's dedupe key may take to evaluate: it runs before
+/// the sender is answered.
+const DEDUPE_EVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -396,6 +400,7 @@ impl Engine {
             lease,
             max_concurrency: workflow.concurrency,
             deadline: None,
+            dedupe: None,
         })
     }
 
@@ -414,10 +419,54 @@ impl Engine {
         trigger: Value,
         deadline: Option<std::time::Instant>,
     ) -> Result<String, EngineError> {
+        let dedupe = self.dedupe_key(workflow, &trigger).await;
         let mut run = self.new_run(workflow, trigger, None).await?;
         run.deadline = deadline;
+        run.dedupe = dedupe;
         self.store.create_run(&run).await?;
         Ok(run.id)
+    }
+
+    /// The dedupe key of a webhook delivery (see
+    /// [`plumb_core::model::TriggerDedupe`]), evaluated over the trigger
+    /// document before anything is masked. A key that is `null` or cannot
+    /// be evaluated dedupes nothing: the event still starts its run (a
+    /// possible duplicate is better than a lost event), and a warning says
+    /// why.
+    async fn dedupe_key(&self, workflow: &Workflow, trigger: &Value) -> Option<Dedupe> {
+        let plumb_core::model::Trigger::Webhook {
+            dedupe: Some(dedupe),
+            ..
+        } = &workflow.trigger
+        else {
+            return None;
+        };
+        if trigger.get("type").and_then(Value::as_str) != Some("webhook") {
+            // A manual run is deliberate: it is never a duplicate.
+            return None;
+        }
+        let context = plumb_core::expr::json_to_val(&serde_json::json!({ "trigger": trigger }));
+        let template = dedupe.key.clone();
+        let evaluated = eval::evaluate(DEDUPE_EVAL_TIMEOUT, move |budget| {
+            template.render(&context, budget)
+        })
+        .await;
+        let key = match evaluated {
+            Ok(value) => plumb_core::model::TriggerDedupe::key_text(&value),
+            Err(e) => {
+                tracing::warn!(workflow = %workflow.name, error = %self.redact(&e.message), "The dedupe key could not be evaluated; the event starts a run without one.");
+                return None;
+            }
+        };
+        let Some(key) = key else {
+            tracing::warn!(workflow = %workflow.name, key = %dedupe.source, "The dedupe key is null for this event; it starts a run without one.");
+            return None;
+        };
+        let window = i64::try_from(dedupe.window.as_millis()).unwrap_or(i64::MAX);
+        Some(Dedupe {
+            key,
+            expires_at: now_ms().saturating_add(window),
+        })
     }
     /// Commits a new run of `workflow`, already leased to this process, and
     /// returns it. When this returns the run is durable: if the process dies

@@ -45,10 +45,11 @@ pub async fn run_purge(engine: Arc<Engine>, shutdown: CancellationToken) {
         }
         wait = EVERY;
         match purge_once(&engine, Some(&shutdown)).await {
-            Ok(p) if p.runs > 0 || p.payloads > 0 => {
+            Ok(p) if p.runs > 0 || p.payloads > 0 || p.dedupe_keys > 0 => {
                 tracing::info!(
                     runs = p.runs,
                     payloads = p.payloads,
+                    dedupe_keys = p.dedupe_keys,
                     "Retention: deleted ended runs and blanked old payloads."
                 );
             }
@@ -114,6 +115,18 @@ pub async fn purge_once(
             }
             tokio::time::sleep(PAUSE).await;
         }
+    }
+    // Dedupe keys past their window, in batches of the same size.
+    loop {
+        if stop.is_some_and(CancellationToken::is_cancelled) {
+            return Ok(total);
+        }
+        let keys = engine.store.purge_dedupe_keys(now, batch).await?;
+        total.dedupe_keys += keys;
+        if keys < u64::from(batch) {
+            break;
+        }
+        tokio::time::sleep(PAUSE).await;
     }
     Ok(total)
 }

@@ -102,7 +102,7 @@ async fn workflows(_auth: Auth<Viewer>, State(state): State<AppState>) -> Json<V
         .map(|w| {
             let trigger = match &w.trigger {
                 Trigger::Manual => json!({ "type": "manual" }),
-                Trigger::Webhook { path, auth, schema } => json!({ "type": "webhook", "path": format!("/hooks/{path}"), "authenticated": auth.is_some(), "schema": schema.as_ref().map(plumb_core::contract::Contract::path) }),
+                Trigger::Webhook { path, auth, schema, dedupe } => json!({ "type": "webhook", "path": format!("/hooks/{path}"), "authenticated": auth.is_some(), "schema": schema.as_ref().map(plumb_core::contract::Contract::path), "dedupe": dedupe.as_ref().map(|d| json!({ "key": d.source, "window_seconds": d.window.as_secs() })) }),
                 Trigger::Schedule { cron, timezone, catch_up } => {
                     json!({ "type": "schedule", "cron": cron, "timezone": timezone, "catch_up": catch_up })
                 }
@@ -139,8 +139,14 @@ async fn start_run(
         plumb_core::limits::parse_json(&bytes, "the input").map_err(crate::webhook::parse_error)?
     };
     crate::webhook::keeps_contract(&state, workflow, &input)?;
-    let id = crate::webhook::enqueue(&state, workflow, manual_trigger(input)).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": id }))).into_response())
+    match crate::webhook::enqueue(&state, workflow, manual_trigger(input)).await? {
+        crate::webhook::Accepted::Run(id) => {
+            Ok((StatusCode::ACCEPTED, Json(json!({ "run_id": id }))).into_response())
+        }
+        crate::webhook::Accepted::Duplicate(id) => {
+            Ok((StatusCode::OK, Json(json!({ "duplicate_of": id }))).into_response())
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

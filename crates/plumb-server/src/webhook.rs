@@ -56,7 +56,14 @@ pub async fn receive(
     body: Body,
 ) -> Response {
     let response = match accept(&state, &path, query, &headers, body).await {
-        Ok(run_id) => (StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response(),
+        Ok(Accepted::Run(run_id)) => {
+            (StatusCode::ACCEPTED, Json(json!({ "run_id": run_id }))).into_response()
+        }
+        // Another delivery of an event already accepted: nothing runs, and
+        // the sender learns which run the first one started.
+        Ok(Accepted::Duplicate(run_id)) => {
+            (StatusCode::OK, Json(json!({ "duplicate_of": run_id }))).into_response()
+        }
         Err(e) => e.into_response(),
     };
     metrics::counter!(
@@ -67,13 +74,21 @@ pub async fn receive(
     response
 }
 
+/// What became of an event.
+pub(crate) enum Accepted {
+    /// It started this run, committed.
+    Run(String),
+    /// An event with the same dedupe key already started this run.
+    Duplicate(String),
+}
+
 async fn accept(
     state: &AppState,
     path: &str,
     query: BTreeMap<String, String>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<String, ApiError> {
+) -> Result<Accepted, ApiError> {
     let project = state.engine.project();
     let path = path.trim_matches('/');
     let Some(workflow) = project
@@ -297,7 +312,7 @@ pub(crate) async fn enqueue(
     state: &AppState,
     workflow: &Workflow,
     trigger: Value,
-) -> Result<String, ApiError> {
+) -> Result<Accepted, ApiError> {
     let deadline = std::time::Instant::now() + COMMIT_DEADLINE;
     // Longer than the store's own grace after the deadline, so that the
     // store decides "committed" or "not" and this timeout only guards
@@ -310,7 +325,17 @@ pub(crate) async fn enqueue(
     match answer {
         Ok(Ok(run_id)) => {
             state.wake_workers.notify_one();
-            Ok(run_id)
+            Ok(Accepted::Run(run_id))
+        }
+        Ok(Err(plumb_engine::EngineError::Store(plumb_store::StoreError::Duplicate {
+            run_id,
+        }))) => {
+            metrics::counter!(
+                "plumb_webhook_duplicates_total",
+                "workflow" => workflow.name.clone(),
+            )
+            .increment(1);
+            Ok(Accepted::Duplicate(run_id))
         }
         Ok(Err(e)) => {
             tracing::warn!(workflow = %workflow.name, error = %e, "The event was not committed; answering 503.");

@@ -164,6 +164,18 @@ pub const TABLES: &[Table] = &[
         singleton: false,
     },
     Table {
+        name: "dedupe_keys",
+        key: &["workflow", "key"],
+        columns: &[
+            ("workflow", Text),
+            ("key", Text),
+            ("run_id", Text),
+            ("created_at", Int),
+            ("expires_at", Int),
+        ],
+        singleton: false,
+    },
+    Table {
         name: "schedule_fires",
         key: &["workflow", "slot"],
         columns: &[

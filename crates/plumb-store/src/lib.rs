@@ -61,9 +61,9 @@ pub use postgres::PgStore;
 pub use processes::{ProcessBeat, ProcessInfo, ProcessStore};
 pub use retention::{PurgePosition, PurgeScope, Purged, RetentionStore, StoreSize};
 pub use runs::{
-    AttemptFailure, CancelResult, Claim, Failure, Lease, LeasedRun, NewRun, Release, ReplayResult,
-    Run, RunFilter, RunOutcome, RunStatus, RunStore, StepRecord, StepStatus, WorkflowStats,
-    WorkflowVersion,
+    AttemptFailure, CancelResult, Claim, Dedupe, Failure, Lease, LeasedRun, MAX_DEDUPE_KEY, NewRun,
+    Release, ReplayResult, Run, RunFilter, RunOutcome, RunStatus, RunStore, StepRecord, StepStatus,
+    WorkflowStats, WorkflowVersion,
 };
 pub use schedules::ScheduleStore;
 pub use secrets::{
@@ -124,6 +124,13 @@ pub enum StoreError {
     /// (it would not read back). Retrying the same write cannot succeed.
     #[error("the store refused the write: {0}")]
     Rejected(String),
+    /// The run was not created: an event with the same dedupe key already
+    /// started `run_id` within the key's window (see [`NewRun::dedupe`]).
+    #[error("an event with the same dedupe key already started run {run_id}")]
+    Duplicate {
+        /// The run the first delivery started.
+        run_id: String,
+    },
     /// Anything else the database reported.
     #[error("store error: {0}")]
     Other(String),

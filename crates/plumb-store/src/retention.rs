@@ -34,6 +34,9 @@ pub struct Purged {
     pub runs: u64,
     /// Runs whose payloads were blanked.
     pub payloads: u64,
+    /// Dedupe keys past their window deleted (by a whole pass; a batch
+    /// of runs leaves it at 0).
+    pub dedupe_keys: u64,
 }
 
 /// Where a purge pass has got to in each range of runs it walks — per
@@ -106,6 +109,10 @@ pub trait RetentionStore: Send + Sync + 'static {
         limit: u32,
         position: &mut PurgePosition,
     ) -> Result<Purged, StoreError>;
+
+    /// Deletes up to `limit` dedupe keys whose window ended before `now`
+    /// (one transaction), and says how many.
+    async fn purge_dedupe_keys(&self, now: Millis, limit: u32) -> Result<u64, StoreError>;
 
     /// The store's size and its oldest kept run.
     async fn store_size(&self) -> Result<StoreSize, StoreError>;

@@ -159,7 +159,23 @@ pub struct NewRun {
     /// answered `503` must not have its run committed afterwards. `None`
     /// waits as long as it takes.
     pub deadline: Option<std::time::Instant>,
+    /// The event's dedupe key: committed with the run, so a second delivery
+    /// of the event within the key's window creates nothing and gets
+    /// [`StoreError::Duplicate`] naming the first run.
+    pub dedupe: Option<Dedupe>,
 }
+
+/// A trigger's dedupe key (see [`NewRun::dedupe`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dedupe {
+    /// The key, unique per workflow (at most [`MAX_DEDUPE_KEY`] bytes).
+    pub key: String,
+    /// When the key stops counting: a delivery after it starts a new run.
+    pub expires_at: Millis,
+}
+
+/// The longest dedupe key a store keeps; the engine hashes longer ones.
+pub const MAX_DEDUPE_KEY: usize = 512;
 
 /// A lease on a run.
 ///

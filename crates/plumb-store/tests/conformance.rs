@@ -14,11 +14,11 @@ use plumb_store::audit::verify_chain;
 use plumb_store::postgres::PostgresOptions;
 use plumb_store::prelude::*;
 use plumb_store::{
-    AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Deployed, Failure,
-    Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat, PurgePosition,
-    PurgeScope, Purged, Release, ReplayResult, Role, RunFilter, RunOutcome, RunStatus,
-    SealedSecret, SecretWrite, SecretWriteResult, SqliteStore, StepRecord, StepStatus, Store,
-    StoreError, Synchronous, WorkflowVersion, now_ms,
+    AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Dedupe, Deployed,
+    Failure, Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat,
+    PurgePosition, PurgeScope, Purged, Release, ReplayResult, Role, RunFilter, RunOutcome,
+    RunStatus, SealedSecret, SecretWrite, SecretWriteResult, SqliteStore, StepRecord, StepStatus,
+    Store, StoreError, Synchronous, WorkflowVersion, now_ms,
 };
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -70,6 +70,7 @@ async fn seed(store: &dyn Store, id: &str, lease: Option<Lease>) {
             lease,
             max_concurrency: None,
             deadline: None,
+            dedupe: None,
         })
         .await
         .expect("create run");
@@ -457,6 +458,7 @@ fn queued(id: &str, workflow: &str, max_concurrency: Option<u32>) -> NewRun {
         lease: None,
         max_concurrency,
         deadline: None,
+        dedupe: None,
     }
 }
 
@@ -1263,7 +1265,8 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
         p,
         Purged {
             runs: 0,
-            payloads: 1
+            payloads: 1,
+            dedupe_keys: 0,
         }
     );
     let ok = store.run("ret-old-ok").await.expect("read").expect("kept");
@@ -1532,6 +1535,93 @@ async fn one_refused_run_among_concurrent_arrivals_fails_alone(store: &dyn Store
     }
 }
 
+/// A dedupe key is committed with the run it starts: a second delivery
+/// within the window creates nothing and names the first run, however many
+/// arrive at once; an expired key starts a new run, and the purge removes
+/// expired keys.
+async fn a_dedupe_key_starts_one_run_per_window(store: &dyn Store) {
+    let keyed = |id: &str, workflow: &str, key: &str, expires_at: i64, deadline: bool| {
+        let mut run = queued(id, workflow, None);
+        run.dedupe = Some(Dedupe {
+            key: key.into(),
+            expires_at,
+        });
+        if deadline {
+            run.deadline = Some(std::time::Instant::now() + std::time::Duration::from_secs(10));
+        }
+        run
+    };
+    let later = now_ms() + 3_600_000;
+    store
+        .create_run(&keyed("dd-a", "dd", "evt-1", later, true))
+        .await
+        .expect("the first delivery starts a run");
+    match store
+        .create_run(&keyed("dd-b", "dd", "evt-1", later, true))
+        .await
+    {
+        Err(StoreError::Duplicate { run_id }) => assert_eq!(run_id, "dd-a"),
+        other => panic!("a second delivery is a duplicate of dd-a, got {other:?}"),
+    }
+    assert!(store.run("dd-b").await.expect("read").is_none());
+    store
+        .create_run(&keyed("dd-c", "dd-other", "evt-1", later, false))
+        .await
+        .expect("keys are per workflow");
+
+    // Twenty deliveries of one event at once: one run.
+    let mut arrivals = futures::stream::FuturesUnordered::new();
+    for i in 0..20 {
+        let run = keyed(&format!("dd-burst-{i}"), "dd", "evt-2", later, i % 2 == 0);
+        arrivals.push(async move { (run.id.clone(), store.create_run(&run).await) });
+    }
+    let mut created = Vec::new();
+    let mut duplicates = Vec::new();
+    while let Some((id, result)) = futures::StreamExt::next(&mut arrivals).await {
+        match result {
+            Ok(()) => created.push(id),
+            Err(StoreError::Duplicate { run_id }) => duplicates.push(run_id),
+            Err(e) => panic!("{id}: {e}"),
+        }
+    }
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(duplicates.len(), 19);
+    assert!(
+        duplicates.iter().all(|d| d == &created[0]),
+        "{duplicates:?}"
+    );
+
+    // A key past its window starts a new run, and is purged.
+    store
+        .create_run(&keyed("dd-old", "dd", "evt-3", now_ms() - 1, false))
+        .await
+        .expect("create");
+    store
+        .create_run(&keyed("dd-new", "dd", "evt-3", later, false))
+        .await
+        .expect("an expired key lets the event start a run again");
+    store
+        .create_run(&keyed("dd-gone", "dd", "evt-4", now_ms() - 1, false))
+        .await
+        .expect("create");
+    let purged = store
+        .purge_dedupe_keys(now_ms(), 100)
+        .await
+        .expect("purge keys");
+    assert!(purged >= 1, "the expired key evt-4 is purged");
+    store
+        .create_run(&keyed("dd-again", "dd", "evt-4", later, false))
+        .await
+        .expect("a purged key dedupes nothing");
+    match store
+        .create_run(&keyed("dd-again-2", "dd", "evt-4", later, false))
+        .await
+    {
+        Err(StoreError::Duplicate { run_id }) => assert_eq!(run_id, "dd-again"),
+        other => panic!("{other:?}"),
+    }
+}
+
 const ISOLATED_CHECKS: usize = 7;
 
 /// Check number `check` of those that need a store of their own.
@@ -1567,6 +1657,7 @@ async fn the_store_contract(store: &dyn Store) {
     tokens_are_found_by_hash_until_revoked(store).await;
     deployments_are_audited_only_when_something_changed(store).await;
     processes_are_listed_by_their_last_beat_until_forgotten(store).await;
+    a_dedupe_key_starts_one_run_per_window(store).await;
 }
 
 #[tokio::test]

@@ -85,6 +85,7 @@ async fn round_trip(store: &SqliteStore, n: usize, value: &Value) -> Result<(), 
         }),
         max_concurrency: None,
         deadline: None,
+        dedupe: None,
     };
     match store.create_run(&run).await {
         Ok(()) => {

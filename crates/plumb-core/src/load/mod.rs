@@ -1470,6 +1470,61 @@ mod tests {
 
     const HEAD: &str = "name: w\nowner: team@example.com\ndescription: test\n";
 
+    fn dedupe_of(trigger: &str) -> Result<Option<(String, Duration)>, Diagnostics> {
+        let w = workflow(&format!(
+            "{HEAD}trigger:\n{trigger}steps:\n  - id: a\n    jq: '1'\n"
+        ))?;
+        match w.trigger {
+            Trigger::Webhook { dedupe, .. } => Ok(dedupe.map(|d| (d.source.clone(), d.window))),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn webhook_dedupe_takes_a_key_a_window_or_the_senders_delivery_id() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            dedupe_of("  webhook: { path: a, dedupe: '${{ .trigger.body.id }}' }\n").expect("ok"),
+            Some(("${{ .trigger.body.id }}".into(), day))
+        );
+        assert_eq!(
+            dedupe_of("  webhook:\n    path: a\n    dedupe: { key: '${{ .trigger.body.id }}', window: 7d }\n")
+                .expect("ok")
+                .map(|d| d.1),
+            Some(7 * day)
+        );
+        let github = dedupe_of("  webhook: { path: a, auth: { preset: github, secret: gh } }\n")
+            .expect("ok")
+            .expect("a preset dedupes by default");
+        assert!(github.0.contains("x-github-delivery"), "{github:?}");
+        assert_eq!(
+            dedupe_of("  webhook: { path: a, auth: { preset: slack, secret: s } }\n").expect("ok"),
+            None,
+            "Slack sends no delivery id"
+        );
+        assert_eq!(
+            dedupe_of(
+                "  webhook: { path: a, auth: { preset: github, secret: gh }, dedupe: false }\n"
+            )
+            .expect("ok"),
+            None
+        );
+        for bad in [
+            "  webhook: { path: a, dedupe: constant }\n",
+            "  webhook: { path: a, dedupe: { key: '${{ .trigger.body.id }}', window: 0s } }\n",
+            "  webhook: { path: a, dedupe: 3 }\n",
+            "  webhook: { path: a, dedupe: '${{ .trigger.body.id' }\n",
+        ] {
+            let err = dedupe_of(bad).expect_err(bad);
+            assert!(
+                err.0
+                    .iter()
+                    .any(|d| d.field.as_deref().is_some_and(|f| f.contains("dedupe"))),
+                "{bad}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn a_valid_workflow_loads_with_resolved_policies() {
         let w = workflow(&format!(

@@ -80,6 +80,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0004_retention.sql"),
     include_str!("../../migrations/postgres/0005_listing_indexes.sql"),
     include_str!("../../migrations/postgres/0006_lean_run_indexes.sql"),
+    include_str!("../../migrations/postgres/0007_dedupe_keys.sql"),
 ];
 
 /// The advisory lock every migrating process takes (fixed, so processes of

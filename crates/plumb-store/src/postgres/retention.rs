@@ -60,6 +60,19 @@ impl RetentionStore for PgStore {
         Ok(done)
     }
 
+    async fn purge_dedupe_keys(&self, now: Millis, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM dedupe_keys WHERE (workflow, key) IN (SELECT workflow, key \
+             FROM dedupe_keys WHERE expires_at <= $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
+    }
+
     async fn store_size(&self) -> Result<StoreSize, StoreError> {
         // The tables of this store's schema, with their indexes and TOAST.
         let bytes: Option<i64> = sqlx::query_scalar(

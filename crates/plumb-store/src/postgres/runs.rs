@@ -76,6 +76,9 @@ pub(super) async fn insert_run(
     row: &NewRunRow,
     notify: bool,
 ) -> Result<(), StoreError> {
+    if let Some(dedupe) = &run.dedupe {
+        take_dedupe_key(conn, run, dedupe, row.now).await?;
+    }
     // The notification is sent when the transaction commits: idle workers
     // of every process wake up (see `PgStore::work_signal`).
     let notify_work = notify_work_sql(notify);
@@ -136,8 +139,55 @@ async fn create_run_now(
     row: &NewRunRow,
     notify: bool,
 ) -> Result<(), StoreError> {
+    if run.dedupe.is_some() {
+        let mut tx = pool.begin().await.map_err(map_err)?;
+        insert_run(&mut tx, run, row, notify).await?;
+        return tx.commit().await.map_err(map_err);
+    }
     let mut conn = pool.acquire().await.map_err(map_err)?;
     insert_run(&mut conn, run, row, notify).await
+}
+
+/// Records the dedupe key of `run` (in the caller's transaction), unless
+/// an unexpired key of the same workflow is there: then
+/// [`StoreError::Duplicate`] names the run the first delivery started. Two
+/// deliveries in flight at once meet at the key's primary key: the second
+/// waits for the first transaction, then sees its key.
+async fn take_dedupe_key(
+    conn: &mut PgConnection,
+    run: &NewRun,
+    dedupe: &crate::Dedupe,
+    now: Millis,
+) -> Result<(), StoreError> {
+    let taken: Option<String> = sqlx::query_scalar(
+        "INSERT INTO dedupe_keys (workflow, key, run_id, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (workflow, key) DO UPDATE SET run_id = excluded.run_id, \
+         created_at = excluded.created_at, expires_at = excluded.expires_at \
+         WHERE dedupe_keys.expires_at <= $4 \
+         RETURNING run_id",
+    )
+    .bind(&run.workflow)
+    .bind(no_nul(&dedupe.key))
+    .bind(&run.id)
+    .bind(now)
+    .bind(dedupe.expires_at)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    if taken.is_some() {
+        return Ok(());
+    }
+    let first: Option<String> =
+        sqlx::query_scalar("SELECT run_id FROM dedupe_keys WHERE workflow = $1 AND key = $2")
+            .bind(&run.workflow)
+            .bind(no_nul(&dedupe.key))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_err)?;
+    Err(StoreError::Duplicate {
+        run_id: first.unwrap_or_default(),
+    })
 }
 
 /// Commits `run` if that can be done before `deadline`, answering on
@@ -185,9 +235,12 @@ pub(super) async fn create_before(
 pub(super) async fn withdraw(pool: &PgPool, id: &str) {
     let mut pause = std::time::Duration::from_millis(50);
     for attempt in 1..=12 {
+        // Its sender was told "not accepted" and sends the event again: the
+        // run's dedupe key goes with it, in the same statement.
         let done = sqlx::query(
-            "UPDATE runs SET status = 'cancelled', finished_at = $2, updated_at = $2, error = $3 \
-             WHERE id = $1 AND status = 'queued'",
+            "WITH withdrawn AS (UPDATE runs SET status = 'cancelled', finished_at = $2, \
+             updated_at = $2, error = $3 WHERE id = $1 AND status = 'queued' RETURNING id) \
+             DELETE FROM dedupe_keys WHERE run_id IN (SELECT id FROM withdrawn)",
         )
         .bind(id)
         .bind(now_ms())
@@ -578,6 +631,28 @@ impl RunStore for PgStore {
         let Some(deadline) = run.deadline else {
             return create_run_now(&self.pool, run, &row, self.notify).await;
         };
+        if run.dedupe.is_some() {
+            // A run with a dedupe key goes in a transaction of its own: a
+            // duplicate must fail alone, not send a whole group commit to
+            // its run-by-run fallback.
+            let (reply, answer) = oneshot::channel();
+            tokio::spawn(create_before(
+                self.pool.clone(),
+                self.notify,
+                run.clone(),
+                row,
+                deadline,
+                reply,
+            ));
+            let grace = deadline + DEADLINE_GRACE;
+            return match tokio::time::timeout_at(grace.into(), answer).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(StoreError::Unavailable(
+                    "the task committing the run stopped".into(),
+                )),
+                Err(_) => Err(StoreError::Unavailable(DEADLINE_MISSED.into())),
+            };
+        }
         // The commit runs in a task of its own, so it finishes (and can
         // withdraw the run) even after this caller stopped waiting. The
         // answer is decided exactly once: either it arrived in time, or

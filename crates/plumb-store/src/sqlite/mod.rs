@@ -216,6 +216,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0009_retention.sql"),
     include_str!("../../migrations/sqlite/0010_listing_indexes.sql"),
     include_str!("../../migrations/sqlite/0011_lean_run_indexes.sql"),
+    include_str!("../../migrations/sqlite/0012_dedupe_keys.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes
@@ -476,7 +477,17 @@ fn commit_jobs(conn: &mut Connection, batch: &mut Vec<Job>, withdraw: &mut Vec<S
                 "UPDATE runs SET status = 'cancelled', finished_at = ?2, updated_at = ?2, \
                  error = ?3 WHERE id = ?1 AND status = 'queued'",
             )
-            .and_then(|mut st| st.execute(params![id, now_ms(), WITHDRAWN]));
+            .and_then(|mut st| st.execute(params![id, now_ms(), WITHDRAWN]))
+            .and_then(|changed| {
+                // Its sender was told "not accepted" and sends the event
+                // again: the key must let that delivery through.
+                if changed == 1 {
+                    tx.prepare_cached("DELETE FROM dedupe_keys WHERE run_id = ?1")
+                        .and_then(|mut st| st.execute(params![id]))
+                } else {
+                    Ok(0)
+                }
+            });
         if let Err(e) = withdrawn {
             fatal = Some(map_err(e));
             break;
@@ -568,6 +579,9 @@ fn clone_err(e: &StoreError) -> StoreError {
         },
         StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
         StoreError::Rejected(m) => StoreError::Rejected(m.clone()),
+        StoreError::Duplicate { run_id } => StoreError::Duplicate {
+            run_id: run_id.clone(),
+        },
         StoreError::Other(m) => StoreError::Other(m.clone()),
     }
 }

@@ -22,6 +22,10 @@ pub(super) enum Write {
         limit: u32,
         position: PurgePosition,
     },
+    PurgeDedupeKeys {
+        now: Millis,
+        limit: u32,
+    },
 }
 
 impl From<Write> for Op {
@@ -53,6 +57,14 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
             )
             .map(|p| Done::Purged(p, moved))
         }
+        Write::PurgeDedupeKeys { now, limit } => tx
+            .prepare_cached(
+                "DELETE FROM dedupe_keys WHERE (workflow, key) IN (SELECT workflow, key \
+                 FROM dedupe_keys WHERE expires_at <= ?1 LIMIT ?2)",
+            )
+            .and_then(|mut st| st.execute(params![now, limit]))
+            .map(Done::Rows)
+            .map_err(map_err),
     }
 }
 
@@ -247,6 +259,13 @@ impl RetentionStore for SqliteStore {
 
     fn one_writer(&self) -> bool {
         true
+    }
+
+    async fn purge_dedupe_keys(&self, now: Millis, limit: u32) -> Result<u64, StoreError> {
+        match self.write(Write::PurgeDedupeKeys { now, limit }).await? {
+            Done::Rows(n) => Ok(n as u64),
+            other => Err(super::unexpected(&other)),
+        }
     }
 
     async fn store_size(&self) -> Result<StoreSize, StoreError> {

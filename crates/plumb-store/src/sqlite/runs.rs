@@ -274,6 +274,9 @@ fn fenced(rows: usize, run_id: &str) -> Result<Done, StoreError> {
 
 pub(super) fn insert_run(tx: &Transaction<'_>, run: &NewRun) -> Result<(), StoreError> {
     let row = NewRunRow::new(run)?;
+    if let Some(dedupe) = &run.dedupe {
+        take_dedupe_key(tx, run, dedupe, row.now)?;
+    }
     tx.prepare_cached(
         "INSERT INTO runs (id, workflow, version, trigger_payload, status, claims, strikes, \
          heartbeat, created_at, started_at, updated_at, lease_owner, lease_expires_at, lease_ms, \
@@ -294,6 +297,46 @@ pub(super) fn insert_run(tx: &Transaction<'_>, run: &NewRun) -> Result<(), Store
             row.lease_expires_at,
             row.lease_ms,
             row.max_concurrency,
+        ])
+    })
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Records `dedupe` as the key of `run`, unless an unexpired key of the
+/// same workflow is already there: then the run is not created and the
+/// caller learns which run the first delivery started. One writer applies
+/// the writes one after the other, so two deliveries in one batch see each
+/// other.
+fn take_dedupe_key(
+    tx: &Transaction<'_>,
+    run: &NewRun,
+    dedupe: &crate::Dedupe,
+    now: Millis,
+) -> Result<(), StoreError> {
+    let first: Option<String> = tx
+        .prepare_cached(
+            "SELECT run_id FROM dedupe_keys WHERE workflow = ?1 AND key = ?2 AND expires_at > ?3",
+        )
+        .and_then(|mut st| {
+            st.query_row(params![run.workflow, dedupe.key, now], |r| r.get(0))
+                .optional()
+        })
+        .map_err(map_err)?;
+    if let Some(run_id) = first {
+        return Err(StoreError::Duplicate { run_id });
+    }
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO dedupe_keys (workflow, key, run_id, created_at, expires_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            run.workflow,
+            dedupe.key,
+            run.id,
+            now,
+            dedupe.expires_at
         ])
     })
     .map_err(map_err)?;

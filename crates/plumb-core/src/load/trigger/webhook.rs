@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::TriggerKind;
 use crate::load::{Checker, is_header_name};
-use crate::model::{Trigger, WebhookAuth, WebhookPreset};
+use crate::model::{Trigger, TriggerDedupe, WebhookAuth, WebhookPreset};
 use crate::spec::{Dur, SecretRef};
 use crate::yaml::FieldPath;
 
@@ -28,7 +28,26 @@ pub struct WebhookSpec {
     pub auth: Option<WebhookAuthSpec>,
     /// The data contract a body must keep (`schemas/order.json`).
     pub schema: Option<String>,
+    /// `dedupe: "${{ key }}"`, `dedupe: { key, window }`, or `false` to
+    /// turn a preset's default off.
+    pub dedupe: Option<Value>,
 }
+
+/// `dedupe: { key, window }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupeSpec {
+    /// The key, a `${{ }}` over `.trigger`.
+    pub key: String,
+    /// How long a key counts (default 24h).
+    pub window: Option<Dur>,
+}
+
+/// How long a dedupe key counts unless `window` says otherwise.
+pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest window a dedupe key may have.
+const MAX_DEDUPE_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// `trigger.webhook.auth`: exactly one of `hmac_sha256`, `bearer`, `preset`.
 #[derive(Debug, Deserialize)]
@@ -80,14 +99,87 @@ fn check(cx: &mut Checker<'_>, raw: &Value, path: &FieldPath) -> Option<Trigger>
         Some(reference) => Some(cx.contract(reference, &path.key("schema"))?),
         None => None,
     };
+    let dedupe = cx
+        .webhook_dedupe(w.dedupe.as_ref(), auth.as_ref(), &path.key("dedupe"))
+        .map(Box::new);
     Some(Trigger::Webhook {
         path: hook,
         auth,
         schema,
+        dedupe,
     })
 }
 
+/// The delivery id a sender preset puts on every delivery (the same on its
+/// retries), as a dedupe key; Slack sends none.
+fn preset_delivery_id(preset: WebhookPreset) -> Option<&'static str> {
+    match preset {
+        WebhookPreset::Github => Some("${{ .trigger.headers[\"x-github-delivery\"] }}"),
+        WebhookPreset::Stripe => Some("${{ .trigger.body.id }}"),
+        WebhookPreset::Shopify => Some("${{ .trigger.headers[\"x-shopify-webhook-id\"] }}"),
+        WebhookPreset::StandardWebhooks => Some("${{ .trigger.headers[\"webhook-id\"] }}"),
+        WebhookPreset::Slack => None,
+    }
+}
+
 impl Checker<'_> {
+    /// `dedupe:` of a webhook, or its preset's delivery id when not given.
+    fn webhook_dedupe(
+        &mut self,
+        raw: Option<&Value>,
+        auth: Option<&WebhookAuth>,
+        path: &FieldPath,
+    ) -> Option<TriggerDedupe> {
+        let (source, window) = match raw {
+            None => match auth {
+                Some(WebhookAuth::Preset { preset, .. }) => (
+                    preset_delivery_id(*preset)?.to_owned(),
+                    DEFAULT_DEDUPE_WINDOW,
+                ),
+                _ => return None,
+            },
+            Some(Value::Bool(false)) => return None,
+            Some(Value::String(key)) => (key.clone(), DEFAULT_DEDUPE_WINDOW),
+            Some(other @ Value::Object(_)) => {
+                let spec: DedupeSpec = self.deserialize(other, path)?;
+                let window = spec.window.map_or(DEFAULT_DEDUPE_WINDOW, |d| d.0);
+                if window < Duration::from_secs(1) || window > MAX_DEDUPE_WINDOW {
+                    self.error_at_value(
+                        &path.key("window"),
+                        "the dedupe window must be between 1s and 366d",
+                    )
+                    .help = Some("a sender retries for hours or days: 24h to 7d is usual".into());
+                }
+                (spec.key, window)
+            }
+            Some(_) => {
+                self.error_at_value(path, "`dedupe` is a key, `{ key, window }` or `false`")
+                    .help = Some(
+                    "e.g. `dedupe: '${{ .trigger.body.event_id }}'` (a 24h window), or `dedupe: { key: '${{ .trigger.body.id }}', window: 7d }`".into(),
+                );
+                return None;
+            }
+        };
+        let key_path = if matches!(raw, Some(Value::Object(_))) {
+            path.key("key")
+        } else {
+            path.clone()
+        };
+        if !source.contains("${{") {
+            self.error_at_value(&key_path, "the dedupe key must be an expression over `.trigger`")
+                .help = Some(
+                "a constant key would let one event through per window: write e.g. `${{ .trigger.body.id }}`".into(),
+            );
+            return None;
+        }
+        let key = self.template(&Value::String(source.clone()), &key_path)?;
+        Some(TriggerDedupe {
+            source,
+            key,
+            window,
+        })
+    }
+
     /// A signed timestamp's accepted age: 5 minutes unless set, at most an
     /// hour (longer would make replay protection meaningless).
     fn hmac_tolerance(&mut self, given: Option<Duration>, path: &FieldPath) -> Duration {
