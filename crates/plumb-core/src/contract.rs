@@ -156,22 +156,68 @@ impl Contract {
     }
 
     /// Every way `value` breaks the contract, up to [`MAX_VIOLATIONS`];
-    /// empty when it keeps it.
+    /// empty when it keeps it. The validator collects all of a
+    /// document's violations before the first is read, so a large document
+    /// (more than [`FULL_REPORT_NODES`] values) reports its first violation
+    /// only: a million-item list of the wrong type must not become a
+    /// million errors in memory.
     #[must_use]
     pub fn violations(&self, value: &Value) -> Vec<Violation> {
         if self.validator.is_valid(value) {
             return Vec::new();
         }
-        self.validator
-            .iter_errors(value)
-            .take(MAX_VIOLATIONS)
-            .map(|e| Violation {
-                path: e.instance_path().to_string(),
-                rule: e.kind().keyword().to_owned(),
-                message: shorten(&e.to_string()),
-            })
-            .collect()
+        if has_at_most(value, FULL_REPORT_NODES) {
+            self.validator
+                .iter_errors(value)
+                .take(MAX_VIOLATIONS)
+                .map(|e| violation(&e))
+                .collect()
+        } else {
+            match self.validator.validate(value) {
+                Err(e) => vec![violation(&e)],
+                Ok(()) => Vec::new(),
+            }
+        }
     }
+}
+
+/// Documents with more values than this report their first violation
+/// only (see [`Contract::violations`]).
+pub const FULL_REPORT_NODES: usize = 10_000;
+
+/// A violation from the validator's error. Its text quotes the offending
+/// value, so a large value is described by the rule instead of printed.
+fn violation(e: &jsonschema::ValidationError<'_>) -> Violation {
+    let rule = e.kind().keyword().to_owned();
+    let message = if has_at_most(e.instance(), 64) {
+        shorten(&e.to_string())
+    } else {
+        format!("the value here breaks the schema's `{rule}`")
+    };
+    Violation {
+        path: e.instance_path().to_string(),
+        rule,
+        message,
+    }
+}
+
+/// Whether `value` holds at most `limit` values (itself included),
+/// counted without recursion and stopping at the limit.
+fn has_at_most(value: &Value, limit: usize) -> bool {
+    let mut seen = 0usize;
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        seen += 1;
+        if seen > limit {
+            return false;
+        }
+        match v {
+            Value::Array(items) => stack.extend(items.iter()),
+            Value::Object(map) => stack.extend(map.values()),
+            _ => {}
+        }
+    }
+    true
 }
 
 /// A one-line summary of `violations` for an error message:
@@ -271,6 +317,23 @@ mod tests {
             v.iter()
                 .all(|v| v.message.chars().count() <= MAX_MESSAGE + 1)
         );
+    }
+
+    #[test]
+    fn a_large_document_reports_its_first_violation_without_printing_itself() {
+        let c = Contract::compile("s.json", r#"{"type":"array","items":{"type":"string"}}"#)
+            .expect("compiles");
+        let huge = Value::Array(vec![json!(0); 500_000]);
+        let started = std::time::Instant::now();
+        let v = c.violations(&huge);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].path, "/0");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        let c = Contract::compile("s.json", r#"{"type":"string"}"#).expect("compiles");
+        let big_object = json!({ "a": vec![json!("x".repeat(1000)); 100] });
+        let v = c.violations(&big_object);
+        assert!(v[0].message.contains("`type`"), "{v:?}");
+        assert!(v[0].message.len() < 100, "{v:?}");
     }
 
     #[test]

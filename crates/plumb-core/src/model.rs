@@ -390,29 +390,22 @@ pub struct TriggerDedupe {
 }
 
 impl TriggerDedupe {
-    /// The longest key kept as written; a longer one (a whole object, say)
-    /// is kept as its SHA-256.
-    pub const MAX_KEY: usize = 256;
-
-    /// The key an evaluated `value` stands for: text as it is, anything
-    /// else as compact JSON, hashed when longer than [`Self::MAX_KEY`];
-    /// `None` for `null` (the event cannot be deduplicated).
+    /// The key an evaluated `value` stands for, as stored: the SHA-256
+    /// (hex) of the value's text (a string as it is, anything else as
+    /// compact JSON), so the store keeps an event's identity, never its
+    /// content, in a fixed size. `None` for `null` or an empty string: that
+    /// event cannot be deduplicated (a missing field must not make every
+    /// such event a duplicate of the first).
     #[must_use]
     pub fn key_text(value: &serde_json::Value) -> Option<String> {
         use sha2::Digest;
         let text = match value {
             serde_json::Value::Null => return None,
+            serde_json::Value::String(s) if s.is_empty() => return None,
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        if text.len() <= Self::MAX_KEY {
-            Some(text)
-        } else {
-            Some(format!(
-                "sha256:{}",
-                hex::encode(sha2::Sha256::digest(text.as_bytes()))
-            ))
-        }
+        Some(hex::encode(sha2::Sha256::digest(text.as_bytes())))
     }
 }
 

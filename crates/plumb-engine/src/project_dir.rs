@@ -136,6 +136,15 @@ fn read_schemas(
         let name = entry.file_name().to_string_lossy().into_owned();
         let inner = relative.join(&name);
         let display = format!("{display_dir}/{name}");
+        // Links are not followed: a link loop would read the tree again
+        // and again.
+        if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+            diags.push(
+                Diagnostic::file(&display, "a symbolic link in schemas/ is not followed")
+                    .help("copy the schema into the project's schemas/ folder"),
+            );
+            continue;
+        }
         if path.is_dir() {
             read_schemas(root, &inner, depth + 1, out, diags);
         } else if path.extension().and_then(|e| e.to_str()) == Some("json") {

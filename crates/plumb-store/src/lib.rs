@@ -61,8 +61,8 @@ pub use postgres::PgStore;
 pub use processes::{ProcessBeat, ProcessInfo, ProcessStore};
 pub use retention::{PurgePosition, PurgeScope, Purged, RetentionStore, StoreSize};
 pub use runs::{
-    AttemptFailure, CancelResult, Claim, Dedupe, Failure, Lease, LeasedRun, MAX_DEDUPE_KEY, NewRun,
-    Release, ReplayResult, Run, RunFilter, RunOutcome, RunStatus, RunStore, StepRecord, StepStatus,
+    AttemptFailure, CancelResult, Claim, Dedupe, Failure, Lease, LeasedRun, NewRun, Release,
+    ReplayResult, Run, RunFilter, RunOutcome, RunStatus, RunStore, StepRecord, StepStatus,
     WorkflowStats, WorkflowVersion,
 };
 pub use schedules::ScheduleStore;

@@ -168,14 +168,12 @@ pub struct NewRun {
 /// A trigger's dedupe key (see [`NewRun::dedupe`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dedupe {
-    /// The key, unique per workflow (at most [`MAX_DEDUPE_KEY`] bytes).
+    /// The key, unique per workflow (the engine stores a digest of the
+    /// evaluated key).
     pub key: String,
     /// When the key stops counting: a delivery after it starts a new run.
     pub expires_at: Millis,
 }
-
-/// The longest dedupe key a store keeps; the engine hashes longer ones.
-pub const MAX_DEDUPE_KEY: usize = 512;
 
 /// A lease on a run.
 ///

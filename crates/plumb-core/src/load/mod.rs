@@ -1481,6 +1481,24 @@ mod tests {
     }
 
     #[test]
+    fn a_dedupe_key_is_a_digest_and_null_or_empty_keys_dedupe_nothing() {
+        use serde_json::json;
+        let a = crate::model::TriggerDedupe::key_text(&json!("evt-1")).expect("key");
+        assert_eq!(a.len(), 64, "a SHA-256 in hex");
+        assert_ne!(
+            Some(a.clone()),
+            crate::model::TriggerDedupe::key_text(&json!("evt-2"))
+        );
+        assert_eq!(
+            Some(a),
+            crate::model::TriggerDedupe::key_text(&json!("evt-1"))
+        );
+        assert!(crate::model::TriggerDedupe::key_text(&json!(null)).is_none());
+        assert!(crate::model::TriggerDedupe::key_text(&json!("")).is_none());
+        assert!(crate::model::TriggerDedupe::key_text(&json!(["a", 1])).is_some());
+    }
+
+    #[test]
     fn webhook_dedupe_takes_a_key_a_window_or_the_senders_delivery_id() {
         let day = Duration::from_secs(86_400);
         assert_eq!(
@@ -1511,6 +1529,7 @@ mod tests {
         );
         for bad in [
             "  webhook: { path: a, dedupe: constant }\n",
+            "  webhook: { path: a, dedupe: 'evt-${{ .trigger.body.id }}' }\n",
             "  webhook: { path: a, dedupe: { key: '${{ .trigger.body.id }}', window: 0s } }\n",
             "  webhook: { path: a, dedupe: 3 }\n",
             "  webhook: { path: a, dedupe: '${{ .trigger.body.id' }\n",

@@ -327,9 +327,15 @@ async fn why_not_connected(options: &PgConnectOptions, pool_error: sqlx::Error) 
     if !matches!(pool_error, sqlx::Error::PoolTimedOut) {
         return pool_error.to_string();
     }
-    match PgConnection::connect_with(options).await {
-        Err(e) => e.to_string(),
-        Ok(conn) => {
+    // Bounded: a host that drops packets would otherwise hold the command
+    // for the system's TCP timeout (minutes).
+    match tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(options)).await {
+        Err(_) => format!(
+            "no answer from the database within {} s (is the host reachable?)",
+            ACQUIRE_TIMEOUT.as_secs()
+        ),
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(conn)) => {
             let _ = conn.close().await;
             format!(
                 "no connection within {} s (the database answers now: try again)",

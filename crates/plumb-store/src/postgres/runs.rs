@@ -223,7 +223,10 @@ pub(super) async fn create_before(
     .await;
     let committed = result.is_ok();
     let unknown = commit_sent && !committed;
-    if (reply.send(result).is_err() && committed) || unknown {
+    // A run with a dedupe key is never withdrawn: its sender's retry finds
+    // the key and is answered with this run, which then must run.
+    let keyed = run.dedupe.is_some();
+    if ((reply.send(result).is_err() && committed) || unknown) && !keyed {
         tracing::warn!(run_id = %run.id, "A run may have committed after its sender was answered 503; withdrawing it.");
         withdraw(&pool, &run.id).await;
     }
@@ -235,12 +238,9 @@ pub(super) async fn create_before(
 pub(super) async fn withdraw(pool: &PgPool, id: &str) {
     let mut pause = std::time::Duration::from_millis(50);
     for attempt in 1..=12 {
-        // Its sender was told "not accepted" and sends the event again: the
-        // run's dedupe key goes with it, in the same statement.
         let done = sqlx::query(
-            "WITH withdrawn AS (UPDATE runs SET status = 'cancelled', finished_at = $2, \
-             updated_at = $2, error = $3 WHERE id = $1 AND status = 'queued' RETURNING id) \
-             DELETE FROM dedupe_keys WHERE run_id IN (SELECT id FROM withdrawn)",
+            "UPDATE runs SET status = 'cancelled', finished_at = $2, updated_at = $2, error = $3 \
+             WHERE id = $1 AND status = 'queued'",
         )
         .bind(id)
         .bind(now_ms())

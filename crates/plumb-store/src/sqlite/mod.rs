@@ -163,10 +163,13 @@ impl Op {
         }
     }
 
-    /// The id of the run this write creates with a deadline, if it does.
+    /// The id of the run this write creates, if it does and a late commit
+    /// of it must be withdrawn. A run with a dedupe key never is: its
+    /// sender's retry finds the key and is answered with this run, which
+    /// then must run (withdrawing it would lose the event).
     fn created_run(&self) -> Option<&str> {
         match self {
-            Op::Runs(runs::Write::CreateRun(run)) => Some(run.id.as_str()),
+            Op::Runs(runs::Write::CreateRun(run)) if run.dedupe.is_none() => Some(run.id.as_str()),
             _ => None,
         }
     }
@@ -477,17 +480,7 @@ fn commit_jobs(conn: &mut Connection, batch: &mut Vec<Job>, withdraw: &mut Vec<S
                 "UPDATE runs SET status = 'cancelled', finished_at = ?2, updated_at = ?2, \
                  error = ?3 WHERE id = ?1 AND status = 'queued'",
             )
-            .and_then(|mut st| st.execute(params![id, now_ms(), WITHDRAWN]))
-            .and_then(|changed| {
-                // Its sender was told "not accepted" and sends the event
-                // again: the key must let that delivery through.
-                if changed == 1 {
-                    tx.prepare_cached("DELETE FROM dedupe_keys WHERE run_id = ?1")
-                        .and_then(|mut st| st.execute(params![id]))
-                } else {
-                    Ok(0)
-                }
-            });
+            .and_then(|mut st| st.execute(params![id, now_ms(), WITHDRAWN]));
         if let Err(e) = withdrawn {
             fatal = Some(map_err(e));
             break;

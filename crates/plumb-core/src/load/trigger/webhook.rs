@@ -173,6 +173,16 @@ impl Checker<'_> {
             return None;
         }
         let key = self.template(&Value::String(source.clone()), &key_path)?;
+        if !matches!(key, crate::expr::Template::Expr(_)) {
+            // Text around an expression turns a missing field into the same
+            // key for every event ("evt-"): each would be a duplicate of the
+            // first.
+            self.error_at_value(&key_path, "the dedupe key must be exactly one `${{ … }}` expression")
+                .help = Some(
+                "build a composite key inside it, e.g. `${{ [.trigger.body.type, .trigger.body.id] }}`; an event whose key is null starts a run without deduplication".into(),
+            );
+            return None;
+        }
         Some(TriggerDedupe {
             source,
             key,

@@ -105,6 +105,18 @@ impl Execution<'_> {
         let status = response.status;
         if let Some(contract) = &http.expect_schema {
             let violations = contract.violations(&response.body);
+            if !violations.is_empty() && response.body.is_string() {
+                // Not JSON at all (a proxy's maintenance page answered
+                // 200): a glitch in front of the upstream, worth a retry.
+                return Err(ActionError::Retryable {
+                    message: format!(
+                        "HTTP {status}, but the body is not JSON, so it cannot match the contract {}",
+                        contract.path()
+                    ),
+                    status: Some(status),
+                    retry_after: None,
+                });
+            }
             if !violations.is_empty() {
                 // The upstream changed what it sends: retrying will not
                 // help, and passing it on is the failure a contract exists
