@@ -148,14 +148,7 @@ async fn a_body_that_breaks_the_webhook_contract_is_a_400_naming_each_pointer_an
         "only the good body reached the upstream"
     );
 
-    let metrics = support::http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = support::metrics(&base).await;
     assert!(
         metrics.contains("plumb_webhook_contract_violations_total{workflow=\"orders\"} 2"),
         "{metrics}"

@@ -159,6 +159,22 @@ pub async fn evaluate<T: Send + 'static>(
     timeout: Duration,
     job: impl FnOnce(&Budget) -> Result<T, EvalError> + Send + 'static,
 ) -> Result<T, EvalError> {
+    evaluate_within(timeout.max(MIN_QUEUE_WAIT), timeout, job).await
+}
+
+/// Like [`evaluate`], waiting at most `queue_wait` for a free evaluation
+/// thread: for an evaluation whose caller must answer soon (a webhook's
+/// dedupe key), whatever the runs' expressions are doing.
+///
+/// # Errors
+///
+/// As [`evaluate`], and an [`EvalError`] when no thread was free within
+/// `queue_wait`.
+pub async fn evaluate_within<T: Send + 'static>(
+    queue_wait: Duration,
+    timeout: Duration,
+    job: impl FnOnce(&Budget) -> Result<T, EvalError> + Send + 'static,
+) -> Result<T, EvalError> {
     let budget = Arc::new(Budget::new(EVAL_STACK));
     let (tx, rx) = oneshot::channel();
     let (started_tx, started_rx) = oneshot::channel::<()>();
@@ -192,7 +208,6 @@ pub async fn evaluate<T: Send + 'static>(
     // thread behind other runs' evaluations is not held against it, up to
     // a limit of its own (evaluations ahead end within their timeouts, and
     // threads stuck past theirs are stood in for; see `Pool::stand_in`).
-    let queue_wait = timeout.max(MIN_QUEUE_WAIT);
     match tokio::time::timeout(queue_wait, started_rx).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => {

@@ -447,10 +447,13 @@ impl Engine {
         }
         let context = plumb_core::expr::json_to_val(&serde_json::json!({ "trigger": trigger }));
         let template = dedupe.key.clone();
-        let evaluated = eval::evaluate(DEDUPE_EVAL_TIMEOUT, move |budget| {
-            template.render(&context, budget)
-        })
-        .await;
+        // Bounded wait for a thread too: the sender is answered within
+        // seconds however busy the runs' expressions keep the pool.
+        let evaluated =
+            eval::evaluate_within(DEDUPE_EVAL_TIMEOUT, DEDUPE_EVAL_TIMEOUT, move |budget| {
+                template.render(&context, budget)
+            })
+            .await;
         let key = match evaluated {
             Ok(value) => plumb_core::model::TriggerDedupe::key_text(&value),
             Err(e) => {

@@ -90,6 +90,19 @@ pub async fn purge_once(
     } else {
         SHARED_BATCH
     };
+    // Dedupe keys past their window first, in batches of the same size: a
+    // workflow whose runs cannot be purged must not let the keys pile up.
+    loop {
+        if stop.is_some_and(CancellationToken::is_cancelled) {
+            return Ok(total);
+        }
+        let keys = engine.store.purge_dedupe_keys(now, batch).await?;
+        total.dedupe_keys += keys;
+        if keys < u64::from(batch) {
+            break;
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
     // One position for the whole pass: each batch starts where the last
     // one of its workflow ended.
     let mut position = PurgePosition::default();
@@ -115,18 +128,6 @@ pub async fn purge_once(
             }
             tokio::time::sleep(PAUSE).await;
         }
-    }
-    // Dedupe keys past their window, in batches of the same size.
-    loop {
-        if stop.is_some_and(CancellationToken::is_cancelled) {
-            return Ok(total);
-        }
-        let keys = engine.store.purge_dedupe_keys(now, batch).await?;
-        total.dedupe_keys += keys;
-        if keys < u64::from(batch) {
-            break;
-        }
-        tokio::time::sleep(PAUSE).await;
     }
     Ok(total)
 }

@@ -1371,36 +1371,29 @@ async fn retention_purges_only_old_ended_runs(store: &dyn Store) {
         .await;
     }
     let cut = now_ms() + 1;
-    let mut position = PurgePosition::default();
-    let mut done = Purged::default();
-    for _ in 0..10 {
-        let p = store
-            .purge(
-                &PurgeScope::Workflow("burst".into()),
-                0,
-                cut,
-                1,
-                &mut position,
-            )
-            .await
-            .expect("blank");
-        done.payloads += p.payloads;
-    }
+    // Ten batches of one, each pass with a position of its own.
+    let pass = |runs_before: i64, payloads_before: i64| async move {
+        let mut position = PurgePosition::default();
+        let mut done = Purged::default();
+        for _ in 0..10 {
+            let p = store
+                .purge(
+                    &PurgeScope::Workflow("burst".into()),
+                    runs_before,
+                    payloads_before,
+                    1,
+                    &mut position,
+                )
+                .await
+                .expect("purge");
+            done.runs += p.runs;
+            done.payloads += p.payloads;
+        }
+        done
+    };
+    let done = pass(0, cut).await;
     assert_eq!(done.payloads, 4, "every burst run blanked once");
-    let mut position = PurgePosition::default();
-    for _ in 0..10 {
-        let p = store
-            .purge(
-                &PurgeScope::Workflow("burst".into()),
-                cut,
-                0,
-                1,
-                &mut position,
-            )
-            .await
-            .expect("delete");
-        done.runs += p.runs;
-    }
+    let done = pass(cut, 0).await;
     assert_eq!(done.runs, 4, "every burst run deleted");
     for i in 0..4 {
         assert!(
