@@ -90,14 +90,15 @@ async fn deliver(hook: &str, event: u32) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_deliveries_through_sigkills_start_exactly_one_run_per_event() {
-    const EVENTS: u32 = 300;
+    const EVENTS: u32 = 1000;
     let rx = Receiver::start().await;
     let project = project(&rx);
     let listen = format!("127.0.0.1:{}", free_port());
     let mut server = project.serve(&listen).await;
     let hook = format!("{}/hooks/events", server.base_url);
 
-    // Every event twice, 32 senders at once.
+    // Every event twice (2,000 deliveries of 1,000 events), 32 senders at
+    // once.
     let mut deliveries = Vec::new();
     for event in 0..EVENTS {
         deliveries.push(event);
@@ -118,10 +119,10 @@ async fn racing_deliveries_through_sigkills_start_exactly_one_run_per_event() {
             }
         }));
     }
-    // Five SIGKILLs of the server while they send, each followed by a
-    // restart on the same address.
+    // Five SIGKILLs of the server while they send (spread over the
+    // sending), each followed by a restart on the same address.
     for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         server.kill().await;
         server = project.serve(&listen).await;
     }
@@ -130,6 +131,11 @@ async fn racing_deliveries_through_sigkills_start_exactly_one_run_per_event() {
     }
     let answers = answers.lock().await.clone();
     assert_eq!(answers.len(), 2 * EVENTS as usize);
+    let duplicates = answers.iter().filter(|(_, (code, _))| *code == 200).count();
+    assert!(
+        duplicates >= EVENTS as usize,
+        "each event's second delivery (at least) is answered duplicate_of: {duplicates}"
+    );
 
     // Every answer for one event names the same run, and each event was
     // accepted at least once (202) or found to be a duplicate of an
