@@ -148,9 +148,35 @@ async fn a_body_that_breaks_the_webhook_contract_is_a_400_naming_each_pointer_an
         "only the good body reached the upstream"
     );
 
+    // An edited contract is deployed and audited like an edited workflow,
+    // and holds from then on.
+    std::fs::write(
+        project.path().join("schemas/order.json"),
+        ORDER_SCHEMA.replace(
+            r#""id": { "type": "string" }"#,
+            r#""id": { "type": "integer" }"#,
+        ),
+    )
+    .expect("edit the schema");
+    let (status, doc) = post_json(&format!("{base}/api/v1/deployments"), &json!({})).await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(
+        doc["changed"],
+        json!(["schema:schemas/order.json"]),
+        "{doc}"
+    );
+    let (status, body) = post_json(&hook, &good).await;
+    assert_eq!(
+        status, 400,
+        "a string id breaks the edited contract: {body}"
+    );
+    let renumbered = json!({"id": 7, "items": [{"sku": "a", "price": 9.5}]});
+    let (status, body) = post_json(&hook, &renumbered).await;
+    assert_eq!(status, 202, "{body}");
+
     let metrics = support::metrics(&base).await;
     assert!(
-        metrics.contains("plumb_webhook_contract_violations_total{workflow=\"orders\"} 2"),
+        metrics.contains("plumb_webhook_contract_violations_total{workflow=\"orders\"} 3"),
         "{metrics}"
     );
     assert_eq!(server.stop().await, Some(0));

@@ -35,15 +35,16 @@ pub const MAX_SCHEMA_BYTES: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct Contract {
     path: Arc<str>,
-    /// A digest of the file's text: two contracts are equal when they come
-    /// from the same path with the same text.
-    digest: u64,
+    /// SHA-256 of the file's text (hex): two contracts are equal when they
+    /// come from the same path with the same text, and a deployment records
+    /// it (see [`Contract::version`]).
+    version: Arc<str>,
     validator: Arc<jsonschema::Validator>,
 }
 
 impl PartialEq for Contract {
     fn eq(&self, other: &Self) -> bool {
-        self.path == other.path && self.digest == other.digest
+        self.path == other.path && self.version == other.version
     }
 }
 
@@ -129,15 +130,13 @@ impl Contract {
                     message: format!("not a valid JSON Schema: {}", shorten(&e.to_string())),
                 }
             })?;
-        let digest = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            text.hash(&mut h);
-            h.finish()
+        let version = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(text.as_bytes()))
         };
         Ok(Self {
             path: Arc::from(path),
-            digest,
+            version: Arc::from(version),
             validator: Arc::new(validator),
         })
     }
@@ -146,6 +145,13 @@ impl Contract {
     #[must_use]
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// SHA-256 of the schema file's text (hex): what a deployment records,
+    /// so an edited contract is audited like an edited workflow.
+    #[must_use]
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     /// Whether `value` keeps the contract (cheaper than

@@ -192,8 +192,9 @@ pub async fn audit_undeployed_run(
 }
 
 /// Records the project a process is about to run: `plumb.yaml`, each
-/// connection and each workflow whose definition changed since the last deployment gets an audit
-/// entry. Returns the changes as `kind:name`.
+/// connection, each workflow and each data contract (`schemas/`) whose
+/// definition changed since the last deployment gets an audit entry.
+/// Returns the changes as `kind:name`.
 ///
 /// # Errors
 ///
@@ -227,5 +228,17 @@ pub async fn record_deployment(
         version: w.version.clone(),
         file: w.file.clone(),
     }));
+    items.extend(
+        project
+            .config
+            .schemas
+            .values()
+            .map(|c| plumb_store::Deployed {
+                kind: "schema".to_owned(),
+                name: c.path().to_owned(),
+                version: c.version().to_owned(),
+                file: c.path().to_owned(),
+            }),
+    );
     store.record_deployment(&items, actor).await
 }
