@@ -13,8 +13,9 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use sqlx::Connection;
-use support::{Project, Receiver, Senders, get_json};
+use support::{Project, Receiver, Senders, get_json, post_json};
 
 const HEAD: &str = "owner: qa@example.com\ndescription: test workflow\n";
 
@@ -376,5 +377,70 @@ async fn retention_purges_old_ended_runs_and_survives_a_sigkill_mid_purge_on_pos
         return;
     };
     support::retention_purges_old_runs_through_a_sigkill(&format!("store: {}\n", db.url)).await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serves_sharing_postgresql_start_one_run_per_event_however_deliveries_race() {
+    const EVENTS: usize = 200;
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let rx = Receiver::start().await;
+    let project = Project::new(&format!(
+        "store: {}\nconnections:\n  rx:\n    http: {{ base_url: {} }}\n",
+        db.url, rx.base_url
+    ));
+    project.workflow(
+        "events",
+        &format!(
+            "name: events\n{HEAD}trigger:\n  webhook:\n    path: events\n    dedupe: '${{{{ .trigger.body.event_id }}}}'\nsteps:\n  - id: post\n    http: {{ connection: rx, method: POST, path: /ok/events, body: '${{{{ .trigger.body }}}}' }}\n"
+        ),
+    );
+    let (a, b) = (
+        project.serve("127.0.0.1:0").await,
+        project.serve("127.0.0.1:0").await,
+    );
+    // Each event delivered once to each serve, at the same time.
+    let mut sends = Vec::new();
+    for event in 0..EVENTS {
+        for base in [&a.base_url, &b.base_url] {
+            let hook = format!("{base}/hooks/events");
+            sends.push(tokio::spawn(async move {
+                let (status, body) = post_json(&hook, &json!({ "event_id": event })).await;
+                (event, status, body)
+            }));
+        }
+    }
+    let mut named: HashMap<usize, HashSet<String>> = HashMap::new();
+    let mut accepted = 0;
+    for send in sends {
+        let (event, status, body) = send.await.expect("sender");
+        let run = match status {
+            202 => {
+                accepted += 1;
+                body["run_id"].as_str()
+            }
+            200 => body["duplicate_of"].as_str(),
+            _ => panic!("event {event}: {status} {body}"),
+        };
+        named
+            .entry(event)
+            .or_default()
+            .insert(run.expect("a run id").to_owned());
+    }
+    assert_eq!(
+        accepted, EVENTS,
+        "one 202 per event, the other delivery a duplicate"
+    );
+    assert!(named.values().all(|runs| runs.len() == 1), "{named:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rx.hits().len() < EVENTS && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.hits().len(), EVENTS, "each event ran once");
+    a.kill().await;
+    b.kill().await;
     db.drop().await;
 }
