@@ -169,6 +169,31 @@ impl Contract {
     /// million errors in memory.
     #[must_use]
     pub fn violations(&self, value: &Value) -> Vec<Violation> {
+        self.check(value, violation)
+    }
+
+    /// Like [`Contract::violations`], with messages that never quote the
+    /// checked document: each names the rule and where in the schema it
+    /// is (`/properties/price/type`). For documents whose values may be
+    /// confidential beyond the known secrets (an upstream's answer, which
+    /// is journaled and alerted on).
+    #[must_use]
+    pub fn violations_without_values(&self, value: &Value) -> Vec<Violation> {
+        self.check(value, |e| {
+            let rule = e.kind().keyword().to_owned();
+            Violation {
+                path: e.instance_path().to_string(),
+                message: format!("breaks the schema's {}", e.schema_path()),
+                rule,
+            }
+        })
+    }
+
+    fn check(
+        &self,
+        value: &Value,
+        describe: impl Fn(&jsonschema::ValidationError<'_>) -> Violation,
+    ) -> Vec<Violation> {
         if self.validator.is_valid(value) {
             return Vec::new();
         }
@@ -176,11 +201,11 @@ impl Contract {
             self.validator
                 .iter_errors(value)
                 .take(MAX_VIOLATIONS)
-                .map(|e| violation(&e))
+                .map(|e| describe(&e))
                 .collect()
         } else {
             match self.validator.validate(value) {
-                Err(e) => vec![violation(&e)],
+                Err(e) => vec![describe(&e)],
                 Ok(()) => Vec::new(),
             }
         }
@@ -306,6 +331,22 @@ mod tests {
         );
         assert!(c.violations(&json!({"items": []})).is_empty());
         assert!(c.is_valid(&json!({"items": [{"id": 3}]})));
+    }
+
+    #[test]
+    fn violations_without_values_name_the_schema_rule_and_never_the_value() {
+        let c = Contract::compile("schemas/page.json", PAGE).expect("compiles");
+        let bad = json!({"items": [{"id": 1, "price": "tok_live_4242"}]});
+        let v = c.violations_without_values(&bad);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].path, "/items/0/price");
+        assert_eq!(v[0].rule, "type");
+        assert!(!v[0].message.contains("tok_live"), "{v:?}");
+        assert!(
+            v[0].message
+                .contains("/properties/items/items/properties/price/type"),
+            "{v:?}"
+        );
     }
 
     #[test]

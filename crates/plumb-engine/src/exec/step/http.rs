@@ -104,7 +104,9 @@ impl Execution<'_> {
             .await?;
         let status = response.status;
         if let Some(contract) = &http.expect_schema {
-            let violations = contract.violations(&response.body);
+            // An upstream's answer may hold values only `redact:` knows
+            // of: the messages name the rule, never the value.
+            let violations = contract.violations_without_values(&response.body);
             if !violations.is_empty() && response.body.is_string() {
                 // Not JSON at all (a proxy's maintenance page answered
                 // 200): a glitch in front of the upstream, worth a retry.
