@@ -51,6 +51,12 @@ fn project(rx: &Receiver) -> Project {
         ),
     );
     project.workflow(
+        "maintenance",
+        &format!(
+            "name: maintenance\n{HEAD}trigger:\n  webhook: {{ path: maintenance }}\nsteps:\n  - id: get\n    http:\n      connection: rx\n      path: /text\n      expect: {{ schema: schemas/api/echo.json }}\n"
+        ),
+    );
+    project.workflow(
         "totals",
         &format!(
             "name: totals\n{HEAD}trigger:\n  webhook: {{ path: totals }}\nsteps:\n  - id: echo\n    http:\n      connection: rx\n      method: POST\n      path: /echo\n      body: {{ total: '${{{{ .trigger.body.total }}}}' }}\n      expect: {{ status: [200], schema: schemas/api/echo.json }}\n"
@@ -232,6 +238,21 @@ async fn a_response_that_breaks_expect_schema_fails_the_step_for_good_without_re
         1,
         "a contract violation is permanent: the request is not retried"
     );
+
+    // A 200 that is not JSON at all (a proxy's maintenance page) is a
+    // glitch in front of the upstream: retried, then failed naming it.
+    let (status, body) = post_json(&format!("{base}/hooks/maintenance"), &json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    let failed = wait_run(
+        &base,
+        body["run_id"].as_str().expect("id"),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(failed["run"]["status"], "failed", "{failed}");
+    assert!(failed.to_string().contains("not JSON"), "{failed}");
+    let retried = rx.hits().iter().filter(|h| h.path == "/text").count();
+    assert_eq!(retried, 3, "every attempt of the policy was made");
 
     let (status, body) = post_json(&hook, &json!({"total": 12})).await;
     assert_eq!(status, 202, "{body}");

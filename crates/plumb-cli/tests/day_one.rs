@@ -159,16 +159,7 @@ async fn the_dead_letter_gauge_follows_a_replay_that_succeeds() {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<f64>().ok())
     };
-    let metrics = || async {
-        support::http()
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text")
-    };
+    let metrics = || support::metrics(&base);
     let deadline = Instant::now() + Duration::from_secs(12);
     while gauge(&metrics().await) != Some(1.0) {
         assert!(

@@ -88,14 +88,7 @@ async fn webhooks_answer_202_once_durable_and_400_404_413_415_for_bad_requests()
 
     assert_eq!(get_json(&format!("{base}/healthz")).await["status"], "ok");
     assert_eq!(get_json(&format!("{base}/readyz")).await["status"], "ready");
-    let metrics = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = support::metrics(&base).await;
     assert!(
         metrics.contains("plumb_webhook_responses_total{code=\"202\"}"),
         "{metrics}"

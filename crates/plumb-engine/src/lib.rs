@@ -44,12 +44,12 @@ use plumb_store::{
     Claim, Dedupe, Failure, Lease, NewAlert, NewRun, Release, Run, RunOutcome, RunStatus,
     StepRecord, Store, StoreError, WorkflowVersion, now_ms,
 };
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 /// How long a webhook's dedupe key may take to evaluate: it runs before
 /// the sender is answered.
 const DEDUPE_EVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 pub use events::{Observer, Quiet, RunEvent};
 pub use exec::idempotency_key;

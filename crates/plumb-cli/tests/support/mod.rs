@@ -254,6 +254,7 @@ struct Inner {
 /// * `/flaky/<status>/<n>`: answers `<status>` with `Retry-After: 1` to the
 ///   first `n` requests of each idempotency key, then 200;
 /// * `/status/<code>`: always answers `<code>` with a JSON error body;
+/// * `/text`: 200 with a `text/plain` body (a proxy's maintenance page);
 /// * `/echo`: 200 with the request body and headers, and the request's
 ///   `Authorization` in `X-Echo-Authorization`;
 /// * `/echo-fail/<code>[?pad=N]`: answers `<code>` with the request's
@@ -389,6 +390,7 @@ async fn handle(
             )
                 .into_response()
         }
+        ["text"] => "down for maintenance".into_response(),
         ["echo"] => {
             // Echoes the credential back in a response header too, as some
             // upstreams do in debug modes.

@@ -560,23 +560,7 @@ fn commit_jobs(conn: &mut Connection, batch: &mut Vec<Job>, withdraw: &mut Vec<S
 }
 
 fn clone_err(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Open { location, message } => StoreError::Open {
-            location: location.clone(),
-            message: message.clone(),
-        },
-        StoreError::Busy(m) => StoreError::Busy(m.clone()),
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::LeaseLost { run_id } => StoreError::LeaseLost {
-            run_id: run_id.clone(),
-        },
-        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
-        StoreError::Rejected(m) => StoreError::Rejected(m.clone()),
-        StoreError::Duplicate { run_id } => StoreError::Duplicate {
-            run_id: run_id.clone(),
-        },
-        StoreError::Other(m) => StoreError::Other(m.clone()),
-    }
+    e.clone()
 }
 
 /// Maps a driver error to what it means for the caller.

@@ -107,7 +107,12 @@ impl Execution<'_> {
             // An upstream's answer may hold values only `redact:` knows
             // of: the messages name the rule, never the value.
             let violations = contract.violations_without_values(&response.body);
-            if !violations.is_empty() && response.body.is_string() {
+            let says_json = response
+                .headers
+                .get("content-type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.contains("json"));
+            if !violations.is_empty() && !says_json {
                 // Not JSON at all (a proxy's maintenance page answered
                 // 200): a glitch in front of the upstream, worth a retry.
                 return Err(ActionError::Retryable {
