@@ -528,6 +528,17 @@ impl RedactPath {
                     mask(result, rest);
                 }
             }
+            // One page of `{pages: [...]}`: `steps.fetch.pages.3.body.x`
+            // masks page 3, `steps.fetch.pages.*.body.x` every page.
+            (ForEachShape::Page(index), output) => match rest {
+                [pages, at, inner @ ..]
+                    if pages == "pages" && (at == "*" || at.parse() == Ok(index)) =>
+                {
+                    mask(output, inner);
+                }
+                [pages] if pages == "pages" => mask(output, &[]),
+                _ => {}
+            },
             (_, output) => mask(output, rest),
         }
     }
@@ -540,34 +551,34 @@ pub enum ForEachShape {
     One,
     /// A `for_each` step's list of item results.
     AllItems,
+    /// One page (this index) of a paginated http step's `{pages: [...]}`.
+    Page(u32),
 }
 
-/// Replaces the value at `segments` (keys, or indices for arrays) with
-/// [`MASKED`]; a path that is not there changes nothing.
+/// Replaces the value at `segments` (keys, indices for arrays, `*` for
+/// every element) with [`MASKED`]; a path that is not there changes nothing.
 fn mask(value: &mut serde_json::Value, segments: &[String]) {
-    let Some((last, parents)) = segments.split_last() else {
+    let Some((first, rest)) = segments.split_first() else {
         *value = serde_json::Value::String(MASKED.to_owned());
         return;
     };
-    let mut at = value;
-    for seg in parents {
-        let next = match at {
-            serde_json::Value::Object(map) => map.get_mut(seg.as_str()),
-            serde_json::Value::Array(list) => {
-                seg.parse::<usize>().ok().and_then(|i| list.get_mut(i))
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(next) = map.get_mut(first.as_str()) {
+                mask(next, rest);
             }
-            _ => None,
-        };
-        let Some(next) = next else { return };
-        at = next;
-    }
-    let slot = match at {
-        serde_json::Value::Object(map) => map.get_mut(last.as_str()),
-        serde_json::Value::Array(list) => last.parse::<usize>().ok().and_then(|i| list.get_mut(i)),
-        _ => None,
-    };
-    if let Some(slot) = slot {
-        *slot = serde_json::Value::String(MASKED.to_owned());
+        }
+        serde_json::Value::Array(list) if first == "*" => {
+            for element in list {
+                mask(element, rest);
+            }
+        }
+        serde_json::Value::Array(list) => {
+            if let Some(next) = first.parse::<usize>().ok().and_then(|i| list.get_mut(i)) {
+                mask(next, rest);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -602,6 +613,15 @@ impl Step {
     #[must_use]
     pub fn has_effects(&self) -> bool {
         matches!(self.action, Action::Http(_))
+    }
+
+    /// The step's `paginate:`, if it fetches pages.
+    #[must_use]
+    pub fn paginate(&self) -> Option<&Paginate> {
+        match &self.action {
+            Action::Http(h) => h.paginate.as_deref(),
+            _ => None,
+        }
     }
 }
 
@@ -679,4 +699,60 @@ pub struct HttpAction {
     /// The contract a successful response's body must keep
     /// (`expect.schema`): one that breaks it fails the step for good.
     pub expect_schema: Option<crate::contract::Contract>,
+    /// Fetch page after page (`paginate:`), each journaled as it arrives.
+    pub paginate: Option<Box<Paginate>>,
+}
+
+/// `paginate: { next, max_pages }` on an http step.
+#[derive(Clone, Debug)]
+pub struct Paginate {
+    /// Evaluated over each page (`.response`, `.request`, `.page`,
+    /// `.link_next`): `null` stops, a URL or a partial request
+    /// `{path, query, headers, body}` is the next page.
+    pub next: Template,
+    /// The most pages one run may fetch: more fails the step, so a sync is
+    /// never cut short silently.
+    pub max_pages: u32,
+}
+
+/// `max_pages` when `paginate:` does not set it.
+pub const DEFAULT_MAX_PAGES: u32 = 1000;
+/// The highest `max_pages` a step may set.
+pub const MAX_MAX_PAGES: u32 = 100_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn path(segments: &[&str]) -> RedactPath {
+        RedactPath {
+            text: segments.join("."),
+            segments: segments.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_redact_path_reaches_every_element_and_every_page() {
+        let mut page =
+            json!({"status": 200, "body": {"items": [{"email": "a@x"}, {"email": "b@x"}]}});
+        path(&[
+            "steps", "fetch", "pages", "*", "body", "items", "*", "email",
+        ])
+        .mask_step_output("fetch", &mut page, ForEachShape::Page(7));
+        assert_eq!(page["body"]["items"][0]["email"], MASKED);
+        assert_eq!(page["body"]["items"][1]["email"], MASKED);
+        assert_eq!(page["status"], 200);
+    }
+
+    #[test]
+    fn a_redact_path_naming_one_page_leaves_the_others() {
+        let one = path(&["steps", "fetch", "pages", "1", "body"]);
+        let mut first = json!({"body": "secret"});
+        one.mask_step_output("fetch", &mut first, ForEachShape::Page(0));
+        assert_eq!(first["body"], "secret");
+        let mut second = json!({"body": "secret"});
+        one.mask_step_output("fetch", &mut second, ForEachShape::Page(1));
+        assert_eq!(second["body"], MASKED);
+    }
 }

@@ -29,6 +29,12 @@
 //!    sees the same items at the same indices and waits only the remainder
 //!    ([`for_each_items`], [`sleep_wake_at`]). A `for_each` step's own row
 //!    holds no copy of its items' outputs: each item's row does.
+//! 7. **Pages** of a paginated http step are journaled like `for_each`
+//!    items, `(step, page index)`, each as it arrives with the request that
+//!    fetched it in its state; each page has its own attempts and
+//!    idempotency key. A resume skips the committed pages, derives the next
+//!    request from the last one ([`last_page`]), and re-sends only the page
+//!    that was in flight. The step's own row holds no copy of the pages.
 
 use std::time::Duration;
 
@@ -190,11 +196,30 @@ pub(crate) fn sleep_wake_at(prior: Option<&StepRecord>) -> Option<Millis> {
     prior?.state.as_ref()?.get("wake_at")?.as_i64()
 }
 
-/// Rule 1 for a `for_each` step's own row: a success restores the item
-/// outputs from the item rows (`None` output), or from the row itself for
-/// a run journaled before item outputs were kept only once.
+/// Rule 7: how many pages are committed in a row from the first, and the
+/// last of them.
+pub(crate) fn last_page<'r>(
+    step_id: &str,
+    journal: &'r std::collections::HashMap<(String, Option<u32>), StepRecord>,
+) -> (u32, Option<&'r StepRecord>) {
+    let mut count = 0u32;
+    let mut last = None;
+    while let Some(record) = journal.get(&(step_id.to_owned(), Some(count))) {
+        if record.status != StepStatus::Succeeded {
+            break;
+        }
+        last = Some(record);
+        count += 1;
+    }
+    (count, last)
+}
+
+/// Rule 1 for a `for_each` (or paginated) step's own row: a success
+/// restores the item (page) outputs from their rows (`None` output), or
+/// from the row itself for a run journaled before item outputs were kept
+/// only once.
 pub(crate) fn restores_items_lazily(step: &Step, output: &Value) -> bool {
-    step.for_each.is_some() && output.is_null()
+    (step.for_each.is_some() || step.paginate().is_some()) && output.is_null()
 }
 
 #[cfg(test)]

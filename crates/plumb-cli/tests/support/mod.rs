@@ -236,6 +236,7 @@ pub struct Hit {
     pub at: Instant,
     pub body: Value,
     pub headers: HashMap<String, String>,
+    pub query: HashMap<String, String>,
 }
 
 #[derive(Default)]
@@ -262,7 +263,11 @@ struct Inner {
 /// * `/redirect?to=URL`: 302 to `URL`;
 /// * `/deep/<n>`: 200 with a JSON document nested `n` levels deep;
 /// * `/kill`: SIGKILLs the process named by [`Receiver::set_victim`] (the
-///   plumb executing the step), then answers 200 to no one.
+///   plumb executing the step), then answers 200 to no one;
+/// * `/pages/<style>`: a paginated API over `?total=` records (default
+///   250) `{id, name}`, 100 per page (`?limit=`), in the four styles people
+///   meet (see [`page_of`]); `?kill_at=<page index>` SIGKILLs the victim
+///   the first time that page is asked for (by idempotency key).
 #[derive(Clone)]
 pub struct Receiver {
     inner: Arc<Mutex<Inner>>,
@@ -351,6 +356,7 @@ async fn handle(
             at: Instant::now(),
             body: body.clone(),
             headers: header_map.clone(),
+            query: query.clone(),
         });
         i.in_flight += 1;
         i.max_in_flight = i.max_in_flight.max(i.in_flight);
@@ -427,12 +433,87 @@ async fn handle(
             }
             axum::Json(json!({"killed": victim})).into_response()
         }
+        ["pages", style] => {
+            let Some((index, page)) = page_of(style, &query) else {
+                return (StatusCode::BAD_REQUEST, "bad page request").into_response();
+            };
+            if count == 1 && query.get("kill_at").and_then(|k| k.parse().ok()) == Some(index) {
+                let victim = inner.lock().expect("lock").victim;
+                if let Some(pid) = victim {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
+            }
+            page
+        }
         ["redirect"] => {
             let to = query.get("to").cloned().unwrap_or_default();
             (StatusCode::FOUND, [(header::LOCATION, to)]).into_response()
         }
         _ => (StatusCode::NOT_FOUND, "no such route").into_response(),
     }
+}
+
+/// The records of the paginated mock API.
+pub fn page_records(from: usize, to: usize) -> Vec<Value> {
+    (from..to)
+        .map(|i| json!({"id": i, "name": format!("record {i}")}))
+        .collect()
+}
+
+/// One page of `/pages/<style>` and its index (from 0):
+/// * `number`: `?page=N` (from 1) → `{items, page}`;
+/// * `cursor`: `?cursor=<opaque>` → `{data, next_cursor}` (null at the end);
+/// * `offset`: `?offset=O&limit=L` → `{items, total}`;
+/// * `link`: `?page=N` → `{items}` with `Link: <…>; rel="next"` (relative,
+///   GitHub style) until the last page.
+pub fn page_of(style: &str, query: &HashMap<String, String>) -> Option<(usize, Response)> {
+    let number = |name: &str, default: usize| -> Option<usize> {
+        query.get(name).map_or(Some(default), |v| v.parse().ok())
+    };
+    let total = number("total", 250)?;
+    let limit = number("limit", 100)?.clamp(1, 1000);
+    let offset = match style {
+        "number" | "link" => (number("page", 1)?.max(1) - 1) * limit,
+        "offset" => number("offset", 0)?,
+        "cursor" => match query.get("cursor") {
+            None => 0,
+            // Opaque to the client: the offset, reversed and prefixed.
+            Some(c) => c
+                .strip_prefix("cur_")?
+                .chars()
+                .rev()
+                .collect::<String>()
+                .parse()
+                .ok()?,
+        },
+        _ => return None,
+    };
+    let end = (offset + limit).min(total);
+    let items = page_records(offset.min(end), end);
+    let index = offset / limit;
+    let more = end < total;
+    let response = match style {
+        "number" => axum::Json(json!({"items": items, "page": index + 1})).into_response(),
+        "offset" => axum::Json(json!({"items": items, "total": total})).into_response(),
+        "cursor" => {
+            let next =
+                more.then(|| format!("cur_{}", end.to_string().chars().rev().collect::<String>()));
+            axum::Json(json!({"data": items, "next_cursor": next})).into_response()
+        }
+        _ => {
+            let mut link = format!("</pages/link?page=1&total={total}>; rel=\"first\"");
+            if more {
+                link = format!(
+                    "</pages/link?page={}&total={total}>; rel=\"next\", {link}",
+                    index + 2
+                );
+            }
+            ([(header::LINK, link)], axum::Json(json!({"items": items}))).into_response()
+        }
+    };
+    Some((index, response))
 }
 
 /// The first line a started `plumb` prints (what it listens on), within

@@ -947,7 +947,7 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// `redact:` paths: `.trigger…` or `.steps.<id>…`, keys and `[n]`.
+    /// `redact:` paths: `.trigger…` or `.steps.<id>…`, keys, `[n]` and `[]`.
     fn redact_paths(
         &mut self,
         raws: &[String],
@@ -1271,6 +1271,9 @@ fn step_programs(step: &Step) -> Vec<&Program> {
             if let Some(b) = &h.body {
                 out.extend(b.programs());
             }
+            if let Some(p) = &h.paginate {
+                out.extend(p.next.programs());
+            }
         }
         Action::Jq(p) => out.push(p),
         Action::If(b) => out.extend(b.condition.programs()),
@@ -1373,10 +1376,14 @@ fn parse_field_path(text: &str) -> Option<Vec<String>> {
         if let Some(r) = rest.strip_prefix('[') {
             let close = r.find(']')?;
             let index = &r[..close];
-            if index.is_empty() || !index.chars().all(|c| c.is_ascii_digit()) {
+            if index.is_empty() {
+                // `[]`: every element, as in jq.
+                out.push("*".to_owned());
+            } else if index.chars().all(|c| c.is_ascii_digit()) {
+                out.push(index.to_owned());
+            } else {
                 return None;
             }
-            out.push(index.to_owned());
             rest = &r[close + 1..];
         } else if let Some(r) = rest.strip_prefix('.') {
             if r.is_empty() || r.starts_with('.') {
@@ -1408,7 +1415,9 @@ fn is_workflow_name(s: &str) -> bool {
         && s.len() <= 100
 }
 
-fn is_header_name(s: &str) -> bool {
+/// Whether `s` is a valid HTTP header name (an RFC 9110 token).
+#[must_use]
+pub fn is_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))

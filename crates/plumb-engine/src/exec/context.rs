@@ -26,6 +26,30 @@ pub(crate) struct ContextBase {
 
 impl ContextBase {
     pub(crate) fn for_step(&self, step: &Step, item: Option<(u32, &Val)>, attempt: u32) -> Val {
+        Val::obj(self.document(step, item, attempt))
+    }
+
+    /// What `paginate.next` sees: the step's context plus `.response` (the
+    /// page just received), `.request` (what fetched it), `.page` (its
+    /// number, from 1) and `.link_next` (its `Link: <…>; rel="next"`
+    /// target, or null).
+    pub(crate) fn for_page(
+        &self,
+        step: &Step,
+        response: &Value,
+        request: &Value,
+        page: u32,
+        link_next: Option<String>,
+    ) -> Val {
+        let mut doc = self.document(step, None, 1);
+        doc.insert(k("response"), plumb_core::expr::json_to_val(response));
+        doc.insert(k("request"), plumb_core::expr::json_to_val(request));
+        doc.insert(k("page"), Val::from(page as isize));
+        doc.insert(k("link_next"), link_next.map_or(Val::Null, Val::from));
+        Val::obj(doc)
+    }
+
+    fn document(&self, step: &Step, item: Option<(u32, &Val)>, attempt: u32) -> jaq_json::Map {
         let key = idempotency_key(&self.run_id, &step.id, item.map(|(i, _)| i));
         let mut run = jaq_json::Map::default();
         run.insert(k("id"), Val::from(self.run_id.clone()));
@@ -48,7 +72,7 @@ impl ContextBase {
                 doc.insert(k("index"), Val::Null);
             }
         }
-        Val::obj(doc)
+        doc
     }
 }
 

@@ -59,10 +59,29 @@ impl From<StoreError> for Halt {
 
 /// Whether a step's committed output is a list of item results.
 fn output_shape(step: &Step, item: Option<u32>) -> ForEachShape {
-    if step.for_each.is_some() && item.is_none() {
-        ForEachShape::AllItems
-    } else {
-        ForEachShape::One
+    match item {
+        None if step.for_each.is_some() => ForEachShape::AllItems,
+        Some(page) if step.paginate().is_some() => ForEachShape::Page(page),
+        _ => ForEachShape::One,
+    }
+}
+
+/// What a step whose output lives in its item rows assembles into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lazy {
+    /// A `for_each` step: the list of item results.
+    Items,
+    /// A paginated http step: `{pages: [...]}`.
+    Pages,
+}
+
+impl Lazy {
+    fn of(step: &Step) -> Self {
+        if step.paginate().is_some() {
+            Self::Pages
+        } else {
+            Self::Items
+        }
     }
 }
 
@@ -92,7 +111,7 @@ pub(crate) struct Execution<'e> {
     outputs: jaq_json::Map,
     /// `for_each` steps that succeeded whose item outputs are not in
     /// `outputs` yet: loaded only for a step that reads them.
-    lazy: std::collections::BTreeSet<String>,
+    lazy: std::collections::BTreeMap<String, Lazy>,
     trigger: Val,
     /// The outcome of the workflow's last step, committed with the run's end.
     last_outcome: std::sync::Mutex<Option<StepRecord>>,
@@ -134,7 +153,7 @@ impl<'e> Execution<'e> {
             observer,
             stop,
             outputs: jaq_json::Map::default(),
-            lazy: std::collections::BTreeSet::new(),
+            lazy: std::collections::BTreeMap::new(),
             trigger,
             last_outcome: std::sync::Mutex::new(None),
             token,
@@ -172,7 +191,7 @@ impl<'e> Execution<'e> {
             Prior::Succeeded(record) => {
                 let output = record.output.clone().unwrap_or(Value::Null);
                 if journal::restores_items_lazily(step, &output) {
-                    self.lazy.insert(step.id.clone());
+                    self.lazy.insert(step.id.clone(), Lazy::of(step));
                 } else {
                     self.set_output(&step.id, &output);
                 }
@@ -199,12 +218,15 @@ impl<'e> Execution<'e> {
         match &step.action {
             Action::If(branch) => self.run_if(step, branch).await,
             Action::Sleep(duration) => self.run_sleep(step, duration, prior.as_ref()).await,
+            Action::Http(http) if http.paginate.is_some() => {
+                self.run_paginated(step, http, prior.as_ref()).await
+            }
             _ => match &step.for_each {
                 Some(_) => self.run_for_each(step, prior.as_ref()).await,
                 None => {
                     let context_base = self.context_base();
                     let outcome = self
-                        .attempts(step, None, context_base, prior.as_ref())
+                        .attempts(step, None, context_base, prior.as_ref(), None)
                         .await;
                     match outcome {
                         Ok(o) => {
@@ -304,14 +326,17 @@ impl<'e> Execution<'e> {
         }
     }
 
-    /// Runs attempts of one step or item until one succeeds, a failure is
-    /// permanent, or the retry policy is spent. Commits the outcome.
+    /// Runs attempts of one step, item or page until one succeeds, a
+    /// failure is permanent, or the retry policy is spent. Commits the
+    /// outcome. A page (`item` is its index) sends `page` instead of the
+    /// step's own request, and its row keeps that request.
     async fn attempts(
         &self,
         step: &Step,
         item: Option<(u32, &Val)>,
         base: ContextBase,
         prior: Option<&StepRecord>,
+        page: Option<&step::PlannedRequest>,
     ) -> Result<Outcome, Halt> {
         let index = item.map(|(i, _)| i);
         let plan = journal::attempt_plan(Prior::of(prior), step.retry.attempts);
@@ -347,7 +372,7 @@ impl<'e> Execution<'e> {
             };
             let result = tokio::select! {
                 () = self.stop.cancelled() => return Err(Halt::Stopped),
-                r = tokio::time::timeout(limit, self.perform(step, context, key)) => match r {
+                r = tokio::time::timeout(limit, self.perform_for(step, page, context, key)) => match r {
                     Ok(r) => r,
                     Err(_) => Err(journal::timed_out(step)),
                 },
@@ -373,6 +398,7 @@ impl<'e> Execution<'e> {
                             index,
                             attempt,
                             first_started,
+                            page.map(step::PlannedRequest::to_state),
                             outcome.output,
                             outcome.status_code,
                             began.elapsed(),
@@ -538,6 +564,7 @@ impl<'e> Execution<'e> {
             item,
             attempt,
             started,
+            None,
             output.into_owned(),
             status_code,
             elapsed,
@@ -554,6 +581,7 @@ impl<'e> Execution<'e> {
         item: Option<u32>,
         attempt: u32,
         started: i64,
+        state: Option<Value>,
         output: Value,
         status_code: Option<u16>,
         elapsed: Duration,
@@ -569,7 +597,7 @@ impl<'e> Execution<'e> {
             item,
             status: StepStatus::Succeeded,
             attempt,
-            state: None,
+            state,
             output: Some(output),
             error: None,
             status_code,

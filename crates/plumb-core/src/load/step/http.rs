@@ -1,6 +1,7 @@
-//! `http: { connection, method, path, query, headers, body, expect }`: one
-//! request to a connection's origin (the path is appended to its
-//! `base_url`; a full URL is refused), with the step's idempotency key.
+//! `http: { connection, method, path, query, headers, body, expect,
+//! paginate }`: one request to a connection's origin (the path is appended
+//! to its `base_url`; a full URL is refused), with the step's idempotency
+//! key; with `paginate`, one such request per page.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use serde_json::{Map, Value};
 use super::{Checked, KindInput, StepKind};
 use crate::expr::Template;
 use crate::load::{Checker, closest, is_header_name};
-use crate::model::{Action, Connection, HttpAction};
+use crate::model::{Action, Connection, DEFAULT_MAX_PAGES, HttpAction, MAX_MAX_PAGES, Paginate};
 use crate::yaml::FieldPath;
 
 pub(super) const KIND: StepKind = StepKind {
@@ -41,6 +42,20 @@ pub struct HttpStepSpec {
     pub body: Option<Value>,
     /// What counts as success.
     pub expect: Option<ExpectSpec>,
+    /// Fetch page after page.
+    pub paginate: Option<PaginateSpec>,
+}
+
+/// `paginate:` in an http step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaginateSpec {
+    /// `${{ … }}` over `.response` (and `.request`, `.page`, `.link_next`):
+    /// `null` stops; a URL or `{path, query, headers, body}` is the next
+    /// request.
+    pub next: Value,
+    /// The most pages one run may fetch (default 1000).
+    pub max_pages: Option<u64>,
 }
 
 fn default_path() -> Value {
@@ -62,6 +77,15 @@ pub struct ExpectSpec {
 fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
     let path = input.path.key("http");
     let spec: HttpStepSpec = cx.deserialize(input.raw, &path)?;
+    if spec.paginate.is_some() && input.step.contains_key("for_each") {
+        cx.error(
+            &path.key("paginate"),
+            "`paginate` cannot be combined with `for_each` on one step",
+        )
+        .help = Some(
+            "fetch the pages in a step of its own, then `for_each` over `.steps.<id>.pages` in the next step".into(),
+        );
+    }
     let (action, timeout) = http_action(cx, &spec, &path)?;
     Some(Checked {
         action: Action::Http(action),
@@ -168,6 +192,10 @@ fn http_action(
             }
         }
     }
+    let paginate = match &spec.paginate {
+        Some(p) => Some(Box::new(paginate(cx, p, &path.key("paginate"))?)),
+        None => None,
+    };
     Some((
         HttpAction {
             connection: spec.connection.clone(),
@@ -182,7 +210,31 @@ fn http_action(
                 .map(|e| e.status.clone())
                 .filter(|s| !s.is_empty()),
             expect_schema,
+            paginate,
         },
         connection_timeout,
     ))
+}
+
+fn paginate(cx: &mut Checker<'_>, spec: &PaginateSpec, path: &FieldPath) -> Option<Paginate> {
+    let next = cx.template(&spec.next, &path.key("next"))?;
+    if matches!(next, Template::Literal(_)) {
+        // A fixed answer either never stops or never starts.
+        cx.error_at_value(&path.key("next"), "`next` must be an expression over the page just received")
+            .help = Some(
+            "e.g. `next: \"${{ .response.body.next_page }}\"` (null stops), or `\"${{ .link_next }}\"` for a `Link: <…>; rel=\"next\"` header".into(),
+        );
+    }
+    let max_pages = match spec.max_pages {
+        None => DEFAULT_MAX_PAGES,
+        Some(n) if (1..=u64::from(MAX_MAX_PAGES)).contains(&n) => {
+            u32::try_from(n).unwrap_or(MAX_MAX_PAGES)
+        }
+        Some(n) => {
+            cx.error_at_value(&path.key("max_pages"), format!("`max_pages` is {n}"))
+                .help = Some(format!("use a number from 1 to {MAX_MAX_PAGES}"));
+            return None;
+        }
+    };
+    Some(Paginate { next, max_pages })
 }

@@ -108,7 +108,7 @@ impl Execution<'_> {
             let summary = format!("{total} items");
             self.commit_success(step, None, 1, started, &Value::Null, None, Some(summary))
                 .await?;
-            self.lazy.insert(step.id.clone());
+            self.lazy.insert(step.id.clone(), super::super::Lazy::Items);
             return Ok(());
         };
         failed.sort_unstable();
@@ -155,13 +155,13 @@ impl Execution<'_> {
     /// Makes the item outputs of earlier `for_each` steps visible to `step`,
     /// if its expressions may read them: assembled from the item rows, once.
     pub(in crate::exec) async fn assemble_outputs(&mut self, step: &Step) -> Result<(), Halt> {
-        let wanted: Vec<String> = self
+        let wanted: Vec<(String, super::super::Lazy)> = self
             .lazy
             .iter()
-            .filter(|id| step.reads.reads(id))
-            .cloned()
+            .filter(|(id, _)| step.reads.reads(id))
+            .map(|(id, lazy)| (id.clone(), *lazy))
             .collect();
-        for id in wanted {
+        for (id, lazy) in wanted {
             let texts = with_store_retries(|| self.engine.store.item_outputs(&self.run.id, &id))
                 .await
                 .map_err(|e| self.halt(e))?;
@@ -180,8 +180,16 @@ impl Execution<'_> {
                 }
             }
             drop(texts);
-            self.outputs
-                .insert(Val::from(id.clone()), Val::Arr(Arc::new(items)));
+            let list = Val::Arr(Arc::new(items));
+            let output = match lazy {
+                super::super::Lazy::Items => list,
+                super::super::Lazy::Pages => {
+                    let mut pages = jaq_json::Map::default();
+                    pages.insert(Val::from("pages".to_owned()), list);
+                    Val::obj(pages)
+                }
+            };
+            self.outputs.insert(Val::from(id.clone()), output);
             self.lazy.remove(&id);
         }
         Ok(())
@@ -215,7 +223,7 @@ impl Execution<'_> {
         }
         let item = json_to_val(item);
         let result = self
-            .attempts(step, Some((index, &item)), base, prior)
+            .attempts(step, Some((index, &item)), base, prior, None)
             .await
             .map(|_| ());
         (index, result)

@@ -15,6 +15,114 @@ use serde_json::Value;
 use super::super::context::{permanent_eval, preview};
 use super::super::{Execution, Outcome};
 
+/// One request as the step asks for it, before the connection adds its
+/// headers and credential: what a page's journal row keeps, so a resume
+/// knows where the next page comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub(in crate::exec) struct PlannedRequest {
+    pub(in crate::exec) url: url::Url,
+    /// The step's own headers (never the connection's: those carry
+    /// credentials and are added at send time).
+    pub(in crate::exec) headers: Vec<(String, String)>,
+    pub(in crate::exec) body: Option<Value>,
+}
+
+impl PlannedRequest {
+    /// As kept in a page's journal row.
+    pub(in crate::exec) fn to_state(&self) -> Value {
+        let headers: Vec<Value> = self
+            .headers
+            .iter()
+            .map(|(n, v)| Value::from(vec![n.clone(), v.clone()]))
+            .collect();
+        serde_json::json!({ "url": self.url.as_str(), "headers": headers, "body": self.body })
+    }
+
+    /// Read back from a page's journal row.
+    pub(in crate::exec) fn from_state(state: &Value) -> Option<Self> {
+        let url = url::Url::parse(state.get("url")?.as_str()?).ok()?;
+        let mut headers = Vec::new();
+        for pair in state.get("headers")?.as_array()? {
+            let name = pair.get(0)?.as_str()?;
+            let value = pair.get(1)?.as_str()?;
+            headers.push((name.to_owned(), value.to_owned()));
+        }
+        let body = match state.get("body") {
+            None | Some(Value::Null) => None,
+            Some(b) => Some(b.clone()),
+        };
+        Some(Self { url, headers, body })
+    }
+
+    /// As `.request` in `paginate.next`: `{url, path, query, headers, body}`.
+    pub(in crate::exec) fn describe(&self) -> Value {
+        let query: serde_json::Map<String, Value> = self
+            .url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+            .collect();
+        let headers: serde_json::Map<String, Value> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), Value::String(v.clone())))
+            .collect();
+        serde_json::json!({
+            "url": self.url.as_str(),
+            "path": self.url.path(),
+            "query": query,
+            "headers": headers,
+            "body": self.body,
+        })
+    }
+}
+
+/// The connection a step calls, or why it cannot be called.
+pub(in crate::exec) fn http_connection<'p>(
+    project: &'p plumb_core::model::Project,
+    name: &str,
+) -> Result<&'p plumb_core::model::HttpConnection, ActionError> {
+    match project.config.connections.get(name) {
+        Some(Connection::Http(connection)) => Ok(connection),
+        None => Err(ActionError::Permanent {
+            message: format!("the connection `{name}` is no longer defined in plumb.yaml"),
+            status: None,
+        }),
+    }
+}
+
+/// Refuses a URL off the connection's origin: a step may only call its
+/// connection's host, whatever its expressions or an upstream's answer say.
+pub(in crate::exec) fn keep_on_origin(
+    url: &url::Url,
+    connection_name: &str,
+    connection: &plumb_core::model::HttpConnection,
+    asked: &str,
+) -> Result<(), ActionError> {
+    if same_origin(url, &connection.base_url) {
+        return Ok(());
+    }
+    Err(ActionError::Permanent {
+        message: format!(
+            "{asked} leads to `{}`, outside the connection `{connection_name}` ({}); a step may only call its connection's host",
+            url.host_str().unwrap_or("?"),
+            connection.base_url.host_str().unwrap_or("?"),
+        ),
+        status: None,
+    })
+}
+
+/// The connection's `base_url` followed by `path`.
+pub(in crate::exec) fn url_below(
+    connection: &plumb_core::model::HttpConnection,
+    path: &str,
+) -> Result<url::Url, ActionError> {
+    let base = connection.base_url.as_str().trim_end_matches('/');
+    url::Url::parse(&format!("{base}{path}")).map_err(|e| ActionError::Permanent {
+        message: format!("the path `{path}` does not make a valid URL: {e}"),
+        status: None,
+    })
+}
+
 impl Execution<'_> {
     pub(in crate::exec) async fn perform_http(
         &self,
@@ -23,54 +131,64 @@ impl Execution<'_> {
         context: Val,
         key: String,
     ) -> Result<Outcome, ActionError> {
-        let config = &self.project.config;
-        let Some(Connection::Http(connection)) = config.connections.get(&http.connection) else {
-            return Err(ActionError::Permanent {
-                message: format!(
-                    "the connection `{}` is no longer defined in plumb.yaml",
-                    http.connection
-                ),
-                status: None,
-            });
-        };
+        let planned = self.plan_http(step, http, context).await?;
+        self.send_http(step, http, &planned, key).await
+    }
+
+    /// Renders the step's request from its templates.
+    pub(in crate::exec) async fn plan_http(
+        &self,
+        step: &Step,
+        http: &HttpAction,
+        context: Val,
+    ) -> Result<PlannedRequest, ActionError> {
+        let connection = http_connection(&self.project, &http.connection)?;
         let http_clone = http.clone();
         let rendered = crate::eval::evaluate(step.timeout, move |budget| {
             render_http(&http_clone, &context, budget)
         })
         .await
         .map_err(permanent_eval)?;
-        let base = connection.base_url.as_str().trim_end_matches('/');
-        let mut url = url::Url::parse(&format!("{base}{}", rendered.path)).map_err(|e| {
-            ActionError::Permanent {
-                message: format!(
-                    "the path `{}` does not make a valid URL: {e}",
-                    rendered.path
-                ),
-                status: None,
-            }
-        })?;
-        if !same_origin(&url, &connection.base_url) {
-            return Err(ActionError::Permanent {
-                message: format!(
-                    "the path `{}` leads to `{}`, outside the connection `{}` ({}); a step may only call its connection's host",
-                    rendered.path,
-                    url.host_str().unwrap_or("?"),
-                    http.connection,
-                    connection.base_url.host_str().unwrap_or("?"),
-                ),
-                status: None,
-            });
-        }
+        let mut url = url_below(connection, &rendered.path)?;
+        keep_on_origin(
+            &url,
+            &http.connection,
+            connection,
+            &format!("the path `{}`", rendered.path),
+        )?;
         if !rendered.query.is_empty() {
             let mut pairs = url.query_pairs_mut();
             for (k, v) in &rendered.query {
                 pairs.append_pair(k, v);
             }
         }
+        Ok(PlannedRequest {
+            url,
+            headers: rendered.headers,
+            body: rendered.body,
+        })
+    }
+
+    /// Sends one planned request with the connection's headers and
+    /// credential and the idempotency key, and checks the answer against
+    /// the step's `expect`.
+    pub(in crate::exec) async fn send_http(
+        &self,
+        step: &Step,
+        http: &HttpAction,
+        planned: &PlannedRequest,
+        key: String,
+    ) -> Result<Outcome, ActionError> {
+        let connection = http_connection(&self.project, &http.connection)?;
         // A step's header replaces the connection's header of the same name;
         // the idempotency key is always plumb's own.
         let mut headers: Vec<(String, String)> = Vec::new();
-        for (name, value) in connection.headers.iter().cloned().chain(rendered.headers) {
+        for (name, value) in connection
+            .headers
+            .iter()
+            .chain(planned.headers.iter())
+            .cloned()
+        {
             headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
             headers.push((name, value));
         }
@@ -93,9 +211,9 @@ impl Execution<'_> {
             .http
             .send(HttpRequest {
                 method: http.method.clone(),
-                url,
+                url: planned.url.clone(),
                 headers,
-                body: rendered.body,
+                body: planned.body.clone(),
                 timeout: step.timeout,
                 expect_status: http.expect_status.clone(),
                 credential_header,

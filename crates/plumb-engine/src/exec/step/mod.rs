@@ -15,11 +15,28 @@ mod branch;
 mod for_each;
 mod http;
 mod jq;
+mod paginate;
 mod sleep;
 
+pub(in crate::exec) use http::PlannedRequest;
 pub(crate) use http::auth_header;
 
 impl Execution<'_> {
+    /// Performs one attempt: of a page, when `page` is its request, or
+    /// else of the step itself.
+    pub(super) async fn perform_for(
+        &self,
+        step: &Step,
+        page: Option<&PlannedRequest>,
+        context: Val,
+        key: String,
+    ) -> Result<Outcome, ActionError> {
+        match (page, &step.action) {
+            (Some(request), Action::Http(http)) => self.send_http(step, http, request, key).await,
+            _ => self.perform(step, context, key).await,
+        }
+    }
+
     /// Performs one attempt of a step that makes attempts.
     pub(super) async fn perform(
         &self,
