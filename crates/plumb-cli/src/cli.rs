@@ -100,11 +100,39 @@ pub enum Command {
     },
     /// The processes sharing this project's store (serve and workers, on any host): role, host, pid, version, runs in hand, last heartbeat.
     Workers,
+    /// A workflow's incremental-sync cursor: show it, or set or reset it by hand (audited).
+    Cursor {
+        /// What to do.
+        #[command(subcommand)]
+        command: CursorCommand,
+    },
     /// The store itself: copy it to another backend.
     Store {
         /// What to do.
         #[command(subcommand)]
         command: StoreCommand,
+    },
+}
+
+/// `plumb cursor …`.
+#[derive(Debug, Subcommand)]
+pub enum CursorCommand {
+    /// The committed cursor, its version, and what moved it last.
+    Show {
+        /// The workflow.
+        workflow: String,
+    },
+    /// Set the cursor by hand (audited); runs in progress then keep it. VALUE is JSON (`42`, `'{"since": 5}'`); text that is not JSON is taken as a string (`2026-01-01T00:00:00Z`).
+    Set {
+        /// The workflow.
+        workflow: String,
+        /// The new value.
+        value: String,
+    },
+    /// Back to null (audited): the next run reads from the beginning.
+    Reset {
+        /// The workflow.
+        workflow: String,
     },
 }
 

@@ -122,6 +122,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Exit> {
         Command::Tokens { command } => commands::secrets::tokens(&global, command).await,
         Command::Audit { command } => commands::secrets::audit(&global, command).await,
         Command::Store { command } => commands::store::run(&global, command).await,
+        Command::Cursor { command } => commands::cursor::run(&global, command).await,
     }
 }
 

@@ -432,6 +432,9 @@ pub struct Workflow {
     pub steps: Vec<Step>,
     /// Runs executing at once, across all workers; `None` is unlimited.
     pub concurrency: Option<u32>,
+    /// `cursor:`: evaluated when a run succeeds and committed with its
+    /// success (SPEC G7); such a workflow runs one run at a time.
+    pub cursor: Option<WorkflowCursor>,
     /// Alert channels told when a run fails for good.
     pub alerts_on_failure: Vec<String>,
     /// Fields masked before payloads are journaled.
@@ -455,6 +458,17 @@ impl Workflow {
             Trigger::Webhook { schema, .. } => schema.as_ref(),
             _ => None,
         }
+    }
+
+    /// How long the `cursor` expression may take: the longest step
+    /// timeout (it reads what the steps produced).
+    #[must_use]
+    pub fn cursor_timeout(&self) -> std::time::Duration {
+        self.all_steps()
+            .iter()
+            .map(|s| s.timeout)
+            .max()
+            .unwrap_or(std::time::Duration::from_secs(30))
     }
 
     /// The first 12 hex digits of the version, for display.
@@ -701,6 +715,15 @@ pub struct HttpAction {
     pub expect_schema: Option<crate::contract::Contract>,
     /// Fetch page after page (`paginate:`), each journaled as it arrives.
     pub paginate: Option<Box<Paginate>>,
+}
+
+/// A workflow's `cursor:` expression.
+#[derive(Clone, Debug)]
+pub struct WorkflowCursor {
+    /// Yields the new cursor from the run's context; `null` keeps it.
+    pub template: Template,
+    /// The step outputs it may read.
+    pub reads: crate::expr::StepsRead,
 }
 
 /// `paginate: { next, max_pages }` on an http step.

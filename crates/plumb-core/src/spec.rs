@@ -193,6 +193,8 @@ pub struct WorkflowSpec {
     pub timeout: Option<Dur>,
     /// Runs of this workflow executing at once, across all workers.
     pub concurrency: Option<u32>,
+    /// The incremental-sync cursor committed with each success.
+    pub cursor: Option<Value>,
     /// Who hears about failures.
     pub alerts: Option<WorkflowAlertsSpec>,
     /// Fields masked before payloads are journaled (`.trigger.body.ssn`).

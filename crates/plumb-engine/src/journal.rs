@@ -179,7 +179,10 @@ pub(crate) fn success_commit(workflow: &Workflow, step: &Step, item: Option<u32>
         .steps
         .last()
         .is_some_and(|last| std::ptr::eq(last, step));
-    if item.is_none() && last && !matches!(step.action, Action::If(_)) {
+    // A workflow's cursor is evaluated after the last step, over its
+    // output: that output must be in hand, so it is committed first.
+    if item.is_none() && last && !matches!(step.action, Action::If(_)) && workflow.cursor.is_none()
+    {
         SuccessCommit::WithRunEnd
     } else {
         SuccessCommit::Now

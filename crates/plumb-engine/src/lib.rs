@@ -162,6 +162,13 @@ impl Drop for Executing<'_> {
     }
 }
 
+/// A short, single-line rendering of a JSON value (at most `max`
+/// characters), for progress and status lines.
+#[must_use]
+pub fn preview_json(value: &Value, max: usize) -> String {
+    exec::preview(value, max)
+}
+
 /// The trigger document of a run started by hand with `input` (SPEC §2:
 /// `.trigger.body` holds the input, as it would for a webhook).
 #[must_use]
@@ -734,6 +741,19 @@ impl Engine {
             }
         };
 
+        // A workflow with a cursor: the run starts from the cursor it
+        // pinned the first time it executed, on every resume.
+        let mut run = run;
+        if workflow.cursor.is_some() {
+            match self.store.pin_cursor(&run.id, &owner).await {
+                Ok(record) => run.cursor = Some(record),
+                Err(e) => {
+                    self.release_failed(&run_id, &owner, strikes, &e.to_string())
+                        .await;
+                    return Err(EngineError::Journal { run_id, source: e });
+                }
+            }
+        }
         let run_for_alerts = run.clone();
         let mut execution = exec::Execution::new(
             self,
@@ -744,19 +764,22 @@ impl Engine {
             observer,
             stop.clone(),
         );
-        let result = execution.run_all().await;
+        let mut result = execution.run_all().await.map(|()| None);
+        if matches!(result, Ok(None)) && workflow.cursor.is_some() {
+            result = execution.cursor_move().await.map(Some);
+        }
         let last_outcome = execution.take_last_outcome();
         drop(heartbeat);
         drop(execution);
 
         match result {
-            Ok(()) => {
+            Ok(cursor) => {
                 self.end(
                     &workflow_name,
                     &run_id,
                     &owner,
                     strikes,
-                    RunOutcome::Succeeded,
+                    cursor.map_or(RunOutcome::Succeeded, RunOutcome::SucceededMovingCursor),
                     last_outcome.as_ref(),
                     &[],
                     observer,
@@ -990,7 +1013,9 @@ impl Engine {
             }
         }
         let (status, failure) = match outcome {
-            RunOutcome::Succeeded => (RunStatus::Succeeded, None),
+            RunOutcome::Succeeded | RunOutcome::SucceededMovingCursor(_) => {
+                (RunStatus::Succeeded, None)
+            }
             RunOutcome::Failed(f) => (RunStatus::Failed, Some(f)),
             RunOutcome::Cancelled(message) => (
                 RunStatus::Cancelled,

@@ -28,6 +28,10 @@ pub struct WorkflowStatus {
     pub dead_letters: u64,
     /// Next scheduled fire.
     pub next_fire_at: Option<Millis>,
+    /// The committed cursor of a workflow with `cursor:` (`null` before the
+    /// first success that moved it); absent for one without.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<serde_json::Value>,
 }
 
 /// The whole picture.
@@ -148,6 +152,23 @@ fn verdict(workflows: &[WorkflowStatus], alerts: &[Alert]) -> Verdict {
     v
 }
 
+/// A committed cursor as status and the API show it.
+#[must_use]
+pub fn cursor_json(c: &plumb_store::Cursor) -> serde_json::Value {
+    serde_json::json!({
+        "value": c.value,
+        "version": c.version,
+        "updated_at": c.updated_at,
+        "updated_by": c.updated_by,
+    })
+}
+
+/// The cursor of a workflow whose cursor never moved.
+#[must_use]
+pub fn cursor_never_moved() -> serde_json::Value {
+    serde_json::json!({ "value": null, "version": 0, "updated_at": null, "updated_by": null })
+}
+
 /// Computes the status from the store and the project.
 ///
 /// # Errors
@@ -155,6 +176,11 @@ fn verdict(workflows: &[WorkflowStatus], alerts: &[Alert]) -> Verdict {
 /// Returns the store error when the runs cannot be read.
 pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, StoreError> {
     let stats = store.workflow_stats().await?;
+    let cursors = if project.workflows.iter().any(|w| w.cursor.is_some()) {
+        store.cursors().await?
+    } else {
+        Vec::new()
+    };
     let mut workflows: Vec<WorkflowStatus> = project
         .workflows
         .iter()
@@ -176,6 +202,12 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
                 running: s.map_or(0, |s| s.running),
                 dead_letters: s.map_or(0, |s| s.dead_letters),
                 next_fire_at: schedule::next_fire(w),
+                cursor: w.cursor.as_ref().map(|_| {
+                    cursors
+                        .iter()
+                        .find(|c| c.workflow == w.name)
+                        .map_or_else(cursor_never_moved, cursor_json)
+                }),
             }
         })
         .collect();
@@ -191,6 +223,7 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
                 running: s.running,
                 dead_letters: s.dead_letters,
                 next_fire_at: None,
+                cursor: None,
             });
         }
     }

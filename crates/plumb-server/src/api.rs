@@ -94,8 +94,16 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn workflows(_auth: Auth<Viewer>, State(state): State<AppState>) -> Json<Value> {
+async fn workflows(
+    _auth: Auth<Viewer>,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
     let project = state.engine.project();
+    let cursors = if project.workflows.iter().any(|w| w.cursor.is_some()) {
+        state.engine.store().cursors().await?
+    } else {
+        Vec::new()
+    };
     let list: Vec<Value> = project
         .workflows
         .iter()
@@ -116,10 +124,16 @@ async fn workflows(_auth: Auth<Viewer>, State(state): State<AppState>) -> Json<V
                 "trigger": trigger,
                 "concurrency": w.concurrency,
                 "steps": w.all_steps().iter().map(|s| json!({"id": s.id, "kind": s.action.kind()})).collect::<Vec<_>>(),
+                "cursor": w.cursor.as_ref().map(|_| {
+                    cursors
+                        .iter()
+                        .find(|c| c.workflow == w.name)
+                        .map_or_else(plumb_engine::status::cursor_never_moved, plumb_engine::status::cursor_json)
+                }),
             })
         })
         .collect();
-    Json(json!({ "workflows": list }))
+    Ok(Json(json!({ "workflows": list })))
 }
 
 async fn start_run(

@@ -3,7 +3,8 @@
 //!
 //! The store is split by concern, one module and one small trait each
 //! ([`RunStore`], [`ScheduleStore`], [`AlertStore`], [`SecretStore`],
-//! [`TokenStore`], [`AuditStore`], [`DeploymentStore`], [`ProcessStore`], [`RetentionStore`]); [`Store`] is all of
+//! [`TokenStore`], [`AuditStore`], [`DeploymentStore`], [`ProcessStore`], [`RetentionStore`],
+//! [`CursorStore`]); [`Store`] is all of
 //! them together. Each backend mirrors that layout file for file
 //! (`sqlite/runs.rs` holds every query of [`RunStore`] on SQLite,
 //! `postgres/runs.rs` on PostgreSQL), so a reader finds any query in one
@@ -40,6 +41,7 @@ use async_trait::async_trait;
 pub mod alerts;
 pub mod audit;
 pub mod copy;
+pub mod cursors;
 pub mod deployments;
 mod json;
 pub mod lease;
@@ -55,6 +57,7 @@ mod writes;
 
 pub use alerts::{Alert, AlertAttempt, AlertStatus, AlertStore, NewAlert};
 pub use audit::{AuditEntry, AuditProblem, AuditStore, NewAuditEntry};
+pub use cursors::{Cursor, CursorMove, CursorStore};
 pub use deployments::{Deployed, DeploymentStore};
 pub use lease::{ClaimToken, OwnerId};
 pub use postgres::PgStore;
@@ -76,8 +79,8 @@ pub use sqlite::{SqliteStore, Synchronous};
 /// `use plumb_store::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        AlertStore, AuditStore, DeploymentStore, ProcessStore, RetentionStore, RunStore,
-        ScheduleStore, SecretStore, Store, TokenStore,
+        AlertStore, AuditStore, CursorStore, DeploymentStore, ProcessStore, RetentionStore,
+        RunStore, ScheduleStore, SecretStore, Store, TokenStore,
     };
 }
 
@@ -161,6 +164,7 @@ pub trait Store:
     + DeploymentStore
     + ProcessStore
     + RetentionStore
+    + CursorStore
     + Send
     + Sync
     + 'static

@@ -93,7 +93,7 @@ pub(crate) fn run_id_range(prefix: &str) -> Option<(String, String)> {
 pub(crate) const RUN_COLUMNS: &str = "id, workflow, version, trigger_payload, status, claims, \
     strikes, last_error, not_before, replays, created_at, started_at, finished_at, updated_at, \
     error, failed_step, failed_item, failed_attempt, failed_status_code, lease_owner, \
-    lease_expires_at";
+    lease_expires_at, cursor";
 
 /// A run ([`RUN_COLUMNS`]).
 pub(crate) fn run<R: Columns>(row: &R) -> Result<Run, R::Error> {
@@ -135,6 +135,9 @@ pub(crate) fn run<R: Columns>(row: &R) -> Result<Run, R::Error> {
         },
         lease_owner: row.opt_text("lease_owner")?,
         lease_expires_at: row.opt_int("lease_expires_at")?,
+        // Like the trigger: a record that does not decode reads as none
+        // rather than stopping a listing.
+        cursor: row.json("cursor").ok().flatten(),
     })
 }
 

@@ -286,6 +286,10 @@ pub struct Run {
     pub lease_owner: Option<String>,
     /// Current lease expiry.
     pub lease_expires_at: Option<Millis>,
+    /// For a workflow with a cursor: the cursor the run started from
+    /// (`{"from": {"value", "version"}}`, pinned when it first executes)
+    /// and, once it succeeded, what became of it (`moved`, `to`, `note`).
+    pub cursor: Option<Value>,
 }
 
 /// One row of the step journal.
@@ -346,6 +350,9 @@ pub struct AttemptFailure {
 pub enum RunOutcome {
     /// Every step succeeded.
     Succeeded,
+    /// Every step succeeded, and the workflow's cursor moves with the
+    /// run's end, in the same transaction (SPEC G7).
+    SucceededMovingCursor(crate::CursorMove),
     /// A step failed for good.
     Failed(Failure),
     /// Stopped on request.

@@ -278,7 +278,9 @@ impl Ending {
     /// How `outcome` is stored.
     pub(crate) fn new(outcome: &RunOutcome) -> Self {
         let (status, failure) = match outcome {
-            RunOutcome::Succeeded => (RunStatus::Succeeded, Failure::default()),
+            RunOutcome::Succeeded | RunOutcome::SucceededMovingCursor(_) => {
+                (RunStatus::Succeeded, Failure::default())
+            }
             RunOutcome::Failed(f) => (RunStatus::Failed, f.clone()),
             RunOutcome::Cancelled(why) => (
                 RunStatus::Cancelled,
@@ -382,6 +384,27 @@ pub(crate) mod entries {
     /// A run cancelled on request.
     pub(crate) fn run_cancelled(actor: &str, id: &str, reason: &str) -> NewAuditEntry {
         NewAuditEntry::new(actor, "run.cancelled", id, json!({ "reason": reason }))
+    }
+
+    /// A workflow's cursor set (`cursor.set`) or reset (`cursor.reset`) by
+    /// hand.
+    pub(crate) fn cursor_set(
+        actor: &str,
+        workflow: &str,
+        value: &serde_json::Value,
+        version: i64,
+    ) -> NewAuditEntry {
+        let action = if value.is_null() {
+            "cursor.reset"
+        } else {
+            "cursor.set"
+        };
+        NewAuditEntry::new(
+            actor,
+            action,
+            workflow,
+            json!({ "value": value, "version": version }),
+        )
     }
 
     /// A failed run queued again.

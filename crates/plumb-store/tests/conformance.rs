@@ -1615,6 +1615,166 @@ async fn a_dedupe_key_starts_one_run_per_window(store: &dyn Store) {
     }
 }
 
+async fn a_cursor_moves_only_forward_with_success(store: &dyn Store) {
+    let leased = |id: &str, owner: &str| NewRun {
+        id: id.into(),
+        workflow: "cw".into(),
+        version: "v1".into(),
+        trigger: json!({}),
+        lease: Some(lease(owner.split('#').next().unwrap_or(owner), 60_000)),
+        max_concurrency: None,
+        deadline: None,
+        dedupe: None,
+    };
+    let moving = |value: serde_json::Value| {
+        RunOutcome::SucceededMovingCursor(plumb_store::CursorMove { value })
+    };
+    assert_eq!(store.cursor("cw").await.expect("cursor"), None);
+    for (id, owner) in [("cur1", "a#1"), ("cur2", "b#1")] {
+        store.create_run(&leased(id, owner)).await.expect("create");
+    }
+    let pinned = store.pin_cursor("cur1", "a#1").await.expect("pin");
+    assert_eq!(pinned, json!({"from": {"value": null, "version": 0}}));
+    assert_eq!(
+        store.pin_cursor("cur1", "a#1").await.expect("pin again"),
+        pinned,
+        "a resume starts from the same cursor"
+    );
+    assert!(matches!(
+        store.pin_cursor("cur1", "b#1").await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    store.pin_cursor("cur2", "b#1").await.expect("pin c2");
+
+    store
+        .finish_run("cur1", "a#1", &moving(json!("2026-01-02")), None, &[])
+        .await
+        .expect("finish c1");
+    let cursor = store.cursor("cw").await.expect("cursor").expect("moved");
+    assert_eq!(
+        (cursor.value.clone(), cursor.version),
+        (json!("2026-01-02"), 1)
+    );
+    assert_eq!(cursor.updated_by, "run:cur1");
+    let c1 = store.run("cur1").await.expect("read").expect("cur1");
+    assert_eq!(c1.status, RunStatus::Succeeded);
+    assert_eq!(
+        c1.cursor.as_ref().map(|c| c["moved"].clone()),
+        Some(json!(true))
+    );
+    assert_eq!(
+        c1.cursor.as_ref().map(|c| c["to"]["version"].clone()),
+        Some(json!(1))
+    );
+
+    // c2 started from version 0 too: it succeeds, the cursor stays.
+    store
+        .finish_run("cur2", "b#1", &moving(json!("2025-12-31")), None, &[])
+        .await
+        .expect("finish c2");
+    let after = store.cursor("cw").await.expect("cursor").expect("cursor");
+    assert_eq!(after, cursor, "an older run never moves the cursor back");
+    let c2 = store.run("cur2").await.expect("read").expect("cur2");
+    assert_eq!(c2.status, RunStatus::Succeeded);
+    let record = c2.cursor.expect("record");
+    assert_eq!(record["moved"], json!(false));
+    assert!(
+        record["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("moved on since this run started")),
+        "{record}"
+    );
+
+    // A null result leaves it; a failure leaves it.
+    store
+        .create_run(&leased("cur3", "a#1"))
+        .await
+        .expect("create");
+    store.pin_cursor("cur3", "a#1").await.expect("pin");
+    store
+        .finish_run("cur3", "a#1", &moving(serde_json::Value::Null), None, &[])
+        .await
+        .expect("finish c3");
+    let c3 = store.run("cur3").await.expect("read").expect("cur3");
+    assert_eq!(
+        c3.cursor.as_ref().map(|c| c["moved"].clone()),
+        Some(json!(false))
+    );
+    store
+        .create_run(&leased("cur4", "a#1"))
+        .await
+        .expect("create");
+    store.pin_cursor("cur4", "a#1").await.expect("pin");
+    store
+        .finish_run(
+            "cur4",
+            "a#1",
+            &RunOutcome::Failed(Failure {
+                message: "boom".into(),
+                ..Failure::default()
+            }),
+            None,
+            &[],
+        )
+        .await
+        .expect("fail c4");
+    assert_eq!(
+        store
+            .cursor("cw")
+            .await
+            .expect("cursor")
+            .expect("cursor")
+            .version,
+        1
+    );
+
+    // An operator's set is a new version: a run in progress then keeps it.
+    store
+        .create_run(&leased("cur5", "a#1"))
+        .await
+        .expect("create");
+    store.pin_cursor("cur5", "a#1").await.expect("pin");
+    let set = store
+        .set_cursor("cw", &json!({"since": 5}), "ops")
+        .await
+        .expect("set");
+    assert_eq!((set.value.clone(), set.version), (json!({"since": 5}), 2));
+    store
+        .finish_run("cur5", "a#1", &moving(json!("late")), None, &[])
+        .await
+        .expect("finish c5");
+    assert_eq!(
+        store
+            .cursor("cw")
+            .await
+            .expect("cursor")
+            .expect("cursor")
+            .value,
+        json!({"since": 5})
+    );
+    let reset = store
+        .set_cursor("cw", &serde_json::Value::Null, "ops")
+        .await
+        .expect("reset");
+    assert_eq!((reset.value, reset.version), (serde_json::Value::Null, 3));
+    let audit = store.audit_entries(0, 10_000).await.expect("audit");
+    let actions: Vec<&str> = audit
+        .iter()
+        .filter(|e| e.subject == "cw")
+        .map(|e| e.action.as_str())
+        .collect();
+    assert_eq!(actions, ["cursor.set", "cursor.reset"]);
+    assert!(
+        store
+            .cursors()
+            .await
+            .expect("cursors")
+            .iter()
+            .any(|c| c.workflow == "cw"),
+        "listed"
+    );
+}
+
 const ISOLATED_CHECKS: usize = 7;
 
 /// Check number `check` of those that need a store of their own.
@@ -1651,6 +1811,7 @@ async fn the_store_contract(store: &dyn Store) {
     deployments_are_audited_only_when_something_changed(store).await;
     processes_are_listed_by_their_last_beat_until_forgotten(store).await;
     a_dedupe_key_starts_one_run_per_window(store).await;
+    a_cursor_moves_only_forward_with_success(store).await;
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! opening its store.
 
 pub mod check;
+pub mod cursor;
 pub mod demo;
 pub mod init;
 pub mod ops;

@@ -355,6 +355,20 @@ pub async fn status(global: &Global) -> anyhow::Result<Exit> {
             },
             when(&w["next_fire_at"]),
         );
+        if let Some(cursor) = w.get("cursor") {
+            println!(
+                "{}",
+                s.dim(&format!(
+                    "  cursor {} (version {}, {})",
+                    plumb_engine::preview_json(&cursor["value"], 60),
+                    cursor["version"].as_i64().unwrap_or(0),
+                    match cursor["updated_by"].as_str() {
+                        Some(by) => format!("{by}, {}", when(&cursor["updated_at"])),
+                        None => "never moved".to_owned(),
+                    }
+                ))
+            );
+        }
     }
     let store = &status["store"];
     println!(

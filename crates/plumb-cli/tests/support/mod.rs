@@ -468,31 +468,37 @@ pub fn page_records(from: usize, to: usize) -> Vec<Value> {
 /// * `offset`: `?offset=O&limit=L` → `{items, total}`;
 /// * `link`: `?page=N` → `{items}` with `Link: <…>; rel="next"` (relative,
 ///   GitHub style) until the last page.
+///
+/// `?since=N` starts at record N (a watermark), in every style.
 pub fn page_of(style: &str, query: &HashMap<String, String>) -> Option<(usize, Response)> {
     let number = |name: &str, default: usize| -> Option<usize> {
         query.get(name).map_or(Some(default), |v| v.parse().ok())
     };
     let total = number("total", 250)?;
     let limit = number("limit", 100)?.clamp(1, 1000);
-    let offset = match style {
-        "number" | "link" => (number("page", 1)?.max(1) - 1) * limit,
-        "offset" => number("offset", 0)?,
-        "cursor" => match query.get("cursor") {
-            None => 0,
-            // Opaque to the client: the offset, reversed and prefixed.
-            Some(c) => c
-                .strip_prefix("cur_")?
-                .chars()
-                .rev()
-                .collect::<String>()
-                .parse()
-                .ok()?,
-        },
-        _ => return None,
-    };
+    // `?since=N`: only records from id N on (a watermark).
+    let since = number("since", 0)?;
+    let offset = since
+        + match style {
+            "number" | "link" => (number("page", 1)?.max(1) - 1) * limit,
+            "offset" => number("offset", 0)?,
+            "cursor" => match query.get("cursor") {
+                None => 0,
+                // Opaque to the client: the offset, reversed and prefixed.
+                Some(c) => c
+                    .strip_prefix("cur_")?
+                    .chars()
+                    .rev()
+                    .collect::<String>()
+                    .parse::<usize>()
+                    .ok()?
+                    .checked_sub(since)?,
+            },
+            _ => return None,
+        };
     let end = (offset + limit).min(total);
     let items = page_records(offset.min(end), end);
-    let index = offset / limit;
+    let index = (offset - since) / limit;
     let more = end < total;
     let response = match style {
         "number" => axum::Json(json!({"items": items, "page": index + 1})).into_response(),

@@ -492,6 +492,25 @@ fn load_workflow_inner(
     };
     let steps = cx.steps(&raw_steps, &root.key("steps"), &base);
     cx.check_references(&steps);
+    let cursor = match &spec.cursor {
+        None => None,
+        Some(raw) => cx.workflow_cursor(raw, &root.key("cursor"), &steps),
+    };
+    let mut concurrency = spec.concurrency;
+    if spec.cursor.is_some() {
+        match spec.concurrency {
+            Some(n) if n > 1 => {
+                cx.error_at_value(
+                    &root.key("concurrency"),
+                    format!("`concurrency` is {n}, but a workflow with a `cursor` runs one run at a time"),
+                )
+                .help = Some(
+                    "remove `concurrency` (or set it to 1): each run reads the window since the cursor the previous run committed".into(),
+                );
+            }
+            _ => concurrency = Some(1),
+        }
+    }
     if spec.concurrency == Some(0) {
         cx.error_at_value(
             &root.key("concurrency"),
@@ -536,7 +555,8 @@ fn load_workflow_inner(
         description,
         trigger: trigger.unwrap_or(Trigger::Manual),
         steps,
-        concurrency: spec.concurrency,
+        concurrency,
+        cursor,
         alerts_on_failure,
         redact,
         retention,
@@ -945,6 +965,52 @@ impl<'a> Checker<'a> {
                 "set it with `plumb secrets set {name}` (the value is read from stdin or a prompt, never from the command line)"
             ));
         }
+    }
+
+    /// `cursor:` on a workflow: one expression, over steps that exist.
+    fn workflow_cursor(
+        &mut self,
+        raw: &Value,
+        path: &FieldPath,
+        steps: &[Step],
+    ) -> Option<crate::model::WorkflowCursor> {
+        let template = self.template(raw, path)?;
+        if matches!(template, Template::Literal(_)) {
+            self.error_at_value(path, "`cursor` must be an expression over the run's results")
+                .help = Some(
+                "e.g. `cursor: \"${{ [.steps.fetch.pages[].body.items[].updated_at] | max }}\"`; it is committed when a run succeeds and read as `.cursor` by the next".into(),
+            );
+            return None;
+        }
+        let mut reads = crate::expr::StepsRead::default();
+        for program in template.programs() {
+            reads.merge(crate::expr::steps_read(program.source()));
+        }
+        let mut ids: Vec<&str> = Vec::new();
+        fn walk<'s>(steps: &'s [Step], out: &mut Vec<&'s str>) {
+            for s in steps {
+                out.push(&s.id);
+                if let Action::If(b) = &s.action {
+                    walk(&b.then, out);
+                    walk(&b.otherwise, out);
+                }
+            }
+        }
+        walk(steps, &mut ids);
+        for referenced in &reads.ids {
+            if !ids.contains(&referenced.as_str()) && !self.written_ids.contains(referenced) {
+                let help = match closest(referenced, &ids) {
+                    Some(best) => format!("did you mean `.steps.{best}`?"),
+                    None => format!("the steps of this workflow are: {}", ids.join(", ")),
+                };
+                self.error_at_value(
+                    path,
+                    format!("`cursor` reads `.steps.{referenced}`, but no step has the id `{referenced}`"),
+                )
+                .help = Some(help);
+            }
+        }
+        Some(crate::model::WorkflowCursor { template, reads })
     }
 
     /// `redact:` paths: `.trigger…` or `.steps.<id>…`, keys, `[n]` and `[]`.

@@ -22,6 +22,8 @@ pub(crate) struct ContextBase {
     pub(crate) run_id: String,
     pub(crate) workflow: String,
     pub(crate) version: String,
+    /// `.cursor`: the cursor the run started from.
+    pub(crate) cursor: Val,
 }
 
 impl ContextBase {
@@ -61,7 +63,7 @@ impl ContextBase {
         doc.insert(k("trigger"), self.trigger.clone());
         doc.insert(k("steps"), self.steps.clone());
         doc.insert(k("run"), Val::obj(run));
-        doc.insert(k("cursor"), Val::Null);
+        doc.insert(k("cursor"), self.cursor.clone());
         match item {
             Some((index, value)) => {
                 doc.insert(k("item"), value.clone());

@@ -117,6 +117,8 @@ pub(crate) struct Execution<'e> {
     last_outcome: std::sync::Mutex<Option<StepRecord>>,
     /// This execution's claim token (fences every journal write).
     token: String,
+    /// `.cursor`: the cursor the run started from (`null` without one).
+    cursor: Val,
 }
 
 /// How an action attempt ended well.
@@ -136,6 +138,11 @@ impl<'e> Execution<'e> {
         stop: CancellationToken,
     ) -> Self {
         let trigger = json_to_val(&run.trigger);
+        let cursor = run
+            .cursor
+            .as_ref()
+            .and_then(|c| c.pointer("/from/value"))
+            .map_or(Val::Null, json_to_val);
         let token = run
             .lease_owner
             .clone()
@@ -157,6 +164,7 @@ impl<'e> Execution<'e> {
             trigger,
             last_outcome: std::sync::Mutex::new(None),
             token,
+            cursor,
         }
     }
 
@@ -283,6 +291,41 @@ impl<'e> Execution<'e> {
             run_id: self.run.id.clone(),
             workflow: self.run.workflow.clone(),
             version: self.run.version.clone(),
+            cursor: self.cursor.clone(),
+        }
+    }
+
+    /// Evaluates the workflow's `cursor` once every step succeeded: where
+    /// the cursor moves with the run's end. A failure fails the run (its
+    /// window is read again next time).
+    pub(crate) async fn cursor_move(&mut self) -> Result<plumb_store::CursorMove, Halt> {
+        let workflow = Arc::clone(&self.workflow);
+        let Some(cursor) = &workflow.cursor else {
+            return Ok(plumb_store::CursorMove { value: Value::Null });
+        };
+        self.assemble_reads(&cursor.reads).await?;
+        let context = Val::obj({
+            let mut doc = jaq_json::Map::default();
+            doc.insert(Val::from("trigger".to_owned()), self.trigger.clone());
+            doc.insert(
+                Val::from("steps".to_owned()),
+                Val::obj(self.outputs.clone()),
+            );
+            doc.insert(Val::from("cursor".to_owned()), self.cursor.clone());
+            doc
+        });
+        let evaluated = tokio::select! {
+            () = self.stop.cancelled() => return Err(Halt::Stopped),
+            r = eval_bounded(cursor.template.clone(), context, workflow.cursor_timeout()) => r,
+        };
+        match evaluated {
+            Ok(value) => Ok(plumb_store::CursorMove { value }),
+            Err(e) => Err(Halt::Failed(Failure {
+                message: self.engine.redact(&format!(
+                    "the workflow's `cursor` could not be evaluated: {e}; the cursor stays where it was"
+                )),
+                ..Failure::default()
+            })),
         }
     }
 

@@ -59,6 +59,7 @@ use crate::{Store, StoreError, now_ms};
 mod alerts;
 mod audit;
 mod copy;
+mod cursors;
 mod deployments;
 mod intake;
 mod processes;
@@ -81,6 +82,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0005_listing_indexes.sql"),
     include_str!("../../migrations/postgres/0006_lean_run_indexes.sql"),
     include_str!("../../migrations/postgres/0007_dedupe_keys.sql"),
+    include_str!("../../migrations/postgres/0008_cursors.sql"),
 ];
 
 /// The advisory lock every migrating process takes (fixed, so processes of

@@ -511,6 +511,9 @@ async fn finish(
     .execute(&mut *conn)
     .await
     .map_err(map_err)?;
+    if let RunOutcome::SucceededMovingCursor(wanted) = outcome {
+        super::cursors::move_cursor(conn, id, &workflow, wanted).await?;
+    }
     for (alert, payload) in alerts {
         sqlx::query(
             "INSERT INTO alerts (id, run_id, workflow, channel, payload, status, attempts, \

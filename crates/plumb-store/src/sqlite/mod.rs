@@ -53,6 +53,7 @@ use crate::{CancelResult, Claim, ReplayResult, Run, SecretWriteResult, Store, St
 mod alerts;
 mod audit;
 mod copy;
+mod cursors;
 mod deployments;
 mod processes;
 mod retention;
@@ -150,6 +151,7 @@ enum Op {
     Alerts(alerts::Write),
     Processes(processes::Write),
     Retention(retention::Write),
+    Cursors(cursors::Write),
     Ping,
     Close,
 }
@@ -193,6 +195,8 @@ enum Done {
     Cancel(CancelResult),
     Replay(ReplayResult),
     Secret(SecretWriteResult),
+    Cursor(Option<crate::Cursor>),
+    Json(serde_json::Value),
     Flag(bool),
     Names(Vec<String>),
     Purged(crate::Purged, crate::PurgePosition),
@@ -220,6 +224,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0010_listing_indexes.sql"),
     include_str!("../../migrations/sqlite/0011_lean_run_indexes.sql"),
     include_str!("../../migrations/sqlite/0012_dedupe_keys.sql"),
+    include_str!("../../migrations/sqlite/0013_cursors.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes
@@ -639,6 +644,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
         Op::Alerts(w) => alerts::apply(tx, w),
         Op::Processes(w) => processes::apply(tx, w),
         Op::Retention(w) => retention::apply(tx, w),
+        Op::Cursors(w) => cursors::apply(tx, w),
         Op::Ping => {
             tx.prepare_cached(
                 "INSERT INTO health (id, checked_at) VALUES (1, ?1) \

@@ -528,6 +528,9 @@ fn finish(
             run_id: id.to_owned(),
         });
     };
+    if let RunOutcome::SucceededMovingCursor(wanted) = outcome {
+        super::cursors::move_cursor(tx, id, &workflow, wanted)?;
+    }
     for alert in alerts {
         let payload = to_json_text(&alert.payload, "an alert")?;
         tx.prepare_cached(

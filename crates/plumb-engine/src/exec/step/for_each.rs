@@ -155,10 +155,27 @@ impl Execution<'_> {
     /// Makes the item outputs of earlier `for_each` steps visible to `step`,
     /// if its expressions may read them: assembled from the item rows, once.
     pub(in crate::exec) async fn assemble_outputs(&mut self, step: &Step) -> Result<(), Halt> {
+        self.assemble_for(Some(step), &step.reads).await
+    }
+
+    /// The same for an expression that is not a step's (the workflow's
+    /// `cursor`).
+    pub(in crate::exec) async fn assemble_reads(
+        &mut self,
+        reads: &plumb_core::expr::StepsRead,
+    ) -> Result<(), Halt> {
+        self.assemble_for(None, reads).await
+    }
+
+    async fn assemble_for(
+        &mut self,
+        step: Option<&Step>,
+        reads: &plumb_core::expr::StepsRead,
+    ) -> Result<(), Halt> {
         let wanted: Vec<(String, super::super::Lazy)> = self
             .lazy
             .iter()
-            .filter(|(id, _)| step.reads.reads(id))
+            .filter(|(id, _)| reads.reads(id))
             .map(|(id, lazy)| (id.clone(), *lazy))
             .collect();
         for (id, lazy) in wanted {
@@ -173,9 +190,16 @@ impl Execution<'_> {
                         let message = format!(
                             "the journaled output of item {index} of step `{id}` cannot be read: {e}"
                         );
-                        return Err(self
-                            .fail_step(step, None, 1, now_ms(), &message, None)
-                            .await);
+                        return Err(match step {
+                            Some(step) => {
+                                self.fail_step(step, None, 1, now_ms(), &message, None)
+                                    .await
+                            }
+                            None => Halt::Failed(Failure {
+                                message,
+                                ..Failure::default()
+                            }),
+                        });
                     }
                 }
             }
