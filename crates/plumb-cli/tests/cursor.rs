@@ -78,7 +78,10 @@ async fn the_cursor_moves_only_with_success_and_never_back() {
     assert_ne!(failed.code, Some(0), "{failed}");
     let failed_id = support::run_id_of(&failed.stdout);
     let cursor = cursor_of(&project).await;
-    assert_eq!((cursor["value"].clone(), cursor["version"].clone()), (Value::Null, 0.into()));
+    assert_eq!(
+        (cursor["value"].clone(), cursor["version"].clone()),
+        (Value::Null, 0.into())
+    );
 
     // The next run reads the same window again, from the start.
     let mark = rx.hits().len();
@@ -86,7 +89,10 @@ async fn the_cursor_moves_only_with_success_and_never_back() {
     assert_eq!(ok.code, Some(0), "{ok}");
     assert_eq!(since_of_pages(&rx, mark), ["0", "0", "0"]);
     let cursor = cursor_of(&project).await;
-    assert_eq!((cursor["value"].clone(), cursor["version"].clone()), (250.into(), 1.into()));
+    assert_eq!(
+        (cursor["value"].clone(), cursor["version"].clone()),
+        (250.into(), 1.into())
+    );
 
     // New records appear; the next run reads only those.
     let mark = rx.hits().len();
@@ -108,7 +114,10 @@ async fn the_cursor_moves_only_with_success_and_never_back() {
     let resumed = project.run(&["run", "--resume", &failed_id]).await;
     assert_eq!(resumed.code, Some(0), "{resumed}");
     let cursor = cursor_of(&project).await;
-    assert_eq!((cursor["value"].clone(), cursor["version"].clone()), (300.into(), 2.into()));
+    assert_eq!(
+        (cursor["value"].clone(), cursor["version"].clone()),
+        (300.into(), 2.into())
+    );
     let shown = project.show(&failed_id).await;
     assert_eq!(shown["run"]["status"], "succeeded");
     let record = &shown["run"]["cursor"];

@@ -1,8 +1,9 @@
 //! `paginate:` on the http step, with the real binary against a paginated
 //! mock API on loopback: the four styles people meet each fetch every
-//! record exactly once, `max_pages` fails loudly, and a sync SIGKILLed at
-//! random pages resumes where it was — no page fetched twice except the
-//! one in flight, every record delivered once.
+//! record exactly once, `max_pages` fails loudly, and a sync (with a
+//! cursor) SIGKILLed at random pages resumes where it was — no page fetched
+//! twice except the one in flight, every record delivered once, the cursor
+//! committed once with the success.
 
 #![allow(clippy::print_stderr)] // the trial summary is the point of --nocapture
 
@@ -202,16 +203,22 @@ async fn a_sync_killed_at_random_pages_resumes_at_the_page_in_flight() {
         // A page from the second on: the kill lands while that page is in
         // flight (the mock kills plumb before it answers).
         let kill_at = rand::random_range(1..PAGES);
-        project.workflow(
+        // A sync with a cursor: each trial starts from a reset cursor, and
+        // the killed run must commit it once it finishes.
+        let workflow = sync_workflow(
             "sync",
-            &sync_workflow(
-                "sync",
-                "cursor",
-                &format!("limit: 100, total: 1000, delay_ms: 15, kill_at: {kill_at}"),
-                STYLES[1].2,
-                "",
-            ),
+            "cursor",
+            &format!("limit: 100, total: 1000, delay_ms: 15, kill_at: {kill_at}, since: '${{{{ .cursor // 0 }}}}'"),
+            STYLES[1].2,
+            "",
+        )
+        .replace(
+            "steps:\n",
+            "cursor: '${{ [.steps.fetch.pages[].body.data[].id] | max + 1 }}'\nsteps:\n",
         );
+        project.workflow("sync", &workflow);
+        let reset = project.run(&["cursor", "reset", "sync"]).await;
+        assert_eq!(reset.code, Some(0), "{reset}");
         let started = project.start(&["run", "sync"]).await;
         let run_id = started.run_id.clone();
         let mut child = started.child;
@@ -255,6 +262,10 @@ async fn a_sync_killed_at_random_pages_resumes_at_the_page_in_flight() {
         );
         let shown = project.show(&run_id).await;
         assert_eq!(shown["run"]["status"], "succeeded", "trial {trial}");
+        assert_eq!(
+            shown["run"]["cursor"]["to"]["value"], 1000,
+            "trial {trial}: the cursor moved past the window with the success"
+        );
         let steps = shown["steps"].as_array().cloned().unwrap_or_default();
         let fetch = steps
             .iter()
