@@ -189,6 +189,22 @@ pub const TABLES: &[Table] = &[
         singleton: false,
     },
     Table {
+        name: "polls",
+        key: &["workflow"],
+        columns: &[
+            ("workflow", Text),
+            ("next_poll_at", Int),
+            ("owner", Text),
+            ("lease_until", Int),
+            ("last_poll_at", Int),
+            ("last_success_at", Int),
+            ("last_new_item_at", Int),
+            ("last_error", Text),
+            ("failures", Int),
+        ],
+        singleton: false,
+    },
+    Table {
         name: "schedule_fires",
         key: &["workflow", "slot"],
         columns: &[

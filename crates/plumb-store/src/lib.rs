@@ -4,7 +4,7 @@
 //! The store is split by concern, one module and one small trait each
 //! ([`RunStore`], [`ScheduleStore`], [`AlertStore`], [`SecretStore`],
 //! [`TokenStore`], [`AuditStore`], [`DeploymentStore`], [`ProcessStore`], [`RetentionStore`],
-//! [`CursorStore`]); [`Store`] is all of
+//! [`CursorStore`], [`PollStore`]); [`Store`] is all of
 //! them together. Each backend mirrors that layout file for file
 //! (`sqlite/runs.rs` holds every query of [`RunStore`] on SQLite,
 //! `postgres/runs.rs` on PostgreSQL), so a reader finds any query in one
@@ -45,6 +45,7 @@ pub mod cursors;
 pub mod deployments;
 mod json;
 pub mod lease;
+pub mod polls;
 pub mod postgres;
 pub mod processes;
 pub mod retention;
@@ -60,6 +61,7 @@ pub use audit::{AuditEntry, AuditProblem, AuditStore, NewAuditEntry};
 pub use cursors::{Cursor, CursorMove, CursorStore};
 pub use deployments::{Deployed, DeploymentStore};
 pub use lease::{ClaimToken, OwnerId};
+pub use polls::{PollClaim, PollCommit, PollCommitted, PollState, PollStore};
 pub use postgres::PgStore;
 pub use processes::{ProcessBeat, ProcessInfo, ProcessStore};
 pub use retention::{PurgePosition, PurgeScope, Purged, RetentionStore, StoreSize};
@@ -165,6 +167,7 @@ pub trait Store:
     + ProcessStore
     + RetentionStore
     + CursorStore
+    + PollStore
     + Send
     + Sync
     + 'static

@@ -15,10 +15,10 @@ use plumb_store::postgres::PostgresOptions;
 use plumb_store::prelude::*;
 use plumb_store::{
     AlertAttempt, AlertStatus, ApiToken, AttemptFailure, CancelResult, Claim, Dedupe, Deployed,
-    Failure, Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, ProcessBeat,
-    PurgePosition, PurgeScope, Purged, Release, ReplayResult, Role, RunFilter, RunOutcome,
-    RunStatus, SealedSecret, SecretWrite, SecretWriteResult, SqliteStore, StepRecord, StepStatus,
-    Store, StoreError, Synchronous, WorkflowVersion, now_ms,
+    Failure, Lease, LeasedRun, NewAlert, NewAuditEntry, NewRun, PgStore, PollCommit, PollCommitted,
+    ProcessBeat, PurgePosition, PurgeScope, Purged, Release, ReplayResult, Role, RunFilter,
+    RunOutcome, RunStatus, SealedSecret, SecretWrite, SecretWriteResult, SqliteStore, StepRecord,
+    StepStatus, Store, StoreError, Synchronous, WorkflowVersion, now_ms,
 };
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -1775,6 +1775,145 @@ async fn a_cursor_moves_only_forward_with_success(store: &dyn Store) {
     );
 }
 
+async fn a_poll_is_held_by_one_process_and_commits_whole(store: &dyn Store) {
+    let run = |id: &str| NewRun {
+        id: id.into(),
+        workflow: "pw".into(),
+        version: "v1".into(),
+        trigger: json!({"type": "poll", "item": {"id": id}}),
+        lease: None,
+        max_concurrency: None,
+        deadline: None,
+        dedupe: None,
+    };
+    let claim = store
+        .claim_poll("pw", "a#1", 60_000)
+        .await
+        .expect("claim")
+        .expect("due at once");
+    assert_eq!(
+        (claim.cursor.clone(), claim.cursor_version, claim.failures),
+        (serde_json::Value::Null, 0, 0)
+    );
+    assert_eq!(
+        store.claim_poll("pw", "b#1", 60_000).await.expect("claim"),
+        None,
+        "held by a#1: polls never overlap"
+    );
+    assert!(store.renew_poll("pw", "a#1", 60_000).await.expect("renew"));
+    assert!(!store.renew_poll("pw", "b#1", 60_000).await.expect("renew"));
+    let keys = vec!["k1".to_owned(), "k2".to_owned()];
+    assert_eq!(
+        store.seen_keys("pw", &keys).await.expect("seen"),
+        [false, false]
+    );
+    let later = now_ms() + 3_600_000;
+    let committed = store
+        .commit_poll(&PollCommit {
+            workflow: "pw".into(),
+            owner: "a#1".into(),
+            runs: vec![run("pw-1"), run("pw-2")],
+            seen: vec![("k1".into(), 0), ("k2".into(), 1)],
+            seen_until: later,
+            cursor: Some((0, json!("c1"))),
+            next_poll_at: now_ms() - 1,
+        })
+        .await
+        .expect("commit");
+    assert_eq!(committed, PollCommitted::Committed);
+    assert_eq!(
+        store.seen_keys("pw", &keys).await.expect("seen"),
+        [true, true]
+    );
+    assert!(store.run("pw-1").await.expect("read").is_some());
+    assert_eq!(
+        store.cursor("pw").await.expect("cursor").map(|c| c.value),
+        Some(json!("c1"))
+    );
+    // Released and due again: b#1 takes it, and sees the cursor.
+    let claim = store
+        .claim_poll("pw", "b#1", 60_000)
+        .await
+        .expect("claim")
+        .expect("due");
+    assert_eq!((claim.cursor, claim.cursor_version), (json!("c1"), 1));
+    // a#1 lost it: its commit is refused, nothing written.
+    let stale = store
+        .commit_poll(&PollCommit {
+            workflow: "pw".into(),
+            owner: "a#1".into(),
+            runs: vec![run("pw-stale")],
+            seen: vec![("k3".into(), 0)],
+            seen_until: later,
+            cursor: None,
+            next_poll_at: now_ms(),
+        })
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::LeaseLost { .. })),
+        "{stale:?}"
+    );
+    assert!(store.run("pw-stale").await.expect("read").is_none());
+    // An operator moved the cursor meanwhile: the poll commits nothing.
+    store
+        .set_cursor("pw", &json!("ops"), "ops")
+        .await
+        .expect("set");
+    let moved = store
+        .commit_poll(&PollCommit {
+            workflow: "pw".into(),
+            owner: "b#1".into(),
+            runs: vec![run("pw-3")],
+            seen: vec![("k3".into(), 0)],
+            seen_until: later,
+            cursor: Some((1, json!("c2"))),
+            next_poll_at: now_ms(),
+        })
+        .await
+        .expect("commit");
+    assert_eq!(moved, PollCommitted::CursorMoved);
+    assert!(store.run("pw-3").await.expect("read").is_none());
+    assert_eq!(
+        store
+            .seen_keys("pw", &["k3".to_owned()])
+            .await
+            .expect("seen"),
+        [false]
+    );
+    // A failure is recorded with its alert, and releases the poll.
+    store
+        .fail_poll(
+            "pw",
+            "b#1",
+            "HTTP 503",
+            now_ms() + 60_000,
+            &[NewAlert {
+                id: "poll-alert-1".into(),
+                channel: "ops".into(),
+                payload: json!({"event": "poll_failed"}),
+            }],
+        )
+        .await
+        .expect("fail");
+    let state = store
+        .poll_states()
+        .await
+        .expect("states")
+        .into_iter()
+        .find(|p| p.workflow == "pw")
+        .expect("pw");
+    assert_eq!(
+        (state.failures, state.last_error.as_deref()),
+        (1, Some("HTTP 503"))
+    );
+    assert!(state.last_new_item_at.is_some() && state.last_success_at.is_some());
+    assert_eq!(
+        store.claim_poll("pw", "c#1", 60_000).await.expect("claim"),
+        None,
+        "not due before next_poll_at"
+    );
+}
+
 const ISOLATED_CHECKS: usize = 7;
 
 /// Check number `check` of those that need a store of their own.
@@ -1812,6 +1951,7 @@ async fn the_store_contract(store: &dyn Store) {
     processes_are_listed_by_their_last_beat_until_forgotten(store).await;
     a_dedupe_key_starts_one_run_per_window(store).await;
     a_cursor_moves_only_forward_with_success(store).await;
+    a_poll_is_held_by_one_process_and_commits_whole(store).await;
 }
 
 #[tokio::test]

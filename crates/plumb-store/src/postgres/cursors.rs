@@ -27,7 +27,44 @@ fn decode(row: &sqlx::postgres::PgRow) -> Result<Cursor, StoreError> {
     })
 }
 
-async fn current(conn: &mut PgConnection, workflow: &str) -> Result<Option<Cursor>, StoreError> {
+/// Moves `workflow`'s cursor to `value` if it is at version `from` (0: none
+/// committed yet); the new version, or `None` when it had moved on.
+pub(super) async fn compare_and_set(
+    conn: &mut PgConnection,
+    workflow: &str,
+    from: i64,
+    value: &Value,
+    by: &str,
+) -> Result<Option<i64>, StoreError> {
+    let text = to_json_text(value, "a cursor")?;
+    let query = if from == 0 {
+        sqlx::query(
+            "INSERT INTO cursors (workflow, value, version, updated_at, updated_by) \
+             VALUES ($1, $2, 1, $3, $4) ON CONFLICT (workflow) DO NOTHING",
+        )
+    } else {
+        sqlx::query(
+            "UPDATE cursors SET value = $2, version = version + 1, updated_at = $3, \
+             updated_by = $4 WHERE workflow = $1 AND version = $5",
+        )
+    };
+    let changed = query
+        .bind(workflow)
+        .bind(text)
+        .bind(now_ms())
+        .bind(by)
+        .bind(from)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+    Ok((changed == 1).then_some(from + 1))
+}
+
+pub(super) async fn current(
+    conn: &mut PgConnection,
+    workflow: &str,
+) -> Result<Option<Cursor>, StoreError> {
     sqlx::query(
         "SELECT workflow, value, version, updated_at, updated_by FROM cursors WHERE workflow = $1",
     )
@@ -55,35 +92,18 @@ pub(super) async fn move_cursor(
         .map_err(map_err)?;
     let record = text.map(|t| from_json_text(&t, "cursor")).transpose()?;
     let from = cursors::pinned_version(record.as_ref());
-    let mut moved_to = None;
-    if !wanted.value.is_null() {
-        let value = to_json_text(&wanted.value, "a cursor")?;
-        let by = format!("run:{run_id}");
-        let query = if from == 0 {
-            sqlx::query(
-                "INSERT INTO cursors (workflow, value, version, updated_at, updated_by) \
-                 VALUES ($1, $2, 1, $3, $4) ON CONFLICT (workflow) DO NOTHING",
-            )
-        } else {
-            sqlx::query(
-                "UPDATE cursors SET value = $2, version = version + 1, updated_at = $3, \
-                 updated_by = $4 WHERE workflow = $1 AND version = $5",
-            )
-        };
-        let changed = query
-            .bind(workflow)
-            .bind(value)
-            .bind(now_ms())
-            .bind(by)
-            .bind(from)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
-        if changed == 1 {
-            moved_to = Some(from + 1);
-        }
-    }
+    let moved_to = if wanted.value.is_null() {
+        None
+    } else {
+        compare_and_set(
+            conn,
+            workflow,
+            from,
+            &wanted.value,
+            &format!("run:{run_id}"),
+        )
+        .await?
+    };
     let current_version = match moved_to {
         Some(_) => None,
         None => current(conn, workflow).await?.map(|c| c.version),

@@ -62,6 +62,7 @@ mod copy;
 mod cursors;
 mod deployments;
 mod intake;
+mod polls;
 mod processes;
 mod retention;
 mod runs;
@@ -82,7 +83,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0005_listing_indexes.sql"),
     include_str!("../../migrations/postgres/0006_lean_run_indexes.sql"),
     include_str!("../../migrations/postgres/0007_dedupe_keys.sql"),
-    include_str!("../../migrations/postgres/0008_cursors.sql"),
+    include_str!("../../migrations/postgres/0008_sync_state.sql"),
 ];
 
 /// The advisory lock every migrating process takes (fixed, so processes of

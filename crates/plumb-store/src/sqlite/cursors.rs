@@ -103,28 +103,11 @@ pub(super) fn move_cursor(
         .map(|t| from_json_text(&t, "cursor"))
         .transpose()?;
     let from = cursors::pinned_version(record.as_ref());
-    let mut moved_to = None;
-    if !wanted.value.is_null() {
-        let text = to_json_text(&wanted.value, "a cursor")?;
-        let by = format!("run:{run_id}");
-        let changed = if from == 0 {
-            tx.prepare_cached(
-                "INSERT INTO cursors (workflow, value, version, updated_at, updated_by) \
-                 VALUES (?1, ?2, 1, ?3, ?4) ON CONFLICT (workflow) DO NOTHING",
-            )
-            .and_then(|mut st| st.execute(params![workflow, text, now_ms(), by]))
-        } else {
-            tx.prepare_cached(
-                "UPDATE cursors SET value = ?2, version = version + 1, updated_at = ?3, \
-                 updated_by = ?4 WHERE workflow = ?1 AND version = ?5",
-            )
-            .and_then(|mut st| st.execute(params![workflow, text, now_ms(), by, from]))
-        }
-        .map_err(map_err)?;
-        if changed == 1 {
-            moved_to = Some(from + 1);
-        }
-    }
+    let moved_to = if wanted.value.is_null() {
+        None
+    } else {
+        compare_and_set(tx, workflow, from, &wanted.value, &format!("run:{run_id}"))?
+    };
     let current_version = match moved_to {
         Some(_) => None,
         None => current(tx, workflow)?.map(|c| c.version),
@@ -137,7 +120,37 @@ pub(super) fn move_cursor(
     Ok(())
 }
 
-fn current(conn: &rusqlite::Connection, workflow: &str) -> Result<Option<Cursor>, StoreError> {
+/// Moves `workflow`'s cursor to `value` if it is at version `from` (0: none
+/// committed yet); the new version, or `None` when it had moved on.
+pub(super) fn compare_and_set(
+    tx: &Transaction<'_>,
+    workflow: &str,
+    from: i64,
+    value: &Value,
+    by: &str,
+) -> Result<Option<i64>, StoreError> {
+    let text = to_json_text(value, "a cursor")?;
+    let changed = if from == 0 {
+        tx.prepare_cached(
+            "INSERT INTO cursors (workflow, value, version, updated_at, updated_by) \
+             VALUES (?1, ?2, 1, ?3, ?4) ON CONFLICT (workflow) DO NOTHING",
+        )
+        .and_then(|mut st| st.execute(params![workflow, text, now_ms(), by]))
+    } else {
+        tx.prepare_cached(
+            "UPDATE cursors SET value = ?2, version = version + 1, updated_at = ?3, \
+             updated_by = ?4 WHERE workflow = ?1 AND version = ?5",
+        )
+        .and_then(|mut st| st.execute(params![workflow, text, now_ms(), by, from]))
+    }
+    .map_err(map_err)?;
+    Ok((changed == 1).then_some(from + 1))
+}
+
+pub(super) fn current(
+    conn: &rusqlite::Connection,
+    workflow: &str,
+) -> Result<Option<Cursor>, StoreError> {
     conn.prepare_cached(
         "SELECT workflow, value, version, updated_at, updated_by FROM cursors WHERE workflow = ?1",
     )

@@ -55,6 +55,7 @@ mod audit;
 mod copy;
 mod cursors;
 mod deployments;
+mod polls;
 mod processes;
 mod retention;
 mod runs;
@@ -152,6 +153,7 @@ enum Op {
     Processes(processes::Write),
     Retention(retention::Write),
     Cursors(cursors::Write),
+    Polls(polls::Write),
     Ping,
     Close,
 }
@@ -197,6 +199,8 @@ enum Done {
     Secret(SecretWriteResult),
     Cursor(Option<crate::Cursor>),
     Json(serde_json::Value),
+    Poll(Option<crate::PollClaim>),
+    PollCommitted(crate::PollCommitted),
     Flag(bool),
     Names(Vec<String>),
     Purged(crate::Purged, crate::PurgePosition),
@@ -224,7 +228,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0010_listing_indexes.sql"),
     include_str!("../../migrations/sqlite/0011_lean_run_indexes.sql"),
     include_str!("../../migrations/sqlite/0012_dedupe_keys.sql"),
-    include_str!("../../migrations/sqlite/0013_cursors.sql"),
+    include_str!("../../migrations/sqlite/0013_sync_state.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes
@@ -645,6 +649,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
         Op::Processes(w) => processes::apply(tx, w),
         Op::Retention(w) => retention::apply(tx, w),
         Op::Cursors(w) => cursors::apply(tx, w),
+        Op::Polls(w) => polls::apply(tx, w),
         Op::Ping => {
             tx.prepare_cached(
                 "INSERT INTO health (id, checked_at) VALUES (1, ?1) \
