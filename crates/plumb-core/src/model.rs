@@ -365,6 +365,8 @@ pub enum Trigger {
         /// the sender preset's delivery id).
         dedupe: Option<Box<TriggerDedupe>>,
     },
+    /// An HTTP request on an interval; each new item starts a run.
+    Poll(Box<PollTrigger>),
     /// A cron schedule.
     Schedule {
         /// The cron expression.
@@ -375,6 +377,37 @@ pub enum Trigger {
         catch_up: CatchUp,
     },
 }
+
+/// `trigger.poll`.
+#[derive(Clone, Debug)]
+pub struct PollTrigger {
+    /// How often it polls.
+    pub every: Duration,
+    /// The request (with `paginate`, every page).
+    pub http: HttpAction,
+    /// The connection's timeout for each request, if it sets one.
+    pub timeout: Option<Duration>,
+    /// Over `.response` and `.pages`: the items.
+    pub items: Template,
+    /// Over one item: its identity (its SHA-256 is what is remembered).
+    pub key: Template,
+    /// The workflow's cursor, committed with the poll.
+    pub cursor: Option<Template>,
+    /// One run for all new items instead of one each.
+    pub batch: bool,
+    /// How long a seen key counts.
+    pub remember: Duration,
+}
+
+impl PartialEq for PollTrigger {
+    fn eq(&self, other: &Self) -> bool {
+        // Compiled expressions have no equality of their own; what they
+        // were compiled from, and every other field, shows in the debug form.
+        format!("{self:?}") == format!("{other:?}")
+    }
+}
+
+impl Eq for PollTrigger {}
 
 /// A webhook's dedupe key: the events whose key evaluates equal within
 /// `window` start one run between them.
@@ -458,6 +491,12 @@ impl Workflow {
             Trigger::Webhook { schema, .. } => schema.as_ref(),
             _ => None,
         }
+    }
+
+    /// Whether its poll trigger keeps a cursor (the workflow's cursor).
+    #[must_use]
+    pub fn polls_with_cursor(&self) -> bool {
+        matches!(&self.trigger, Trigger::Poll(p) if p.cursor.is_some())
     }
 
     /// How long the `cursor` expression may take: the longest step

@@ -25,6 +25,7 @@ pub mod failpoint;
 mod journal;
 pub mod ops;
 pub mod owner;
+mod poll;
 pub mod project_dir;
 pub mod retention;
 pub mod retry;
@@ -882,6 +883,17 @@ impl Engine {
 
     /// The alerts a terminal failure sends, one per channel of the
     /// workflow's `alerts.on_failure`.
+    /// Where alert links point: `serve.public_url`, or the listen address.
+    pub(crate) fn public_base(&self) -> String {
+        let project = self.project();
+        project
+            .config
+            .serve
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", project.config.listen))
+    }
+
     fn failure_alerts(
         &self,
         project: &Project,
@@ -894,12 +906,7 @@ impl Engine {
                 Some(w) => w.alerts_on_failure.clone(),
                 None => Vec::new(),
             };
-        let base = project
-            .config
-            .serve
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", project.config.listen));
+        let base = self.public_base();
         let owner = workflow
             .or_else(|| project.workflow(workflow_name).map(AsRef::as_ref))
             .map(|w| w.owner.clone());

@@ -121,8 +121,9 @@ impl Schedule {
     }
 }
 
-/// Fires the schedules of every workflow until `shutdown`. Restart it after
-/// a reload so changed schedules take effect.
+/// Fires the schedules of every workflow, and runs its polls (see
+/// [`crate::poll`]), until `shutdown`. Restart it after a reload so changed
+/// schedules and polls take effect.
 pub async fn run_schedules(
     engine: Arc<Engine>,
     wake_workers: Arc<Notify>,
@@ -131,6 +132,14 @@ pub async fn run_schedules(
     let project = engine.project();
     let mut tasks = JoinSet::new();
     for workflow in &project.workflows {
+        if matches!(workflow.trigger, plumb_core::model::Trigger::Poll(_)) {
+            tasks.spawn(crate::poll::run_one(
+                Arc::clone(&engine),
+                Arc::clone(workflow),
+                Arc::clone(&wake_workers),
+                shutdown.clone(),
+            ));
+        }
         if let Some(schedule) = Schedule::of(workflow) {
             tasks.spawn(run_one(
                 Arc::clone(&engine),

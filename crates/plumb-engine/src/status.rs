@@ -32,6 +32,10 @@ pub struct WorkflowStatus {
     /// first success that moved it); absent for one without.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cursor: Option<serde_json::Value>,
+    /// A polling workflow's last poll, last error, last new item and next
+    /// poll; absent for other triggers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub poll: Option<plumb_store::PollState>,
 }
 
 /// The whole picture.
@@ -105,6 +109,21 @@ fn verdict(workflows: &[WorkflowStatus], alerts: &[Alert]) -> Verdict {
         problems: Vec::new(),
     };
     for w in workflows {
+        if let Some(poll) = &w.poll
+            && poll.failures > 0
+        {
+            v.add(
+                "poll_failing",
+                Some(&w.name),
+                format!(
+                    "{}: its last {} poll{} failed ({})",
+                    w.name,
+                    poll.failures,
+                    if poll.failures == 1 { "" } else { "s" },
+                    poll.last_error.as_deref().unwrap_or("no error recorded")
+                ),
+            );
+        }
         let failing = w
             .last_failure_at
             .is_some_and(|f| w.last_success_at.is_none_or(|s| f > s));
@@ -176,8 +195,21 @@ pub fn cursor_never_moved() -> serde_json::Value {
 /// Returns the store error when the runs cannot be read.
 pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, StoreError> {
     let stats = store.workflow_stats().await?;
-    let cursors = if project.workflows.iter().any(|w| w.cursor.is_some()) {
+    let cursors = if project
+        .workflows
+        .iter()
+        .any(|w| w.cursor.is_some() || w.polls_with_cursor())
+    {
         store.cursors().await?
+    } else {
+        Vec::new()
+    };
+    let polls = if project
+        .workflows
+        .iter()
+        .any(|w| matches!(w.trigger, Trigger::Poll(_)))
+    {
+        store.poll_states().await?
     } else {
         Vec::new()
     };
@@ -192,6 +224,12 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
                 trigger: match &w.trigger {
                     Trigger::Manual => "manual".to_owned(),
                     Trigger::Webhook { path, .. } => format!("webhook /hooks/{path}"),
+                    Trigger::Poll(p) => format!(
+                        "poll every {} ({} {})",
+                        crate::exec::humanize(p.every),
+                        p.http.method,
+                        p.http.connection
+                    ),
                     Trigger::Schedule { cron, timezone, .. } => {
                         format!("schedule {cron} ({timezone})")
                     }
@@ -202,7 +240,25 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
                 running: s.map_or(0, |s| s.running),
                 dead_letters: s.map_or(0, |s| s.dead_letters),
                 next_fire_at: schedule::next_fire(w),
-                cursor: w.cursor.as_ref().map(|_| {
+                poll: match &w.trigger {
+                    Trigger::Poll(_) => Some(
+                        polls
+                            .iter()
+                            .find(|p| p.workflow == w.name)
+                            .cloned()
+                            .unwrap_or_else(|| plumb_store::PollState {
+                                workflow: w.name.clone(),
+                                next_poll_at: now_ms(),
+                                last_poll_at: None,
+                                last_success_at: None,
+                                last_new_item_at: None,
+                                last_error: None,
+                                failures: 0,
+                            }),
+                    ),
+                    _ => None,
+                },
+                cursor: (w.cursor.is_some() || w.polls_with_cursor()).then(|| {
                     cursors
                         .iter()
                         .find(|c| c.workflow == w.name)
@@ -224,6 +280,7 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
                 dead_letters: s.dead_letters,
                 next_fire_at: None,
                 cursor: None,
+                poll: None,
             });
         }
     }

@@ -99,7 +99,11 @@ async fn workflows(
     State(state): State<AppState>,
 ) -> Result<Json<Value>, ApiError> {
     let project = state.engine.project();
-    let cursors = if project.workflows.iter().any(|w| w.cursor.is_some()) {
+    let cursors = if project
+        .workflows
+        .iter()
+        .any(|w| w.cursor.is_some() || w.polls_with_cursor())
+    {
         state.engine.store().cursors().await?
     } else {
         Vec::new()
@@ -111,6 +115,7 @@ async fn workflows(
             let trigger = match &w.trigger {
                 Trigger::Manual => json!({ "type": "manual" }),
                 Trigger::Webhook { path, auth, schema, dedupe } => json!({ "type": "webhook", "path": format!("/hooks/{path}"), "authenticated": auth.is_some(), "schema": schema.as_ref().map(plumb_core::contract::Contract::path), "dedupe": dedupe.as_ref().map(|d| json!({ "key": d.source, "window_seconds": d.window.as_secs() })) }),
+                Trigger::Poll(p) => json!({ "type": "poll", "every_seconds": p.every.as_secs_f64(), "connection": p.http.connection, "method": p.http.method, "batch": p.batch, "remember_seconds": p.remember.as_secs() }),
                 Trigger::Schedule { cron, timezone, catch_up } => {
                     json!({ "type": "schedule", "cron": cron, "timezone": timezone, "catch_up": catch_up })
                 }
@@ -124,7 +129,7 @@ async fn workflows(
                 "trigger": trigger,
                 "concurrency": w.concurrency,
                 "steps": w.all_steps().iter().map(|s| json!({"id": s.id, "kind": s.action.kind()})).collect::<Vec<_>>(),
-                "cursor": w.cursor.as_ref().map(|_| {
+                "cursor": (w.cursor.is_some() || w.polls_with_cursor()).then(|| {
                     cursors
                         .iter()
                         .find(|c| c.workflow == w.name)

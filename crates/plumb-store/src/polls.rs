@@ -52,7 +52,8 @@ pub enum PollCommitted {
     /// The runs, keys and cursor are committed.
     Committed,
     /// The cursor changed since the poll read it (an operator set it):
-    /// nothing was committed; the next poll reads the new one.
+    /// no run, key or cursor was committed; the poll is released and due,
+    /// and the next one reads the new cursor.
     CursorMoved,
 }
 

@@ -1880,6 +1880,11 @@ async fn a_poll_is_held_by_one_process_and_commits_whole(store: &dyn Store) {
             .expect("seen"),
         [false]
     );
+    store
+        .claim_poll("pw", "b#1", 60_000)
+        .await
+        .expect("claim")
+        .expect("released and due again after a cursor conflict");
     // A failure is recorded with its alert, and releases the poll.
     store
         .fail_poll(

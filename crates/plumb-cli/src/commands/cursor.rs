@@ -78,7 +78,7 @@ fn check_workflow(root: &std::path::Path, name: &str, changing: bool) -> anyhow:
         ))
         .into());
     };
-    if changing && workflow.cursor.is_none() {
+    if changing && workflow.cursor.is_none() && !workflow.polls_with_cursor() {
         return Err(UsageError(format!(
             "workflow `{name}` has no `cursor:`, so nothing reads one: add `cursor: \"${{{{ … }}}}\"` to {} first",
             workflow.file

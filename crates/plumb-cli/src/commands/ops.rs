@@ -355,6 +355,24 @@ pub async fn status(global: &Global) -> anyhow::Result<Exit> {
             },
             when(&w["next_fire_at"]),
         );
+        if let Some(poll) = w.get("poll") {
+            let line = format!(
+                "  poll   last {} · next {} · last new item {}",
+                when(&poll["last_poll_at"]),
+                when(&poll["next_poll_at"]),
+                when(&poll["last_new_item_at"]),
+            );
+            println!("{}", s.dim(&line));
+            if let Some(error) = poll["last_error"].as_str() {
+                println!(
+                    "{}",
+                    s.bad(&format!(
+                        "  poll   last error ({} in a row): {error}",
+                        poll["failures"].as_u64().unwrap_or(0)
+                    ))
+                );
+            }
+        }
         if let Some(cursor) = w.get("cursor") {
             println!(
                 "{}",

@@ -248,6 +248,10 @@ struct Inner {
     seen: HashMap<(String, String), u32>,
     in_flight: u32,
     max_in_flight: u32,
+    /// `/feed` serves records `0..feed`.
+    feed: usize,
+    /// `/feed` answers 503 while set.
+    feed_down: bool,
 }
 
 /// A local HTTP receiver. Routes (all methods):
@@ -267,7 +271,10 @@ struct Inner {
 /// * `/pages/<style>`: a paginated API over `?total=` records (default
 ///   250) `{id, name}`, 100 per page (`?limit=`), in the four styles people
 ///   meet (see [`page_of`]); `?kill_at=<page index>` SIGKILLs the victim
-///   the first time that page is asked for (by idempotency key).
+///   the first time that page is asked for (by idempotency key);
+/// * `/feed[?since=N]`: `{items: [{id, name}, …]}`, the records set by
+///   [`Receiver::set_feed`] from id N on; 503 while
+///   [`Receiver::set_feed_down`].
 #[derive(Clone)]
 pub struct Receiver {
     inner: Arc<Mutex<Inner>>,
@@ -308,6 +315,16 @@ impl Receiver {
     pub fn clear(&self) {
         let mut inner = self.inner.lock().expect("lock");
         *inner = Inner::default();
+    }
+
+    /// `/feed` serves records `0..n` from now on.
+    pub fn set_feed(&self, n: usize) {
+        self.inner.lock().expect("lock").feed = n;
+    }
+
+    /// `/feed` answers 503 while `down`.
+    pub fn set_feed_down(&self, down: bool) {
+        self.inner.lock().expect("lock").feed_down = down;
     }
 
     /// The process `/kill` kills.
@@ -432,6 +449,24 @@ async fn handle(
                     .status();
             }
             axum::Json(json!({"killed": victim})).into_response()
+        }
+        ["feed"] => {
+            let (total, down) = {
+                let i = inner.lock().expect("lock");
+                (i.feed, i.feed_down)
+            };
+            if down {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(json!({"error": "feed down"})),
+                )
+                    .into_response();
+            }
+            let since = query
+                .get("since")
+                .and_then(|s| s.parse::<usize>().ok())
+                .unwrap_or(0);
+            axum::Json(json!({"items": page_records(since.min(total), total)})).into_response()
         }
         ["pages", style] => {
             let Some((index, page)) = page_of(style, &query) else {

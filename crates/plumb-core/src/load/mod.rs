@@ -38,7 +38,7 @@ use crate::yaml::{self, Document, FieldPath, Segment};
 
 mod alert;
 mod connection;
-mod step;
+pub(crate) mod step;
 mod trigger;
 
 /// The text of one project file.
@@ -496,6 +496,15 @@ fn load_workflow_inner(
         None => None,
         Some(raw) => cx.workflow_cursor(raw, &root.key("cursor"), &steps),
     };
+    if spec.cursor.is_some() && matches!(&trigger, Some(Trigger::Poll(p)) if p.cursor.is_some()) {
+        cx.error_at_value(
+            &root.key("cursor"),
+            "the workflow has a `cursor` and its poll trigger has one too",
+        )
+        .help = Some(
+            "keep one: `trigger.poll.cursor` moves with each poll that finds new items; a workflow `cursor` moves with each run's success".into(),
+        );
+    }
     let mut concurrency = spec.concurrency;
     if spec.cursor.is_some() {
         match spec.concurrency {

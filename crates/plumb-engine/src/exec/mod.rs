@@ -26,11 +26,22 @@ use crate::journal::{self, AfterFailure, Prior, SuccessCommit};
 mod context;
 mod step;
 
-pub(crate) use step::auth_header;
+pub(crate) use step::{
+    PlannedRequest, auth_header, link_next, next_request, plan_request, send_request,
+};
 
 pub use context::idempotency_key;
 use context::{ContextBase, eval_bounded, redact_error};
 pub(crate) use context::{humanize, preview, with_store_retries};
+
+/// Evaluates a template on the expression threads, bounded by `timeout`.
+pub(crate) async fn eval_template(
+    template: Template,
+    context: Val,
+    timeout: Duration,
+) -> Result<Value, EvalError> {
+    eval_bounded(template, context, timeout).await
+}
 
 /// Why a run stopped early.
 pub(crate) enum Halt {

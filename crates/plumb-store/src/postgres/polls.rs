@@ -120,6 +120,13 @@ impl PollStore for PgStore {
                 .await?
                 .is_none()
         {
+            // Released, and due at once: the next poll reads the new cursor.
+            sqlx::query("UPDATE polls SET owner = NULL, lease_until = NULL WHERE workflow = $1")
+                .bind(&c.workflow)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            tx.commit().await.map_err(map_err)?;
             return Ok(PollCommitted::CursorMoved);
         }
         let now = now_ms();

@@ -163,6 +163,10 @@ fn commit_poll(tx: &Transaction<'_>, c: &PollCommit) -> Result<Done, StoreError>
     if let Some((from, value)) = &c.cursor
         && super::cursors::compare_and_set(tx, &c.workflow, *from, value, "poll")?.is_none()
     {
+        // Released, and due at once: the next poll reads the new cursor.
+        tx.prepare_cached("UPDATE polls SET owner = NULL, lease_until = NULL WHERE workflow = ?1")
+            .and_then(|mut st| st.execute(params![c.workflow]))
+            .map_err(map_err)?;
         return Ok(Done::PollCommitted(PollCommitted::CursorMoved));
     }
     let now = now_ms();

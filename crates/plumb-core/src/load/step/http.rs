@@ -93,7 +93,7 @@ fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
     })
 }
 
-fn http_action(
+pub(in crate::load) fn http_action(
     cx: &mut Checker<'_>,
     spec: &HttpStepSpec,
     path: &FieldPath,

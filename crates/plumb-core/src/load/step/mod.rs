@@ -17,7 +17,7 @@ use crate::yaml::FieldPath;
 
 mod assert;
 mod branch;
-mod http;
+pub(in crate::load) mod http;
 mod jq;
 mod sleep;
 

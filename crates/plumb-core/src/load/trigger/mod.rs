@@ -1,6 +1,7 @@
 //! `trigger:` in a workflow: one file per trigger kind, listed in
 //! [`KINDS`]. A kind turns its mapping into a [`Trigger`] of the model;
-//! serving it (webhook routes, schedules) is the server's and the engine's.
+//! serving it (webhook routes, schedules, polls) is the server's and the
+//! engine's.
 
 use serde_json::Value;
 
@@ -9,6 +10,7 @@ use crate::model::Trigger;
 use crate::yaml::FieldPath;
 
 mod manual;
+mod poll;
 mod schedule;
 mod webhook;
 
@@ -22,10 +24,10 @@ pub(super) struct TriggerKind {
 }
 
 /// Every trigger kind this version has.
-const KINDS: &[TriggerKind] = &[webhook::KIND, schedule::KIND, manual::KIND];
+const KINDS: &[TriggerKind] = &[webhook::KIND, schedule::KIND, poll::KIND, manual::KIND];
 
 /// Kinds SPEC describes that are not built yet.
-const PLANNED: &[&str] = &["poll", "queue"];
+const PLANNED: &[&str] = &["queue"];
 
 impl Checker<'_> {
     /// `trigger:`: `manual` (the default), or a mapping with one kind.

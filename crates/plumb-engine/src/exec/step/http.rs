@@ -19,17 +19,17 @@ use super::super::{Execution, Outcome};
 /// headers and credential: what a page's journal row keeps, so a resume
 /// knows where the next page comes from.
 #[derive(Clone, Debug, PartialEq)]
-pub(in crate::exec) struct PlannedRequest {
-    pub(in crate::exec) url: url::Url,
+pub(crate) struct PlannedRequest {
+    pub(crate) url: url::Url,
     /// The step's own headers (never the connection's: those carry
     /// credentials and are added at send time).
-    pub(in crate::exec) headers: Vec<(String, String)>,
-    pub(in crate::exec) body: Option<Value>,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Option<Value>,
 }
 
 impl PlannedRequest {
     /// As kept in a page's journal row.
-    pub(in crate::exec) fn to_state(&self) -> Value {
+    pub(crate) fn to_state(&self) -> Value {
         let headers: Vec<Value> = self
             .headers
             .iter()
@@ -39,7 +39,7 @@ impl PlannedRequest {
     }
 
     /// Read back from a page's journal row.
-    pub(in crate::exec) fn from_state(state: &Value) -> Option<Self> {
+    pub(crate) fn from_state(state: &Value) -> Option<Self> {
         let url = url::Url::parse(state.get("url")?.as_str()?).ok()?;
         let mut headers = Vec::new();
         for pair in state.get("headers")?.as_array()? {
@@ -55,7 +55,7 @@ impl PlannedRequest {
     }
 
     /// As `.request` in `paginate.next`: `{url, path, query, headers, body}`.
-    pub(in crate::exec) fn describe(&self) -> Value {
+    pub(crate) fn describe(&self) -> Value {
         let query: serde_json::Map<String, Value> = self
             .url
             .query_pairs()
@@ -142,36 +142,10 @@ impl Execution<'_> {
         http: &HttpAction,
         context: Val,
     ) -> Result<PlannedRequest, ActionError> {
-        let connection = http_connection(&self.project, &http.connection)?;
-        let http_clone = http.clone();
-        let rendered = crate::eval::evaluate(step.timeout, move |budget| {
-            render_http(&http_clone, &context, budget)
-        })
-        .await
-        .map_err(permanent_eval)?;
-        let mut url = url_below(connection, &rendered.path)?;
-        keep_on_origin(
-            &url,
-            &http.connection,
-            connection,
-            &format!("the path `{}`", rendered.path),
-        )?;
-        if !rendered.query.is_empty() {
-            let mut pairs = url.query_pairs_mut();
-            for (k, v) in &rendered.query {
-                pairs.append_pair(k, v);
-            }
-        }
-        Ok(PlannedRequest {
-            url,
-            headers: rendered.headers,
-            body: rendered.body,
-        })
+        plan_request(&self.project, http, context, step.timeout).await
     }
 
-    /// Sends one planned request with the connection's headers and
-    /// credential and the idempotency key, and checks the answer against
-    /// the step's `expect`.
+    /// Sends one planned request (see [`send_request`]).
     pub(in crate::exec) async fn send_http(
         &self,
         step: &Step,
@@ -179,94 +153,144 @@ impl Execution<'_> {
         planned: &PlannedRequest,
         key: String,
     ) -> Result<Outcome, ActionError> {
-        let connection = http_connection(&self.project, &http.connection)?;
-        // A step's header replaces the connection's header of the same name;
-        // the idempotency key is always plumb's own.
-        let mut headers: Vec<(String, String)> = Vec::new();
-        for (name, value) in connection
-            .headers
-            .iter()
-            .chain(planned.headers.iter())
-            .cloned()
-        {
-            headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
-            headers.push((name, value));
-        }
-        // The connection's credential goes last, so no step header can
-        // replace it; it is only ever sent to this connection's origin. The
-        // same snapshot of the secrets redacts the answer, so a rotation in
-        // between cannot let the old value through.
-        let secrets = self.engine.secrets();
-        let mut credential_header = None;
-        if let Some(auth) = &connection.auth {
-            let (name, value) = auth_header(&secrets, &http.connection, auth)?;
-            headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
-            credential_header = Some(name.clone());
-            headers.push((name, value));
-        }
-        headers.retain(|(n, _)| !n.eq_ignore_ascii_case("idempotency-key"));
-        headers.push(("Idempotency-Key".to_owned(), key));
-        let response = self
-            .engine
-            .http
-            .send(HttpRequest {
-                method: http.method.clone(),
-                url: planned.url.clone(),
-                headers,
-                body: planned.body.clone(),
-                timeout: step.timeout,
-                expect_status: http.expect_status.clone(),
-                credential_header,
-                scrub: Some(crate::secrets::scrubber(Arc::clone(&secrets))),
-            })
-            .await?;
-        let status = response.status;
-        if let Some(contract) = &http.expect_schema {
-            // An upstream's answer may hold values only `redact:` knows
-            // of: the messages name the rule, never the value.
-            let violations = contract.violations_without_values(&response.body);
-            let says_json = response
-                .headers
-                .get("content-type")
-                .and_then(Value::as_str)
-                .is_some_and(|t| t.contains("json"));
-            if !violations.is_empty() && !says_json {
-                // Not JSON at all (a proxy's maintenance page answered
-                // 200): a glitch in front of the upstream, worth a retry.
-                return Err(ActionError::Retryable {
-                    message: format!(
-                        "HTTP {status}, but the body is not JSON, so it cannot match the contract {}",
-                        contract.path()
-                    ),
-                    status: Some(status),
-                    retry_after: None,
-                });
-            }
-            if !violations.is_empty() {
-                // The upstream changed what it sends: retrying will not
-                // help, and passing it on is the failure a contract exists
-                // to stop.
-                return Err(ActionError::Permanent {
-                    message: secrets
-                        .redactor()
-                        .redact(&format!(
-                            "HTTP {status}, but the body breaks the contract {}",
-                            plumb_core::contract::summary(contract, &violations)
-                        ))
-                        .into_owned(),
-                    status: Some(status),
-                });
-            }
-        }
-        // The snapshot that supplied the credential also redacts the answer:
-        // an upstream echoing a value rotated meanwhile is still caught.
-        let mut output = response.into_output();
-        secrets.redactor().redact_json(&mut output);
+        let (output, status) =
+            send_request(self.engine, &self.project, http, planned, key, step.timeout).await?;
         Ok(Outcome {
             output,
             status_code: Some(status),
         })
     }
+}
+
+/// Renders an http request from its templates over `context`, bound to its
+/// connection's origin.
+pub(crate) async fn plan_request(
+    project: &plumb_core::model::Project,
+    http: &HttpAction,
+    context: Val,
+    timeout: std::time::Duration,
+) -> Result<PlannedRequest, ActionError> {
+    let connection = http_connection(project, &http.connection)?;
+    let http_clone = http.clone();
+    let rendered = crate::eval::evaluate(timeout, move |budget| {
+        render_http(&http_clone, &context, budget)
+    })
+    .await
+    .map_err(permanent_eval)?;
+    let mut url = url_below(connection, &rendered.path)?;
+    keep_on_origin(
+        &url,
+        &http.connection,
+        connection,
+        &format!("the path `{}`", rendered.path),
+    )?;
+    if !rendered.query.is_empty() {
+        let mut pairs = url.query_pairs_mut();
+        for (k, v) in &rendered.query {
+            pairs.append_pair(k, v);
+        }
+    }
+    Ok(PlannedRequest {
+        url,
+        headers: rendered.headers,
+        body: rendered.body,
+    })
+}
+
+/// Sends one planned request with the connection's headers and credential
+/// and the idempotency key, and checks the answer against `expect`: the
+/// output `{status, headers, body}` (secret values redacted) and the status.
+pub(crate) async fn send_request(
+    engine: &crate::Engine,
+    project: &plumb_core::model::Project,
+    http: &HttpAction,
+    planned: &PlannedRequest,
+    key: String,
+    timeout: std::time::Duration,
+) -> Result<(Value, u16), ActionError> {
+    let connection = http_connection(project, &http.connection)?;
+    // A step's header replaces the connection's header of the same name;
+    // the idempotency key is always plumb's own.
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for (name, value) in connection
+        .headers
+        .iter()
+        .chain(planned.headers.iter())
+        .cloned()
+    {
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+        headers.push((name, value));
+    }
+    // The connection's credential goes last, so no step header can
+    // replace it; it is only ever sent to this connection's origin. The
+    // same snapshot of the secrets redacts the answer, so a rotation in
+    // between cannot let the old value through.
+    let secrets = engine.secrets();
+    let mut credential_header = None;
+    if let Some(auth) = &connection.auth {
+        let (name, value) = auth_header(&secrets, &http.connection, auth)?;
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+        credential_header = Some(name.clone());
+        headers.push((name, value));
+    }
+    headers.retain(|(n, _)| !n.eq_ignore_ascii_case("idempotency-key"));
+    headers.push(("Idempotency-Key".to_owned(), key));
+    let response = engine
+        .http
+        .send(HttpRequest {
+            method: http.method.clone(),
+            url: planned.url.clone(),
+            headers,
+            body: planned.body.clone(),
+            timeout,
+            expect_status: http.expect_status.clone(),
+            credential_header,
+            scrub: Some(crate::secrets::scrubber(Arc::clone(&secrets))),
+        })
+        .await?;
+    let status = response.status;
+    if let Some(contract) = &http.expect_schema {
+        // An upstream's answer may hold values only `redact:` knows
+        // of: the messages name the rule, never the value.
+        let violations = contract.violations_without_values(&response.body);
+        let says_json = response
+            .headers
+            .get("content-type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.contains("json"));
+        if !violations.is_empty() && !says_json {
+            // Not JSON at all (a proxy's maintenance page answered
+            // 200): a glitch in front of the upstream, worth a retry.
+            return Err(ActionError::Retryable {
+                message: format!(
+                    "HTTP {status}, but the body is not JSON, so it cannot match the contract {}",
+                    contract.path()
+                ),
+                status: Some(status),
+                retry_after: None,
+            });
+        }
+        if !violations.is_empty() {
+            // The upstream changed what it sends: retrying will not
+            // help, and passing it on is the failure a contract exists
+            // to stop.
+            return Err(ActionError::Permanent {
+                message: secrets
+                    .redactor()
+                    .redact(&format!(
+                        "HTTP {status}, but the body breaks the contract {}",
+                        plumb_core::contract::summary(contract, &violations)
+                    ))
+                    .into_owned(),
+                status: Some(status),
+            });
+        }
+    }
+    // The snapshot that supplied the credential also redacts the answer:
+    // an upstream echoing a value rotated meanwhile is still caught.
+    let mut output = response.into_output();
+    secrets.redactor().redact_json(&mut output);
+    Ok((output, status))
 }
 
 struct RenderedHttp {

@@ -18,8 +18,9 @@ mod jq;
 mod paginate;
 mod sleep;
 
-pub(in crate::exec) use http::PlannedRequest;
 pub(crate) use http::auth_header;
+pub(crate) use http::{PlannedRequest, plan_request, send_request};
+pub(crate) use paginate::{link_next, next_request};
 
 impl Execution<'_> {
     /// Performs one attempt: of a page, when `page` is its request, or

@@ -223,7 +223,7 @@ impl Execution<'_> {
 
 /// The `rel="next"` target of a page's `Link` header (RFC 8288), resolved
 /// against the URL that fetched it.
-fn link_next(response: &Value, fetched: &url::Url) -> Option<String> {
+pub(crate) fn link_next(response: &Value, fetched: &url::Url) -> Option<String> {
     let header = response.get("headers")?.get("link")?.as_str()?;
     let links = http_link::parse_link_header(header, fetched).ok()?;
     links
@@ -237,7 +237,7 @@ fn link_next(response: &Value, fetched: &url::Url) -> Option<String> {
 /// an object `{path, query, headers, body}` is merged into the step's own
 /// request (a `null` query or header value removes it). Every URL stays on
 /// the connection's origin.
-fn next_request(
+pub(crate) fn next_request(
     connection_name: &str,
     connection: &plumb_core::model::HttpConnection,
     first: &PlannedRequest,
