@@ -4,6 +4,10 @@
 //!
 //! * `POST <any path>` with a JSON body holding `"id"` → `200 {"ok":true}`,
 //!   counted by id (duplicates counted separately) and by idempotency key;
+//!   a body `{"records": [{"id": …}, …]}` (a batch) counts each record's id;
+//! * `GET /records?limit=L&total=T[&cursor=C]` → a page of a cursor-paginated
+//!   API over T records (W7): `{"data": [...L records], "next_cursor": C'}`,
+//!   `next_cursor` null on the last page; pages served are counted;
 //! * `?delay_ms=N` on any of them: the answer comes N ms later;
 //! * `GET /stats` → counters and first/last delivery times;
 //! * `POST /reset`, `GET /health`.
@@ -32,6 +36,10 @@ struct Counters {
     bad: u64,
     first_ts: Option<f64>,
     last_ts: Option<f64>,
+    /// Records received in batches.
+    records: u64,
+    /// Pages of `/records` served.
+    pages: u64,
 }
 
 type Shared = Arc<Mutex<Counters>>;
@@ -74,6 +82,11 @@ fn record(
         return Json(json!({"error": "poisoned"}));
     };
     match (method.as_str(), path) {
+        ("GET", "/records") => {
+            c.pages += 1;
+            drop(c);
+            Json(records_page(uri.query().unwrap_or("")))
+        }
         ("GET", "/health") => Json(json!({"ok": true})),
         ("POST", "/reset") => {
             *c = Counters::default();
@@ -94,6 +107,8 @@ fn record(
                 "resent_keys": resent_keys,
                 "first_ts": c.first_ts,
                 "last_ts": c.last_ts,
+                "records": c.records,
+                "pages": c.pages,
             }))
         }
         _ => {
@@ -101,12 +116,32 @@ fn record(
             c.accepted += 1;
             c.first_ts.get_or_insert(ts);
             c.last_ts = Some(ts);
-            match serde_json::from_slice::<Value>(body)
-                .ok()
-                .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
+            let doc = serde_json::from_slice::<Value>(body).ok();
+            if let Some(batch) = doc
+                .as_ref()
+                .and_then(|v| v.get("records"))
+                .and_then(Value::as_array)
             {
-                Some(id) => *c.ids.entry(id).or_default() += 1,
-                None => c.bad += 1,
+                for record in batch {
+                    let id = match record.get("id") {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(Value::Number(n)) => n.to_string(),
+                        _ => {
+                            c.bad += 1;
+                            continue;
+                        }
+                    };
+                    c.records += 1;
+                    *c.ids.entry(id).or_default() += 1;
+                }
+            } else {
+                match doc
+                    .as_ref()
+                    .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
+                {
+                    Some(id) => *c.ids.entry(id).or_default() += 1,
+                    None => c.bad += 1,
+                }
             }
             if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
                 *c.keys.entry(key.to_owned()).or_default() += 1;
@@ -114,6 +149,41 @@ fn record(
             Json(json!({"ok": true}))
         }
     }
+}
+
+/// One page of the W7 API: records `cursor..cursor+limit` of `total`. The
+/// cursor is opaque to clients (`c` + the offset in hex).
+fn records_page(query: &str) -> Value {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+    };
+    let limit = param("limit")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(100)
+        .clamp(1, 1000);
+    let total = param("total")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(100_000);
+    let offset = param("cursor")
+        .and_then(|c| c.strip_prefix('c'))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or(0);
+    let end = (offset + limit).min(total);
+    let data: Vec<Value> = (offset.min(end)..end)
+        .map(|i| {
+            json!({
+                "id": i,
+                "name": format!("Record {i}"),
+                "email": format!("User.{i}@Example.COM"),
+                "amount": (i % 1000) as f64 * 1.25,
+                "updated_at": format!("2026-11-30T{:02}:{:02}:{:02}Z", (i / 3600) % 24, (i / 60) % 60, i % 60),
+            })
+        })
+        .collect();
+    let next = (end < total).then(|| format!("c{end:x}"));
+    json!({ "data": data, "next_cursor": next })
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -296,3 +296,17 @@ async fn check_names_what_is_wrong_with_a_paginate_block() {
         assert!(out.stderr.contains(expected), "{expected}\n{out}");
     }
 }
+
+/// Outputs no later step reads are dropped from memory as the run goes
+/// (a page list is not held through the rest of a sync); every output a
+/// later step does read is still there, however far later.
+#[tokio::test]
+async fn outputs_stay_readable_by_every_later_reader() {
+    let project = Project::with_receiver("http://127.0.0.1:9");
+    project.workflow(
+        "far",
+        "name: far\nowner: qa@example.com\ndescription: d\nsteps:\n  - id: a\n    jq: '1'\n  - id: b\n    jq: '2'\n  - id: unread\n    jq: '3'\n  - id: c\n    jq: '.steps.b + 10'\n  - id: d\n    jq: '.steps.a + .steps.c'\n  - id: whole\n    jq: '.steps | keys'\n  - id: check\n    assert:\n      condition: \"${{ .steps.d == 13 and (.steps.whole | index(\\\"unread\\\")) != null }}\"\n      message: \"d=${{ .steps.d }} whole=${{ .steps.whole }}\"\n",
+    );
+    let out = project.run(&["run", "far"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+}

@@ -34,7 +34,9 @@
 //!    fetched it in its state; each page has its own attempts and
 //!    idempotency key. A resume skips the committed pages, derives the next
 //!    request from the last one ([`last_page`]), and re-sends only the page
-//!    that was in flight. The step's own row holds no copy of the pages.
+//!    that was in flight. A page's attempt is not marked `running` first
+//!    (it would be re-sent the same way either way), so a page costs one
+//!    commit. The step's own row holds no copy of the pages.
 
 use std::time::Duration;
 
@@ -111,8 +113,11 @@ pub(crate) fn attempt_plan(prior: Prior<'_>, policy_attempts: u32) -> AttemptPla
 }
 
 /// Rule 3: whether an attempt is journaled as `running` before it starts.
-pub(crate) fn marks_attempt_start(step: &Step) -> bool {
-    step.has_effects()
+/// A page (rule 7) is not: a resume re-sends the first page not committed,
+/// with its key, whether or not it was marked, and one commit per page
+/// instead of two halves the cost of a long pagination.
+pub(crate) fn marks_attempt_start(step: &Step, item: Option<u32>) -> bool {
+    step.has_effects() && !(item.is_some() && step.paginate().is_some())
 }
 
 /// What follows a failed attempt (rule 4).
@@ -291,8 +296,9 @@ mod tests {
     #[test]
     fn rule_3_only_effects_mark_an_attempt_before_it_starts() {
         let w = workflow();
-        assert!(marks_attempt_start(&w.steps[0]), "http");
-        assert!(!marks_attempt_start(&w.steps[1]), "jq");
+        assert!(marks_attempt_start(&w.steps[0], None), "http");
+        assert!(marks_attempt_start(&w.steps[0], Some(3)), "a for_each item");
+        assert!(!marks_attempt_start(&w.steps[1], None), "jq");
     }
 
     #[test]

@@ -130,6 +130,42 @@ pub(crate) struct Execution<'e> {
     token: String,
     /// `.cursor`: the cursor the run started from (`null` without one).
     cursor: Val,
+    /// Each step's position in the workflow, nested steps included.
+    position: HashMap<String, usize>,
+    /// The position of the last step (or the cursor) that may read each
+    /// step's output: past it, the output is dropped from memory (it stays
+    /// in the journal). A step nobody reads has no entry.
+    last_reader: HashMap<String, usize>,
+}
+
+/// Where each step is in execution order, and the last position that may
+/// read each step's output (`usize::MAX`: the workflow's cursor does).
+fn liveness(workflow: &Workflow) -> (HashMap<String, usize>, HashMap<String, usize>) {
+    let all = workflow.all_steps();
+    let position: HashMap<String, usize> = all
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.clone(), i))
+        .collect();
+    let mut last_reader: HashMap<String, usize> = HashMap::new();
+    let mut note = |reads: &plumb_core::expr::StepsRead, at: usize, before: usize| {
+        if reads.whole {
+            for earlier in all.iter().take(before) {
+                last_reader.insert(earlier.id.clone(), at);
+            }
+        } else {
+            for id in &reads.ids {
+                last_reader.insert(id.clone(), at);
+            }
+        }
+    };
+    for (i, step) in all.iter().enumerate() {
+        note(&step.reads, i, i);
+    }
+    if let Some(cursor) = &workflow.cursor {
+        note(&cursor.reads, usize::MAX, all.len());
+    }
+    (position, last_reader)
 }
 
 /// How an action attempt ended well.
@@ -162,6 +198,7 @@ impl<'e> Execution<'e> {
             .into_iter()
             .map(|r| ((r.step_id.clone(), r.item), r))
             .collect();
+        let (position, last_reader) = liveness(&workflow);
         Self {
             engine,
             project,
@@ -176,6 +213,8 @@ impl<'e> Execution<'e> {
             last_outcome: std::sync::Mutex::new(None),
             token,
             cursor,
+            position,
+            last_reader,
         }
     }
 
@@ -199,6 +238,7 @@ impl<'e> Execution<'e> {
                     return Err(Halt::Stopped);
                 }
                 self.run_step(step).await?;
+                self.forget_dead_outputs(step);
             }
             Ok(())
         })
@@ -249,6 +289,9 @@ impl<'e> Execution<'e> {
                         .await;
                     match outcome {
                         Ok(o) => {
+                            // What only this step read is dropped before its
+                            // own output joins it in memory.
+                            self.forget_dead_outputs(step);
                             self.set_output(&step.id, &o.output);
                             Ok(())
                         }
@@ -256,6 +299,27 @@ impl<'e> Execution<'e> {
                     }
                 }
             },
+        }
+    }
+
+    /// Drops from memory the outputs no step after `step` reads: a large
+    /// page list or transform result is not held through the rest of the
+    /// run (the journal keeps it).
+    fn forget_dead_outputs(&mut self, step: &Step) {
+        let Some(&here) = self.position.get(&step.id) else {
+            return;
+        };
+        let last_reader = &self.last_reader;
+        let position = &self.position;
+        let dead = |id: &str| {
+            position.get(id).is_some_and(|p| *p <= here)
+                && last_reader.get(id).is_none_or(|r| *r <= here)
+        };
+        let gone: Vec<String> = position.keys().filter(|id| dead(id)).cloned().collect();
+        for id in gone {
+            // Order does not matter: outputs are looked up by name.
+            self.outputs.swap_remove(&Val::from(id.clone()));
+            self.lazy.remove(&id);
         }
     }
 
@@ -400,7 +464,7 @@ impl<'e> Execution<'e> {
         loop {
             attempt += 1;
             let attempt_started = now_ms();
-            if journal::marks_attempt_start(step) {
+            if journal::marks_attempt_start(step, index) {
                 self.write_step(&self.running(step, index, attempt, None, first_started))
                     .await?;
             }
