@@ -47,7 +47,12 @@ pub enum Command {
     Init {
         /// Where to create it (default: the current directory).
         dir: Option<PathBuf>,
+        /// Which example to scaffold: `hello` (a first workflow), or `sync` (an incremental sync with a cursor and pagination, against `plumb mock-api`).
+        #[arg(long, value_enum, default_value_t = Example::Hello)]
+        example: Example,
     },
+    /// A mock CRM and warehouse on loopback, for the `sync` example (`plumb init --example sync`).
+    MockApi(MockArgs),
     /// Validate the project: schema, references, expressions, egress. Exit 1 on problems.
     Check,
     /// Run a workflow once in the foreground, or resume an interrupted run.
@@ -112,6 +117,29 @@ pub enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+}
+
+/// Which example `plumb init` scaffolds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Example {
+    /// A first workflow, run by hand.
+    Hello,
+    /// An incremental sync: schedule, cursor, pagination, a data contract.
+    Sync,
+}
+
+/// `plumb mock-api`.
+#[derive(Debug, Args)]
+pub struct MockArgs {
+    /// Where to listen (loopback).
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: String,
+    /// Contacts at the start.
+    #[arg(long, default_value_t = 250)]
+    pub records: usize,
+    /// Seconds between changes (a new contact; every third time an old one renamed).
+    #[arg(long, default_value_t = 5)]
+    pub every: u64,
 }
 
 /// `plumb cursor …`.

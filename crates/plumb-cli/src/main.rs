@@ -104,7 +104,8 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<Exit> {
     let global = cli.global;
     match cli.command {
-        Command::Init { dir } => commands::init::run(&global, dir.as_deref()),
+        Command::Init { dir, example } => commands::init::run(&global, dir.as_deref(), example),
+        Command::MockApi(args) => commands::mock::run(&global, args).await,
         Command::Check => commands::check::run(&global).await,
         Command::Run(args) => commands::run::run(&global, args).await,
         Command::Runs { command } => match command {

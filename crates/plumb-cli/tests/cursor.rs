@@ -175,3 +175,84 @@ async fn a_cursor_is_checked_when_the_project_loads() {
     assert_eq!(set.code, Some(2), "{set}");
     assert!(set.stderr.contains("no workflow named `nope`"), "{set}");
 }
+
+/// `plumb init --example sync` scaffolds a sync that works against
+/// `plumb mock-api` as its SYNC.md says: the first run copies every
+/// contact, the next only what changed, and the warehouse ends in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_example_runs_against_the_mock_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("sync");
+    let init = tokio::process::Command::new(support::plumb_bin())
+        .args(["init", root.to_str().expect("utf-8"), "--example", "sync"])
+        .output()
+        .await
+        .expect("init");
+    assert!(init.status.success(), "{init:?}");
+    let port = support::free_port();
+    let yaml = std::fs::read_to_string(root.join("plumb.yaml")).expect("plumb.yaml");
+    std::fs::write(
+        root.join("plumb.yaml"),
+        yaml.replace("127.0.0.1:8090", &format!("127.0.0.1:{port}")),
+    )
+    .expect("write");
+    let mut mock = tokio::process::Command::new(support::plumb_bin())
+        .args([
+            "mock-api",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--records",
+            "230",
+            "--every",
+            "3600",
+        ])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mock-api");
+    let stats = format!("http://127.0.0.1:{port}/warehouse/stats");
+    let mut up = false;
+    for _ in 0..100 {
+        if support::try_get_json(&stats).await.is_some() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(up, "plumb mock-api answers");
+    let plumb = |args: &'static [&'static str]| {
+        let root = root.clone();
+        async move {
+            tokio::process::Command::new(support::plumb_bin())
+                .arg("--project")
+                .arg(&root)
+                .args(args)
+                .output()
+                .await
+                .expect("plumb")
+        }
+    };
+    let check = plumb(&["check"]).await;
+    assert!(check.status.success(), "{check:?}");
+    let first = plumb(&["run", "contacts-sync"]).await;
+    assert!(first.status.success(), "{first:?}");
+    let after_first = support::get_json(&stats).await;
+    assert_eq!(after_first["warehouse_contacts"], 230, "{after_first}");
+    assert_eq!(after_first["in_sync"], true, "{after_first}");
+    let cursor = plumb(&["cursor", "show", "contacts-sync", "--json"]).await;
+    let cursor: Value = serde_json::from_slice(&cursor.stdout).expect("json");
+    assert_eq!(cursor["version"], 1, "{cursor}");
+    // Nothing changed: the next run copies nothing, and the cursor stays.
+    let second = plumb(&["run", "contacts-sync"]).await;
+    assert!(second.status.success(), "{second:?}");
+    let after_second = support::get_json(&stats).await;
+    assert_eq!(after_second["deliveries"], 1, "{after_second}");
+    let cursor: Value = serde_json::from_slice(
+        &plumb(&["cursor", "show", "contacts-sync", "--json"])
+            .await
+            .stdout,
+    )
+    .expect("json");
+    assert_eq!(cursor["version"], 1, "{cursor}");
+    let _ = mock.start_kill();
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::cli::Global;
+use crate::cli::{Example, Global};
 use crate::{Exit, UsageError};
 
 const PLUMB_YAML: &str = r#"# plumb project settings. See the README for every field.
@@ -61,13 +61,129 @@ steps:
         jq: '.steps.greet[0]'
 "#;
 
+const SYNC_PLUMB_YAML: &str = r#"# plumb project settings. See the README for every field.
+store: sqlite://plumb.db
+listen: 127.0.0.1:8080
+
+# Both ends of the sync are served by `plumb mock-api` (see SYNC.md); point
+# them at the real systems when you are ready, with `auth:` from secrets.
+connections:
+  crm:
+    http: { base_url: "http://127.0.0.1:8090", timeout: 10s }
+  warehouse:
+    http: { base_url: "http://127.0.0.1:8090", timeout: 10s }
+
+defaults:
+  retry: { attempts: 5, backoff: exponential, initial: 1s, max: 1m, jitter: true }
+  timeout: 30s
+"#;
+
+const SYNC_WORKFLOW: &str = r#"name: contacts-sync
+owner: you@example.com
+description: |
+  Every 15 seconds, copies the CRM contacts changed since the last successful
+  run into the warehouse. The cursor (the newest `updated_at` copied) moves
+  only when a run succeeds, in the same transaction: a failed run leaves it,
+  and the next run reads the same window again. See SYNC.md.
+trigger:
+  schedule: { cron: "*/15 * * * * *" }
+cursor: "${{ [.steps.fetch.pages[].body.items[].updated_at] | max }}"
+steps:
+  - id: fetch
+    http:
+      connection: crm
+      path: /contacts
+      query:
+        updated_since: '${{ .cursor // "1970-01-01T00:00:00Z" }}'
+        limit: 100
+      paginate:
+        next: "${{ .response.body.next_page }}"
+        max_pages: 1000
+      expect: { status: [200], schema: schemas/contacts-page.json }
+
+  - id: shape
+    jq: '[.steps.fetch.pages[].body.items[] | {id, email: (.email | ascii_downcase), name, updated_at}]'
+
+  - id: changed
+    if: "${{ (.steps.shape | length) > 0 }}"
+    then:
+      - id: load
+        http:
+          connection: warehouse
+          method: POST
+          path: /warehouse/contacts
+          body: "${{ .steps.shape }}"
+"#;
+
+const SYNC_SCHEMA: &str = r#"{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "title": "A page of CRM contacts",
+  "type": "object",
+  "required": ["items", "next_page"],
+  "properties": {
+    "items": {
+      "type": "array",
+      "items": {
+        "type": "object",
+        "required": ["id", "email", "updated_at"],
+        "properties": {
+          "id": { "type": "string" },
+          "email": { "type": "string" },
+          "name": { "type": "string" },
+          "updated_at": { "type": "string" }
+        }
+      }
+    },
+    "next_page": { "type": ["string", "null"] }
+  }
+}
+"#;
+
+const SYNC_README: &str = r#"# An incremental sync
+
+`workflows/contacts-sync.yaml` copies contacts changed in a CRM into a
+warehouse every 15 seconds, page by page, with a cursor. Both ends are a
+mock that plumb serves itself, so you can watch it work:
+
+```sh
+plumb mock-api &          # the CRM and warehouse on 127.0.0.1:8090: 250 contacts, one more every 5 s
+plumb check
+plumb serve               # fires the schedule; Ctrl-C to stop
+```
+
+In another terminal:
+
+```sh
+plumb cursor show contacts-sync       # the newest updated_at copied so far
+plumb runs list --workflow contacts-sync
+curl -s 127.0.0.1:8090/warehouse/stats
+#  {"crm_contacts":…,"warehouse_contacts":…,"deliveries":…,"duplicates_refused":0,"in_sync":true}
+```
+
+What to try:
+
+* Kill `plumb serve` with `kill -9` in the middle of a run and start it
+  again: the run resumes at the page it was on; the warehouse gets each
+  change once (its `Idempotency-Key` dedupes a batch re-sent after a crash).
+* Stop `plumb mock-api` for a minute: the runs fail (dead letters, and an
+  alert if you add `alerts: { on_failure: [...] }`), the cursor stays where
+  it was, and the first run after it is back copies everything it missed.
+* `plumb cursor set contacts-sync 1970-01-01T00:00:00Z` re-reads
+  everything (audited); `plumb cursor reset contacts-sync` too.
+
+The mock's API: `GET /contacts?updated_since=RFC3339&limit=N` answers
+`{"items": [{id, email, name, updated_at}], "next_page": "/contacts?…"}`
+(keyset pagination: `next_page` is null on the last page);
+`POST /warehouse/contacts` upserts a list by `id`; `GET /warehouse/stats`.
+"#;
+
 const INPUT_JSON: &str = "{\"names\": [\"ada\", \"grace\", \"linus\"]}\n";
 
 // `.plumb/` holds the master key: it must never be committed.
 const GITIGNORE: &str = "plumb.db\nplumb.db-wal\nplumb.db-shm\n.plumb/\n";
 
 /// Creates the project files; refuses to overwrite an existing project.
-pub fn run(global: &Global, dir: Option<&Path>) -> anyhow::Result<Exit> {
+pub fn run(global: &Global, dir: Option<&Path>, example: Example) -> anyhow::Result<Exit> {
     let root = match dir {
         Some(d) => d.to_owned(),
         None => global.project_dir(),
@@ -79,16 +195,27 @@ pub fn run(global: &Global, dir: Option<&Path>) -> anyhow::Result<Exit> {
         ))
         .into());
     }
-    std::fs::create_dir_all(root.join("workflows"))
-        .with_context(|| format!("creating {}", root.join("workflows").display()))?;
-    let files = [
-        ("plumb.yaml", PLUMB_YAML),
-        ("workflows/hello.yaml", HELLO_YAML),
-        ("input.json", INPUT_JSON),
-        (".gitignore", GITIGNORE),
-    ];
+    for sub in ["workflows", "schemas"] {
+        std::fs::create_dir_all(root.join(sub))
+            .with_context(|| format!("creating {}", root.join(sub).display()))?;
+    }
+    let files: &[(&str, &str)] = match example {
+        Example::Hello => &[
+            ("plumb.yaml", PLUMB_YAML),
+            ("workflows/hello.yaml", HELLO_YAML),
+            ("input.json", INPUT_JSON),
+            (".gitignore", GITIGNORE),
+        ],
+        Example::Sync => &[
+            ("plumb.yaml", SYNC_PLUMB_YAML),
+            ("workflows/contacts-sync.yaml", SYNC_WORKFLOW),
+            ("schemas/contacts-page.json", SYNC_SCHEMA),
+            ("SYNC.md", SYNC_README),
+            (".gitignore", GITIGNORE),
+        ],
+    };
     let mut created = Vec::new();
-    for (name, text) in files {
+    for &(name, text) in files {
         let path = root.join(name);
         if path.exists() {
             continue;
@@ -129,9 +256,14 @@ pub fn run(global: &Global, dir: Option<&Path>) -> anyhow::Result<Exit> {
         } else {
             format!("cd {} && ", root.display())
         };
-        println!(
-            "\nnext:\n  {cd}plumb check\n  {cd}plumb run hello --input input.json\n  {cd}plumb runs list"
-        );
+        match example {
+            Example::Hello => println!(
+                "\nnext:\n  {cd}plumb check\n  {cd}plumb run hello --input input.json\n  {cd}plumb runs list"
+            ),
+            Example::Sync => println!(
+                "\nnext (see SYNC.md):\n  {cd}plumb mock-api &\n  {cd}plumb check\n  {cd}plumb serve"
+            ),
+        }
     }
     Ok(Exit::Success)
 }

@@ -5,6 +5,7 @@ pub mod check;
 pub mod cursor;
 pub mod demo;
 pub mod init;
+pub mod mock;
 pub mod ops;
 pub mod run;
 pub mod runs;
