@@ -283,7 +283,7 @@ async fn a_sqlite_store_copied_to_postgres_keeps_secrets_tokens_and_audit_and_re
     project.workflow(
         "slow",
         &format!(
-            "name: slow\n{HEAD}trigger:\n  webhook: {{ path: slow }}\nsteps:\n  - id: first\n    http: {{ connection: rx, method: POST, path: /ok/first }}\n  - id: second\n    http: {{ connection: rx, method: POST, path: /ok/second, query: {{ delay_ms: 3000 }} }}\n"
+            "name: slow\n{HEAD}cursor: '${{{{ .steps.first.status }}}}'\ntrigger:\n  webhook: {{ path: slow }}\nsteps:\n  - id: first\n    http: {{ connection: rx, method: POST, path: /ok/first }}\n  - id: second\n    http: {{ connection: rx, method: POST, path: /ok/second, query: {{ delay_ms: 3000 }} }}\n"
         ),
     );
     let set = project.set_secret("rx_key", "k-123").await;
@@ -304,6 +304,11 @@ async fn a_sqlite_store_copied_to_postgres_keeps_secrets_tokens_and_audit_and_re
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     server.kill().await;
+    // An operator moves the cursor meanwhile (the run pinned the one before).
+    let set = project
+        .run(&["cursor", "set", "slow", "set-on-sqlite"])
+        .await;
+    assert_eq!(set.code, Some(0), "{set}");
 
     // A copy into a database that is not empty is refused, leaving it as it was.
     let copy = project
@@ -366,6 +371,14 @@ async fn a_sqlite_store_copied_to_postgres_keeps_secrets_tokens_and_audit_and_re
             .count(),
         1,
         "the step committed before the copy is not run again"
+    );
+    // The cursor came along, and the run pinned on SQLite did not move it.
+    assert_eq!(run["run"]["cursor"]["moved"], false, "{run}");
+    let cursor = project.run(&["cursor", "show", "slow", "--json"]).await;
+    let cursor: serde_json::Value = serde_json::from_str(&cursor.stdout).expect("json");
+    assert_eq!(
+        (cursor["value"].clone(), cursor["version"].clone()),
+        (serde_json::json!("set-on-sqlite"), serde_json::json!(1))
     );
     server.kill().await;
     db.drop().await;
@@ -440,6 +453,69 @@ async fn two_serves_sharing_postgresql_start_one_run_per_event_however_deliverie
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rx.hits().len(), EVENTS, "each event ran once");
+    a.kill().await;
+    b.kill().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serves_sharing_postgresql_poll_each_tick_once_and_run_each_item_once() {
+    let Some(db) = Database::create().await else {
+        return;
+    };
+    let rx = Receiver::start().await;
+    let project = Project::new(&format!(
+        "store: {}\nconnections:\n  rx:\n    http: {{ base_url: {} }}\n",
+        db.url, rx.base_url
+    ));
+    project.workflow(
+        "poller",
+        &format!(
+            "name: poller\n{HEAD}trigger:\n  poll:\n    every: 1s\n    http: {{ connection: rx, path: /feed }}\n    items: '${{{{ .response.body.items }}}}'\n    key: '${{{{ .id }}}}'\nsteps:\n  - id: post\n    http: {{ connection: rx, method: POST, path: /ok/items, body: '${{{{ .trigger.item }}}}' }}\n"
+        ),
+    );
+    rx.set_feed(40);
+    let started = Instant::now();
+    let (a, b) = (
+        project.serve("127.0.0.1:0").await,
+        project.serve("127.0.0.1:0").await,
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    rx.set_feed(80);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let by_item = loop {
+        let runs = get_json(&format!(
+            "{}/api/v1/runs?workflow=poller&limit=1000",
+            a.base_url
+        ))
+        .await;
+        let mut by_item: HashMap<u64, usize> = HashMap::new();
+        let mut done = 0;
+        for run in runs["runs"].as_array().into_iter().flatten() {
+            *by_item
+                .entry(run["trigger"]["item"]["id"].as_u64().unwrap_or(u64::MAX))
+                .or_default() += 1;
+            done += usize::from(run["status"] == "succeeded");
+        }
+        if by_item.len() >= 80 && done == by_item.values().sum::<usize>() {
+            break by_item;
+        }
+        assert!(Instant::now() < deadline, "{by_item:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(by_item.len(), 80, "{by_item:?}");
+    assert!(
+        by_item.values().all(|n| *n == 1),
+        "an item ran twice: {by_item:?}"
+    );
+    // Two processes, one poll per tick between them (plus a tick of slack
+    // at either end).
+    let polls = rx.hits().iter().filter(|h| h.path == "/feed").count();
+    let ticks = started.elapsed().as_secs_f64().ceil() as usize;
+    assert!(
+        polls <= ticks + 2,
+        "{polls} polls in {ticks} s: two processes polled one tick"
+    );
     a.kill().await;
     b.kill().await;
     db.drop().await;
