@@ -52,6 +52,7 @@ WEBHOOK=http://127.0.0.1:$N8N_PORT/webhook/w7
 
 T_PID=""       # the `timeout` wrapper around n8n
 SAMPLER=""     # the RSS sampler
+CURL_PID=""    # a trigger request in flight
 TMP=$(mktemp -d)
 
 tree_pids() {  # pid -> that pid and all its descendants
@@ -75,6 +76,7 @@ stop_n8n() {
   T_PID=""
 }
 cleanup() {
+  [ -n "$CURL_PID" ] && kill "$CURL_PID" 2>/dev/null
   [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null
   stop_n8n
   rm -rf "$TMP"
@@ -99,9 +101,14 @@ n8n_env() {   # as ../shared/bench/peers/run.sh, with our own folder and ports
 n8n_cli() { ( n8n_env; cd "$P/n8n" && timeout 300 "$NODE24" node_modules/n8n/bin/n8n "$@" ); }
 dir_bytes() { du -sb "$DATA" | cut -f1; }
 sink() { curl -s -m 30 -X "$1" "$SINK$2"; }
-trigger() {   # total secs -> http code; response body in $TMP/resp
+trigger() {   # total secs -> http code in $CODE, response body in $TMP/resp
+  # curl runs in the background and the shell `wait`s, so INT/TERM stop us at once
   curl -s -o "$TMP/resp" -w '%{http_code}' -m "$2" -H 'content-type: application/json' \
-    -d "{\"api\":\"$SINK\",\"sink\":\"$SINK\",\"total\":$1}" "$WEBHOOK"
+    -d "{\"api\":\"$SINK\",\"sink\":\"$SINK\",\"total\":$1}" "$WEBHOOK" > "$TMP/code" &
+  CURL_PID=$!
+  wait $CURL_PID
+  CURL_PID=""
+  CODE=$(cat "$TMP/code")
 }
 
 # ---- fresh n8n: user folder, DB, workflow --------------------------------
@@ -122,9 +129,11 @@ done
 [ $ready = 1 ] || { log "n8n did not start"; tail -20 "$LOG" >&2; fail_json "n8n did not start"; }
 # readiness is up before webhooks are registered: a 1-record sync through the
 # whole workflow both waits for the registration and warms n8n up
+sink POST /reset >/dev/null
 ok=0
 for _ in $(seq 1 120); do
-  [ "$(trigger 1 60)" = 200 ] && { ok=1; break; }
+  trigger 1 60
+  [ "$CODE" = 200 ] && { ok=1; break; }
   sleep 0.5
 done
 [ $ok = 1 ] || { log "webhook never answered 200: $(cat "$TMP/resp")"; tail -20 "$LOG" >&2; fail_json "webhook not ready"; }
@@ -169,7 +178,7 @@ EOF
 SAMPLER=$!
 log "triggering the sync of $RECORDS records"
 START=$(date +%s.%N)
-CODE=$(trigger "$RECORDS" "$TRIGGER_TIMEOUT")
+trigger "$RECORDS" "$TRIGGER_TIMEOUT"
 END=$(date +%s.%N)
 log "webhook answered $CODE after $(python3 -c "print(round($END-$START,2))") s: $(head -c 300 "$TMP/resp")"
 # the webhook answers after the last node; still, wait for the sink to settle
