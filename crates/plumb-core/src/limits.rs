@@ -29,6 +29,11 @@ pub const MAX_DEPTH: usize = 64;
 /// (`serve.body_limit`, 1 MiB by default).
 pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
 
+/// The most JSON all pages of one paginated request may hold together (an
+/// http step's `{pages}` or one poll): pages are read back into memory
+/// together, so an upstream that never stops answering is stopped here.
+pub const MAX_PAGES_BYTES: usize = 64 * 1024 * 1024;
+
 /// A document over a limit.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {

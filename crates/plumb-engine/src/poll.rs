@@ -7,6 +7,11 @@
 //! items: none was remembered); a crash after it doubles nothing (their
 //! keys are remembered with their runs).
 //!
+//! Bounds: the pages of one poll hold at most
+//! [`plumb_core::limits::MAX_PAGES_BYTES`] together; one poll commits at
+//! most [`MAX_NEW_ITEMS`] new items (the rest are not remembered and the
+//! cursor does not move, so the next poll takes them).
+//!
 //! A request that fails is retried with the project's default retry
 //! policy; after the last attempt the poll is a visible failure: counted
 //! (`plumb_poll_failures_total`), shown by `plumb status` (last error,
@@ -32,6 +37,8 @@ use crate::exec::{PlannedRequest, link_next, next_request, plan_request, preview
 const LEASE_MS: i64 = 60_000;
 /// How often a process checks whether a poll is due when it is not.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// The most new items (runs, or items of a batch run) one poll commits.
+const MAX_NEW_ITEMS: usize = 10_000;
 /// A request's timeout when its connection sets none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -194,6 +201,7 @@ async fn gather(
         .await
         .map_err(|e| e.to_string())?;
     let mut pages: Vec<Value> = Vec::new();
+    let mut bytes = 0_usize;
     let mut request = Some(first.clone());
     while let Some(current) = request {
         let key = format!("poll:{}:{tick}:{}", workflow.name, pages.len());
@@ -251,6 +259,13 @@ async fn gather(
                 }
             }
         };
+        bytes = bytes.saturating_add(crate::exec::json_size(&page));
+        if bytes > plumb_core::limits::MAX_PAGES_BYTES {
+            return Err(format!(
+                "the pages of this poll hold more than {} MiB of JSON together: narrow the request (a cursor, a smaller window)",
+                plumb_core::limits::MAX_PAGES_BYTES / (1024 * 1024)
+            ));
+        }
         pages.push(page);
     }
     let response = pages.first().cloned().unwrap_or(Value::Null);
@@ -295,14 +310,22 @@ async fn gather(
         .await
         .map_err(|e| e.to_string())?;
     let all_items: Vec<Value> = keyed.iter().map(|(_, item)| item.clone()).collect();
-    let fresh: Vec<(String, Value)> = keyed
+    let mut fresh: Vec<(String, Value)> = keyed
         .into_iter()
         .zip(seen)
         .filter(|(_, seen)| !seen)
         .map(|(k, _)| k)
         .collect();
+    // A bounded commit: the rest are not remembered, so the next poll finds
+    // them; the cursor then stays, so they stay in its window.
+    let truncated = fresh.len() > MAX_NEW_ITEMS;
+    if truncated {
+        tracing::warn!(workflow = %workflow.name, new = fresh.len(), kept = MAX_NEW_ITEMS, "More new items than one poll commits; the rest come with the next poll.");
+        fresh.truncate(MAX_NEW_ITEMS);
+    }
     let cursor = match &poll.cursor {
         None => None,
+        Some(_) if truncated => None,
         Some(template) => {
             let doc = context(&[
                 ("cursor", claim.cursor.clone()),

@@ -20,7 +20,7 @@ mod sleep;
 
 pub(crate) use http::auth_header;
 pub(crate) use http::{PlannedRequest, plan_request, send_request};
-pub(crate) use paginate::{link_next, next_request};
+pub(crate) use paginate::{json_size, link_next, next_request};
 
 impl Execution<'_> {
     /// Performs one attempt: of a page, when `page` is its request, or

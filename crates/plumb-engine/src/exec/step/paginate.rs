@@ -6,6 +6,7 @@
 //! the step: a sync is never cut short silently.
 
 use plumb_connectors::ActionError;
+use plumb_core::limits::MAX_PAGES_BYTES;
 use plumb_core::model::{HttpAction, Paginate, Step};
 use plumb_store::{Failure, StepRecord, StepStatus, now_ms};
 use serde_json::Value;
@@ -63,6 +64,11 @@ impl Execution<'_> {
         };
         let mut pages = done;
         let mut last_status = last.and_then(|r| r.status_code);
+        // What the pages hold together, bounded like every document.
+        let mut bytes: usize = (0..done)
+            .filter_map(|i| self.journal.get(&(step.id.clone(), Some(i))))
+            .map(|r| r.output.as_ref().map_or(0, json_size))
+            .sum();
         while let Some(current) = request {
             if self.stop.is_cancelled() {
                 return Err(Halt::Stopped);
@@ -93,6 +99,14 @@ impl Execution<'_> {
             };
             pages += 1;
             last_status = outcome.status_code;
+            bytes = bytes.saturating_add(json_size(&outcome.output));
+            if bytes > MAX_PAGES_BYTES {
+                let message = format!(
+                    "the {pages} pages fetched so far hold more than {} MiB of JSON together, the most one step may: narrow the request (a smaller window, fewer fields) or split the sync",
+                    MAX_PAGES_BYTES / (1024 * 1024)
+                );
+                return Err(self.fail_pages(step, started, None, &message).await);
+            }
             request = self
                 .next_page(
                     step,
@@ -219,6 +233,11 @@ impl Execution<'_> {
             status_code,
         })
     }
+}
+
+/// The size of a value as JSON text.
+pub(crate) fn json_size(value: &Value) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
 }
 
 /// The `rel="next"` target of a page's `Link` header (RFC 8288), resolved
