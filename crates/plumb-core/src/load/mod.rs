@@ -995,17 +995,7 @@ impl<'a> Checker<'a> {
         for program in template.programs() {
             reads.merge(crate::expr::steps_read(program.source()));
         }
-        let mut ids: Vec<&str> = Vec::new();
-        fn walk<'s>(steps: &'s [Step], out: &mut Vec<&'s str>) {
-            for s in steps {
-                out.push(&s.id);
-                if let Action::If(b) = &s.action {
-                    walk(&b.then, out);
-                    walk(&b.otherwise, out);
-                }
-            }
-        }
-        walk(steps, &mut ids);
+        let ids = step_ids(steps);
         for referenced in &reads.ids {
             if !ids.contains(&referenced.as_str()) && !self.written_ids.contains(referenced) {
                 let help = match closest(referenced, &ids) {
@@ -1029,17 +1019,7 @@ impl<'a> Checker<'a> {
         path: &FieldPath,
         steps: &[Step],
     ) -> Vec<RedactPath> {
-        let mut ids: Vec<&str> = Vec::new();
-        fn walk<'s>(steps: &'s [Step], out: &mut Vec<&'s str>) {
-            for s in steps {
-                out.push(&s.id);
-                if let Action::If(b) = &s.action {
-                    walk(&b.then, out);
-                    walk(&b.otherwise, out);
-                }
-            }
-        }
-        walk(steps, &mut ids);
+        let ids = step_ids(steps);
         let mut out = Vec::new();
         for (i, raw) in raws.iter().enumerate() {
             let at = path.index(i);
@@ -1470,6 +1450,23 @@ fn parse_field_path(text: &str) -> Option<Vec<String>> {
         }
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// The ids of `steps` and of the steps nested in their branches, in
+/// execution order.
+fn step_ids(steps: &[Step]) -> Vec<&str> {
+    fn walk<'s>(steps: &'s [Step], out: &mut Vec<&'s str>) {
+        for s in steps {
+            out.push(&s.id);
+            if let Action::If(b) = &s.action {
+                walk(&b.then, out);
+                walk(&b.otherwise, out);
+            }
+        }
+    }
+    let mut ids = Vec::new();
+    walk(steps, &mut ids);
+    ids
 }
 
 /// Whether `s` is a valid name for a step id, a workflow name part or a

@@ -8,13 +8,12 @@
 use plumb_connectors::ActionError;
 use plumb_core::limits::MAX_PAGES_BYTES;
 use plumb_core::model::{HttpAction, Paginate, Step};
-use plumb_store::{Failure, StepRecord, StepStatus, now_ms};
+use plumb_store::{StepRecord, now_ms};
 use serde_json::Value;
 
 use super::super::context::{eval_bounded, preview};
 use super::super::{Execution, Halt, Lazy};
 use super::http::{PlannedRequest, http_connection, keep_on_origin, url_below};
-use crate::events::RunEvent;
 use crate::journal::{self, Prior};
 
 impl Execution<'_> {
@@ -201,37 +200,8 @@ impl Execution<'_> {
         let status_code = page
             .and_then(|i| self.journal.get(&(step.id.clone(), Some(i))))
             .and_then(|r| r.status_code);
-        let written = self
-            .write_step(&StepRecord {
-                run_id: self.run.id.clone(),
-                step_id: step.id.clone(),
-                item: None,
-                status: StepStatus::Failed,
-                attempt: 1,
-                state: None,
-                output: None,
-                error: Some(message.clone()),
-                status_code,
-                started_at: started,
-                finished_at: Some(now_ms()),
-            })
-            .await;
-        if let Err(halt) = written {
-            return halt;
-        }
-        self.observer.on_event(&RunEvent::StepFailed {
-            step_id: step.id.clone(),
-            item: None,
-            attempts: 1,
-            error: message.clone(),
-        });
-        Halt::Failed(Failure {
-            message,
-            step: Some(step.id.clone()),
-            item: None,
-            attempt: None,
-            status_code,
-        })
+        self.fail_step(step, None, 1, started, &message, status_code)
+            .await
     }
 }
 
