@@ -6,7 +6,7 @@ use std::time::Duration;
 use plumb_core::SourceFile;
 use plumb_core::model::{Action, Step, Workflow, short_version};
 use plumb_store::{AttemptFailure, Run, RunFilter, StepRecord, StepStatus};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::cli::{Global, ListArgs};
 use crate::output::{Style, duration, failure_place, timestamp};
@@ -168,6 +168,19 @@ fn print_run(
         println!("  error     {}", f.message.replace('\n', "\n            "));
     }
     println!("  created   {}", timestamp(run.created_at));
+    if let Some(cursor) = &run.cursor {
+        let from = plumb_engine::preview_json(&cursor["from"]["value"], 40);
+        let line = match (cursor.get("moved"), cursor.get("note")) {
+            (Some(Value::Bool(true)), _) => format!(
+                "{from} → {} (version {})",
+                plumb_engine::preview_json(&cursor["to"]["value"], 40),
+                cursor["to"]["version"]
+            ),
+            (_, Some(Value::String(note))) => format!("started from {from}; {note}"),
+            _ => format!("started from {from}"),
+        };
+        println!("  cursor    {line}");
+    }
     if let Some(d) = run_duration(run) {
         println!("  duration  {}", duration(d));
     }
