@@ -171,6 +171,19 @@ async fn a_cursor_is_checked_when_the_project_loads() {
     ] {
         assert!(out.stderr.contains(expected), "{expected}\n{out}");
     }
+    // A cursor is a watermark: a huge one fails the run and is not kept.
+    project.workflow(
+        "bad",
+        "name: bad\nowner: qa@example.com\ndescription: d\ncursor: '${{ [range(0; 20000)] }}'\nsteps:\n  - id: fetch\n    jq: '1'\n",
+    );
+    let huge = project.run(&["run", "bad"]).await;
+    assert_ne!(huge.code, Some(0), "{huge}");
+    assert!(
+        huge.stdout.contains("more than a cursor may hold (64 KiB)"),
+        "{huge}"
+    );
+    let shown = project.run(&["cursor", "show", "bad", "--json"]).await;
+    assert!(shown.stdout.contains("\"version\":0"), "{shown}");
     let set = project.run(&["cursor", "set", "nope", "1"]).await;
     assert_eq!(set.code, Some(2), "{set}");
     assert!(set.stderr.contains("no workflow named `nope`"), "{set}");

@@ -189,6 +189,40 @@ async fn next_that_leaves_the_connections_origin_or_repeats_a_page_fails_the_ste
         2,
         "one page each: nothing is fetched off origin, nothing twice"
     );
+    // A cycle: 1, 2, 1 — caught on the third request, not at max_pages.
+    project.workflow(
+        "cycles",
+        &sync_workflow(
+            "cycles",
+            "number",
+            "page: 1",
+            "${{ {query: {page: (if .page == 1 then 2 else 1 end)}} }}",
+            "",
+        ),
+    );
+    let out = project.run(&["run", "cycles"]).await;
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("asked for page 1 again"), "{out}");
+    assert!(out.stdout.contains("cycle"), "{out}");
+    assert_eq!(
+        page_hits(&rx.hits(), "number").len(),
+        4,
+        "two more pages, then stop"
+    );
+    // An upstream cannot point the request elsewhere through `next`.
+    project.workflow(
+        "hosts",
+        &sync_workflow(
+            "hosts",
+            "number",
+            "page: 1",
+            "${{ {query: {page: 2}, headers: {Host: \"other.example\"}} }}",
+            "",
+        ),
+    );
+    let out = project.run(&["run", "hosts"]).await;
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("`Host` cannot be set"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

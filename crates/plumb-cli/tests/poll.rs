@@ -212,7 +212,7 @@ async fn check_names_what_is_wrong_with_a_poll_trigger() {
     );
     project.workflow(
         "both",
-        "name: both\nowner: qa@example.com\ndescription: d\ncursor: '${{ 1 }}'\ntrigger:\n  poll:\n    every: 1m\n    http: { connection: rx, path: /feed }\n    items: '${{ .response.body }}'\n    key: '${{ .id }}'\n    cursor: '${{ 2 }}'\nsteps:\n  - id: a\n    jq: '1'\n",
+        "name: both\nowner: qa@example.com\ndescription: d\ncursor: '${{ 1 }}'\ntrigger:\n  poll:\n    every: 1m\n    remember: 10s\n    http: { connection: rx, path: /feed }\n    items: '${{ .response.body }}'\n    key: '${{ .id }}'\n    cursor: '${{ 2 }}'\nsteps:\n  - id: a\n    jq: '1'\n",
     );
     let out = project.run(&["check"]).await;
     assert_eq!(out.code, Some(1), "{out}");
@@ -220,6 +220,7 @@ async fn check_names_what_is_wrong_with_a_poll_trigger() {
         "`every` must be between 1s and 366d",
         "unknown connection `rxx`",
         "`key` must be an expression",
+        "`remember` is shorter than `every`",
         "the workflow has a `cursor` and its poll trigger has one too",
     ] {
         assert!(out.stderr.contains(expected), "{expected}\n{out}");

@@ -37,6 +37,8 @@ use crate::exec::{PlannedRequest, link_next, next_request, plan_request, preview
 const LEASE_MS: i64 = 60_000;
 /// How often a process checks whether a poll is due when it is not.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// The most items one poll may look at (seen or new).
+const MAX_ITEMS: usize = 100_000;
 /// The most new items (runs, or items of a batch run) one poll commits.
 const MAX_NEW_ITEMS: usize = 10_000;
 /// A request's timeout when its connection sets none.
@@ -133,7 +135,11 @@ async fn poll_once(
         }
     };
     let outcome = tokio::select! {
-        () = shutdown.cancelled() => return,
+        () = shutdown.cancelled() => {
+            // Given back, still due: the next process to start polls at once.
+            let _ = engine.store.renew_poll(&workflow.name, owner, -LEASE_MS).await;
+            return;
+        }
         () = renew => Err("this process lost the poll's lease (the store did not answer in time)".to_owned()),
         r = gather(engine, workflow, poll, &claim, next_poll_at, owner) => r,
     };
@@ -144,22 +150,7 @@ async fn poll_once(
             .await
             .map(|c| (c, commit.runs.len())),
         Err(message) => {
-            let message = engine.redact(&message);
-            metrics::counter!("plumb_poll_failures_total", "workflow" => workflow.name.clone())
-                .increment(1);
-            tracing::warn!(workflow = %workflow.name, error = %message, "The poll failed.");
-            let alerts = if claim.failures == 0 {
-                failure_alerts(engine, workflow, &message)
-            } else {
-                Vec::new()
-            };
-            if let Err(e) = engine
-                .store
-                .fail_poll(&workflow.name, owner, &message, next_poll_at, &alerts)
-                .await
-            {
-                tracing::warn!(workflow = %workflow.name, error = %e, "Could not record the failed poll.");
-            }
+            record_failure(engine, workflow, owner, &claim, next_poll_at, &message).await;
             return;
         }
     };
@@ -178,8 +169,39 @@ async fn poll_once(
             tracing::info!(workflow = %workflow.name, "The cursor was changed during the poll; polling again from the new one.");
         }
         Err(e) => {
-            tracing::warn!(workflow = %workflow.name, error = %e, "Could not commit the poll; its items will be seen again by the next one.");
+            let message = format!(
+                "the poll's items could not be committed (the next poll sees them again): {e}"
+            );
+            record_failure(engine, workflow, owner, &claim, next_poll_at, &message).await;
         }
+    }
+}
+
+/// A failed poll: counted, logged, recorded for status (releasing the
+/// lease), and alerted on the first failure of a streak.
+async fn record_failure(
+    engine: &Engine,
+    workflow: &Workflow,
+    owner: &str,
+    claim: &PollClaim,
+    next_poll_at: Millis,
+    message: &str,
+) {
+    let message = engine.redact(message);
+    metrics::counter!("plumb_poll_failures_total", "workflow" => workflow.name.clone())
+        .increment(1);
+    tracing::warn!(workflow = %workflow.name, error = %message, "The poll failed.");
+    let alerts = if claim.failures == 0 {
+        failure_alerts(engine, workflow, &message)
+    } else {
+        Vec::new()
+    };
+    if let Err(e) = engine
+        .store
+        .fail_poll(&workflow.name, owner, &message, next_poll_at, &alerts)
+        .await
+    {
+        tracing::warn!(workflow = %workflow.name, error = %e, "Could not record the failed poll.");
     }
 }
 
@@ -286,6 +308,12 @@ async fn gather(
         }
         Err(e) => return Err(format!("`items` failed: {e}")),
     };
+    if items.len() > MAX_ITEMS {
+        return Err(format!(
+            "`items` yielded {} items, more than the {MAX_ITEMS} one poll may look at: narrow the request (a cursor, a smaller page size or window)",
+            items.len()
+        ));
+    }
     // Each item's key; an item seen twice in one poll counts once.
     let mut keyed: Vec<(String, Value)> = Vec::with_capacity(items.len());
     let mut in_this_poll = std::collections::HashSet::new();
@@ -339,6 +367,15 @@ async fn gather(
             ]);
             match evaluate(template, doc, timeout).await {
                 Ok(Value::Null) => None,
+                Ok(value)
+                    if crate::exec::json_size(&value) > plumb_store::cursors::MAX_CURSOR_BYTES =>
+                {
+                    return Err(format!(
+                        "`cursor` yielded {} bytes of JSON, more than a cursor may hold ({} KiB): make it a watermark (a time, an id, a token), not a list",
+                        crate::exec::json_size(&value),
+                        plumb_store::cursors::MAX_CURSOR_BYTES / 1024
+                    ));
+                }
                 Ok(value) => Some((claim.cursor_version, value)),
                 Err(e) => return Err(format!("`cursor` failed: {e}")),
             }
@@ -348,6 +385,23 @@ async fn gather(
     let mut runs = Vec::new();
     let mut seen = Vec::with_capacity(fresh.len());
     if poll.batch {
+        // One run's trigger is one document: bounded like every document.
+        let mut size = 0_usize;
+        let fits = fresh
+            .iter()
+            .take_while(|(_, item)| {
+                size = size.saturating_add(crate::exec::json_size(item) + 1);
+                size <= plumb_core::limits::MAX_DOCUMENT_BYTES / 2
+            })
+            .count()
+            .max(1);
+        if fits < fresh.len() {
+            tracing::warn!(workflow = %workflow.name, new = fresh.len(), kept = fits, "The new items are too large for one batch run; the rest come with the next poll.");
+            fresh.truncate(fits);
+            if poll.cursor.is_some() {
+                return Err("the new items are too large for one batch run and the cursor would skip the rest: narrow the request".to_owned());
+            }
+        }
         if !fresh.is_empty() {
             let items: Vec<Value> = fresh.iter().map(|(_, item)| item.clone()).collect();
             let trigger =

@@ -16,6 +16,10 @@ use serde_json::{Value, json};
 
 use crate::{Millis, StoreError};
 
+/// The most JSON a cursor may hold: it is a watermark, copied into every
+/// run's record and every status answer.
+pub const MAX_CURSOR_BYTES: usize = 64 * 1024;
+
 /// A workflow's committed cursor.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Cursor {

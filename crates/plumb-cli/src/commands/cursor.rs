@@ -11,7 +11,7 @@ use crate::output::{Style, timestamp};
 use crate::{Exit, UsageError};
 
 /// The largest cursor value accepted from the command line.
-const MAX_VALUE_BYTES: usize = 64 * 1024;
+const MAX_VALUE_BYTES: usize = plumb_store::cursors::MAX_CURSOR_BYTES;
 
 /// `plumb cursor …`.
 pub async fn run(global: &Global, command: CursorCommand) -> anyhow::Result<Exit> {

@@ -394,6 +394,16 @@ impl<'e> Execution<'e> {
             r = eval_bounded(cursor.template.clone(), context, workflow.cursor_timeout()) => r,
         };
         match evaluated {
+            Ok(value) if json_size(&value) > plumb_store::cursors::MAX_CURSOR_BYTES => {
+                Err(Halt::Failed(Failure {
+                    message: format!(
+                        "the workflow's `cursor` yielded {} bytes of JSON, more than a cursor may hold ({} KiB): make it a watermark (a time, an id, a token), not a list; the cursor stays where it was",
+                        json_size(&value),
+                        plumb_store::cursors::MAX_CURSOR_BYTES / 1024
+                    ),
+                    ..Failure::default()
+                }))
+            }
             Ok(value) => Ok(plumb_store::CursorMove { value }),
             Err(e) => Err(Halt::Failed(Failure {
                 message: self.engine.redact(&format!(

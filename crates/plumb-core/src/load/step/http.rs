@@ -164,6 +164,23 @@ pub(in crate::load) fn http_action(
             cx.error(&hp, format!("invalid header name `{k}`")).help =
                 Some("header names are letters, digits and `-`".into());
         }
+        if [
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "te",
+            "trailer",
+        ]
+        .iter()
+        .any(|h| k.eq_ignore_ascii_case(h))
+        {
+            cx.error(&hp, format!("`{k}` cannot be set by a step"))
+                .help = Some(
+                "plumb sets it from the connection's base_url and the body; a step may only call its connection's host".into(),
+            );
+        }
         if k.eq_ignore_ascii_case("idempotency-key") {
             cx.error(&hp, "`Idempotency-Key` is set by plumb").help = Some(
                 "remove it: every request carries `<run_id>:<step_id>[:<item>]`, the same on every retry".into(),

@@ -67,6 +67,13 @@ fn check(cx: &mut Checker<'_>, raw: &Value, path: &FieldPath) -> Option<Trigger>
         )
         .help = Some("how long an item's key counts as seen, e.g. `remember: 30d`".into());
     }
+    if remember < every {
+        cx.error_at_value(
+            &path.key("remember"),
+            "`remember` is shorter than `every`: an item would be forgotten before the next poll and run again",
+        )
+        .help = Some("remember a key for longer than one poll interval (the default is 30d)".into());
+    }
     let http_path = path.key("http");
     let http_spec: Option<HttpStepSpec> = cx.deserialize(&spec.http, &http_path);
     let http = http_spec.and_then(|h| http_action(cx, &h, &http_path));

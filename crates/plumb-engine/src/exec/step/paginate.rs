@@ -6,6 +6,8 @@
 //! the step: a sync is never cut short silently.
 
 use plumb_connectors::ActionError;
+use std::collections::HashMap;
+
 use plumb_core::limits::MAX_PAGES_BYTES;
 use plumb_core::model::{HttpAction, Paginate, Step};
 use plumb_store::{StepRecord, now_ms};
@@ -33,16 +35,34 @@ impl Execution<'_> {
                 .await?;
         }
         let base = self.context_base();
-        // The step's own request, rendered as on the first run (the same
-        // context gives the same request): `next` objects merge into it.
-        let first = match self
-            .plan_http(step, http, base.for_step(step, None, 1))
-            .await
-        {
-            Ok(first) => first,
-            Err(e) => return Err(self.fail_pages(step, started, None, &e.to_string()).await),
-        };
         let (done, last) = journal::last_page(&step.id, &self.journal);
+        // The step's own request: `next` objects merge into it. Once the
+        // first page is journaled it is read back from there, not rendered
+        // again (a template reading the clock would render another one).
+        let journaled_first = self
+            .journal
+            .get(&(step.id.clone(), Some(0)))
+            .filter(|_| done > 0)
+            .and_then(|r| r.state.as_ref())
+            .and_then(PlannedRequest::from_state);
+        let first = match journaled_first {
+            Some(first) => first,
+            None => match self
+                .plan_http(step, http, base.for_step(step, None, 1))
+                .await
+            {
+                Ok(first) => first,
+                Err(e) => return Err(self.fail_pages(step, started, None, &e.to_string()).await),
+            },
+        };
+        // Every request sent so far, so a `next` that cycles (A, B, A) is
+        // caught at once rather than at `max_pages`.
+        let mut fetched: HashMap<u64, u32> = (0..done)
+            .filter_map(|i| self.journal.get(&(step.id.clone(), Some(i))))
+            .filter_map(|r| r.state.as_ref().and_then(PlannedRequest::from_state))
+            .zip(1..)
+            .map(|(r, n)| (fingerprint(&r), n))
+            .collect();
         let mut request = match last {
             None => Some(first.clone()),
             Some(record) => {
@@ -56,7 +76,7 @@ impl Execution<'_> {
                 };
                 let response = record.output.clone().unwrap_or(Value::Null);
                 self.next_page(
-                    step, http, paginate, &first, &previous, &response, done, started,
+                    step, http, paginate, &first, &previous, &response, done, started, &fetched,
                 )
                 .await?
             }
@@ -68,6 +88,11 @@ impl Execution<'_> {
             .filter_map(|i| self.journal.get(&(step.id.clone(), Some(i))))
             .map(|r| r.output.as_ref().map_or(0, json_size))
             .sum();
+        if bytes > MAX_PAGES_BYTES {
+            return Err(self
+                .fail_pages(step, started, None, &too_many_bytes(pages))
+                .await);
+        }
         while let Some(current) = request {
             if self.stop.is_cancelled() {
                 return Err(Halt::Stopped);
@@ -100,12 +125,11 @@ impl Execution<'_> {
             last_status = outcome.status_code;
             bytes = bytes.saturating_add(json_size(&outcome.output));
             if bytes > MAX_PAGES_BYTES {
-                let message = format!(
-                    "the {pages} pages fetched so far hold more than {} MiB of JSON together, the most one step may: narrow the request (a smaller window, fewer fields) or split the sync",
-                    MAX_PAGES_BYTES / (1024 * 1024)
-                );
-                return Err(self.fail_pages(step, started, None, &message).await);
+                return Err(self
+                    .fail_pages(step, started, None, &too_many_bytes(pages))
+                    .await);
             }
+            fetched.insert(fingerprint(&current), pages);
             request = self
                 .next_page(
                     step,
@@ -116,6 +140,7 @@ impl Execution<'_> {
                     &outcome.output,
                     pages,
                     started,
+                    &fetched,
                 )
                 .await?;
         }
@@ -149,6 +174,7 @@ impl Execution<'_> {
         response: &Value,
         pages: u32,
         started: i64,
+        fetched: &HashMap<u64, u32>,
     ) -> Result<Option<PlannedRequest>, Halt> {
         let link_next = link_next(response, &current.url);
         let context =
@@ -172,6 +198,11 @@ impl Execution<'_> {
             Ok(None) => return Ok(None),
             Ok(Some(next)) if next == *current => format!(
                 "`paginate.next` asked for page {pages} again ({}): plumb stops rather than fetch the same page forever; make `next` return null on the last page",
+                next.url
+            ),
+            Ok(Some(next)) if fetched.contains_key(&fingerprint(&next)) => format!(
+                "`paginate.next` on page {pages} asked for page {} again ({}): the pages go round in a cycle; plumb stops rather than fetch them forever",
+                fetched.get(&fingerprint(&next)).copied().unwrap_or(0),
                 next.url
             ),
             Ok(Some(_)) if pages >= paginate.max_pages => format!(
@@ -204,6 +235,33 @@ impl Execution<'_> {
             .await
     }
 }
+
+/// A request's identity, to recognise one sent before.
+pub(crate) fn fingerprint(request: &PlannedRequest) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    request.to_state().to_string().hash(&mut hasher);
+    hasher.finish()
+}
+
+fn too_many_bytes(pages: u32) -> String {
+    format!(
+        "the {pages} pages fetched so far hold more than {} MiB of JSON together, the most one step may: narrow the request (a smaller window, fewer fields) or split the sync",
+        MAX_PAGES_BYTES / (1024 * 1024)
+    )
+}
+
+/// Headers neither a step nor `next` may set: they would change where the
+/// request goes or how it is framed, with the connection's credential on it.
+pub(crate) const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+];
 
 /// The size of a value as JSON text.
 pub(crate) fn json_size(value: &Value) -> usize {
@@ -290,6 +348,9 @@ pub(crate) fn next_request(
                         for (key, value) in headers {
                             if !plumb_core::load::is_header_name(&key)
                                 || key.eq_ignore_ascii_case("idempotency-key")
+                                || FORBIDDEN_HEADERS
+                                    .iter()
+                                    .any(|f| key.eq_ignore_ascii_case(f))
                             {
                                 return Err(refuse(format!(
                                     "`{key}` cannot be set as a header by `next`"
@@ -427,6 +488,10 @@ mod tests {
         );
         let e = next(json!({"headers": {"Idempotency-Key": "x"}})).expect_err("key");
         assert!(e.to_string().contains("Idempotency-Key"), "{e}");
+        for header in ["Host", "Transfer-Encoding", "content-length", "Connection"] {
+            let e = next(json!({"headers": {header: "x"}})).expect_err(header);
+            assert!(e.to_string().contains(header), "{e}");
+        }
         let e = next(json!({"path": "https://evil.example/"})).expect_err("path");
         assert!(e.to_string().contains("single `/`"), "{e}");
     }
