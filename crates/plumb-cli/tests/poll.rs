@@ -109,12 +109,16 @@ async fn items_that_appear_while_plumb_is_killed_and_restarted_each_run_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_poll_with_a_cursor_reads_only_what_is_new_and_a_failing_feed_shows() {
     let rx = Receiver::start().await;
-    let project = Project::with_receiver(&rx.base_url);
+    let project = Project::new(&format!(
+        "connections:\n  rx:\n    http:\n      base_url: {}\n      timeout: 10s\ndefaults:\n  retry: {{ attempts: 3, initial: 100ms, max: 2s }}\nalerts:\n  ops:\n    http: {{ connection: rx, path: /ok/alert }}\n",
+        rx.base_url
+    ));
     project.workflow(
         "batcher",
         r#"name: batcher
 owner: qa@example.com
 description: all new items of a poll in one run, from where the last poll stopped
+alerts: { on_failure: [ops] }
 trigger:
   poll:
     every: 1s
@@ -196,6 +200,33 @@ steps:
     );
     let text = project.run(&["status"]).await;
     assert!(text.stdout.contains("last error"), "{text}");
+    // Alerted once for the streak, however many polls fail in it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let failures = get_json(&format!("{base}/api/v1/status")).await["workflows"]
+            .as_array()
+            .and_then(|w| w.iter().find(|w| w["name"] == "batcher"))
+            .map(|w| w["poll"]["failures"].as_u64().unwrap_or(0))
+            .unwrap_or(0);
+        let alerted = rx.hits().iter().any(|h| h.path == "/ok/alert");
+        if failures >= 2 && alerted {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a second failed poll ({failures}) and an alert ({alerted})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let alerts: Vec<Value> = rx
+        .hits()
+        .iter()
+        .filter(|h| h.path == "/ok/alert")
+        .map(|h| h.body.clone())
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["event"], "poll_failed");
+    assert_eq!(alerts[0]["workflow"], "batcher");
     rx.set_feed_down(false);
     rx.set_feed(50);
     wait_for(3).await;
