@@ -15,7 +15,10 @@
 //! `journal`; executing a run is `exec`, one module per step kind under
 //! `exec/step`; expressions run on the threads of [`eval`]; claiming,
 //! watching leases and catching panics is [`worker`]; who holds a lease and
-//! whether it is provably dead is [`owner`].
+//! whether it is provably dead is [`owner`]; schedules are [`schedule`], and
+//! poll triggers `poll` (started with them); a workflow's cursor (SPEC G7)
+//! is pinned when a run first executes and moved with its successful end
+//! (`exec::Execution::cursor_move`).
 
 pub mod alerts;
 pub mod eval;

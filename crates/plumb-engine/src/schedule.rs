@@ -121,8 +121,8 @@ impl Schedule {
     }
 }
 
-/// Fires the schedules of every workflow, and runs its polls (see
-/// [`crate::poll`]), until `shutdown`. Restart it after a reload so changed
+/// Fires the schedules of every workflow, and runs its polls (see the
+/// `poll` module), until `shutdown`. Restart it after a reload so changed
 /// schedules and polls take effect.
 pub async fn run_schedules(
     engine: Arc<Engine>,
