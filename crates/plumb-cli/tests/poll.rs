@@ -257,3 +257,43 @@ async fn check_names_what_is_wrong_with_a_poll_trigger() {
         assert!(out.stderr.contains(expected), "{expected}\n{out}");
     }
 }
+
+/// A process SIGKILLed in the middle of a poll holds its lease; the process
+/// started after it recognises the holder is gone and polls at once,
+/// instead of waiting out the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_killed_mid_request_is_taken_over_at_once_after_a_restart() {
+    let rx = Receiver::start().await;
+    let project = Project::with_receiver(&rx.base_url);
+    project.workflow(
+        "slowpoll",
+        &ONE_RUN_PER_ITEM
+            .replace("name: poller", "name: slowpoll")
+            .replace("path: /feed }", "path: /feed, query: { delay_ms: 1500 } }"),
+    );
+    rx.set_feed(5);
+    let server = project.serve("127.0.0.1:0").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !rx.hits().iter().any(|h| h.path == "/feed") {
+        assert!(tokio::time::Instant::now() < deadline, "a poll started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill().await;
+    rx.set_feed(10);
+    let restarted = tokio::time::Instant::now();
+    let server = project.serve("127.0.0.1:0").await;
+    loop {
+        let (by_item, unfinished) = runs_by_item(&server.base_url, "slowpoll").await;
+        if by_item.len() == 10 && unfinished == 0 {
+            assert!(by_item.values().all(|n| *n == 1), "{by_item:?}");
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(20),
+            "the restarted process polled within seconds, not after the dead one's lease: {by_item:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.kill().await;
+}

@@ -54,9 +54,11 @@ pub(crate) async fn run_one(
     let Trigger::Poll(poll) = &workflow.trigger else {
         return;
     };
-    let owner = format!("{}#poll", engine.owner.as_str());
+    // The process's own id: a holder that is certainly dead (killed on
+    // this host) is recognised by it and its poll taken over at once.
+    let owner = engine.owner.as_str().to_owned();
     loop {
-        let wait = match due_in(&engine, &workflow.name).await {
+        let wait = match due_in(&engine, &workflow.name, &owner).await {
             Some(wait) if !wait.is_zero() => wait.min(CHECK_EVERY),
             _ => {
                 match engine
@@ -93,10 +95,19 @@ pub(crate) async fn run_one(
 }
 
 /// How long until the poll is due (`None` when the store cannot say: try
-/// to claim).
-async fn due_in(engine: &Engine, workflow: &str) -> Option<Duration> {
+/// to claim). A poll held by a process that is certainly dead (SIGKILLed on
+/// this host) is given back first, so a restart polls at once instead of
+/// waiting out the dead process's lease.
+async fn due_in(engine: &Engine, workflow: &str, owner: &str) -> Option<Duration> {
     let states = engine.store.poll_states().await.ok()?;
     let state = states.into_iter().find(|s| s.workflow == workflow)?;
+    if let Some(holder) = &state.owner
+        && holder != owner
+        && crate::owner::is_certainly_dead(holder)
+    {
+        tracing::info!(workflow, holder = %holder, "The process holding this poll is gone; taking it over.");
+        let _ = engine.store.renew_poll(workflow, holder, -LEASE_MS).await;
+    }
     let left = state.next_poll_at - now_ms();
     Some(Duration::from_millis(u64::try_from(left).unwrap_or(0)))
 }

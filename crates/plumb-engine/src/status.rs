@@ -254,6 +254,7 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
                                 last_new_item_at: None,
                                 last_error: None,
                                 failures: 0,
+                                owner: None,
                             }),
                     ),
                     _ => None,

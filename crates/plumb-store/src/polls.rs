@@ -74,6 +74,9 @@ pub struct PollState {
     pub last_error: Option<String>,
     /// Failed polls in a row.
     pub failures: u32,
+    /// Who holds the poll now, if anyone (a process's owner id).
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 /// Poll leases and commits.

@@ -217,7 +217,7 @@ impl PollStore for PgStore {
     async fn poll_states(&self) -> Result<Vec<PollState>, StoreError> {
         let rows = sqlx::query(
             "SELECT workflow, next_poll_at, last_poll_at, last_success_at, last_new_item_at, \
-             last_error, failures FROM polls ORDER BY workflow",
+             last_error, failures, owner FROM polls ORDER BY workflow",
         )
         .fetch_all(&self.pool)
         .await
@@ -233,6 +233,7 @@ impl PollStore for PgStore {
                     last_error: r.try_get("last_error").map_err(map_err)?,
                     failures: u32::try_from(r.try_get::<i64, _>("failures").map_err(map_err)?)
                         .unwrap_or(u32::MAX),
+                    owner: r.try_get("owner").map_err(map_err)?,
                 })
             })
             .collect()

@@ -294,7 +294,7 @@ impl PollStore for SqliteStore {
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT workflow, next_poll_at, last_poll_at, last_success_at, last_new_item_at, \
-                 last_error, failures FROM polls ORDER BY workflow",
+                 last_error, failures, owner FROM polls ORDER BY workflow",
             )
             .and_then(|mut st| {
                 st.query_map([], |r| {
@@ -306,6 +306,7 @@ impl PollStore for SqliteStore {
                         last_new_item_at: r.get(4)?,
                         last_error: r.get(5)?,
                         failures: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(u32::MAX),
+                        owner: r.get(7)?,
                     })
                 })?
                 .collect()
