@@ -297,3 +297,57 @@ async fn a_poll_killed_mid_request_is_taken_over_at_once_after_a_restart() {
     }
     server.kill().await;
 }
+
+/// A poll's request may paginate: `items` reads every page (`.pages`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paginated_poll_reads_items_from_every_page() {
+    let rx = Receiver::start().await;
+    let project = Project::with_receiver(&rx.base_url);
+    project.workflow(
+        "pages",
+        r#"name: pages
+owner: qa@example.com
+description: every page of the API on each poll, all new items in one run
+trigger:
+  poll:
+    every: 1s
+    http:
+      connection: rx
+      path: /pages/cursor
+      query: { limit: 100, total: 250 }
+      paginate:
+        next: '${{ .response.body.next_cursor | if . then {query: {cursor: .}} else null end }}'
+    items: '${{ [.pages[].body.data[]] }}'
+    key: '${{ .id }}'
+    batch: true
+steps:
+  - id: deliver
+    http: { connection: rx, method: POST, path: /ok/batch, body: { ids: '${{ [.trigger.items[].id] }}' } }
+"#,
+    );
+    let server = project.serve("127.0.0.1:0").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let batch = loop {
+        if let Some(hit) = rx.hits().iter().find(|h| h.path == "/ok/batch") {
+            break hit.body["ids"].clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no batch run");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(batch.as_array().map(Vec::len), Some(250), "{batch}");
+    // Later polls find nothing new: still one batch.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        rx.hits().iter().filter(|h| h.path == "/ok/batch").count(),
+        1
+    );
+    assert!(
+        rx.hits()
+            .iter()
+            .filter(|h| h.path == "/pages/cursor")
+            .count()
+            >= 6,
+        "each poll fetched all three pages"
+    );
+    server.kill().await;
+}
