@@ -101,9 +101,8 @@ impl ProjectConfig {
     pub fn secret_uses(&self) -> BTreeMap<String, Vec<String>> {
         let mut uses: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (name, c) in &self.connections {
-            let Connection::Http(h) = c;
-            if let Some(a) = &h.auth {
-                uses.entry(a.secret().to_owned())
+            for secret in c.secrets() {
+                uses.entry(secret.to_owned())
                     .or_default()
                     .push(format!("connection {name}"));
             }
@@ -198,6 +197,8 @@ pub struct Defaults {
 pub enum Connection {
     /// An HTTP API.
     Http(HttpConnection),
+    /// A SQL database.
+    Sql(SqlConnection),
 }
 
 impl Connection {
@@ -206,8 +207,67 @@ impl Connection {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Http(_) => "http",
+            Self::Sql(s) => s.driver.name(),
         }
     }
+
+    /// The secrets it uses.
+    #[must_use]
+    pub fn secrets(&self) -> Vec<&str> {
+        match self {
+            Self::Http(h) => h.auth.iter().map(HttpAuth::secret).collect(),
+            Self::Sql(s) => {
+                let mut names = Vec::new();
+                if let SqlUrl::Secret(name) = &s.url {
+                    names.push(name.as_str());
+                }
+                names.extend(s.password.as_deref());
+                names
+            }
+        }
+    }
+}
+
+/// A SQL database connection: a pool opened on first use, bound to the
+/// host its URL names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqlConnection {
+    /// Which database.
+    pub driver: SqlDriver,
+    /// Where: a URL without a password, or a secret holding the whole URL.
+    pub url: SqlUrl,
+    /// The secret holding the password, for a URL written without one.
+    pub password: Option<String>,
+    /// Connections in the pool.
+    pub pool: u32,
+    /// Timeout of one statement (and of getting a connection).
+    pub timeout: Option<Duration>,
+}
+
+/// The databases a `sql` step can talk to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SqlDriver {
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl SqlDriver {
+    /// As written in `plumb.yaml`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// Where a SQL connection goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SqlUrl {
+    /// Written in `plumb.yaml` (never with a password).
+    Literal(Url),
+    /// The whole URL is this secret's value.
+    Secret(String),
 }
 
 /// An HTTP connection: the only origin its steps may call.
@@ -665,7 +725,7 @@ impl Step {
     /// an attempt invisible.
     #[must_use]
     pub fn has_effects(&self) -> bool {
-        matches!(self.action, Action::Http(_))
+        matches!(self.action, Action::Http(_) | Action::Sql(_))
     }
 
     /// The step's `paginate:`, if it fetches pages.
@@ -692,6 +752,8 @@ pub struct ForEach {
 pub enum Action {
     /// Call an HTTP connection.
     Http(HttpAction),
+    /// Run a statement on a SQL connection.
+    Sql(SqlAction),
     /// Transform with jq.
     Jq(Program),
     /// Branch.
@@ -713,6 +775,7 @@ impl Action {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Http(_) => "http",
+            Self::Sql(_) => "sql",
             Self::Jq(_) => "jq",
             Self::If(_) => "if",
             Self::Sleep(_) => "sleep",
@@ -763,6 +826,17 @@ pub struct WorkflowCursor {
     pub template: Template,
     /// The step outputs it may read.
     pub reads: crate::expr::StepsRead,
+}
+
+/// A `sql` step: one statement, values only as bind parameters.
+#[derive(Clone, Debug)]
+pub struct SqlAction {
+    /// The connection's name.
+    pub connection: String,
+    /// The statement, as written (`$1`, `$2` … for the parameters).
+    pub query: String,
+    /// The parameters, in order.
+    pub params: Vec<Template>,
 }
 
 /// `paginate: { next, max_pages }` on an http step.

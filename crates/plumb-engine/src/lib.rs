@@ -136,6 +136,8 @@ pub enum RunEnd {
 pub struct Engine {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) http: HttpClient,
+    /// Database pools of `sql` steps, opened on first use.
+    pub(crate) sql: plumb_connectors::sql::SqlPools,
     project: RwLock<Arc<Project>>,
     pub(crate) owner: Owner,
     lease: Duration,
@@ -194,6 +196,7 @@ impl Engine {
         Ok(Self {
             store,
             http: HttpClient::new()?,
+            sql: plumb_connectors::sql::SqlPools::default(),
             lease: project.config.serve.lease,
             project: RwLock::new(project),
             owner: Owner::this_process(role),

@@ -264,15 +264,8 @@ async fn gather(
                 let answer = evaluate(&paginate.next, doc, timeout)
                     .await
                     .map_err(|e| format!("`paginate.next` failed on page {number}: {e}"))?;
-                let connection = match project.config.connections.get(&poll.http.connection) {
-                    Some(plumb_core::model::Connection::Http(c)) => c,
-                    None => {
-                        return Err(format!(
-                            "the connection `{}` is no longer defined",
-                            poll.http.connection
-                        ));
-                    }
-                };
+                let connection = crate::exec::http_connection(&project, &poll.http.connection)
+                    .map_err(|e| e.to_string())?;
                 let next =
                     next_request(&poll.http.connection, connection, &first, &current, answer)
                         .map_err(|e| e.to_string())?;

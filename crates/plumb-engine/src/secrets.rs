@@ -173,14 +173,31 @@ pub async fn load(
     // upstream echoing the Authorization header cannot leak it.
     let mut derived: Vec<(String, SecretValue)> = Vec::new();
     for connection in project.config.connections.values() {
-        let plumb_core::model::Connection::Http(http) = connection;
-        if let Some(plumb_core::model::HttpAuth::Basic { username, secret }) = &http.auth
-            && let Some(value) = values.get(secret)
-        {
-            derived.push((
-                secret.clone(),
-                SecretValue::new(format!("{username}:{}", value.expose())),
-            ));
+        match connection {
+            plumb_core::model::Connection::Http(http) => {
+                if let Some(plumb_core::model::HttpAuth::Basic { username, secret }) = &http.auth
+                    && let Some(value) = values.get(secret)
+                {
+                    derived.push((
+                        secret.clone(),
+                        SecretValue::new(format!("{username}:{}", value.expose())),
+                    ));
+                }
+            }
+            // A database URL kept as a secret holds a password of its own: a
+            // driver error quoting only the password is caught too.
+            plumb_core::model::Connection::Sql(sql) => {
+                if let plumb_core::model::SqlUrl::Secret(secret) = &sql.url
+                    && let Some(value) = values.get(secret)
+                    && let Ok(url) = url::Url::parse(value.expose())
+                    && let Some(password) = url.password()
+                {
+                    let password = percent_decode(password);
+                    if password.len() >= 4 {
+                        derived.push((secret.clone(), SecretValue::new(password)));
+                    }
+                }
+            }
         }
     }
     let redactor = Redactor::new(
@@ -194,4 +211,11 @@ pub async fn load(
         redactor,
         version,
     }))
+}
+
+/// A URL component, percent-decoded (a password as the server sees it).
+fn percent_decode(text: &str) -> String {
+    url::form_urlencoded::parse(format!("p={}", text.replace('+', "%2B")).as_bytes())
+        .next()
+        .map_or_else(|| text.to_owned(), |(_, v)| v.into_owned())
 }

@@ -1330,6 +1330,11 @@ fn step_programs(step: &Step) -> Vec<&Program> {
                 out.extend(p.next.programs());
             }
         }
+        Action::Sql(q) => {
+            for t in &q.params {
+                out.extend(t.programs());
+            }
+        }
         Action::Jq(p) => out.push(p),
         Action::If(b) => out.extend(b.condition.programs()),
         Action::Sleep(t) => out.extend(t.programs()),

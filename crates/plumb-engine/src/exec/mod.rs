@@ -27,7 +27,8 @@ mod context;
 mod step;
 
 pub(crate) use step::{
-    PlannedRequest, auth_header, json_size, link_next, next_request, plan_request, send_request,
+    PlannedRequest, auth_header, http_connection, json_size, link_next, next_request, plan_request,
+    send_request,
 };
 
 pub use context::idempotency_key;

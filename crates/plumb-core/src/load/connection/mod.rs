@@ -10,6 +10,7 @@ use crate::model::Connection;
 use crate::yaml::FieldPath;
 
 mod http;
+mod postgres;
 
 /// One kind of connection: the key naming it and its check.
 pub(super) struct ConnectionKind {
@@ -21,12 +22,10 @@ pub(super) struct ConnectionKind {
 }
 
 /// Every connection kind this version has.
-const KINDS: &[ConnectionKind] = &[http::KIND];
+const KINDS: &[ConnectionKind] = &[http::KIND, postgres::KIND];
 
 /// Kinds SPEC describes that are not built yet: named so, not "unknown".
-const PLANNED: &[&str] = &[
-    "postgres", "mysql", "sqlite", "redis", "amqp", "mqtt", "nats", "smtp",
-];
+const PLANNED: &[&str] = &["mysql", "sqlite", "redis", "amqp", "mqtt", "nats", "smtp"];
 
 impl Checker<'_> {
     /// `connections.<name>`: exactly one kind.

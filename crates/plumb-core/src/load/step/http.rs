@@ -120,6 +120,17 @@ pub(in crate::load) fn http_action(
                 .help = Some(help);
             }
             Some(Connection::Http(c)) => connection_timeout = c.timeout,
+            Some(other) => {
+                cx.error_at_value(
+                    &path.key("connection"),
+                    format!(
+                        "`{}` is a {} connection; an http step calls an http connection",
+                        spec.connection,
+                        other.kind()
+                    ),
+                )
+                .help = Some("use a `sql:` step for a database connection".into());
+            }
         }
     }
     let method = spec.method.as_deref().unwrap_or("GET").to_ascii_uppercase();

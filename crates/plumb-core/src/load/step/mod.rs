@@ -20,6 +20,7 @@ mod branch;
 pub(in crate::load) mod http;
 mod jq;
 mod sleep;
+mod sql;
 
 /// One kind of step: how it is written and how it is checked.
 pub(super) struct StepKind {
@@ -68,6 +69,7 @@ impl Checked {
 /// Every step kind this version has.
 const KINDS: &[StepKind] = &[
     http::KIND,
+    sql::KIND,
     jq::KIND,
     branch::KIND,
     sleep::KIND,
@@ -75,7 +77,7 @@ const KINDS: &[StepKind] = &[
 ];
 
 /// Kinds SPEC describes that are not built yet.
-const PLANNED: &[&str] = &["sql", "publish", "workflow"];
+const PLANNED: &[&str] = &["publish", "workflow"];
 
 /// What every step may have, whatever its kind.
 #[derive(Debug, Deserialize)]

@@ -77,12 +77,19 @@ impl PlannedRequest {
 }
 
 /// The connection a step calls, or why it cannot be called.
-pub(in crate::exec) fn http_connection<'p>(
+pub(crate) fn http_connection<'p>(
     project: &'p plumb_core::model::Project,
     name: &str,
 ) -> Result<&'p plumb_core::model::HttpConnection, ActionError> {
     match project.config.connections.get(name) {
         Some(Connection::Http(connection)) => Ok(connection),
+        Some(other) => Err(ActionError::Permanent {
+            message: format!(
+                "the connection `{name}` is a {} connection now, not an http one",
+                other.kind()
+            ),
+            status: None,
+        }),
         None => Err(ActionError::Permanent {
             message: format!("the connection `{name}` is no longer defined in plumb.yaml"),
             status: None,

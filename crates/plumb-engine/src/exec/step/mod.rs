@@ -17,9 +17,10 @@ mod http;
 mod jq;
 mod paginate;
 mod sleep;
+mod sql;
 
 pub(crate) use http::auth_header;
-pub(crate) use http::{PlannedRequest, plan_request, send_request};
+pub(crate) use http::{PlannedRequest, http_connection, plan_request, send_request};
 pub(crate) use paginate::{json_size, link_next, next_request};
 
 impl Execution<'_> {
@@ -47,6 +48,7 @@ impl Execution<'_> {
     ) -> Result<Outcome, ActionError> {
         match &step.action {
             Action::Http(http) => self.perform_http(step, http, context, key).await,
+            Action::Sql(sql) => self.perform_sql(step, sql, context).await,
             Action::Jq(program) => jq::perform(program, context, step.timeout).await,
             Action::Assert { condition, message } => {
                 assert::perform(condition, message.as_ref(), context, step.timeout).await

@@ -1,0 +1,357 @@
+//! The SQL connector (PostgreSQL): one statement with bind parameters, on a
+//! pool opened on first use and shared by every step of the connection.
+//!
+//! Values reach the database only as parameters: JSON `null`, booleans,
+//! integers, floats and strings bind as themselves, objects and arrays as
+//! `jsonb`; `null` binds untyped, so the server infers its type. Rows come
+//! back typed (`{rows: [{column: value}], rows_affected}`); a column of a
+//! type not read here is named in a permanent error with the fix (cast it
+//! in the query). Failures are classified by SQLSTATE: connection loss,
+//! serialization failures, deadlocks, too many connections and lock
+//! timeouts are retryable; constraint, syntax and type errors are permanent
+//! and name the SQLSTATE and constraint.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use sha2::Digest;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgTypeInfo};
+use sqlx::{Arguments, Column, Row, TypeInfo};
+
+use crate::ActionError;
+
+/// The most rows one statement may return into a step's output.
+pub const MAX_ROWS: usize = 100_000;
+
+/// Pools by connection, opened on first use.
+#[derive(Default)]
+pub struct SqlPools {
+    pools: Mutex<HashMap<String, PgPool>>,
+}
+
+impl std::fmt::Debug for SqlPools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqlPools")
+    }
+}
+
+/// Where a pool goes: a URL (its password, if any, already in it).
+pub struct Target<'a> {
+    /// The connection's name, for messages.
+    pub connection: &'a str,
+    /// The full URL, password included: never shown.
+    pub url: &'a str,
+    /// Connections in the pool.
+    pub pool: u32,
+    /// Timeout of a statement and of getting a connection.
+    pub timeout: Duration,
+}
+
+impl SqlPools {
+    /// The pool for `target`, opened on first use (a changed URL opens a new
+    /// one: a rotated password takes effect).
+    fn pool(&self, target: &Target<'_>) -> Result<PgPool, ActionError> {
+        let key = format!(
+            "{}:{}",
+            target.connection,
+            hex::encode(sha2::Sha256::digest(target.url.as_bytes()))
+        );
+        let mut pools = self.pools.lock().map_err(|_| ActionError::Permanent {
+            message: "the connection pools are unusable (a thread panicked)".to_owned(),
+            status: None,
+        })?;
+        if let Some(pool) = pools.get(&key) {
+            return Ok(pool.clone());
+        }
+        // Never quote the URL: it may hold the password.
+        let options: PgConnectOptions = target.url.parse().map_err(|_| ActionError::Permanent {
+            message: format!(
+                "the URL of connection `{}` is not a valid PostgreSQL URL",
+                target.connection
+            ),
+            status: None,
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(target.pool.max(1))
+            .acquire_timeout(target.timeout)
+            .connect_lazy_with(options);
+        pools.retain(|k, _| !k.starts_with(&format!("{}:", target.connection)));
+        pools.insert(key, pool.clone());
+        Ok(pool)
+    }
+
+    /// Closes every pool (shutdown, reload).
+    pub async fn close(&self) {
+        let pools: Vec<PgPool> = match self.pools.lock() {
+            Ok(mut p) => p.drain().map(|(_, v)| v).collect(),
+            Err(_) => Vec::new(),
+        };
+        for pool in pools {
+            pool.close().await;
+        }
+    }
+
+    /// Runs one statement with `params`; the step's output.
+    ///
+    /// # Errors
+    ///
+    /// Retryable or permanent as the module doc says.
+    pub async fn execute(
+        &self,
+        target: &Target<'_>,
+        query: &str,
+        params: &[Value],
+    ) -> Result<Value, ActionError> {
+        let pool = self.pool(target)?;
+        let mut args = PgArguments::default();
+        for (i, value) in params.iter().enumerate() {
+            bind(&mut args, value).map_err(|e| ActionError::Permanent {
+                message: format!("parameter ${} cannot be bound: {e}", i + 1),
+                status: None,
+            })?;
+        }
+        let sql = sqlx::AssertSqlSafe(query.to_owned());
+        let run = async {
+            use futures::StreamExt;
+            use sqlx::Executor;
+            let mut conn = pool.acquire().await?;
+            let mut stream = conn.fetch_many(sqlx::query_with(sql, args));
+            let mut rows = Vec::new();
+            let mut affected = 0_u64;
+            while let Some(item) = stream.next().await {
+                match item? {
+                    sqlx::Either::Left(done) => affected += done.rows_affected(),
+                    sqlx::Either::Right(row) => {
+                        // Stop reading past the limit: the rest never
+                        // reaches memory.
+                        if rows.len() == MAX_ROWS {
+                            return Ok((rows, affected, true));
+                        }
+                        rows.push(row);
+                    }
+                }
+            }
+            Ok::<_, sqlx::Error>((rows, affected, false))
+        };
+        let (rows, affected, over) = match tokio::time::timeout(target.timeout, run).await {
+            Err(_) => {
+                return Err(ActionError::Retryable {
+                    message: format!(
+                        "the statement did not finish within {} s",
+                        target.timeout.as_secs_f64()
+                    ),
+                    status: None,
+                    retry_after: None,
+                });
+            }
+            Ok(Err(e)) => return Err(classify(target.connection, &e)),
+            Ok(Ok(done)) => done,
+        };
+        if over {
+            return Err(ActionError::Permanent {
+                message: format!(
+                    "the statement returned more rows than a step keeps ({MAX_ROWS}): add a LIMIT, or page with the cursor"
+                ),
+                status: None,
+            });
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(row_json(row)?);
+        }
+        Ok(serde_json::json!({ "rows": out, "rows_affected": affected }))
+    }
+}
+
+/// A `null` the server types from context (`unknown`), so it fits any column.
+struct Untyped;
+
+impl sqlx::Type<sqlx::Postgres> for Untyped {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(sqlx::postgres::types::Oid(705))
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for Untyped {
+    fn encode_by_ref(
+        &self,
+        _buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        Ok(sqlx::encode::IsNull::Yes)
+    }
+}
+
+/// An object or array, bound as `jsonb` (its binary form is a version
+/// byte, 1, then the JSON text).
+struct Jsonb(String);
+
+impl sqlx::Type<sqlx::Postgres> for Jsonb {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(sqlx::postgres::types::Oid(3802))
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for Jsonb {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        buf.push(1);
+        buf.extend_from_slice(self.0.as_bytes());
+        Ok(sqlx::encode::IsNull::No)
+    }
+}
+
+fn bind(args: &mut PgArguments, value: &Value) -> Result<(), sqlx::error::BoxDynError> {
+    match value {
+        Value::Null => args.add(Untyped),
+        Value::Bool(b) => args.add(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => args.add(i),
+            None => args.add(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => args.add(s.as_str()),
+        other => args.add(Jsonb(other.to_string())),
+    }
+}
+
+/// A `json` or `jsonb` column's value (binary `jsonb` starts with its
+/// version byte).
+fn json_column(row: &PgRow, i: usize, jsonb: bool) -> Result<Value, sqlx::Error> {
+    use sqlx::ValueRef;
+    let raw = row.try_get_raw(i)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let bytes = raw.as_bytes().map_err(sqlx::Error::Decode)?;
+    let text = if jsonb {
+        bytes.get(1..).unwrap_or_default()
+    } else {
+        bytes
+    };
+    serde_json::from_slice(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn row_json(row: &PgRow) -> Result<Value, ActionError> {
+    let mut out = Map::new();
+    for column in row.columns() {
+        let name = column.name();
+        let ty = column.type_info().name().to_owned();
+        let i = column.ordinal();
+        let value: Result<Value, sqlx::Error> = match ty.as_str() {
+            "BOOL" => row
+                .try_get::<Option<bool>, _>(i)
+                .map(|v| v.map_or(Value::Null, Value::Bool)),
+            "INT2" => row
+                .try_get::<Option<i16>, _>(i)
+                .map(|v| v.map_or(Value::Null, Value::from)),
+            "INT4" => row
+                .try_get::<Option<i32>, _>(i)
+                .map(|v| v.map_or(Value::Null, Value::from)),
+            "INT8" => row
+                .try_get::<Option<i64>, _>(i)
+                .map(|v| v.map_or(Value::Null, Value::from)),
+            "FLOAT4" => row
+                .try_get::<Option<f32>, _>(i)
+                .map(|v| v.map_or(Value::Null, |f| Value::from(f64::from(f)))),
+            "FLOAT8" => row
+                .try_get::<Option<f64>, _>(i)
+                .map(|v| v.map_or(Value::Null, Value::from)),
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" => row
+                .try_get::<Option<String>, _>(i)
+                .map(|v| v.map_or(Value::Null, Value::String)),
+            "JSON" => json_column(row, i, false),
+            "JSONB" => json_column(row, i, true),
+            "BYTEA" => row.try_get::<Option<Vec<u8>>, _>(i).map(|v| {
+                v.map_or(Value::Null, |b| {
+                    use base64::Engine as _;
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(b))
+                })
+            }),
+            other => {
+                return Err(ActionError::Permanent {
+                    message: format!(
+                        "column `{name}` is of type {other}, which a sql step does not read yet: cast it in the query (`{name}::text`)"
+                    ),
+                    status: None,
+                });
+            }
+        };
+        let value = value.map_err(|e| ActionError::Permanent {
+            message: format!("column `{name}` cannot be read: {e}"),
+            status: None,
+        })?;
+        out.insert(name.to_owned(), value);
+    }
+    Ok(Value::Object(out))
+}
+
+/// SQLSTATEs worth another try: serialization failure, deadlock, too many
+/// connections, lock not available, and the server going away.
+fn retryable_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        "40001" | "40P01" | "53300" | "55P03" | "57P01" | "57P02" | "57P03"
+    ) || code.starts_with("08")
+}
+
+/// What a driver error means for the step. The message never carries the
+/// URL (the engine redacts secret values from it too).
+fn classify(connection: &str, e: &sqlx::Error) -> ActionError {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let constraint = db
+                .constraint()
+                .map(|c| format!(", constraint `{c}`"))
+                .unwrap_or_default();
+            let message = format!("{} (SQLSTATE {code}{constraint})", db.message());
+            if retryable_sqlstate(&code) {
+                ActionError::Retryable {
+                    message,
+                    status: None,
+                    retry_after: None,
+                }
+            } else {
+                ActionError::Permanent {
+                    message,
+                    status: None,
+                }
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_) => ActionError::Retryable {
+            message: format!("cannot reach the database of connection `{connection}`: {e}"),
+            status: None,
+            retry_after: None,
+        },
+        other => ActionError::Permanent {
+            message: format!("connection `{connection}`: {other}"),
+            status: None,
+        },
+    }
+}
+
+/// Shared pools, for the engine.
+pub type SharedPools = Arc<SqlPools>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_that_may_pass_are_retryable() {
+        for code in ["40001", "40P01", "53300", "55P03", "08006", "57P01"] {
+            assert!(retryable_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "42601", "22P02", "42703"] {
+            assert!(!retryable_sqlstate(code), "{code}");
+        }
+    }
+}

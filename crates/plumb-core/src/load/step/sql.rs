@@ -1,0 +1,105 @@
+//! `sql: { connection, query, params }`: one statement on a SQL connection.
+//! Values reach the database only as bind parameters (`$1`, `$2` …): an
+//! expression inside `query` is an error with the fix.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{Checked, KindInput, StepKind};
+use crate::load::{Checker, closest};
+use crate::model::{Action, Connection, SqlAction};
+
+pub(super) const KIND: StepKind = StepKind {
+    name: "sql",
+    siblings: &[],
+    not_repeatable: None,
+    check,
+};
+
+/// `sql:` in a step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlStepSpec {
+    /// The connection (a `postgres` one).
+    pub connection: String,
+    /// The statement, with `$1`, `$2` … for the parameters.
+    pub query: String,
+    /// The parameters, in order: values or `${{ … }}`.
+    #[serde(default)]
+    pub params: Vec<Value>,
+}
+
+/// The most parameters one statement may bind.
+const MAX_PARAMS: usize = 1000;
+
+fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
+    let path = input.path.key("sql");
+    let spec: SqlStepSpec = cx.deserialize(input.raw, &path)?;
+    let mut timeout = None;
+    if let Some(config) = cx.config {
+        match config.connections.get(&spec.connection) {
+            Some(Connection::Sql(c)) => timeout = c.timeout,
+            Some(other) => {
+                cx.error_at_value(
+                    &path.key("connection"),
+                    format!(
+                        "`{}` is an {} connection; a sql step runs on a database connection",
+                        spec.connection,
+                        other.kind()
+                    ),
+                )
+                .help = Some("define one under `connections:` with `postgres: { url: … }`".into());
+            }
+            None => {
+                let names: Vec<&str> = config.connections.keys().map(String::as_str).collect();
+                cx.error_at_value(
+                    &path.key("connection"),
+                    format!("unknown connection `{}`", spec.connection),
+                )
+                .help = Some(match closest(&spec.connection, &names) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None => "define it under `connections:` in plumb.yaml, e.g. `warehouse: { postgres: { url: { secret: warehouse_dsn } } }`".to_owned(),
+                });
+            }
+        }
+    }
+    if spec.query.contains("${{") {
+        cx.error_at_value(
+            &path.key("query"),
+            "`query` holds an expression: values reach the database only as bind parameters",
+        )
+        .help = Some(
+            "use params: write `$1` in the query and `params: [\"${{ … }}\"]`; a value pasted into SQL text is how injections happen".into(),
+        );
+    }
+    if spec.query.trim().is_empty() {
+        cx.error_at_value(&path.key("query"), "`query` is empty")
+            .help = Some(
+            "write the statement, e.g. `INSERT INTO contacts (id, email) VALUES ($1, $2)`".into(),
+        );
+    }
+    if spec.params.len() > MAX_PARAMS {
+        cx.error_at_value(
+            &path.key("params"),
+            format!(
+                "{} parameters; one statement binds at most {MAX_PARAMS}",
+                spec.params.len()
+            ),
+        )
+        .help = Some("split the statement, or pass a list as one JSON parameter".into());
+    }
+    let mut params = Vec::with_capacity(spec.params.len());
+    for (i, raw) in spec.params.iter().enumerate() {
+        if let Some(t) = cx.template(raw, &path.key("params").index(i)) {
+            params.push(t);
+        }
+    }
+    Some(Checked {
+        action: Action::Sql(SqlAction {
+            connection: spec.connection,
+            query: spec.query,
+            params,
+        }),
+        timeout,
+    })
+}
