@@ -191,3 +191,48 @@ async fn a_url_kept_as_a_secret_never_shows_even_in_a_driver_error() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_commits_all_its_elements_or_none_naming_the_bad_one() {
+    let Some(url) = postgres_url() else { return };
+    let table = format!("plumb_sql_batch_{}", std::process::id());
+    let project = Project::new(&format!(
+        "connections:\n  db:\n    postgres: {{ url: '{url}' }}\ndefaults:\n  retry: {{ attempts: 2, initial: 100ms, max: 1s }}\n"
+    ));
+    let workflow = |name: &str, bad: &str| {
+        format!(
+            "name: {name}\nowner: qa@example.com\ndescription: d\nsteps:\n  - id: t\n    sql: {{ connection: db, query: 'CREATE TABLE IF NOT EXISTS {table} (id int CONSTRAINT {table}_pk PRIMARY KEY, email text NOT NULL)' }}\n  - id: rows\n    jq: '[range(0; 1000) | {{id: ., email: \"u\\(.)@x\"}}]{bad}'\n  - id: load\n    sql:\n      connection: db\n      query: INSERT INTO {table} (id, email) VALUES ($1, $2)\n      batch: '${{{{ .steps.rows }}}}'\n      params: ['${{{{ .id }}}}', '${{{{ .email }}}}']\n  - id: count\n    sql: {{ connection: db, query: 'SELECT count(*)::int AS n FROM {table}' }}\n"
+        )
+    };
+    // Element 500 repeats id 499: the whole batch fails, nothing is kept.
+    project.workflow("bad", &workflow("bad", " | .[500].id = 499"));
+    let out = project.run(&["run", "bad"]).await;
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("element 500 of 1000"), "{out}");
+    assert!(out.stdout.contains("SQLSTATE 23505"), "{out}");
+    assert!(
+        out.stdout.contains(&format!("constraint `{table}_pk`")),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("1 attempt"),
+        "a constraint is not retried: {out}"
+    );
+    project.workflow("good", &workflow("good", ""));
+    let out = project.run(&["run", "good"]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let run_id = support::run_id_of(&out.stdout);
+    let load = output(&project, &run_id, "load").await;
+    assert_eq!(load, json!({"rows_affected": 1000, "elements": 1000}));
+    let count = output(&project, &run_id, "count").await;
+    assert_eq!(
+        count["rows"][0]["n"], 1000,
+        "nothing of the failed batch was kept: {count}"
+    );
+    project.workflow(
+        "drop",
+        &format!("name: drop\nowner: qa@example.com\ndescription: d\nsteps:\n  - id: d\n    sql: {{ connection: db, query: 'DROP TABLE IF EXISTS {table}' }}\n"),
+    );
+    let dropped = project.run(&["run", "drop"]).await;
+    assert_eq!(dropped.code, Some(0), "{dropped}");
+}

@@ -38,6 +38,26 @@ pub enum ActionError {
 }
 
 impl ActionError {
+    /// The same error with its message rewritten (context added).
+    #[must_use]
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            Self::Retryable {
+                message,
+                status,
+                retry_after,
+            } => Self::Retryable {
+                message: f(message),
+                status,
+                retry_after,
+            },
+            Self::Permanent { message, status } => Self::Permanent {
+                message: f(message),
+                status,
+            },
+        }
+    }
+
     /// Whether the engine should try again.
     #[must_use]
     pub fn is_retryable(&self) -> bool {

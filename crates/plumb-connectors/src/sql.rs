@@ -165,6 +165,74 @@ impl SqlPools {
     }
 }
 
+impl SqlPools {
+    /// Runs the statement once per element of `batch` (each a list of
+    /// parameters) in **one** transaction: all of them commit, or none (a
+    /// failing element is named by its index). The output is
+    /// `{rows_affected, elements}`.
+    ///
+    /// # Errors
+    ///
+    /// As [`SqlPools::execute`], the message naming the failed element.
+    pub async fn execute_batch(
+        &self,
+        target: &Target<'_>,
+        query: &str,
+        batch: &[Vec<Value>],
+    ) -> Result<Value, ActionError> {
+        let pool = self.pool(target)?;
+        let mut bound = Vec::with_capacity(batch.len());
+        for (index, params) in batch.iter().enumerate() {
+            let mut args = PgArguments::default();
+            for (i, value) in params.iter().enumerate() {
+                bind(&mut args, value).map_err(|e| ActionError::Permanent {
+                    message: format!("element {index}: parameter ${} cannot be bound: {e}", i + 1),
+                    status: None,
+                })?;
+            }
+            bound.push(args);
+        }
+        let run = async {
+            let mut tx = pool.begin().await.map_err(|e| (None, e))?;
+            let mut affected = 0_u64;
+            for (index, args) in bound.into_iter().enumerate() {
+                let sql = sqlx::AssertSqlSafe(query.to_owned());
+                let done = sqlx::query_with(sql, args)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| (Some(index), e))?;
+                affected += done.rows_affected();
+            }
+            tx.commit().await.map_err(|e| (None, e))?;
+            Ok::<_, (Option<usize>, sqlx::Error)>(affected)
+        };
+        match tokio::time::timeout(target.timeout, run).await {
+            Err(_) => Err(ActionError::Retryable {
+                message: format!(
+                    "the batch of {} did not commit within {} s (nothing was committed)",
+                    batch.len(),
+                    target.timeout.as_secs_f64()
+                ),
+                status: None,
+                retry_after: None,
+            }),
+            Ok(Err((index, e))) => {
+                let error = classify(target.connection, &e);
+                let place = index.map_or_else(
+                    || "the batch's transaction".to_owned(),
+                    |i| format!("element {i} of {}", batch.len()),
+                );
+                Err(error
+                    .map_message(|m| format!("{place}: {m} (nothing of the batch was committed)")))
+            }
+            Ok(Ok(affected)) => Ok(serde_json::json!({
+                "rows_affected": affected,
+                "elements": batch.len(),
+            })),
+        }
+    }
+}
+
 /// A `null` the server types from context (`unknown`), so it fits any column.
 struct Untyped;
 

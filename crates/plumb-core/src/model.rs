@@ -835,8 +835,11 @@ pub struct SqlAction {
     pub connection: String,
     /// The statement, as written (`$1`, `$2` … for the parameters).
     pub query: String,
-    /// The parameters, in order.
+    /// The parameters, in order (with `batch`, over each element).
     pub params: Vec<Template>,
+    /// Yields a list: the statement runs once per element, in one
+    /// transaction, as one effect.
+    pub batch: Option<Template>,
 }
 
 /// `paginate: { next, max_pages }` on an http step.

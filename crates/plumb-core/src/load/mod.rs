@@ -1334,6 +1334,9 @@ fn step_programs(step: &Step) -> Vec<&Program> {
             for t in &q.params {
                 out.extend(t.programs());
             }
+            if let Some(b) = &q.batch {
+                out.extend(b.programs());
+            }
         }
         Action::Jq(p) => out.push(p),
         Action::If(b) => out.extend(b.condition.programs()),

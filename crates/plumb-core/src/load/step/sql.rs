@@ -1,6 +1,7 @@
-//! `sql: { connection, query, params }`: one statement on a SQL connection.
-//! Values reach the database only as bind parameters (`$1`, `$2` …): an
-//! expression inside `query` is an error with the fix.
+//! `sql: { connection, query, params, batch }`: one statement on a SQL
+//! connection (with `batch`, once per element of a list, in one
+//! transaction). Values reach the database only as bind parameters (`$1`,
+//! `$2` …): an expression inside `query` is an error with the fix.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -27,6 +28,9 @@ pub struct SqlStepSpec {
     /// The parameters, in order: values or `${{ … }}`.
     #[serde(default)]
     pub params: Vec<Value>,
+    /// `${{ … }}` yielding a list: the statement runs once per element, in
+    /// one transaction, with `params` evaluated over each element.
+    pub batch: Option<Value>,
 }
 
 /// The most parameters one statement may bind.
@@ -88,6 +92,18 @@ fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
         )
         .help = Some("split the statement, or pass a list as one JSON parameter".into());
     }
+    let batch = match &spec.batch {
+        None => None,
+        Some(raw) => {
+            let t = cx.template(raw, &path.key("batch"))?;
+            if matches!(t, crate::expr::Template::Literal(_)) {
+                cx.error_at_value(&path.key("batch"), "`batch` must be an expression yielding a list")
+                    .help = Some("e.g. `batch: \"${{ .steps.shape }}\"`, with `params: [\"${{ .id }}\", …]` over each element".into());
+                return None;
+            }
+            Some(t)
+        }
+    };
     let mut params = Vec::with_capacity(spec.params.len());
     for (i, raw) in spec.params.iter().enumerate() {
         if let Some(t) = cx.template(raw, &path.key("params").index(i)) {
@@ -99,6 +115,7 @@ fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
             connection: spec.connection,
             query: spec.query,
             params,
+            batch,
         }),
         timeout,
     })

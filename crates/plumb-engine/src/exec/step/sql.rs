@@ -10,6 +10,9 @@ use plumb_core::model::{Connection, SqlAction, SqlUrl, Step};
 use super::super::context::permanent_eval;
 use super::super::{Execution, Outcome};
 
+/// The most elements one `batch` runs in its transaction.
+const MAX_BATCH: usize = 100_000;
+
 impl Execution<'_> {
     pub(in crate::exec) async fn perform_sql(
         &self,
@@ -29,10 +32,45 @@ impl Execution<'_> {
             });
         };
         let templates = sql.params.clone();
-        let params = crate::eval::evaluate(step.timeout, move |budget| {
-            templates
+        let batch = sql.batch.clone();
+        // One list of parameters per statement: the step's own, or one per
+        // element of `batch` (evaluated over that element).
+        let statements = crate::eval::evaluate(step.timeout, move |budget| {
+            let Some(batch) = batch else {
+                let one = templates
+                    .iter()
+                    .map(|t| t.render(&context, budget))
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(vec![one]);
+            };
+            let elements = match batch.render(&context, budget)? {
+                serde_json::Value::Array(elements) => elements,
+                other => {
+                    return Err(plumb_core::expr::EvalError {
+                        message: format!(
+                            "`batch` must yield a list, but it yielded {}",
+                            super::super::preview(&other, 60)
+                        ),
+                    });
+                }
+            };
+            if elements.len() > MAX_BATCH {
+                return Err(plumb_core::expr::EvalError {
+                    message: format!(
+                        "`batch` yielded {} elements; one transaction takes at most {MAX_BATCH}: split it with for_each over chunks",
+                        elements.len()
+                    ),
+                });
+            }
+            elements
                 .iter()
-                .map(|t| t.render(&context, budget))
+                .map(|element| {
+                    let element = plumb_core::expr::json_to_val(element);
+                    templates
+                        .iter()
+                        .map(|t| t.render(&element, budget))
+                        .collect::<Result<Vec<_>, _>>()
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -70,20 +108,24 @@ impl Execution<'_> {
                 });
             }
         }
-        let output = self
-            .engine
-            .sql
-            .execute(
-                &Target {
-                    connection: &sql.connection,
-                    url: url.as_str(),
-                    pool: connection.pool,
-                    timeout: step.timeout,
-                },
-                &sql.query,
-                &params,
-            )
-            .await?;
+        let target = Target {
+            connection: &sql.connection,
+            url: url.as_str(),
+            pool: connection.pool,
+            timeout: step.timeout,
+        };
+        let output = if sql.batch.is_some() {
+            self.engine
+                .sql
+                .execute_batch(&target, &sql.query, &statements)
+                .await?
+        } else {
+            let params = statements.into_iter().next().unwrap_or_default();
+            self.engine
+                .sql
+                .execute(&target, &sql.query, &params)
+                .await?
+        };
         Ok(Outcome {
             output,
             status_code: None,
