@@ -1991,12 +1991,12 @@ mod tests {
     fn kinds_from_spec_not_built_yet_are_named_so() {
         let err = load_config(&SourceFile {
             path: "plumb.yaml".into(),
-            text: "connections:\n  warehouse:\n    postgres: { url: { secret: warehouse_dsn } }\n  crm:\n    htp: { base_url: 'https://x.example' }\n".into(),
+            text: "connections:\n  warehouse:\n    mysql: { url: { secret: warehouse_dsn } }\n  crm:\n    htp: { base_url: 'https://x.example' }\n".into(),
         })
-        .expect_err("no postgres yet, and a typo");
+        .expect_err("no mysql yet, and a typo");
         let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
         assert!(
-            messages.contains(&"`postgres` connections are not available in this version of plumb"),
+            messages.contains(&"`mysql` connections are not available in this version of plumb"),
             "{messages:?}"
         );
         assert!(messages.contains(&"unknown field `htp`"), "{messages:?}");
@@ -2006,16 +2006,16 @@ mod tests {
                 .any(|d| d.help.as_deref() == Some("did you mean `http`?"))
         );
         let err = workflow(&format!(
-            "{HEAD}trigger: {{ queue: {{ connection: q }} }}\nsteps:\n  - id: a\n    sql: {{ connection: w, query: 'select 1' }}\n"
+            "{HEAD}trigger: {{ queue: {{ connection: q }} }}\nsteps:\n  - id: a\n    publish: {{ connection: w, to: q }}\n"
         ))
-        .expect_err("no queue triggers or sql steps yet");
+        .expect_err("no queue triggers or publish steps yet");
         let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
         assert!(
             messages.contains(&"`queue` triggers are not available in this version of plumb"),
             "{messages:?}"
         );
         assert!(
-            messages.contains(&"`sql` steps are not available in this version of plumb"),
+            messages.contains(&"`publish` steps are not available in this version of plumb"),
             "{messages:?}"
         );
     }
