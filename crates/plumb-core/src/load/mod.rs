@@ -1495,6 +1495,19 @@ fn is_workflow_name(s: &str) -> bool {
         && s.len() <= 100
 }
 
+/// Headers neither a step nor a page's `next` may set: they would change
+/// where a request goes or how it is framed, with the connection's
+/// credential on it.
+pub const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
 /// Whether `s` is a valid HTTP header name (an RFC 9110 token).
 #[must_use]
 pub fn is_header_name(s: &str) -> bool {

@@ -175,17 +175,9 @@ pub(in crate::load) fn http_action(
             cx.error(&hp, format!("invalid header name `{k}`")).help =
                 Some("header names are letters, digits and `-`".into());
         }
-        if [
-            "host",
-            "content-length",
-            "transfer-encoding",
-            "connection",
-            "upgrade",
-            "te",
-            "trailer",
-        ]
-        .iter()
-        .any(|h| k.eq_ignore_ascii_case(h))
+        if crate::load::FORBIDDEN_HEADERS
+            .iter()
+            .any(|h| k.eq_ignore_ascii_case(h))
         {
             cx.error(&hp, format!("`{k}` cannot be set by a step"))
                 .help = Some(

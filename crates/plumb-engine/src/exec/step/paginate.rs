@@ -251,18 +251,6 @@ fn too_many_bytes(pages: u32) -> String {
     )
 }
 
-/// Headers neither a step nor `next` may set: they would change where the
-/// request goes or how it is framed, with the connection's credential on it.
-pub(crate) const FORBIDDEN_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "te",
-    "trailer",
-];
-
 /// The size of a value as JSON text.
 pub(crate) fn json_size(value: &Value) -> usize {
     serde_json::to_vec(value).map_or(usize::MAX, |v| v.len())
@@ -348,7 +336,7 @@ pub(crate) fn next_request(
                         for (key, value) in headers {
                             if !plumb_core::load::is_header_name(&key)
                                 || key.eq_ignore_ascii_case("idempotency-key")
-                                || FORBIDDEN_HEADERS
+                                || plumb_core::load::FORBIDDEN_HEADERS
                                     .iter()
                                     .any(|f| key.eq_ignore_ascii_case(f))
                             {
