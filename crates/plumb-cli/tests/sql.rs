@@ -134,7 +134,7 @@ async fn a_constraint_violation_fails_for_good_naming_sqlstate_and_constraint() 
 #[tokio::test]
 async fn check_refuses_expressions_in_sql_and_passwords_in_urls() {
     let project = Project::new(
-        "connections:\n  db:\n    postgres: { url: 'postgres://app:hunter2@db.example:5432/wh' }\n  ok:\n    postgres: { url: 'postgres://app@db.example:5432/wh', password: { secret: wh_pw } }\n",
+        "connections:\n  db:\n    postgres: { url: 'postgres://app:hunter2@db.example:5432/wh' }\n  ok:\n    postgres: { url: 'postgres://app@db.example:5432/wh', password: { secret: wh_pw } }\n  eo:\n    postgres: { url: 'postgres://app@db.example:5432/wh', exactly_once: true, effects_table: 'x; DROP TABLE y' }\n",
     );
     project.workflow(
         "bad",
@@ -146,6 +146,7 @@ async fn check_refuses_expressions_in_sql_and_passwords_in_urls() {
         "the URL holds a password",
         "`query` holds an expression: values reach the database only as bind parameters",
         "use params",
+        "`x; DROP TABLE y` is not a table name",
     ] {
         assert!(out.stderr.contains(expected), "{expected}\n{out}");
     }
@@ -232,6 +233,112 @@ async fn a_batch_commits_all_its_elements_or_none_naming_the_bad_one() {
     project.workflow(
         "drop",
         &format!("name: drop\nowner: qa@example.com\ndescription: d\nsteps:\n  - id: d\n    sql: {{ connection: db, query: 'DROP TABLE IF EXISTS {table}' }}\n"),
+    );
+    let dropped = project.run(&["run", "drop"]).await;
+    assert_eq!(dropped.code, Some(0), "{dropped}");
+}
+
+/// `exactly_once`: each item inserts a row into a table with no unique key
+/// and adds to a balance, in one statement; plumb is SIGKILLed at a random
+/// moment and the run resumed, 30 times. The table holds exactly 500 rows
+/// and the balance is exact every time: a write whose key is recorded in
+/// the target is never made twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_writes_survive_sigkill_at_random_points() {
+    const ITEMS: i64 = 500;
+    const TRIALS: usize = 30;
+    let Some(url) = postgres_url() else { return };
+    let tag = std::process::id();
+    let (events, accounts, effects) = (
+        format!("plumb_eo_events_{tag}"),
+        format!("plumb_eo_accounts_{tag}"),
+        format!("plumb_eo_effects_{tag}"),
+    );
+    let project = Project::new(&format!(
+        "connections:\n  db:\n    postgres: {{ url: '{url}', pool: 4, exactly_once: true, effects_table: {effects} }}\n  plain:\n    postgres: {{ url: '{url}' }}\n"
+    ));
+    // Set-up and tear-down go through a connection without exactly_once
+    // (dropping the effects table cannot be recorded in it).
+    let admin = |name: &str, statements: Vec<String>| {
+        let mut text = format!("name: {name}\nowner: qa@example.com\ndescription: d\nsteps:\n");
+        for (i, q) in statements.iter().enumerate() {
+            text.push_str(&format!(
+                "  - id: s{i}\n    sql: {{ connection: plain, query: \"{q}\" }}\n"
+            ));
+        }
+        text
+    };
+    project.workflow(
+        "setup",
+        &admin(
+            "setup",
+            vec![
+                format!("DROP TABLE IF EXISTS {events}"),
+                format!("DROP TABLE IF EXISTS {accounts}"),
+                format!("CREATE TABLE {events} (n int8)"),
+                format!("CREATE TABLE {accounts} (id int PRIMARY KEY, balance int8 NOT NULL)"),
+                format!("INSERT INTO {accounts} VALUES (1, 0)"),
+            ],
+        ),
+    );
+    project.workflow(
+        "count",
+        &format!(
+            "name: count\nowner: qa@example.com\ndescription: d\nsteps:\n  - id: c\n    sql: {{ connection: db, query: 'SELECT (SELECT count(*)::int8 FROM {events}) AS rows, (SELECT balance FROM {accounts} WHERE id = 1) AS balance' }}\n"
+        ),
+    );
+    project.workflow(
+        "pay",
+        &format!(
+            "name: pay\nowner: qa@example.com\ndescription: d\nsteps:\n  - id: items\n    jq: '[range(1; {ITEMS} + 1)]'\n  - id: pay\n    for_each: '${{{{ .steps.items }}}}'\n    concurrency: 8\n    sql:\n      connection: db\n      query: WITH e AS (INSERT INTO {events} (n) VALUES ($1)) UPDATE {accounts} SET balance = balance + $1 WHERE id = 1\n      params: ['${{{{ .item }}}}']\n"
+        ),
+    );
+    let expected_balance = ITEMS * (ITEMS + 1) / 2;
+    let mut killed_mid_run = 0;
+    for trial in 0..TRIALS {
+        let setup = project.run(&["run", "setup"]).await;
+        assert_eq!(setup.code, Some(0), "{setup}");
+        let started = project.start(&["run", "pay"]).await;
+        let run_id = started.run_id.clone();
+        let mut child = started.child;
+        tokio::time::sleep(std::time::Duration::from_millis(rand::random_range(
+            20..450,
+        )))
+        .await;
+        let _ = child.start_kill();
+        let status = child.wait().await.expect("wait");
+        if !status.success() {
+            killed_mid_run += 1;
+            let resumed = project.run(&["run", "--resume", &run_id]).await;
+            assert_eq!(resumed.code, Some(0), "trial {trial}: {resumed}");
+        }
+        let count = project.run(&["run", "count"]).await;
+        assert_eq!(count.code, Some(0), "{count}");
+        let c = output(&project, &support::run_id_of(&count.stdout), "c").await;
+        assert_eq!(
+            (
+                c["rows"][0]["rows"].as_i64(),
+                c["rows"][0]["balance"].as_i64()
+            ),
+            (Some(ITEMS), Some(expected_balance)),
+            "trial {trial}: {c}"
+        );
+    }
+    eprintln!("{TRIALS} trials, {killed_mid_run} killed mid-run: every write exactly once");
+    assert!(
+        killed_mid_run >= TRIALS / 2,
+        "most kills landed mid-run: {killed_mid_run}"
+    );
+    project.workflow(
+        "drop",
+        &admin(
+            "drop",
+            vec![
+                format!("DROP TABLE IF EXISTS {events}"),
+                format!("DROP TABLE IF EXISTS {accounts}"),
+                format!("DROP TABLE IF EXISTS {effects}"),
+            ],
+        ),
     );
     let dropped = project.run(&["run", "drop"]).await;
     assert_eq!(dropped.code, Some(0), "{dropped}");

@@ -29,6 +29,8 @@ pub const MAX_ROWS: usize = 100_000;
 #[derive(Default)]
 pub struct SqlPools {
     pools: Mutex<HashMap<String, PgPool>>,
+    /// Effects tables known to exist, by pool and table.
+    tables: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for SqlPools {
@@ -47,6 +49,20 @@ pub struct Target<'a> {
     pub pool: u32,
     /// Timeout of a statement and of getting a connection.
     pub timeout: Duration,
+    /// With `exactly_once`: where the step's key is recorded with the write.
+    pub effect: Option<Effect<'a>>,
+}
+
+/// An `exactly_once` write's record in the target database.
+pub struct Effect<'a> {
+    /// The table (validated as a plain name when the project loaded).
+    pub table: &'a str,
+    /// The step's idempotency key.
+    pub key: &'a str,
+    /// The run.
+    pub run_id: &'a str,
+    /// The step.
+    pub step_id: &'a str,
 }
 
 impl SqlPools {
@@ -113,56 +129,162 @@ impl SqlPools {
             })?;
         }
         let sql = sqlx::AssertSqlSafe(query.to_owned());
+        let effect = target.effect.as_ref();
+        if let Some(effect) = effect {
+            self.ensure_table(&pool, target, effect).await?;
+        }
         let run = async {
-            use futures::StreamExt;
-            use sqlx::Executor;
-            let mut conn = pool.acquire().await?;
-            let mut stream = conn.fetch_many(sqlx::query_with(sql, args));
-            let mut rows = Vec::new();
-            let mut affected = 0_u64;
-            while let Some(item) = stream.next().await {
-                match item? {
-                    sqlx::Either::Left(done) => affected += done.rows_affected(),
-                    sqlx::Either::Right(row) => {
-                        // Stop reading past the limit: the rest never
-                        // reaches memory.
-                        if rows.len() == MAX_ROWS {
-                            return Ok((rows, affected, true));
-                        }
-                        rows.push(row);
-                    }
-                }
+            let mut tx = pool.begin().await?;
+            if let Some(effect) = effect
+                && let Some(done) = recorded(&mut tx, effect).await?
+            {
+                return Ok(Ok(done));
             }
-            Ok::<_, sqlx::Error>((rows, affected, false))
-        };
-        let (rows, affected, over) = match tokio::time::timeout(target.timeout, run).await {
-            Err(_) => {
-                return Err(ActionError::Retryable {
+            let (rows, affected, over) = fetch(&mut tx, sqlx::query_with(sql, args)).await?;
+            if over {
+                return Ok(Err(ActionError::Permanent {
                     message: format!(
-                        "the statement did not finish within {} s",
-                        target.timeout.as_secs_f64()
+                        "the statement returned more rows than a step keeps ({MAX_ROWS}): add a LIMIT, or page with the cursor (nothing was committed)"
                     ),
                     status: None,
-                    retry_after: None,
-                });
+                }));
             }
-            Ok(Err(e)) => return Err(classify(target.connection, &e)),
-            Ok(Ok(done)) => done,
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                match row_json(row) {
+                    Ok(v) => out.push(v),
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            let output = serde_json::json!({ "rows": out, "rows_affected": affected });
+            if let Some(effect) = effect
+                && !record(&mut tx, effect, &output).await?
+            {
+                // Recorded meanwhile by another attempt: that one counts.
+                drop(tx);
+                let mut conn = pool.acquire().await?;
+                return match recorded(&mut conn, effect).await? {
+                    Some(done) => Ok(Ok(done)),
+                    None => Err(sqlx::Error::Protocol(
+                        "the effect's record vanished".to_owned(),
+                    )),
+                };
+            }
+            tx.commit().await?;
+            Ok(Ok(output))
         };
-        if over {
-            return Err(ActionError::Permanent {
+        match tokio::time::timeout(target.timeout, run).await {
+            Err(_) => Err(ActionError::Retryable {
                 message: format!(
-                    "the statement returned more rows than a step keeps ({MAX_ROWS}): add a LIMIT, or page with the cursor"
+                    "the statement did not finish within {} s (nothing was committed)",
+                    target.timeout.as_secs_f64()
                 ),
                 status: None,
-            });
+                retry_after: None,
+            }),
+            Ok(Err(e)) => Err(classify(target.connection, &e)),
+            Ok(Ok(result)) => result,
         }
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            out.push(row_json(row)?);
-        }
-        Ok(serde_json::json!({ "rows": out, "rows_affected": affected }))
     }
+
+    /// Creates the effects table on first use (the README has its DDL for
+    /// teams that create it themselves).
+    async fn ensure_table(
+        &self,
+        pool: &PgPool,
+        target: &Target<'_>,
+        effect: &Effect<'_>,
+    ) -> Result<(), ActionError> {
+        let known = format!("{}:{}", target.connection, effect.table);
+        if self.tables.lock().is_ok_and(|t| t.contains(&known)) {
+            return Ok(());
+        }
+        let ddl = format!(
+            "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, run_id text NOT NULL, \
+             step_id text NOT NULL, output jsonb, committed_at timestamptz NOT NULL DEFAULT now())",
+            effect.table
+        );
+        match sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(pool).await {
+            Ok(_) => {}
+            // Two processes creating it at once: the other one did.
+            Err(sqlx::Error::Database(db))
+                if matches!(db.code().as_deref(), Some("23505" | "42P07")) => {}
+            Err(e) => return Err(classify(target.connection, &e)),
+        }
+        if let Ok(mut t) = self.tables.lock() {
+            t.insert(known);
+        }
+        Ok(())
+    }
+}
+
+/// Every row and the rows affected of one statement, stopping past
+/// [`MAX_ROWS`] (`true`: over the limit; the rest never reaches memory).
+async fn fetch<'q>(
+    conn: &mut sqlx::PgConnection,
+    query: sqlx::query::Query<'q, sqlx::Postgres, PgArguments>,
+) -> Result<(Vec<PgRow>, u64, bool), sqlx::Error> {
+    use futures::StreamExt;
+    use sqlx::Executor;
+    let mut stream = conn.fetch_many(query);
+    let mut rows = Vec::new();
+    let mut affected = 0_u64;
+    while let Some(item) = stream.next().await {
+        match item? {
+            sqlx::Either::Left(done) => affected += done.rows_affected(),
+            sqlx::Either::Right(row) => {
+                if rows.len() == MAX_ROWS {
+                    return Ok((rows, affected, true));
+                }
+                rows.push(row);
+            }
+        }
+    }
+    Ok((rows, affected, false))
+}
+
+/// The output an `exactly_once` step's write recorded, if it committed
+/// before (marked `already_committed`).
+async fn recorded(
+    conn: &mut sqlx::PgConnection,
+    effect: &Effect<'_>,
+) -> Result<Option<Value>, sqlx::Error> {
+    let sql = format!("SELECT output::text FROM {} WHERE key = $1", effect.table);
+    let found: Option<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(effect.key)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(found.map(|text| {
+        let mut output = text
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .unwrap_or(Value::Null);
+        if let Value::Object(map) = &mut output {
+            map.insert("already_committed".into(), Value::Bool(true));
+        }
+        output
+    }))
+}
+
+/// Records an `exactly_once` write in its transaction; `false` when its
+/// key was recorded meanwhile.
+async fn record(
+    conn: &mut sqlx::PgConnection,
+    effect: &Effect<'_>,
+    output: &Value,
+) -> Result<bool, sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO {} (key, run_id, step_id, output) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (key) DO NOTHING",
+        effect.table
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(effect.key)
+        .bind(effect.run_id)
+        .bind(effect.step_id)
+        .bind(Jsonb(output.to_string()))
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 impl SqlPools {
@@ -192,8 +314,17 @@ impl SqlPools {
             }
             bound.push(args);
         }
+        let effect = target.effect.as_ref();
+        if let Some(effect) = effect {
+            self.ensure_table(&pool, target, effect).await?;
+        }
         let run = async {
             let mut tx = pool.begin().await.map_err(|e| (None, e))?;
+            if let Some(effect) = effect
+                && let Some(done) = recorded(&mut tx, effect).await.map_err(|e| (None, e))?
+            {
+                return Ok(done);
+            }
             let mut affected = 0_u64;
             for (index, args) in bound.into_iter().enumerate() {
                 let sql = sqlx::AssertSqlSafe(query.to_owned());
@@ -203,8 +334,29 @@ impl SqlPools {
                     .map_err(|e| (Some(index), e))?;
                 affected += done.rows_affected();
             }
+            let output = serde_json::json!({
+                "rows_affected": affected,
+                "elements": batch.len(),
+            });
+            if let Some(effect) = effect
+                && !record(&mut tx, effect, &output)
+                    .await
+                    .map_err(|e| (None, e))?
+            {
+                drop(tx);
+                let mut conn = pool.acquire().await.map_err(|e| (None, e))?;
+                return recorded(&mut conn, effect)
+                    .await
+                    .map_err(|e| (None, e))?
+                    .ok_or_else(|| {
+                        (
+                            None,
+                            sqlx::Error::Protocol("the effect's record vanished".to_owned()),
+                        )
+                    });
+            }
             tx.commit().await.map_err(|e| (None, e))?;
-            Ok::<_, (Option<usize>, sqlx::Error)>(affected)
+            Ok::<_, (Option<usize>, sqlx::Error)>(output)
         };
         match tokio::time::timeout(target.timeout, run).await {
             Err(_) => Err(ActionError::Retryable {
@@ -225,10 +377,7 @@ impl SqlPools {
                 Err(error
                     .map_message(|m| format!("{place}: {m} (nothing of the batch was committed)")))
             }
-            Ok(Ok(affected)) => Ok(serde_json::json!({
-                "rows_affected": affected,
-                "elements": batch.len(),
-            })),
+            Ok(Ok(output)) => Ok(output),
         }
     }
 }

@@ -242,7 +242,14 @@ pub struct SqlConnection {
     pub pool: u32,
     /// Timeout of one statement (and of getting a connection).
     pub timeout: Option<Duration>,
+    /// Where `exactly_once` records each step's idempotency key, in the
+    /// target database, in the same transaction as the write; `None` when
+    /// the connection is not `exactly_once`.
+    pub effects_table: Option<String>,
 }
+
+/// The table `exactly_once` uses unless `effects_table` names another.
+pub const DEFAULT_EFFECTS_TABLE: &str = "plumb_effects";
 
 /// The databases a `sql` step can talk to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -36,6 +36,28 @@ pub struct PostgresSpec {
     pub pool: Option<u32>,
     /// Timeout of one statement.
     pub timeout: Option<Dur>,
+    /// Record each step's idempotency key in the target database, in the
+    /// same transaction as its write: a write happens once however plumb
+    /// is stopped.
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// The table those keys go in (default `plumb_effects`).
+    pub effects_table: Option<String>,
+}
+
+/// Whether `name` is a plain (optionally schema-qualified) table name: it is
+/// written into SQL, so nothing else is accepted.
+fn is_table_name(name: &str) -> bool {
+    let part = |p: &str| {
+        let mut chars = p.chars();
+        matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && p.len() <= 63
+    };
+    match name.split_once('.') {
+        Some((schema, table)) => part(schema) && part(table),
+        None => part(name),
+    }
 }
 
 fn check(cx: &mut Checker<'_>, raw: &Value, path: &FieldPath) -> Option<Connection> {
@@ -82,6 +104,26 @@ fn check(cx: &mut Checker<'_>, raw: &Value, path: &FieldPath) -> Option<Connecti
         cx.error_at_value(&path.key("pool"), format!("`pool` is {pool}"))
             .help = Some(format!("use 1 to {MAX_POOL} connections"));
     }
+    let effects_table = if spec.exactly_once {
+        let name = spec
+            .effects_table
+            .clone()
+            .unwrap_or_else(|| crate::model::DEFAULT_EFFECTS_TABLE.to_owned());
+        if !is_table_name(&name) {
+            cx.error_at_value(&path.key("effects_table"), format!("`{name}` is not a table name"))
+                .help = Some("use letters, digits and `_` (optionally `schema.table`), starting with a letter or `_`".into());
+        }
+        Some(name)
+    } else {
+        if spec.effects_table.is_some() {
+            cx.error_at_value(
+                &path.key("effects_table"),
+                "`effects_table` without `exactly_once: true`",
+            )
+            .help = Some("add `exactly_once: true`, or remove `effects_table`".into());
+        }
+        None
+    };
     let timeout = spec.timeout.map(|d| d.0);
     if let Some(t) = timeout {
         cx.check_timeout(t, &path.key("timeout"));
@@ -92,5 +134,6 @@ fn check(cx: &mut Checker<'_>, raw: &Value, path: &FieldPath) -> Option<Connecti
         password: spec.password.map(|p| p.secret),
         pool,
         timeout,
+        effects_table,
     }))
 }

@@ -48,7 +48,7 @@ impl Execution<'_> {
     ) -> Result<Outcome, ActionError> {
         match &step.action {
             Action::Http(http) => self.perform_http(step, http, context, key).await,
-            Action::Sql(sql) => self.perform_sql(step, sql, context).await,
+            Action::Sql(sql) => self.perform_sql(step, sql, context, key).await,
             Action::Jq(program) => jq::perform(program, context, step.timeout).await,
             Action::Assert { condition, message } => {
                 assert::perform(condition, message.as_ref(), context, step.timeout).await

@@ -4,7 +4,7 @@
 
 use jaq_json::Val;
 use plumb_connectors::ActionError;
-use plumb_connectors::sql::Target;
+use plumb_connectors::sql::{Effect, Target};
 use plumb_core::model::{Connection, SqlAction, SqlUrl, Step};
 
 use super::super::context::permanent_eval;
@@ -19,6 +19,7 @@ impl Execution<'_> {
         step: &Step,
         sql: &SqlAction,
         context: Val,
+        key: String,
     ) -> Result<Outcome, ActionError> {
         let Some(Connection::Sql(connection)) =
             self.project.config.connections.get(&sql.connection)
@@ -113,6 +114,12 @@ impl Execution<'_> {
             url: url.as_str(),
             pool: connection.pool,
             timeout: step.timeout,
+            effect: connection.effects_table.as_deref().map(|table| Effect {
+                table,
+                key: &key,
+                run_id: &self.run.id,
+                step_id: &step.id,
+            }),
         };
         let output = if sql.batch.is_some() {
             self.engine
