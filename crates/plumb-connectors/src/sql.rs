@@ -98,14 +98,37 @@ impl SqlPools {
         Ok(pool)
     }
 
-    /// Closes every pool (shutdown, reload).
+    /// Closes every pool (shutdown), waiting for connections in use.
     pub async fn close(&self) {
-        let pools: Vec<PgPool> = match self.pools.lock() {
+        for pool in self.take_all() {
+            pool.close().await;
+        }
+    }
+
+    /// Forgets every pool (a reload: connections may have changed); they
+    /// close in the background once their statements finish, and the next
+    /// step opens a fresh one.
+    pub fn reset(&self) {
+        let pools = self.take_all();
+        if pools.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for pool in pools {
+                    pool.close().await;
+                }
+            });
+        }
+    }
+
+    fn take_all(&self) -> Vec<PgPool> {
+        if let Ok(mut tables) = self.tables.lock() {
+            tables.clear();
+        }
+        match self.pools.lock() {
             Ok(mut p) => p.drain().map(|(_, v)| v).collect(),
             Err(_) => Vec::new(),
-        };
-        for pool in pools {
-            pool.close().await;
         }
     }
 

@@ -239,6 +239,13 @@ impl Engine {
             Ok(mut p) => *p = project,
             Err(poisoned) => *poisoned.into_inner() = project,
         }
+        // Database connections may have changed: pools reopen on next use.
+        self.sql.reset();
+    }
+
+    /// Closes the database pools of `sql` steps (at shutdown).
+    pub async fn close_pools(&self) {
+        self.sql.close().await;
     }
 
     /// Sets the master key (or why there is none) used to open secrets.

@@ -325,6 +325,9 @@ impl Service {
             );
             tasks.abort_all();
         }
+        drop(tasks);
+        // Database sessions end cleanly, but never hold the process.
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.engine.close_pools()).await;
     }
 }
 
