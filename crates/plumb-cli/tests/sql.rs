@@ -54,16 +54,16 @@ steps:
   - id: table
     sql:
       connection: db
-      query: CREATE TABLE {table} (id int PRIMARY KEY, name text, score float8, ok bool, doc jsonb, note text, big int8)
+      query: CREATE TABLE {table} (id int PRIMARY KEY, name text, score float8, ok bool, doc jsonb, note text, big int8, amount numeric(12,4), at timestamptz, day date, naive timestamp, uid uuid, raw bytea)
   - id: insert
     sql:
       connection: db
-      query: INSERT INTO {table} (id, name, score, ok, doc, note, big) VALUES ($1, $2, $3, $4, $5, $6, $7)
-      params: [1, "${{{{ .trigger.body.name }}}}", 1.5, true, '${{{{ {{a: [1, 2], b: "x"}} }}}}', null, 9007199254740993]
+      query: INSERT INTO {table} (id, name, score, ok, doc, note, big, amount, at, day, naive, uid, raw) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::numeric, $9::timestamptz, $10::date, $11::timestamp, $12::uuid, decode($13, 'base64'))
+      params: [1, "${{{{ .trigger.body.name }}}}", 1.5, true, '${{{{ {{a: [1, 2], b: "x"}} }}}}', null, 9007199254740993, "1234.5000", "2026-11-30T18:00:00+02:00", "2026-11-30", "2026-11-30T18:00:00.5", "0191e0c4-7c1b-7000-8000-000000000001", "aGVsbG8="]
   - id: select
     sql:
       connection: db
-      query: SELECT id, name, score, ok, doc, note, big FROM {table} WHERE name = $1
+      query: SELECT id, name, score, ok, doc, note, big, amount, at, day, naive, uid, raw FROM {table} WHERE name = $1
       params: ["${{{{ .trigger.body.name }}}}"]
   - id: drop
     sql:
@@ -93,7 +93,13 @@ steps:
             "ok": true,
             "doc": {"a": [1, 2], "b": "x"},
             "note": null,
-            "big": 9_007_199_254_740_993_i64
+            "big": 9_007_199_254_740_993_i64,
+            "amount": "1234.5000",
+            "at": "2026-11-30T16:00:00Z",
+            "day": "2026-11-30",
+            "naive": "2026-11-30T18:00:00.500",
+            "uid": "0191e0c4-7c1b-7000-8000-000000000001",
+            "raw": "aGVsbG8="
         }]),
         "{select}"
     );

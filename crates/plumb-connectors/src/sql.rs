@@ -4,9 +4,10 @@
 //! Values reach the database only as parameters: JSON `null`, booleans,
 //! integers, floats and strings bind as themselves, objects and arrays as
 //! `jsonb`; `null` binds untyped, so the server infers its type. Rows come
-//! back typed (`{rows: [{column: value}], rows_affected}`); a column of a
-//! type not read here is named in a permanent error with the fix (cast it
-//! in the query). Failures are classified by SQLSTATE: connection loss,
+//! back typed (`{rows: [{column: value}], rows_affected}`: integers and
+//! floats as numbers, numerics as strings, timestamps as RFC 3339, json as
+//! JSON, bytes as base64); a column of a type not read here is named in a
+//! permanent error with the fix (cast it in the query). Failures are classified by SQLSTATE: connection loss,
 //! serialization failures, deadlocks, too many connections and lock
 //! timeouts are retryable; constraint, syntax and type errors are permanent
 //! and name the SQLSTATE and constraint.
@@ -504,6 +505,29 @@ fn row_json(row: &PgRow) -> Result<Value, ActionError> {
                 .map(|v| v.map_or(Value::Null, Value::String)),
             "JSON" => json_column(row, i, false),
             "JSONB" => json_column(row, i, true),
+            // Exact decimals keep every digit: as text.
+            "NUMERIC" => row
+                .try_get::<Option<rust_decimal::Decimal>, _>(i)
+                .map(|v| v.map_or(Value::Null, |d| Value::String(d.to_string()))),
+            "TIMESTAMPTZ" => row
+                .try_get::<Option<chrono::DateTime<chrono::Utc>>, _>(i)
+                .map(|v| {
+                    v.map_or(Value::Null, |t| {
+                        Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+                    })
+                }),
+            // Without a zone, as written (RFC 3339 without an offset).
+            "TIMESTAMP" => row.try_get::<Option<chrono::NaiveDateTime>, _>(i).map(|v| {
+                v.map_or(Value::Null, |t| {
+                    Value::String(t.format("%Y-%m-%dT%H:%M:%S%.f").to_string())
+                })
+            }),
+            "DATE" => row
+                .try_get::<Option<chrono::NaiveDate>, _>(i)
+                .map(|v| v.map_or(Value::Null, |d| Value::String(d.to_string()))),
+            "UUID" => row
+                .try_get::<Option<uuid::Uuid>, _>(i)
+                .map(|v| v.map_or(Value::Null, |u| Value::String(u.to_string()))),
             "BYTEA" => row.try_get::<Option<Vec<u8>>, _>(i).map(|v| {
                 v.map_or(Value::Null, |b| {
                     use base64::Engine as _;
