@@ -200,7 +200,7 @@ impl SqlPools {
         match tokio::time::timeout(target.timeout, run).await {
             Err(_) => Err(ActionError::Retryable {
                 message: format!(
-                    "the statement did not finish within {} s (nothing was committed)",
+                    "the statement did not finish within {} s (if it was committing, it may have committed: `exactly_once` makes the retry safe)",
                     target.timeout.as_secs_f64()
                 ),
                 status: None,
@@ -385,7 +385,7 @@ impl SqlPools {
         match tokio::time::timeout(target.timeout, run).await {
             Err(_) => Err(ActionError::Retryable {
                 message: format!(
-                    "the batch of {} did not commit within {} s (nothing was committed)",
+                    "the batch of {} did not finish within {} s (if it was committing, it may have committed: `exactly_once` makes the retry safe)",
                     batch.len(),
                     target.timeout.as_secs_f64()
                 ),
@@ -394,12 +394,18 @@ impl SqlPools {
             }),
             Ok(Err((index, e))) => {
                 let error = classify(target.connection, &e);
-                let place = index.map_or_else(
-                    || "the batch's transaction".to_owned(),
-                    |i| format!("element {i} of {}", batch.len()),
-                );
-                Err(error
-                    .map_message(|m| format!("{place}: {m} (nothing of the batch was committed)")))
+                // A failed element rolls the batch back; a failure around
+                // the transaction itself (its commit) leaves the outcome
+                // unknown, and the message must not claim otherwise.
+                Err(match index {
+                    Some(i) => error.map_message(|m| {
+                        format!(
+                            "element {i} of {}: {m} (nothing of the batch was committed)",
+                            batch.len()
+                        )
+                    }),
+                    None => error.map_message(|m| format!("the batch's transaction: {m}")),
+                })
             }
             Ok(Ok(output)) => Ok(output),
         }
