@@ -234,7 +234,8 @@ impl Connection {
 pub struct SqlConnection {
     /// Which database.
     pub driver: SqlDriver,
-    /// Where: a URL without a password, or a secret holding the whole URL.
+    /// Where: a URL without a password, a secret holding the whole URL, or
+    /// (SQLite) a file.
     pub url: SqlUrl,
     /// The secret holding the password, for a URL written without one.
     pub password: Option<String>,
@@ -256,6 +257,10 @@ pub const DEFAULT_EFFECTS_TABLE: &str = "plumb_effects";
 pub enum SqlDriver {
     /// PostgreSQL.
     Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
+    /// A SQLite database file.
+    Sqlite,
 }
 
 impl SqlDriver {
@@ -264,6 +269,8 @@ impl SqlDriver {
     pub fn name(self) -> &'static str {
         match self {
             Self::Postgres => "postgres",
+            Self::Mysql => "mysql",
+            Self::Sqlite => "sqlite",
         }
     }
 }
@@ -275,6 +282,9 @@ pub enum SqlUrl {
     Literal(Url),
     /// The whole URL is this secret's value.
     Secret(String),
+    /// A SQLite database file, relative to the project directory unless
+    /// absolute.
+    File(std::path::PathBuf),
 }
 
 /// An HTTP connection: the only origin its steps may call.

@@ -203,13 +203,35 @@ fn read_one(path: &Path, display: &str, diags: &mut Diagnostics) -> Option<Sourc
 /// As [`read_sources`], plus every validation problem.
 pub fn load_project(root: &Path) -> Result<Project, LoadError> {
     let sources = read_sources(root)?;
-    plumb_core::load_project_checking_secrets(
+    let mut project = plumb_core::load_project_checking_secrets(
         &sources.project,
         &sources.workflows,
         &sources.schemas,
         None,
     )
-    .map_err(LoadError::Invalid)
+    .map_err(LoadError::Invalid)?;
+    anchor_files(&mut project.config, root);
+    Ok(project)
+}
+
+/// Makes the files of SQLite connections, written relative to the project,
+/// absolute: a step finds the same database whatever the process's
+/// working directory.
+fn anchor_files(config: &mut std::sync::Arc<ProjectConfig>, root: &Path) {
+    use plumb_core::model::{Connection, SqlUrl};
+    let relative = |c: &Connection| matches!(c, Connection::Sql(s) if matches!(&s.url, SqlUrl::File(f) if f.is_relative()));
+    if !config.connections.values().any(relative) {
+        return;
+    }
+    let config = std::sync::Arc::make_mut(config);
+    for connection in config.connections.values_mut() {
+        if let Connection::Sql(sql) = connection
+            && let SqlUrl::File(file) = &mut sql.url
+            && file.is_relative()
+        {
+            *file = root.join(&*file);
+        }
+    }
 }
 
 /// Like [`load_project`], and also reports every secret the files name
@@ -223,13 +245,15 @@ pub fn load_project_checking_secrets(
     known_secrets: &std::collections::BTreeSet<String>,
 ) -> Result<Project, LoadError> {
     let sources = read_sources(root)?;
-    plumb_core::load_project_checking_secrets(
+    let mut project = plumb_core::load_project_checking_secrets(
         &sources.project,
         &sources.workflows,
         &sources.schemas,
         Some(known_secrets),
     )
-    .map_err(LoadError::Invalid)
+    .map_err(LoadError::Invalid)?;
+    anchor_files(&mut project.config, root);
+    Ok(project)
 }
 
 /// Loads what can be loaded of the project (see
@@ -242,12 +266,16 @@ pub fn load_project_checking_secrets(
 /// [`LoadError::Invalid`] when a file cannot be read at all.
 pub fn load_project_partial(root: &Path) -> Result<plumb_core::PartialProject, LoadError> {
     let sources = read_sources(root)?;
-    Ok(plumb_core::load_project_partial(
+    let mut partial = plumb_core::load_project_partial(
         &sources.project,
         &sources.workflows,
         &sources.schemas,
         None,
-    ))
+    );
+    if let Some(config) = &mut partial.config {
+        anchor_files(config, root);
+    }
+    Ok(partial)
 }
 
 /// Where the project's store is, resolved from its `store:` URL.

@@ -10,7 +10,10 @@ use crate::model::Connection;
 use crate::yaml::FieldPath;
 
 mod http;
+mod mysql;
 mod postgres;
+mod sql;
+mod sqlite;
 
 /// One kind of connection: the key naming it and its check.
 pub(super) struct ConnectionKind {
@@ -22,10 +25,10 @@ pub(super) struct ConnectionKind {
 }
 
 /// Every connection kind this version has.
-const KINDS: &[ConnectionKind] = &[http::KIND, postgres::KIND];
+const KINDS: &[ConnectionKind] = &[http::KIND, postgres::KIND, mysql::KIND, sqlite::KIND];
 
 /// Kinds SPEC describes that are not built yet: named so, not "unknown".
-const PLANNED: &[&str] = &["mysql", "sqlite", "redis", "amqp", "mqtt", "nats", "smtp"];
+const PLANNED: &[&str] = &["redis", "amqp", "mqtt", "nats", "smtp"];
 
 impl Checker<'_> {
     /// `connections.<name>`: exactly one kind.

@@ -1,17 +1,11 @@
 //! `connections.<name>.postgres`: a PostgreSQL database for `sql` steps.
-//! The URL is either written without a password (`postgres://app@db:5432/wh`,
-//! with `password: { secret: NAME }`) or is itself a secret
-//! (`url: { secret: NAME }`); a password written in the URL is an error
-//! with the fix. Steps reach only the host the URL names.
 
-use serde::Deserialize;
 use serde_json::Value;
-use url::Url;
 
 use super::ConnectionKind;
+use super::sql::Dialect;
 use crate::load::Checker;
-use crate::model::{Connection, SqlConnection, SqlDriver, SqlUrl};
-use crate::spec::{Dur, SecretRef};
+use crate::model::{Connection, SqlDriver};
 use crate::yaml::FieldPath;
 
 pub(super) const KIND: ConnectionKind = ConnectionKind {
@@ -19,121 +13,12 @@ pub(super) const KIND: ConnectionKind = ConnectionKind {
     check,
 };
 
-/// Connections in a pool unless `pool:` says otherwise.
-const DEFAULT_POOL: u32 = 8;
-/// The largest `pool:`.
-const MAX_POOL: u32 = 100;
-
-/// `connections.<name>.postgres`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSpec {
-    /// `postgres://user@host:port/db` (no password), or `{ secret: NAME }`.
-    pub url: Value,
-    /// The password, for a URL written without one.
-    pub password: Option<SecretRef>,
-    /// Connections in the pool (default 8).
-    pub pool: Option<u32>,
-    /// Timeout of one statement.
-    pub timeout: Option<Dur>,
-    /// Record each step's idempotency key in the target database, in the
-    /// same transaction as its write: a write happens once however plumb
-    /// is stopped.
-    #[serde(default)]
-    pub exactly_once: bool,
-    /// The table those keys go in (default `plumb_effects`).
-    pub effects_table: Option<String>,
-}
-
-/// Whether `name` is a plain (optionally schema-qualified) table name: it is
-/// written into SQL, so nothing else is accepted.
-fn is_table_name(name: &str) -> bool {
-    let part = |p: &str| {
-        let mut chars = p.chars();
-        matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && p.len() <= 63
-    };
-    match name.split_once('.') {
-        Some((schema, table)) => part(schema) && part(table),
-        None => part(name),
-    }
-}
-
 fn check(cx: &mut Checker<'_>, raw: &Value, path: &FieldPath) -> Option<Connection> {
-    let spec: PostgresSpec = cx.deserialize(raw, path)?;
-    let url_path = path.key("url");
-    let url = match &spec.url {
-        Value::String(text) => {
-            let parsed = match Url::parse(text) {
-                Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") && u.has_host() => u,
-                _ => {
-                    cx.error_at_value(&url_path, "this is not a PostgreSQL URL")
-                        .help = Some(
-                        "write `postgres://USER@HOST:5432/DATABASE`, or `url: { secret: NAME }` for a URL kept sealed".into(),
-                    );
-                    return None;
-                }
-            };
-            if parsed.password().is_some() {
-                // Not echoed: the message names the field, not the value.
-                cx.error_at_value(&url_path, "the URL holds a password")
-                    .help = Some(
-                    "remove it from the URL and write `password: { secret: NAME }` (seal it with `plumb secrets set NAME`), or seal the whole URL and write `url: { secret: NAME }`".into(),
-                );
-                return None;
-            }
-            SqlUrl::Literal(parsed)
-        }
-        Value::Object(_) => {
-            let secret: SecretRef = cx.deserialize(&spec.url, &url_path)?;
-            cx.secret_name(&secret.secret, &url_path.key("secret"));
-            SqlUrl::Secret(secret.secret)
-        }
-        _ => {
-            cx.error_at_value(&url_path, "`url` is a URL or `{ secret: NAME }`")
-                .help = Some("e.g. `url: postgres://app@db.internal:5432/warehouse`".into());
-            return None;
-        }
-    };
-    if let Some(p) = &spec.password {
-        cx.secret_name(&p.secret, &path.key("password").key("secret"));
-    }
-    let pool = spec.pool.unwrap_or(DEFAULT_POOL);
-    if !(1..=MAX_POOL).contains(&pool) {
-        cx.error_at_value(&path.key("pool"), format!("`pool` is {pool}"))
-            .help = Some(format!("use 1 to {MAX_POOL} connections"));
-    }
-    let effects_table = if spec.exactly_once {
-        let name = spec
-            .effects_table
-            .clone()
-            .unwrap_or_else(|| crate::model::DEFAULT_EFFECTS_TABLE.to_owned());
-        if !is_table_name(&name) {
-            cx.error_at_value(&path.key("effects_table"), format!("`{name}` is not a table name"))
-                .help = Some("use letters, digits and `_` (optionally `schema.table`), starting with a letter or `_`".into());
-        }
-        Some(name)
-    } else {
-        if spec.effects_table.is_some() {
-            cx.error_at_value(
-                &path.key("effects_table"),
-                "`effects_table` without `exactly_once: true`",
-            )
-            .help = Some("add `exactly_once: true`, or remove `effects_table`".into());
-        }
-        None
-    };
-    let timeout = spec.timeout.map(|d| d.0);
-    if let Some(t) = timeout {
-        cx.check_timeout(t, &path.key("timeout"));
-    }
-    Some(Connection::Sql(SqlConnection {
+    let dialect = Dialect {
         driver: SqlDriver::Postgres,
-        url,
-        password: spec.password.map(|p| p.secret),
-        pool,
-        timeout,
-        effects_table,
-    }))
+        title: "PostgreSQL",
+        schemes: &["postgres", "postgresql"],
+        example: "postgres://USER@HOST:5432/DATABASE",
+    };
+    super::sql::check(cx, raw, path, &dialect)
 }

@@ -77,6 +77,25 @@ impl Execution<'_> {
         .await
         .map_err(permanent_eval)?;
         let secrets = self.engine.secrets();
+        let with_password = |mut url: url::Url,
+                             connection: &plumb_core::model::SqlConnection,
+                             sql: &SqlAction,
+                             missing: &dyn Fn(&str) -> ActionError|
+         -> Result<String, ActionError> {
+            if let Some(name) = &connection.password {
+                let value = secrets.get(name).ok_or_else(|| missing(name))?;
+                if url.set_password(Some(value.expose())).is_err() {
+                    return Err(ActionError::Permanent {
+                        message: format!(
+                            "the URL of connection `{}` cannot carry a password",
+                            sql.connection
+                        ),
+                        status: None,
+                    });
+                }
+            }
+            Ok(url.into())
+        };
         let missing = |name: &str| ActionError::Permanent {
             message: format!(
                 "the connection `{}` needs the secret `{name}`, which is not available; set it with `plumb secrets set {name}`",
@@ -84,34 +103,26 @@ impl Execution<'_> {
             ),
             status: None,
         };
-        let mut url = match &connection.url {
-            SqlUrl::Literal(url) => url.clone(),
+        let url = match &connection.url {
+            // Made absolute when the project loaded.
+            SqlUrl::File(file) => file.display().to_string(),
+            SqlUrl::Literal(url) => with_password(url.clone(), connection, sql, &missing)?,
             SqlUrl::Secret(name) => {
                 let value = secrets.get(name).ok_or_else(|| missing(name))?;
-                url::Url::parse(value.expose()).map_err(|_| ActionError::Permanent {
+                let url = url::Url::parse(value.expose()).map_err(|_| ActionError::Permanent {
                     message: format!(
-                        "the secret `{name}` of connection `{}` is not a PostgreSQL URL",
+                        "the secret `{name}` of connection `{}` is not a database URL",
                         sql.connection
                     ),
                     status: None,
-                })?
+                })?;
+                with_password(url, connection, sql, &missing)?
             }
         };
-        if let Some(name) = &connection.password {
-            let value = secrets.get(name).ok_or_else(|| missing(name))?;
-            if url.set_password(Some(value.expose())).is_err() {
-                return Err(ActionError::Permanent {
-                    message: format!(
-                        "the URL of connection `{}` cannot carry a password",
-                        sql.connection
-                    ),
-                    status: None,
-                });
-            }
-        }
         let target = Target {
             connection: &sql.connection,
-            url: url.as_str(),
+            driver: connection.driver,
+            url: &url,
             pool: connection.pool,
             timeout: step.timeout,
             effect: connection.effects_table.as_deref().map(|table| Effect {
@@ -124,14 +135,11 @@ impl Execution<'_> {
         let output = if sql.batch.is_some() {
             self.engine
                 .sql
-                .execute_batch(&target, &sql.query, &statements)
+                .execute_batch(&target, &sql.query, statements)
                 .await?
         } else {
             let params = statements.into_iter().next().unwrap_or_default();
-            self.engine
-                .sql
-                .execute(&target, &sql.query, &params)
-                .await?
+            self.engine.sql.execute(&target, &sql.query, params).await?
         };
         Ok(Outcome {
             output,
