@@ -25,7 +25,8 @@
 #   {"system":"n8n","variant":"execute_query/<batching>","version":...,"rows":..,
 #    "unique":..,"valid":..,"seconds":..,"wall_seconds":..,"rows_per_s":..,
 #    "last_row_s":..,"peak_rss_mb":..,"store_bytes":..,"ok":..}
-# on stdout; logs go to stderr. n8n is stopped (whole process tree) on exit.
+# on stdout; logs go to stderr. n8n is stopped (whole process tree) on exit;
+# the table is left for inspection (bench/w8.sh drops it at the end).
 #
 # seconds: the execution's own startedAt -> stoppedAt, from n8n's database
 # (the Postgres node has committed by then); wall_seconds: from sending the

@@ -615,3 +615,88 @@ async fn kill_and_resume(db: &Db, exactly_once: bool, trials: usize) -> (usize, 
     assert_eq!(dropped.code, Some(0), "{kind}: {dropped}");
     (trials, killed_mid_run, last.0, last.1)
 }
+
+/// The retention job deletes `exactly_once` records older than the
+/// retention of the workflows using the connection, and keeps younger
+/// ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_exactly_once_records_past_the_workflows_retention() {
+    for db in databases() {
+        let kind = db.kind;
+        let effects = format!("plumb_purge_effects_{}", std::process::id());
+        let events = format!("plumb_purge_events_{}", std::process::id());
+        let listen = format!("127.0.0.1:{}", support::free_port());
+        let project = Project::new(&format!(
+            "listen: {listen}\nconnections:\n{}{}",
+            db.connection(
+                "w",
+                &format!(", exactly_once: true, effects_table: {effects}")
+            ),
+            db.connection("db", "")
+        ));
+        project.workflow(
+            "setup",
+            &statements(
+                "setup",
+                &[
+                    format!("DROP TABLE IF EXISTS {events}"),
+                    format!("DROP TABLE IF EXISTS {effects}"),
+                    format!("CREATE TABLE {events} (n bigint)"),
+                ],
+            ),
+        );
+        project.workflow(
+            "write",
+            &format!(
+                "name: write\nowner: qa@example.com\ndescription: d\nretention: {{ runs: 30d }}\nsteps:\n  - id: w\n    sql: {{ connection: w, query: 'INSERT INTO {events} VALUES (1)' }}\n"
+            ),
+        );
+        let age = match kind {
+            "postgres" => format!("UPDATE {effects} SET committed_at = now() - interval '40 days'"),
+            "mysql" => format!("UPDATE {effects} SET committed_at = NOW(6) - INTERVAL 40 DAY"),
+            _ => format!(
+                "UPDATE {effects} SET committed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-40 days')"
+            ),
+        };
+        project.workflow("age", &statements("age", &[age]));
+        project.workflow(
+            "count",
+            &statements("count", &[format!("SELECT count(*) AS n FROM {effects}")]),
+        );
+        for name in ["setup", "write", "write", "age", "write"] {
+            let out = project.run(&["run", name]).await;
+            assert_eq!(out.code, Some(0), "{kind}: {out}");
+        }
+        let server = project.serve(&listen).await;
+        // The first purge runs 5 s after start.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut left = Value::Null;
+        while std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let out = project.run(&["run", "count"]).await;
+            assert_eq!(out.code, Some(0), "{kind}: {out}");
+            left = output(&project, &support::run_id_of(&out.stdout), "s0").await["rows"][0]["n"]
+                .clone();
+            if left == 1 {
+                break;
+            }
+        }
+        server.kill().await;
+        assert_eq!(
+            left, 1,
+            "{kind}: the two old records went, the young one stayed"
+        );
+        project.workflow(
+            "drop",
+            &statements(
+                "drop",
+                &[
+                    format!("DROP TABLE IF EXISTS {events}"),
+                    format!("DROP TABLE IF EXISTS {effects}"),
+                ],
+            ),
+        );
+        let dropped = project.run(&["run", "drop"]).await;
+        assert_eq!(dropped.code, Some(0), "{kind}: {dropped}");
+    }
+}

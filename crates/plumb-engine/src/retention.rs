@@ -61,6 +61,63 @@ pub async fn run_purge(engine: Arc<Engine>, shutdown: CancellationToken) {
     }
 }
 
+/// Deletes the records `exactly_once` connections keep in their target
+/// databases once every workflow's runs that may have written them are
+/// past retention (the longest retention of the workflows using the
+/// connection). A database that cannot be reached is logged and tried at
+/// the next pass; it never holds up the store's own purge.
+async fn purge_effects(engine: &Engine, project: &plumb_core::Project, now: i64) {
+    use plumb_core::model::{Action, Connection};
+    for (name, connection) in &project.config.connections {
+        let Connection::Sql(sql) = connection else {
+            continue;
+        };
+        let Some(table) = &sql.effects_table else {
+            continue;
+        };
+        let keep = project
+            .workflows
+            .iter()
+            .filter(|w| {
+                w.steps
+                    .iter()
+                    .any(|s| matches!(&s.action, Action::Sql(a) if a.connection == *name))
+            })
+            .map(|w| w.retention.runs)
+            .max()
+            .unwrap_or(project.config.defaults.retention.runs)
+            .max(project.config.defaults.retention.runs);
+        let before = now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+        let Some(before) = chrono::DateTime::from_timestamp_millis(before) else {
+            continue;
+        };
+        let url = match crate::exec::connection_url(engine, name, sql) {
+            Ok(url) => url,
+            Err(e) => {
+                tracing::warn!(connection = %name, error = %engine.redact(&e.to_string()), "Retention cannot reach an exactly_once connection's effects table.");
+                continue;
+            }
+        };
+        let target = plumb_connectors::sql::Target {
+            connection: name,
+            driver: sql.driver,
+            url: &url,
+            pool: sql.pool,
+            timeout: sql.timeout.unwrap_or(Duration::from_secs(30)),
+            effect: None,
+        };
+        match engine.sql.purge_effects(&target, table, before).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(connection = %name, table = %table, deleted = n, "Retention: deleted exactly_once records past retention.")
+            }
+            Err(e) => {
+                tracing::warn!(connection = %name, error = %engine.redact(&e.to_string()), "Retention could not purge an exactly_once connection's effects table; it tries again in a minute.")
+            }
+        }
+    }
+}
+
 /// One pass over every workflow (each under its own retention) and the
 /// runs of workflows no longer in the project (under the defaults), batch
 /// by batch until nothing is left to purge or `stop` fires.
@@ -103,6 +160,7 @@ pub async fn purge_once(
         }
         tokio::time::sleep(PAUSE).await;
     }
+    purge_effects(engine, &project, now).await;
     // One position for the whole pass: each batch starts where the last
     // one of its workflow ended.
     let mut position = PurgePosition::default();

@@ -35,6 +35,9 @@ pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 
+/// Effect records deleted per statement by [`SqlPools::purge_effects`].
+pub const PURGE_BATCH: u64 = 1000;
+
 /// The most rows one statement may return into a step's output.
 pub const MAX_ROWS: usize = 100_000;
 
@@ -266,6 +269,75 @@ impl SqlPools {
     }
 }
 
+impl SqlPools {
+    /// Deletes the `exactly_once` records of `table` committed before
+    /// `before` (the retention job), a batch at a time; how many went.
+    /// Only a run resumed after a crash reads its records, and none is
+    /// resumed after its retention, so nothing kept needs them.
+    ///
+    /// # Errors
+    ///
+    /// As [`SqlPools::execute`].
+    pub async fn purge_effects(
+        &self,
+        target: &Target<'_>,
+        table: &str,
+        before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, ActionError> {
+        let pool = self.pool(target)?;
+        // RFC 3339 with a fixed width, so SQLite's text comparison orders it.
+        let bound = match target.driver {
+            SqlDriver::Mysql => before.format("%Y-%m-%d %H:%M:%S%.6f").to_string(),
+            _ => before.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        };
+        let mut total = 0;
+        loop {
+            let batch = async {
+                match &pool {
+                    Pool::Postgres(p) => purge_sqlx(p, target, table, &bound).await,
+                    Pool::Mysql(p) => purge_sqlx(p, target, table, &bound).await,
+                    Pool::Sqlite(db) => db.purge(target, table, &bound).await,
+                }
+            };
+            let deleted = tokio::time::timeout(target.timeout, batch)
+                .await
+                .map_err(|_| ActionError::Retryable {
+                    message: format!("purging `{table}` did not finish in time"),
+                    status: None,
+                    retry_after: None,
+                })??;
+            total += deleted;
+            if deleted < PURGE_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+async fn purge_sqlx<DB: Dialect>(
+    pool: &sqlx::Pool<DB>,
+    target: &Target<'_>,
+    table: &str,
+    bound: &str,
+) -> Result<u64, ActionError>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    let mut args = DB::Arguments::default();
+    DB::bind(&mut args, &Value::String(bound.to_owned())).map_err(|e| ActionError::Permanent {
+        message: format!("the retention bound cannot be bound: {e}"),
+        status: None,
+    })?;
+    let sql = sqlx::AssertSqlSafe(DB::purge_effects(table));
+    match sqlx::query_with::<DB, _>(sql, args).execute(pool).await {
+        Ok(done) => Ok(DB::affected(&done)),
+        // Never used yet: nothing to purge.
+        Err(sqlx::Error::Database(db)) if DB::judge(db.as_ref()).0.contains(DB::NO_TABLE) => Ok(0),
+        Err(e) => Err(classify::<DB>(target.connection, &e)),
+    }
+}
+
 async fn close(pool: Pool) {
     match pool {
         Pool::Postgres(p) => p.close().await,
@@ -326,6 +398,8 @@ trait Dialect: sqlx::Database {
     fn row_json(row: &Self::Row) -> Result<Value, ActionError>;
     /// The rows a statement changed.
     fn affected(done: &Self::QueryResult) -> u64;
+    /// What [`Dialect::judge`] shows for a table that does not exist.
+    const NO_TABLE: &'static str;
     /// A database error's code as the message shows it (`SQLSTATE 23505`),
     /// and whether another try may pass.
     fn judge(db: &dyn sqlx::error::DatabaseError) -> (String, bool);
@@ -336,6 +410,9 @@ trait Dialect: sqlx::Database {
     /// Records key, run, step and output (text); when the key is there,
     /// it changes no row or fails as [`Dialect::already_exists`] says.
     fn insert_effect(table: &str) -> String;
+    /// Deletes up to [`PURGE_BATCH`] records committed before the time
+    /// bound first (RFC 3339, UTC).
+    fn purge_effects(table: &str) -> String;
     /// Whether an error says only that what was being created exists
     /// already: the effects table (another process created it at the same
     /// moment) or the effect's key (another attempt recorded it).

@@ -42,6 +42,8 @@ const RETRYABLE_ERRORS: &[u16] = &[1213, 1205, 1040, 1203, 1053, 1927];
 const EXISTS_ERRORS: &[u16] = &[1062, 1050];
 
 impl Dialect for MySql {
+    const NO_TABLE: &'static str = "error 1146";
+
     fn bind(args: &mut MySqlArguments, value: &Value) -> Result<(), sqlx::error::BoxDynError> {
         match value {
             Value::Null => args.add(None::<String>),
@@ -120,6 +122,13 @@ impl Dialect for MySql {
 
     fn insert_effect(table: &str) -> String {
         format!("INSERT INTO {table} (`key`, run_id, step_id, output) VALUES (?, ?, ?, ?)")
+    }
+
+    fn purge_effects(table: &str) -> String {
+        format!(
+            "DELETE FROM {table} WHERE committed_at < ? LIMIT {}",
+            super::PURGE_BATCH
+        )
     }
 
     fn already_exists(e: &sqlx::Error) -> bool {

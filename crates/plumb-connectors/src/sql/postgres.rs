@@ -26,6 +26,8 @@ pub(super) fn open(target: &Target<'_>) -> Result<PgPool, ActionError> {
 }
 
 impl Dialect for sqlx::Postgres {
+    const NO_TABLE: &'static str = "SQLSTATE 42P01";
+
     fn bind(args: &mut PgArguments, value: &Value) -> Result<(), sqlx::error::BoxDynError> {
         bind(args, value)
     }
@@ -59,6 +61,14 @@ impl Dialect for sqlx::Postgres {
         format!(
             "INSERT INTO {table} (key, run_id, step_id, output) VALUES ($1, $2, $3, $4::jsonb) \
              ON CONFLICT (key) DO NOTHING"
+        )
+    }
+
+    fn purge_effects(table: &str) -> String {
+        format!(
+            "DELETE FROM {table} WHERE key IN (SELECT key FROM {table} \
+             WHERE committed_at < $1::timestamptz LIMIT {})",
+            super::PURGE_BATCH
         )
     }
 

@@ -51,12 +51,43 @@ impl Db {
         }
     }
 
-    pub(super) async fn run(
+    /// Deletes up to [`super::PURGE_BATCH`] effect records committed
+    /// before `bound`.
+    pub(super) async fn purge(
         &self,
         target: &Target<'_>,
-        work: &Work<'_>,
-        created: bool,
-    ) -> Result<Value, Failure> {
+        table: &str,
+        bound: &str,
+    ) -> Result<u64, ActionError> {
+        let sql = format!(
+            "DELETE FROM {table} WHERE key IN (SELECT key FROM {table} \
+             WHERE committed_at < ?1 LIMIT {})",
+            super::PURGE_BATCH
+        );
+        let bound = bound.to_owned();
+        self.blocking(target, move |conn| {
+            match conn.execute(&sql, [&bound]) {
+                Ok(n) => Ok(Ok(n as u64)),
+                // Never used yet: nothing to purge.
+                Err(rusqlite::Error::SqliteFailure(_, Some(m)))
+                    if m.starts_with("no such table") =>
+                {
+                    Ok(Ok(0))
+                }
+                Err(e) => Err((None, e)),
+            }
+        })
+        .await
+        .map_err(|f| f.error)
+    }
+
+    /// Runs `work` on the connection (opened on first use) in a blocking
+    /// thread; a step given up on interrupts its statement.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        target: &Target<'_>,
+        work: impl FnOnce(&mut Connection) -> Result<Result<T, Failure>, Failed> + Send + 'static,
+    ) -> Result<T, Failure> {
         let mut guard = Arc::clone(&self.conn).lock_owned().await;
         if guard.is_none() {
             *guard = Some(open(&self.path, target.timeout).map_err(|e| {
@@ -71,15 +102,6 @@ impl Db {
             })?);
         }
         let mut interrupt = InterruptOnDrop(guard.as_ref().map(Connection::get_interrupt_handle));
-        let query = work.query.to_owned();
-        let statements = work.statements.clone();
-        let batch = work.batch;
-        let effect = work.effect.map(|e| Owned {
-            table: e.table.to_owned(),
-            key: e.key.to_owned(),
-            run_id: e.run_id.to_owned(),
-            step_id: e.step_id.to_owned(),
-        });
         let joined = tokio::task::spawn_blocking(move || {
             let Some(conn) = guard.as_mut() else {
                 return Ok(Err(Failure::from(ActionError::Permanent {
@@ -87,7 +109,7 @@ impl Db {
                     status: None,
                 })));
             };
-            run(conn, &query, &statements, batch, effect.as_ref(), created)
+            work(conn)
         })
         .await;
         // Finished: nothing to interrupt.
@@ -104,6 +126,27 @@ impl Db {
                 error: classify(target.connection, &e),
             })
             .and_then(|r| r)
+    }
+
+    pub(super) async fn run(
+        &self,
+        target: &Target<'_>,
+        work: &Work<'_>,
+        created: bool,
+    ) -> Result<Value, Failure> {
+        let query = work.query.to_owned();
+        let statements = work.statements.clone();
+        let batch = work.batch;
+        let effect = work.effect.map(|e| Owned {
+            table: e.table.to_owned(),
+            key: e.key.to_owned(),
+            run_id: e.run_id.to_owned(),
+            step_id: e.step_id.to_owned(),
+        });
+        self.blocking(target, move |conn| {
+            run(conn, &query, &statements, batch, effect.as_ref(), created)
+        })
+        .await
     }
 }
 

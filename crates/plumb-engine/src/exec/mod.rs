@@ -25,6 +25,7 @@ use crate::journal::{self, AfterFailure, Prior, SuccessCommit};
 
 mod context;
 mod step;
+pub(crate) use step::sql::connection_url;
 
 pub(crate) use step::{
     PlannedRequest, auth_header, http_connection, json_size, link_next, next_request, plan_request,

@@ -17,7 +17,7 @@ mod http;
 mod jq;
 mod paginate;
 mod sleep;
-mod sql;
+pub(crate) mod sql;
 
 pub(crate) use http::auth_header;
 pub(crate) use http::{PlannedRequest, http_connection, plan_request, send_request};

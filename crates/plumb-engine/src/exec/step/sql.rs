@@ -5,7 +5,7 @@
 use jaq_json::Val;
 use plumb_connectors::ActionError;
 use plumb_connectors::sql::{Effect, Target};
-use plumb_core::model::{Connection, SqlAction, SqlUrl, Step};
+use plumb_core::model::{Connection, SqlAction, SqlConnection, SqlUrl, Step};
 
 use super::super::context::permanent_eval;
 use super::super::{Execution, Outcome};
@@ -76,49 +76,7 @@ impl Execution<'_> {
         })
         .await
         .map_err(permanent_eval)?;
-        let secrets = self.engine.secrets();
-        let with_password = |mut url: url::Url,
-                             connection: &plumb_core::model::SqlConnection,
-                             sql: &SqlAction,
-                             missing: &dyn Fn(&str) -> ActionError|
-         -> Result<String, ActionError> {
-            if let Some(name) = &connection.password {
-                let value = secrets.get(name).ok_or_else(|| missing(name))?;
-                if url.set_password(Some(value.expose())).is_err() {
-                    return Err(ActionError::Permanent {
-                        message: format!(
-                            "the URL of connection `{}` cannot carry a password",
-                            sql.connection
-                        ),
-                        status: None,
-                    });
-                }
-            }
-            Ok(url.into())
-        };
-        let missing = |name: &str| ActionError::Permanent {
-            message: format!(
-                "the connection `{}` needs the secret `{name}`, which is not available; set it with `plumb secrets set {name}`",
-                sql.connection
-            ),
-            status: None,
-        };
-        let url = match &connection.url {
-            // Made absolute when the project loaded.
-            SqlUrl::File(file) => file.display().to_string(),
-            SqlUrl::Literal(url) => with_password(url.clone(), connection, sql, &missing)?,
-            SqlUrl::Secret(name) => {
-                let value = secrets.get(name).ok_or_else(|| missing(name))?;
-                let url = url::Url::parse(value.expose()).map_err(|_| ActionError::Permanent {
-                    message: format!(
-                        "the secret `{name}` of connection `{}` is not a database URL",
-                        sql.connection
-                    ),
-                    status: None,
-                })?;
-                with_password(url, connection, sql, &missing)?
-            }
-        };
+        let url = connection_url(self.engine, &sql.connection, connection)?;
         let target = Target {
             connection: &sql.connection,
             driver: connection.driver,
@@ -146,4 +104,44 @@ impl Execution<'_> {
             status_code: None,
         })
     }
+}
+
+/// The URL of database connection `name`, its password put in from the
+/// secrets (never shown); for SQLite, the file's path.
+pub(crate) fn connection_url(
+    engine: &crate::Engine,
+    name: &str,
+    connection: &SqlConnection,
+) -> Result<String, ActionError> {
+    let secrets = engine.secrets();
+    let missing = |secret: &str| ActionError::Permanent {
+        message: format!(
+            "the connection `{name}` needs the secret `{secret}`, which is not available; set it with `plumb secrets set {secret}`"
+        ),
+        status: None,
+    };
+    let mut url = match &connection.url {
+        // Made absolute when the project loaded.
+        SqlUrl::File(file) => return Ok(file.display().to_string()),
+        SqlUrl::Literal(url) => url.clone(),
+        SqlUrl::Secret(secret) => {
+            let value = secrets.get(secret).ok_or_else(|| missing(secret))?;
+            url::Url::parse(value.expose()).map_err(|_| ActionError::Permanent {
+                message: format!(
+                    "the secret `{secret}` of connection `{name}` is not a database URL"
+                ),
+                status: None,
+            })?
+        }
+    };
+    if let Some(secret) = &connection.password {
+        let value = secrets.get(secret).ok_or_else(|| missing(secret))?;
+        if url.set_password(Some(value.expose())).is_err() {
+            return Err(ActionError::Permanent {
+                message: format!("the URL of connection `{name}` cannot carry a password"),
+                status: None,
+            });
+        }
+    }
+    Ok(url.into())
 }
