@@ -111,6 +111,14 @@ pub enum Command {
         #[command(subcommand)]
         command: CursorCommand,
     },
+    /// What happened to one business record: every run, step and item that touched it (a workflow's `record_key`), oldest first — acceptance, dedupe hits, retries, outcomes with their effect, dead letters, replays.
+    Trace {
+        /// The record's key, as `record_key` yields it (`ord-1042`).
+        key: String,
+        /// Only this workflow's events.
+        #[arg(long)]
+        workflow: Option<String>,
+    },
     /// The store itself: copy it to another backend.
     Store {
         /// What to do.

@@ -124,6 +124,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<Exit> {
         Command::Audit { command } => commands::secrets::audit(&global, command).await,
         Command::Store { command } => commands::store::run(&global, command).await,
         Command::Cursor { command } => commands::cursor::run(&global, command).await,
+        Command::Trace { key, workflow } => {
+            commands::trace::run(&global, &key, workflow.as_deref()).await
+        }
     }
 }
 

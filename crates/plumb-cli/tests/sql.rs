@@ -514,7 +514,8 @@ const ITEMS: i64 = 500;
 /// the last trial (each trial starts from empty tables and checks its own
 /// result when `exactly_once`).
 async fn kill_and_resume(db: &Db, exactly_once: bool, trials: usize) -> (usize, usize, i64, i64) {
-    let tag = std::process::id();
+    // The two tests of this kind run at once in one process: their tables differ.
+    let tag = format!("{}_{}", std::process::id(), u8::from(exactly_once));
     let kind = db.kind;
     let (events, accounts, effects) = (
         format!("plumb_eo_events_{tag}"),

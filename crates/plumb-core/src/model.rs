@@ -530,6 +530,9 @@ impl Eq for TriggerDedupe {}
 /// A validated workflow, pinned to the exact file text it came from.
 #[derive(Clone, Debug)]
 pub struct Workflow {
+    /// `trigger.<webhook|poll>.record_key`: the business record a run is
+    /// about, evaluated over `.trigger` when it is accepted (lineage).
+    pub record_key: Option<Template>,
     /// Unique name.
     pub name: String,
     /// Who is paged.
@@ -734,6 +737,9 @@ pub struct Step {
     /// Which earlier steps' outputs its expressions may read (a `for_each`
     /// step's item outputs are loaded for it only if so).
     pub reads: crate::expr::StepsRead,
+    /// `record_key:`: the business record the step (each `for_each` item,
+    /// evaluated with `.item`) is about, for lineage.
+    pub record_key: Option<Template>,
 }
 
 impl Step {

@@ -26,6 +26,7 @@ pub mod events;
 mod exec;
 pub mod failpoint;
 mod journal;
+pub mod lineage;
 pub mod ops;
 pub mod owner;
 mod poll;
@@ -441,10 +442,24 @@ impl Engine {
         deadline: Option<std::time::Instant>,
     ) -> Result<String, EngineError> {
         let dedupe = self.dedupe_key(workflow, &trigger).await;
+        let record_key = self.trigger_record_key(workflow, &trigger).await;
         let mut run = self.new_run(workflow, trigger, None).await?;
         run.deadline = deadline;
         run.dedupe = dedupe;
-        self.store.create_run(&run).await?;
+        let created = self.store.create_run(&run).await;
+        if let Some(key) = record_key {
+            let noted = match &created {
+                Ok(()) => Some((run.id.as_str(), "accepted")),
+                // Indexed under the run the first delivery started.
+                Err(StoreError::Duplicate { run_id }) => Some((run_id.as_str(), "dedupe_hit")),
+                Err(_) => None,
+            };
+            if let Some((run_id, event)) = noted {
+                self.note_lineage(vec![lineage::entry(&key, &workflow.name, run_id, event)])
+                    .await;
+            }
+        }
+        created?;
         Ok(run.id)
     }
 
@@ -504,8 +519,18 @@ impl Engine {
         workflow: &Workflow,
         trigger: Value,
     ) -> Result<Run, EngineError> {
+        let record_key = self.trigger_record_key(workflow, &trigger).await;
         let run = self.new_run(workflow, trigger, Some(self.lease())).await?;
         self.store.create_run(&run).await?;
+        if let Some(key) = record_key {
+            self.note_lineage(vec![lineage::entry(
+                &key,
+                &workflow.name,
+                &run.id,
+                "accepted",
+            )])
+            .await;
+        }
         self.store
             .run(&run.id)
             .await?
@@ -778,6 +803,14 @@ impl Engine {
             observer,
             stop.clone(),
         );
+        if workflow.record_key.is_some() {
+            match self.store.run_record_keys(&run_id).await {
+                Ok(keys) => execution.run_keys = keys,
+                Err(e) => {
+                    tracing::warn!(run_id = %run_id, error = %e, "Could not read the run's record keys; its steps are not indexed for lineage.");
+                }
+            }
+        }
         let mut result = execution.run_all().await.map(|()| None);
         if matches!(result, Ok(None)) && workflow.cursor.is_some() {
             result = execution.cursor_move().await.map(Some);
@@ -1012,7 +1045,7 @@ impl Engine {
             }
         }
         match finished {
-            Ok(()) => {}
+            Ok(()) => self.note_run_end(workflow, run_id, &outcome).await,
             Err(StoreError::LeaseLost { .. }) => {
                 let reason = "another process took over this run before it could end".to_owned();
                 observer.on_event(&RunEvent::Interrupted {

@@ -155,11 +155,24 @@ async fn poll_once(
         r = gather(engine, workflow, poll, &claim, next_poll_at, owner) => r,
     };
     let result = match outcome {
-        Ok(commit) => engine
-            .store
-            .commit_poll(&commit)
-            .await
-            .map(|c| (c, commit.runs.len())),
+        Ok(commit) => {
+            let committed = engine.store.commit_poll(&commit).await;
+            if matches!(committed, Ok(PollCommitted::Committed)) && workflow.record_key.is_some() {
+                let mut entries = Vec::new();
+                for run in &commit.runs {
+                    if let Some(key) = engine.trigger_record_key(workflow, &run.trigger).await {
+                        entries.push(crate::lineage::entry(
+                            &key,
+                            &workflow.name,
+                            &run.id,
+                            "accepted",
+                        ));
+                    }
+                }
+                engine.note_lineage(entries).await;
+            }
+            committed.map(|c| (c, commit.runs.len()))
+        }
         Err(message) => {
             record_failure(engine, workflow, owner, &claim, next_poll_at, &message).await;
             return;

@@ -29,6 +29,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/runs", get(list_runs))
         .route("/runs/{id}", get(show_run))
         .route("/runs/{id}/cancel", post(cancel_run))
+        .route("/trace/{key}", get(trace))
         .route("/dlq", get(dead_letters))
         .route("/dlq/replay", post(replay_all))
         .route("/dlq/{id}/replay", post(replay_one))
@@ -217,6 +218,34 @@ async fn show_run(
     Ok(Json(
         json!({ "run": run, "steps": steps, "failed_attempts": attempts }),
     ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TraceQuery {
+    workflow: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/trace/<key>`: every run, step and item that touched a
+/// business record, oldest first (`plumb trace`).
+async fn trace(
+    _auth: Auth<Viewer>,
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Query(q): Query<TraceQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if key.is_empty() || key.len() > plumb_store::lineage::MAX_RECORD_KEY_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "a record key is 1 to {} bytes",
+            plumb_store::lineage::MAX_RECORD_KEY_BYTES
+        )));
+    }
+    let limit = q.limit.unwrap_or(1000).min(plumb_store::lineage::MAX_TRACE);
+    let events = state
+        .engine
+        .trace(&key, q.workflow.as_deref(), limit)
+        .await?;
+    Ok(Json(json!({ "record_key": key, "events": events })))
 }
 
 #[derive(Debug, Default, Deserialize)]

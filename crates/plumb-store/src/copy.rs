@@ -165,6 +165,25 @@ pub const TABLES: &[Table] = &[
         singleton: false,
     },
     Table {
+        name: "lineage",
+        key: &["id"],
+        columns: &[
+            ("id", Text),
+            ("record_key", Text),
+            ("workflow", Text),
+            ("run_id", Text),
+            ("step_id", Text),
+            ("item", Int),
+            ("event", Text),
+            ("attempt", Int),
+            ("idempotency_key", Text),
+            ("effect", Text),
+            ("detail", Text),
+            ("at", Int),
+        ],
+        singleton: false,
+    },
+    Table {
         name: "dedupe_keys",
         key: &["workflow", "key"],
         columns: &[

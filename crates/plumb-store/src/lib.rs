@@ -45,6 +45,7 @@ pub mod cursors;
 pub mod deployments;
 mod json;
 pub mod lease;
+pub mod lineage;
 pub mod polls;
 pub mod postgres;
 pub mod processes;
@@ -61,6 +62,7 @@ pub use audit::{AuditEntry, AuditProblem, AuditStore, NewAuditEntry};
 pub use cursors::{Cursor, CursorMove, CursorStore};
 pub use deployments::{Deployed, DeploymentStore};
 pub use lease::{ClaimToken, OwnerId};
+pub use lineage::{LineageEntry, LineageStore};
 pub use polls::{PollClaim, PollCommit, PollCommitted, PollState, PollStore};
 pub use postgres::PgStore;
 pub use processes::{ProcessBeat, ProcessInfo, ProcessStore};
@@ -81,8 +83,8 @@ pub use sqlite::{SqliteStore, Synchronous};
 /// `use plumb_store::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        AlertStore, AuditStore, CursorStore, DeploymentStore, ProcessStore, RetentionStore,
-        RunStore, ScheduleStore, SecretStore, Store, TokenStore,
+        AlertStore, AuditStore, CursorStore, DeploymentStore, LineageStore, ProcessStore,
+        RetentionStore, RunStore, ScheduleStore, SecretStore, Store, TokenStore,
     };
 }
 
@@ -168,6 +170,7 @@ pub trait Store:
     + RetentionStore
     + CursorStore
     + PollStore
+    + LineageStore
     + Send
     + Sync
     + 'static

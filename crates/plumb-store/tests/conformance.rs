@@ -1957,6 +1957,137 @@ async fn the_store_contract(store: &dyn Store) {
     a_dedupe_key_starts_one_run_per_window(store).await;
     a_cursor_moves_only_forward_with_success(store).await;
     a_poll_is_held_by_one_process_and_commits_whole(store).await;
+    lineage_lists_a_records_events_in_order_replays_included_and_goes_with_its_run(store).await;
+}
+
+/// Lineage: a record's events come back oldest first (optionally of one
+/// workflow), an event of a run that does not exist is skipped, a replay
+/// indexes itself in its own transaction, and purging a run takes its
+/// events with it.
+async fn lineage_lists_a_records_events_in_order_replays_included_and_goes_with_its_run(
+    store: &dyn Store,
+) {
+    let a = lease("lin", 60_000);
+    let mut run = queued("lin-1", "w", None);
+    run.lease = Some(a.clone());
+    store.create_run(&run).await.expect("create");
+    store
+        .create_run(&queued("lin-2", "w2", None))
+        .await
+        .expect("create");
+    let event =
+        |n: i64, key: &str, run: &str, workflow: &str, what: &str| plumb_store::LineageEntry {
+            id: format!("lin-e{n}"),
+            record_key: key.into(),
+            workflow: workflow.into(),
+            run_id: run.into(),
+            step_id: (what != "accepted").then(|| "s".to_owned()),
+            item: None,
+            event: what.into(),
+            attempt: (what != "accepted").then_some(1),
+            idempotency_key: (what != "accepted").then(|| format!("{run}:s")),
+            effect: (what == "succeeded").then(|| "HTTP 201".to_owned()),
+            detail: None,
+            at: 1_000 + n,
+        };
+    store
+        .record_lineage(&[
+            event(3, "ord-1", "lin-1", "w", "succeeded"),
+            event(1, "ord-1", "lin-1", "w", "accepted"),
+            event(2, "ord-1", "lin-2", "w2", "accepted"),
+            event(4, "ord-2", "lin-2", "w2", "accepted"),
+            event(5, "ord-1", "lin-missing", "w", "accepted"),
+        ])
+        .await
+        .expect("record");
+    let trace = store.trace("ord-1", None, 100).await.expect("trace");
+    let seen: Vec<(&str, &str)> = trace
+        .iter()
+        .map(|e| (e.run_id.as_str(), e.event.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("lin-1", "accepted"),
+            ("lin-2", "accepted"),
+            ("lin-1", "succeeded")
+        ],
+        "oldest first; the event of a run that does not exist is skipped"
+    );
+    assert_eq!(trace[2].effect.as_deref(), Some("HTTP 201"));
+    assert_eq!(trace[2].idempotency_key.as_deref(), Some("lin-1:s"));
+    let only_w2 = store.trace("ord-1", Some("w2"), 100).await.expect("trace");
+    assert_eq!(only_w2.len(), 1);
+    assert_eq!(
+        store.trace("ord-1", None, 1).await.expect("trace")[0].event,
+        "succeeded",
+        "the newest when limited"
+    );
+    assert_eq!(
+        store.run_record_keys("lin-2").await.expect("keys"),
+        ["ord-1", "ord-2"]
+    );
+    // A dead letter replayed: the replay is indexed under the run's records.
+    let token = format!("{}#1", a.owner);
+    store
+        .finish_run(
+            "lin-1",
+            &token,
+            &RunOutcome::Failed(Failure {
+                message: "boom".into(),
+                ..Failure::default()
+            }),
+            None,
+            &[],
+        )
+        .await
+        .expect("fail");
+    assert_eq!(
+        store
+            .replay_run("lin-1", "ops@example.com")
+            .await
+            .expect("replay"),
+        ReplayResult::Replayed
+    );
+    let last = store.trace("ord-1", Some("w"), 100).await.expect("trace");
+    let replayed = last.last().expect("an event");
+    assert_eq!(
+        (replayed.event.as_str(), replayed.run_id.as_str()),
+        ("replayed", "lin-1")
+    );
+    assert!(
+        replayed
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("ops@example.com"))
+    );
+    // Purging a run takes its events.
+    store
+        .cancel_run("lin-2", "done", "ops@example.com")
+        .await
+        .expect("cancel");
+    let mut position = PurgePosition::default();
+    store
+        .purge(
+            &PurgeScope::Workflow("w2".into()),
+            now_ms() + 1,
+            now_ms() + 1,
+            100,
+            &mut position,
+        )
+        .await
+        .expect("purge");
+    assert!(
+        store
+            .trace("ord-2", None, 100)
+            .await
+            .expect("trace")
+            .is_empty()
+    );
+    assert_eq!(
+        store.trace("ord-1", None, 100).await.expect("trace").len(),
+        3
+    );
 }
 
 #[tokio::test]

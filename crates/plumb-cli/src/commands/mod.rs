@@ -12,6 +12,7 @@ pub mod runs;
 pub mod secrets;
 pub mod serve;
 pub mod store;
+pub mod trace;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -463,7 +463,28 @@ fn load_workflow_inner(
         cx.error(&root.key("description"), "`description` is empty")
             .help = Some("say in a sentence what this workflow does and why".into());
     }
-    let trigger = cx.trigger(spec.trigger.as_ref(), &root.key("trigger"));
+    // `record_key` may sit under any trigger kind's mapping; it is the
+    // workflow's, not the kind's, so it is taken out before the kind's check.
+    let mut trigger_raw = spec.trigger.clone();
+    let record_key = trigger_raw
+        .as_mut()
+        .and_then(Value::as_object_mut)
+        .and_then(|kinds| {
+            let (kind, body) = kinds.iter_mut().next()?;
+            let raw = body.as_object_mut()?.remove("record_key")?;
+            Some((kind.clone(), raw))
+        })
+        .and_then(|(kind, raw)| {
+            let path = root.key("trigger").key(&kind).key("record_key");
+            if matches!(kind.as_str(), "webhook" | "poll") {
+                cx.record_key(&raw, &path)
+            } else {
+                cx.error(&path, format!("a {kind} trigger has no record to name"))
+                    .help = Some("`record_key` applies to webhook and poll triggers, and to steps (per `for_each` item)".into());
+                None
+            }
+        });
+    let trigger = cx.trigger(trigger_raw.as_ref(), &root.key("trigger"));
     let base = StepDefaults {
         retry: cx.resolve_retry(
             &config.map_or(DEFAULT_RETRY, |c| c.defaults.retry),
@@ -559,6 +580,7 @@ fn load_workflow_inner(
         return Err(cx.finish());
     }
     Ok(Workflow {
+        record_key,
         name,
         owner,
         description,
@@ -1134,6 +1156,18 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// A `record_key:`: exactly one `${{ … }}` (a fixed key would make
+    /// every run one record).
+    fn record_key(&mut self, raw: &Value, path: &FieldPath) -> Option<Template> {
+        let key = self.template(raw, path)?;
+        if matches!(key, Template::Expr(_)) {
+            return Some(key);
+        }
+        self.error_at_value(path, "`record_key` must be exactly one `${{ … }}` expression")
+            .help = Some("name the record's id, e.g. `record_key: '${{ .trigger.body.order_id }}'` or, on a step, `'${{ .item.id }}'`".into());
+        None
+    }
+
     fn template(&mut self, raw: &Value, path: &FieldPath) -> Option<Template> {
         match Template::compile(raw) {
             Ok(t) => Some(t),
@@ -1313,6 +1347,9 @@ fn step_programs(step: &Step) -> Vec<&Program> {
     let mut out: Vec<&Program> = Vec::new();
     if let Some(f) = &step.for_each {
         out.extend(f.items.programs());
+    }
+    if let Some(k) = &step.record_key {
+        out.extend(k.programs());
     }
     match &step.action {
         Action::Http(h) => {
@@ -2004,12 +2041,12 @@ mod tests {
     fn kinds_from_spec_not_built_yet_are_named_so() {
         let err = load_config(&SourceFile {
             path: "plumb.yaml".into(),
-            text: "connections:\n  warehouse:\n    mysql: { url: { secret: warehouse_dsn } }\n  crm:\n    htp: { base_url: 'https://x.example' }\n".into(),
+            text: "connections:\n  warehouse:\n    redis: { url: { secret: warehouse_dsn } }\n  crm:\n    htp: { base_url: 'https://x.example' }\n".into(),
         })
-        .expect_err("no mysql yet, and a typo");
+        .expect_err("no redis yet, and a typo");
         let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
         assert!(
-            messages.contains(&"`mysql` connections are not available in this version of plumb"),
+            messages.contains(&"`redis` connections are not available in this version of plumb"),
             "{messages:?}"
         );
         assert!(messages.contains(&"unknown field `htp`"), "{messages:?}");

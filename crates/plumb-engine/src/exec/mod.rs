@@ -138,6 +138,9 @@ pub(crate) struct Execution<'e> {
     /// step's output: past it, the output is dropped from memory (it stays
     /// in the journal). A step nobody reads has no entry.
     last_reader: HashMap<String, usize>,
+    /// The records the run's trigger named (`record_key`): its steps'
+    /// events are indexed under them unless a step names its own.
+    pub(crate) run_keys: Vec<String>,
 }
 
 /// Where each step is in execution order, and the last position that may
@@ -217,6 +220,7 @@ impl<'e> Execution<'e> {
             cursor,
             position,
             last_reader,
+            run_keys: Vec::new(),
         }
     }
 
@@ -473,6 +477,11 @@ impl<'e> Execution<'e> {
         let first_started = plan.first_started.unwrap_or_else(now_ms);
         let mut attempt = plan.made;
         let began = Instant::now();
+        let record_keys = if page.is_none() {
+            self.record_keys(step, item, &base).await
+        } else {
+            Vec::new()
+        };
         loop {
             attempt += 1;
             let attempt_started = now_ms();
@@ -522,6 +531,7 @@ impl<'e> Execution<'e> {
             match result {
                 Ok(outcome) => {
                     let summary = summarize(step, &outcome);
+                    let effect = effect_of(step, &outcome);
                     let output = self
                         .commit_success_timed(
                             step,
@@ -535,6 +545,16 @@ impl<'e> Execution<'e> {
                             summary,
                         )
                         .await?;
+                    self.note(
+                        &record_keys,
+                        step,
+                        index,
+                        attempt,
+                        "succeeded",
+                        effect,
+                        None,
+                    )
+                    .await;
                     return Ok(Outcome {
                         output,
                         status_code: outcome.status_code,
@@ -557,6 +577,17 @@ impl<'e> Execution<'e> {
                         AfterFailure::Fail(message) => message,
                         AfterFailure::Retry(delay) => {
                             self.write_attempt(&failure).await?;
+                            let effect = failure.status_code.map(|s| format!("HTTP {s}"));
+                            self.note(
+                                &record_keys,
+                                step,
+                                index,
+                                attempt,
+                                "retry",
+                                effect,
+                                Some(&failure.error),
+                            )
+                            .await;
                             metrics::counter!(
                                 "plumb_step_retries_total",
                                 "workflow" => self.run.workflow.clone(),
@@ -589,10 +620,21 @@ impl<'e> Execution<'e> {
                             error.status(),
                         )
                         .await;
-                    if matches!(halt, Halt::Failed(_))
-                        && let Err(e) = self.write_attempt(&failure).await
-                    {
-                        tracing::warn!(run_id = %self.run.id, step = %step.id, error = %e.describe(), "Could not keep the last failed attempt for the timeline.");
+                    if matches!(halt, Halt::Failed(_)) {
+                        if let Err(e) = self.write_attempt(&failure).await {
+                            tracing::warn!(run_id = %self.run.id, step = %step.id, error = %e.describe(), "Could not keep the last failed attempt for the timeline.");
+                        }
+                        let effect = failure.status_code.map(|s| format!("HTTP {s}"));
+                        self.note(
+                            &record_keys,
+                            step,
+                            index,
+                            attempt,
+                            "failed",
+                            effect,
+                            Some(&message),
+                        )
+                        .await;
                     }
                     return Err(halt);
                 }
@@ -806,6 +848,84 @@ impl<'e> Execution<'e> {
             attempt: Some(attempt),
             status_code,
         })
+    }
+}
+
+/// What an effect did, for lineage: `HTTP 201`, `3 rows` (`already
+/// committed` when an `exactly_once` write had been made before).
+fn effect_of(step: &Step, outcome: &Outcome) -> Option<String> {
+    match &step.action {
+        Action::Http(_) => outcome.status_code.map(|s| format!("HTTP {s}")),
+        Action::Sql(_) => {
+            let rows = outcome
+                .output
+                .get("rows_affected")
+                .and_then(Value::as_u64)?;
+            let again = outcome.output.get("already_committed") == Some(&Value::Bool(true));
+            Some(format!(
+                "{rows} rows{}",
+                if again { " (already committed)" } else { "" }
+            ))
+        }
+        _ => None,
+    }
+}
+
+impl Execution<'_> {
+    /// The records an attempt of `step` (or its item) is about: the
+    /// step's own `record_key` evaluated over its item, else the run's.
+    async fn record_keys(
+        &self,
+        step: &Step,
+        item: Option<(u32, &Val)>,
+        base: &ContextBase,
+    ) -> Vec<String> {
+        let Some(template) = &step.record_key else {
+            return self.run_keys.clone();
+        };
+        let context = base.for_step(step, item, 1);
+        match self.eval(step, template, context).await {
+            Ok(value) => crate::lineage::key_text(&value)
+                .map(|k| vec![self.engine.redact(&k)])
+                .unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(run_id = %self.run.id, step = %step.id, error = %self.engine.redact(&e.to_string()), "The step's record key could not be evaluated; it is not indexed for lineage.");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Indexes one event of a step or item under each of `keys`.
+    #[allow(clippy::too_many_arguments)]
+    async fn note(
+        &self,
+        keys: &[String],
+        step: &Step,
+        item: Option<u32>,
+        attempt: u32,
+        event: &str,
+        effect: Option<String>,
+        detail: Option<&str>,
+    ) {
+        if keys.is_empty() {
+            return;
+        }
+        let entries = keys
+            .iter()
+            .map(|key| {
+                let mut e = crate::lineage::entry(key, &self.run.workflow, &self.run.id, event);
+                e.step_id = Some(step.id.clone());
+                e.item = item;
+                e.attempt = Some(attempt);
+                e.idempotency_key = step
+                    .has_effects()
+                    .then(|| idempotency_key(&self.run.id, &step.id, item));
+                e.effect.clone_from(&effect);
+                e.detail = detail.map(|d| self.engine.redact(d));
+                e
+            })
+            .collect();
+        self.engine.note_lineage(entries).await;
     }
 }
 

@@ -62,6 +62,7 @@ mod copy;
 mod cursors;
 mod deployments;
 mod intake;
+mod lineage;
 mod polls;
 mod processes;
 mod retention;
@@ -84,6 +85,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0006_lean_run_indexes.sql"),
     include_str!("../../migrations/postgres/0007_dedupe_keys.sql"),
     include_str!("../../migrations/postgres/0008_sync_state.sql"),
+    include_str!("../../migrations/postgres/0009_lineage.sql"),
 ];
 
 /// The advisory lock every migrating process takes (fixed, so processes of

@@ -978,6 +978,13 @@ impl RunStore for PgStore {
         let result = replay(&mut tx, id).await?;
         if result == ReplayResult::Replayed {
             append_audit(&mut tx, &entries::run_replayed(actor, id)).await?;
+            sqlx::query(crate::lineage::REPLAYED)
+                .bind(id)
+                .bind(actor)
+                .bind(crate::now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
             notify_work(&mut tx, self.notify).await?;
         }
         tx.commit().await.map_err(map_err)?;

@@ -55,6 +55,7 @@ mod audit;
 mod copy;
 mod cursors;
 mod deployments;
+mod lineage;
 mod polls;
 mod processes;
 mod retention;
@@ -154,6 +155,7 @@ enum Op {
     Retention(retention::Write),
     Cursors(cursors::Write),
     Polls(polls::Write),
+    Lineage(lineage::Write),
     Ping,
     Close,
 }
@@ -229,6 +231,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0011_lean_run_indexes.sql"),
     include_str!("../../migrations/sqlite/0012_dedupe_keys.sql"),
     include_str!("../../migrations/sqlite/0013_sync_state.sql"),
+    include_str!("../../migrations/sqlite/0014_lineage.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes
@@ -650,6 +653,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<Done, StoreError> {
         Op::Retention(w) => retention::apply(tx, w),
         Op::Cursors(w) => cursors::apply(tx, w),
         Op::Polls(w) => polls::apply(tx, w),
+        Op::Lineage(w) => lineage::apply(tx, w),
         Op::Ping => {
             tx.prepare_cached(
                 "INSERT INTO health (id, checked_at) VALUES (1, ?1) \

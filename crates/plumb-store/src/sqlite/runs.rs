@@ -222,6 +222,10 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
             let result = replay(tx, id)?;
             if result == ReplayResult::Replayed {
                 append_audit(tx, &entries::run_replayed(actor, id))?;
+                // SQLite numbers `?N` explicitly (`$N` would be named).
+                tx.prepare_cached(&crate::lineage::REPLAYED.replace('$', "?"))
+                    .and_then(|mut st| st.execute(params![id, actor, crate::now_ms()]))
+                    .map_err(map_err)?;
             }
             Ok(Done::Replay(result))
         }

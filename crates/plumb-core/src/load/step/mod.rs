@@ -95,10 +95,19 @@ struct StepCommonSpec {
     retry: Option<RetrySpec>,
     /// Timeout for one attempt of this step.
     timeout: Option<Dur>,
+    /// The business record the step or each item is about (lineage).
+    record_key: Option<Value>,
 }
 
 /// The keys of [`StepCommonSpec`].
-const COMMON: &[&str] = &["id", "for_each", "concurrency", "retry", "timeout"];
+const COMMON: &[&str] = &[
+    "id",
+    "for_each",
+    "concurrency",
+    "retry",
+    "timeout",
+    "record_key",
+];
 
 impl Checker<'_> {
     /// A list of steps; each is checked on its own, so one broken step does
@@ -235,6 +244,10 @@ impl Checker<'_> {
         let mut timeout = spec.timeout.map_or(base.timeout, |d| d.0);
         self.check_timeout(timeout, &path.key("timeout"));
         let for_each = self.for_each(&spec, kind, path);
+        let record_key = match &spec.record_key {
+            Some(raw) => self.record_key(raw, &path.key("record_key")),
+            None => None,
+        };
         let input = KindInput {
             raw: kind_raw,
             step: map,
@@ -258,6 +271,7 @@ impl Checker<'_> {
             retry,
             timeout,
             reads: crate::expr::StepsRead::default(),
+            record_key,
         };
         let mut reads = crate::expr::StepsRead::default();
         for program in step_programs(&step) {
