@@ -11,6 +11,11 @@ use crate::{Millis, StoreError};
 /// The longest record key kept: a key is an id, not a document.
 pub const MAX_RECORD_KEY_BYTES: usize = 512;
 
+/// The most `dedupe_hit` events kept per run: a sender repeating one event
+/// forever must not grow the index without bound (the run's own record
+/// already says the event was accepted once).
+pub const MAX_DEDUPE_HITS: u32 = 100;
+
 /// The most entries one trace returns.
 pub const MAX_TRACE: u32 = 10_000;
 

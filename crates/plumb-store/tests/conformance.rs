@@ -2016,6 +2016,23 @@ async fn lineage_lists_a_records_events_in_order_replays_included_and_goes_with_
     );
     assert_eq!(trace[2].effect.as_deref(), Some("HTTP 201"));
     assert_eq!(trace[2].idempotency_key.as_deref(), Some("lin-1:s"));
+    // A sender repeating one event forever: the hits kept are capped.
+    let hits: Vec<plumb_store::LineageEntry> = (0..plumb_store::lineage::MAX_DEDUPE_HITS + 5)
+        .map(|n| {
+            let mut e = event(100 + i64::from(n), "ord-hits", "lin-1", "w", "dedupe_hit");
+            e.step_id = None;
+            e
+        })
+        .collect();
+    store.record_lineage(&hits).await.expect("hits");
+    assert_eq!(
+        store
+            .trace("ord-hits", None, 1000)
+            .await
+            .expect("trace")
+            .len(),
+        plumb_store::lineage::MAX_DEDUPE_HITS as usize
+    );
     let only_w2 = store.trace("ord-1", Some("w2"), 100).await.expect("trace");
     assert_eq!(only_w2.len(), 1);
     assert_eq!(

@@ -34,10 +34,14 @@ impl LineageStore for PgStore {
         }
         lineage::check(entries)?;
         let mut tx = self.begin().await?;
-        // An event of a run that is gone (purged meanwhile) is skipped.
+        // An event of a run that is gone (purged meanwhile) is skipped, and
+        // so are dedupe hits past the cap of one run.
         let sql = format!(
             "INSERT INTO lineage ({COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
-             WHERE EXISTS (SELECT 1 FROM runs WHERE id = $4) ON CONFLICT (id) DO NOTHING"
+             WHERE EXISTS (SELECT 1 FROM runs WHERE id = $4) AND ($7 <> 'dedupe_hit' OR \
+             (SELECT count(*) FROM lineage WHERE run_id = $4 AND event = 'dedupe_hit') < {}) \
+             ON CONFLICT (id) DO NOTHING",
+            lineage::MAX_DEDUPE_HITS
         );
         for e in entries {
             sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))

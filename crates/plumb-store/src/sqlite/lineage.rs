@@ -21,13 +21,17 @@ impl From<Write> for Op {
 }
 
 /// Performs one write inside the writer's open transaction. An event of a
-/// run that is gone (purged meanwhile) is skipped.
+/// run that is gone (purged meanwhile) is skipped, and so are dedupe hits
+/// past [`lineage::MAX_DEDUPE_HITS`] of one run.
 pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError> {
     let Write::Record(entries) = op;
     let mut st = tx
         .prepare_cached(&format!(
             "INSERT INTO lineage ({COLUMNS}) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 \
-             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?4) ON CONFLICT (id) DO NOTHING"
+             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?4) AND (?7 <> 'dedupe_hit' OR \
+             (SELECT count(*) FROM lineage WHERE run_id = ?4 AND event = 'dedupe_hit') < {}) \
+             ON CONFLICT (id) DO NOTHING",
+            lineage::MAX_DEDUPE_HITS
         ))
         .map_err(map_err)?;
     for e in entries {
