@@ -701,3 +701,48 @@ async fn retention_purges_exactly_once_records_past_the_workflows_retention() {
         assert_eq!(dropped.code, Some(0), "{kind}: {dropped}");
     }
 }
+
+/// MySQL checks passwords (the machine's PostgreSQL trusts loopback): a
+/// wrong password in a URL kept as a secret fails with the server's
+/// "access denied", never showing the password, and is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_mysql_password_kept_as_a_secret_never_shows() {
+    let Some(db) = databases().into_iter().find(|d| d.kind == "mysql") else {
+        return;
+    };
+    let canary = "canary-pw-7c1e2";
+    let mut parsed = url::Url::parse(&db.url).expect("url");
+    parsed.set_password(Some(canary)).expect("password");
+    let project = Project::new(
+        "connections:\n  db:\n    mysql: { url: { secret: db_url }, timeout: 5s }\ndefaults:\n  retry: { attempts: 2, initial: 100ms, max: 1s }\n",
+    );
+    let set = project.set_secret("db_url", parsed.as_str()).await;
+    assert_eq!(set.code, Some(0), "{set}");
+    project.workflow(
+        "denied",
+        "name: denied\nowner: qa@example.com\ndescription: d\nsteps:\n  - id: q\n    sql: { connection: db, query: 'SELECT 1 AS one' }\n",
+    );
+    let out = project.run(&["run", "denied"]).await;
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout.contains("Access denied") || out.stdout.contains("1045"),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("1 attempt"),
+        "a wrong password is not retried: {out}"
+    );
+    let run_id = support::run_id_of(&out.stdout);
+    let shown = project.run(&["runs", "show", &run_id, "--json"]).await;
+    for text in [&out.stdout, &out.stderr, &shown.stdout] {
+        assert!(!text.contains(canary), "the password leaked: {text}");
+    }
+    let store = std::fs::read(project.store_file()).expect("store");
+    let wal = std::fs::read(project.path().join("plumb.db-wal")).unwrap_or_default();
+    for bytes in [&store, &wal] {
+        assert!(
+            !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
+            "the password is in the store"
+        );
+    }
+}
