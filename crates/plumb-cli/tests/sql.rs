@@ -84,6 +84,24 @@ fn statements(name: &str, statements: &[String]) -> String {
     text
 }
 
+/// `canary` is nowhere a user or the store could see it: the command's
+/// output, the run's record, the store's file and WAL.
+async fn assert_never_shows(project: &Project, out: &support::Output, canary: &str) {
+    let run_id = support::run_id_of(&out.stdout);
+    let shown = project.run(&["runs", "show", &run_id, "--json"]).await;
+    for text in [&out.stdout, &out.stderr, &shown.stdout] {
+        assert!(!text.contains(canary), "the password leaked: {text}");
+    }
+    let store = std::fs::read(project.store_file()).expect("store");
+    let wal = std::fs::read(project.path().join("plumb.db-wal")).unwrap_or_default();
+    for bytes in [&store, &wal] {
+        assert!(
+            !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
+            "the password is in the store"
+        );
+    }
+}
+
 /// The output of step `id` of a finished run.
 async fn output(project: &Project, run_id: &str, id: &str) -> Value {
     let shown = project.show(run_id).await;
@@ -245,19 +263,7 @@ async fn a_url_kept_as_a_secret_never_shows_even_in_a_driver_error() {
         out.stdout.contains("plumb_no_such_database") || out.stdout.contains("3D000"),
         "{out}"
     );
-    let run_id = support::run_id_of(&out.stdout);
-    let shown = project.run(&["runs", "show", &run_id, "--json"]).await;
-    for text in [&out.stdout, &out.stderr, &shown.stdout] {
-        assert!(!text.contains(canary), "the password leaked: {text}");
-    }
-    let store = std::fs::read(project.store_file()).expect("store");
-    let wal = std::fs::read(project.path().join("plumb.db-wal")).unwrap_or_default();
-    for bytes in [&store, &wal] {
-        assert!(
-            !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
-            "the password is in the store"
-        );
-    }
+    assert_never_shows(&project, &out, canary).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -732,17 +738,5 @@ async fn a_wrong_mysql_password_kept_as_a_secret_never_shows() {
         out.stdout.contains("1 attempt"),
         "a wrong password is not retried: {out}"
     );
-    let run_id = support::run_id_of(&out.stdout);
-    let shown = project.run(&["runs", "show", &run_id, "--json"]).await;
-    for text in [&out.stdout, &out.stderr, &shown.stdout] {
-        assert!(!text.contains(canary), "the password leaked: {text}");
-    }
-    let store = std::fs::read(project.store_file()).expect("store");
-    let wal = std::fs::read(project.path().join("plumb.db-wal")).unwrap_or_default();
-    for bytes in [&store, &wal] {
-        assert!(
-            !bytes.windows(canary.len()).any(|w| w == canary.as_bytes()),
-            "the password is in the store"
-        );
-    }
+    assert_never_shows(&project, &out, canary).await;
 }

@@ -430,18 +430,7 @@ fn classify<DB: Dialect>(connection: &str, e: &sqlx::Error) -> ActionError {
                 .map(|c| format!(", constraint `{c}`"))
                 .unwrap_or_default();
             let message = format!("{} ({code}{constraint})", db.message());
-            if retryable {
-                ActionError::Retryable {
-                    message,
-                    status: None,
-                    retry_after: None,
-                }
-            } else {
-                ActionError::Permanent {
-                    message,
-                    status: None,
-                }
-            }
+            database_error(message, retryable)
         }
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
@@ -453,6 +442,22 @@ fn classify<DB: Dialect>(connection: &str, e: &sqlx::Error) -> ActionError {
             message: format!("connection `{connection}`: {other}"),
             status: None,
         },
+    }
+}
+
+/// An error the database reported, retryable or not as its driver judged.
+fn database_error(message: String, retryable: bool) -> ActionError {
+    if retryable {
+        ActionError::Retryable {
+            message,
+            status: None,
+            retry_after: None,
+        }
+    } else {
+        ActionError::Permanent {
+            message,
+            status: None,
+        }
     }
 }
 

@@ -307,21 +307,11 @@ fn classify(connection: &str, e: &rusqlite::Error) -> ActionError {
                 "{text} (SQLite {:?}, extended code {})",
                 failure.code, failure.extended_code
             );
-            if matches!(
+            let busy = matches!(
                 failure.code,
                 ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked
-            ) {
-                ActionError::Retryable {
-                    message,
-                    status: None,
-                    retry_after: None,
-                }
-            } else {
-                ActionError::Permanent {
-                    message,
-                    status: None,
-                }
-            }
+            );
+            super::database_error(message, busy)
         }
         other => ActionError::Permanent {
             message: format!("connection `{connection}`: {other}"),
