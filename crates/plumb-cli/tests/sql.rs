@@ -740,3 +740,27 @@ async fn a_wrong_mysql_password_kept_as_a_secret_never_shows() {
     );
     assert_never_shows(&project, &out, canary).await;
 }
+
+/// On SQLite `$N` is a name numbered by first appearance: a statement whose
+/// `$2` comes before `$1` would bind the values swapped, so it is refused
+/// with the fix; a SQLite connection is a file, never a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_refuses_placeholders_that_would_bind_out_of_order() {
+    let project = Project::new("connections:\n  db:\n    sqlite: { url: 'sqlite://w.db' }\n");
+    project.workflow(
+        "swap",
+        "name: swap\nowner: qa@example.com\ndescription: d\nsteps:\n  - id: t\n    sql: { connection: db, query: 'CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT)' }\n  - id: i\n    sql: { connection: db, query: 'INSERT INTO t (a, id) VALUES ($2, $1)', params: [1, x] }\n",
+    );
+    let out = project.run(&["run", "swap"]).await;
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("write `?N`"), "{out}");
+    let bad = Project::new("connections:\n  db:\n    sqlite: { url: { secret: file } }\n");
+    let check = bad.run(&["check"]).await;
+    assert_eq!(check.code, Some(1), "{check}");
+    assert!(
+        check
+            .stderr
+            .contains("a SQLite database is a file, not a secret"),
+        "{check}"
+    );
+}

@@ -442,21 +442,19 @@ impl Engine {
         deadline: Option<std::time::Instant>,
     ) -> Result<String, EngineError> {
         let dedupe = self.dedupe_key(workflow, &trigger).await;
-        let record_key = self.trigger_record_key(workflow, &trigger).await;
         let mut run = self.new_run(workflow, trigger, None).await?;
         run.deadline = deadline;
         run.dedupe = dedupe;
         let created = self.store.create_run(&run).await;
-        if let Some(key) = record_key {
-            let noted = match &created {
-                Ok(()) => Some((run.id.as_str(), "accepted")),
+        // Only a workflow with a `record_key` pays for the copy.
+        if workflow.record_key.is_some() {
+            match &created {
+                Ok(()) => self.index_acceptance(workflow, run.trigger.clone(), &run.id, "accepted"),
                 // Indexed under the run the first delivery started.
-                Err(StoreError::Duplicate { run_id }) => Some((run_id.as_str(), "dedupe_hit")),
-                Err(_) => None,
-            };
-            if let Some((run_id, event)) = noted {
-                self.note_lineage(vec![lineage::entry(&key, &workflow.name, run_id, event)])
-                    .await;
+                Err(StoreError::Duplicate { run_id }) => {
+                    self.index_acceptance(workflow, run.trigger.clone(), run_id, "dedupe_hit");
+                }
+                Err(_) => {}
             }
         }
         created?;
@@ -519,10 +517,9 @@ impl Engine {
         workflow: &Workflow,
         trigger: Value,
     ) -> Result<Run, EngineError> {
-        let record_key = self.trigger_record_key(workflow, &trigger).await;
         let run = self.new_run(workflow, trigger, Some(self.lease())).await?;
         self.store.create_run(&run).await?;
-        if let Some(key) = record_key {
+        if let Some(key) = lineage::trigger_record_key(workflow, &run.trigger).await {
             self.note_lineage(vec![lineage::entry(
                 &key,
                 &workflow.name,
@@ -803,14 +800,12 @@ impl Engine {
             observer,
             stop.clone(),
         );
-        if workflow.record_key.is_some() {
-            match self.store.run_record_keys(&run_id).await {
-                Ok(keys) => execution.run_keys = keys,
-                Err(e) => {
-                    tracing::warn!(run_id = %run_id, error = %e, "Could not read the run's record keys; its steps are not indexed for lineage.");
-                }
-            }
-        }
+        // Evaluated over the stored trigger, as at acceptance: never waits
+        // for the acceptance's own index write.
+        execution.run_keys = lineage::trigger_record_key(&workflow, &execution.run.trigger)
+            .await
+            .into_iter()
+            .collect();
         let mut result = execution.run_all().await.map(|()| None);
         if matches!(result, Ok(None)) && workflow.cursor.is_some() {
             result = execution.cursor_move().await.map(Some);

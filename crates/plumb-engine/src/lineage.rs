@@ -51,32 +51,60 @@ pub(crate) fn entry(record_key: &str, workflow: &str, run_id: &str, event: &str)
     }
 }
 
+/// The record a stored (already redacted) trigger document names under
+/// `workflow`'s `record_key`. The acceptance, the executor and the run's
+/// end all evaluate it over the same stored document, so they agree, and
+/// none of them waits for another's index write.
+pub(crate) async fn trigger_record_key(workflow: &Workflow, trigger: &Value) -> Option<String> {
+    let template = workflow.record_key.clone()?;
+    let context = plumb_core::expr::json_to_val(&serde_json::json!({ "trigger": trigger }));
+    let evaluated = crate::eval::evaluate_within(EVAL_TIMEOUT, EVAL_TIMEOUT, move |budget| {
+        template.render(&context, budget)
+    })
+    .await;
+    match evaluated {
+        Ok(value) => key_text(&value),
+        Err(e) => {
+            tracing::warn!(workflow = %workflow.name, error = %e.message, "The record key could not be evaluated; the run is not indexed for lineage.");
+            None
+        }
+    }
+}
+
 impl Engine {
-    /// The record a trigger document is about, when the workflow names one.
-    pub(crate) async fn trigger_record_key(
+    /// Indexes a run just committed (`accepted`), or a delivery that
+    /// matched the run `run_id` by its dedupe key (`dedupe_hit`), in the
+    /// background: an intake path never waits for the index (a webhook is
+    /// answered as soon as its run is durable).
+    pub(crate) fn index_acceptance(
         &self,
         workflow: &Workflow,
-        trigger: &Value,
-    ) -> Option<String> {
-        let template = workflow.record_key.clone()?;
-        let context = plumb_core::expr::json_to_val(&serde_json::json!({ "trigger": trigger }));
-        let evaluated = crate::eval::evaluate_within(EVAL_TIMEOUT, EVAL_TIMEOUT, move |budget| {
-            template.render(&context, budget)
-        })
-        .await;
-        match evaluated {
-            Ok(value) => {
-                let key = key_text(&value);
-                if key.is_none() {
-                    tracing::debug!(workflow = %workflow.name, "The record key is null, empty or too long for this event; it is not indexed.");
-                }
-                key.map(|k| self.redact(&k))
-            }
-            Err(e) => {
-                tracing::warn!(workflow = %workflow.name, error = %self.redact(&e.message), "The record key could not be evaluated; the run is not indexed for lineage.");
-                None
-            }
+        trigger: Value,
+        run_id: &str,
+        event: &'static str,
+    ) {
+        if workflow.record_key.is_none() {
+            return;
         }
+        let Some(workflow) = self.project().workflow(&workflow.name).cloned() else {
+            return;
+        };
+        let (store, run_id) = (std::sync::Arc::clone(&self.store), run_id.to_owned());
+        // The moment of the event, not of its index write.
+        let at = plumb_store::now_ms();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Some(key) = trigger_record_key(&workflow, &trigger).await {
+                let mut accepted = entry(&key, &workflow.name, &run_id, event);
+                accepted.at = at;
+                let entries = [accepted];
+                if let Err(e) = store.record_lineage(&entries).await {
+                    tracing::warn!(error = %e, "Could not index lineage events.");
+                }
+            }
+        });
     }
 
     /// Appends lineage events; a failure is logged (the index is not the
@@ -106,13 +134,21 @@ impl Engine {
         if !named {
             return;
         }
-        let keys = match self.store.run_record_keys(run_id).await {
-            Ok(keys) => keys,
+        let Some(definition) = self.project().workflow(workflow).cloned() else {
+            return;
+        };
+        let trigger = match self.store.run(run_id).await {
+            Ok(Some(run)) => run.trigger,
+            Ok(None) => return,
             Err(e) => {
-                tracing::warn!(run_id, error = %e, "Could not read the run's record keys; its end is not indexed for lineage.");
+                tracing::warn!(run_id, error = %e, "Could not read the run; its end is not indexed for lineage.");
                 return;
             }
         };
+        let keys: Vec<String> = trigger_record_key(&definition, &trigger)
+            .await
+            .into_iter()
+            .collect();
         let (event, detail) = match outcome {
             RunOutcome::Succeeded | RunOutcome::SucceededMovingCursor(_) => ("succeeded", None),
             RunOutcome::Failed(f) => (

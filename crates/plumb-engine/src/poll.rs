@@ -158,18 +158,9 @@ async fn poll_once(
         Ok(commit) => {
             let committed = engine.store.commit_poll(&commit).await;
             if matches!(committed, Ok(PollCommitted::Committed)) && workflow.record_key.is_some() {
-                let mut entries = Vec::new();
                 for run in &commit.runs {
-                    if let Some(key) = engine.trigger_record_key(workflow, &run.trigger).await {
-                        entries.push(crate::lineage::entry(
-                            &key,
-                            &workflow.name,
-                            &run.id,
-                            "accepted",
-                        ));
-                    }
+                    engine.index_acceptance(workflow, run.trigger.clone(), &run.id, "accepted");
                 }
-                engine.note_lineage(entries).await;
             }
             committed.map(|c| (c, commit.runs.len()))
         }

@@ -61,14 +61,27 @@ pub async fn run_purge(engine: Arc<Engine>, shutdown: CancellationToken) {
     }
 }
 
+/// How much longer than the runs that wrote them effect records are kept:
+/// a dead letter is kept `retention.runs` after it *ended*, and a replay
+/// reads the records its steps wrote before that.
+const EFFECTS_MARGIN: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Deletes the records `exactly_once` connections keep in their target
-/// databases once every workflow's runs that may have written them are
-/// past retention (the longest retention of the workflows using the
-/// connection). A database that cannot be reached is logged and tried at
-/// the next pass; it never holds up the store's own purge.
-async fn purge_effects(engine: &Engine, project: &plumb_core::Project, now: i64) {
+/// databases once every run that may read them is gone: older than the
+/// longest `retention.runs` of the workflows using the connection (at
+/// least the project default) plus [`EFFECTS_MARGIN`]. A database that
+/// cannot be reached is logged and tried at the next pass.
+async fn purge_effects(
+    engine: &Engine,
+    project: &plumb_core::Project,
+    now: i64,
+    stop: Option<&CancellationToken>,
+) {
     use plumb_core::model::{Action, Connection};
     for (name, connection) in &project.config.connections {
+        if stop.is_some_and(CancellationToken::is_cancelled) {
+            return;
+        }
         let Connection::Sql(sql) = connection else {
             continue;
         };
@@ -79,14 +92,15 @@ async fn purge_effects(engine: &Engine, project: &plumb_core::Project, now: i64)
             .workflows
             .iter()
             .filter(|w| {
-                w.steps
+                w.all_steps()
                     .iter()
                     .any(|s| matches!(&s.action, Action::Sql(a) if a.connection == *name))
             })
             .map(|w| w.retention.runs)
             .max()
             .unwrap_or(project.config.defaults.retention.runs)
-            .max(project.config.defaults.retention.runs);
+            .max(project.config.defaults.retention.runs)
+            .saturating_add(EFFECTS_MARGIN);
         let before = now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
         let Some(before) = chrono::DateTime::from_timestamp_millis(before) else {
             continue;
@@ -160,7 +174,6 @@ pub async fn purge_once(
         }
         tokio::time::sleep(PAUSE).await;
     }
-    purge_effects(engine, &project, now).await;
     // One position for the whole pass: each batch starts where the last
     // one of its workflow ended.
     let mut position = PurgePosition::default();
@@ -187,5 +200,8 @@ pub async fn purge_once(
             tokio::time::sleep(PAUSE).await;
         }
     }
+    // Last: the target databases may be slow or down, and the store's own
+    // purge does not wait for them.
+    purge_effects(engine, &project, now, stop).await;
     Ok(total)
 }

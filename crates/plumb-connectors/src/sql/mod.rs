@@ -132,6 +132,11 @@ impl SqlPools {
         };
         let prefix = format!("{}:", target.connection);
         pools.retain(|k, _| !k.starts_with(&prefix));
+        // A new URL may be another database: its effects table is not
+        // known to exist.
+        if let Ok(mut tables) = self.tables.lock() {
+            tables.retain(|k| !k.starts_with(&prefix));
+        }
         pools.insert(key, pool.clone());
         Ok(pool)
     }
@@ -272,8 +277,9 @@ impl SqlPools {
 impl SqlPools {
     /// Deletes the `exactly_once` records of `table` committed before
     /// `before` (the retention job), a batch at a time; how many went.
-    /// Only a run resumed after a crash reads its records, and none is
-    /// resumed after its retention, so nothing kept needs them.
+    /// Records are read by a run resumed after a crash or replayed from
+    /// the dead-letter list; the caller keeps them longer than the runs
+    /// that wrote them are kept.
     ///
     /// # Errors
     ///
@@ -511,7 +517,20 @@ where
     if let (Some(effect), false) = (work.effect, created) {
         let ddl = sqlx::AssertSqlSafe(DB::effects_ddl(effect.table));
         match sqlx::query::<DB>(ddl).execute(pool).await {
-            Err(e) if !DB::already_exists(&e) => return Err(db(None)(e)),
+            Err(e) if !DB::already_exists(&e) => {
+                // A user without CREATE rights is refused even when the
+                // table exists (PostgreSQL and MySQL check the privilege
+                // first): a table created beforehand, as the README
+                // offers, is used as it is.
+                let probe = format!("SELECT 1 FROM {} WHERE 1 = 0", effect.table);
+                if sqlx::query::<DB>(sqlx::AssertSqlSafe(probe))
+                    .execute(pool)
+                    .await
+                    .is_err()
+                {
+                    return Err(db(None)(e));
+                }
+            }
             _ => {}
         }
     }

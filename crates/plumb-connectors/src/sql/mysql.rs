@@ -108,11 +108,15 @@ impl Dialect for MySql {
         (shown, retryable)
     }
 
+    /// Keys are ASCII (run ids, step ids, item numbers) and compared byte
+    /// for byte: step ids are case-sensitive. InnoDB, so the record rolls
+    /// back with the write; `datetime` in the UTC session (no 2038 limit).
     fn effects_ddl(table: &str) -> String {
         format!(
-            "CREATE TABLE IF NOT EXISTS {table} (`key` varchar(512) NOT NULL PRIMARY KEY, \
+            "CREATE TABLE IF NOT EXISTS {table} (\
+             `key` varchar(512) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY, \
              run_id varchar(64) NOT NULL, step_id varchar(255) NOT NULL, output longtext, \
-             committed_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
+             committed_at datetime(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE=InnoDB"
         )
     }
 
@@ -151,7 +155,7 @@ fn read(row: &MySqlRow, i: usize, ty: &str) -> Option<Result<Value, sqlx::Error>
     Some(match ty {
         "NULL" => Ok(Value::Null),
         "BOOLEAN" => get::<bool, _>(row, i, Value::Bool),
-        "TINYINT" | "SMALLINT" | "INT" | "MEDIUMINT" | "BIGINT" | "YEAR" => {
+        "TINYINT" | "SMALLINT" | "INT" | "MEDIUMINT" | "BIGINT" => {
             get::<i64, _>(row, i, Value::from)
         }
         "TINYINT UNSIGNED" | "SMALLINT UNSIGNED" | "INT UNSIGNED" | "MEDIUMINT UNSIGNED"
@@ -163,10 +167,15 @@ fn read(row: &MySqlRow, i: usize, ty: &str) -> Option<Result<Value, sqlx::Error>
         "CHAR" | "VARCHAR" | "TINYTEXT" | "TEXT" | "MEDIUMTEXT" | "LONGTEXT" | "ENUM" | "SET" => {
             get::<String, _>(row, i, Value::String)
         }
-        "JSON" => get::<Vec<u8>, _>(row, i, |b| {
-            serde_json::from_slice(&b)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()))
-        }),
+        // sqlx-mysql decodes no Rust type from a JSON column but its own
+        // `Json<T>` (behind a feature that pulls in sqlx-sqlite): the bytes
+        // are the JSON text, read without the type check.
+        "JSON" => row
+            .try_get_unchecked::<Option<Vec<u8>>, _>(i)
+            .and_then(|v| match v {
+                None => Ok(Value::Null),
+                Some(b) => serde_json::from_slice(&b).map_err(|e| sqlx::Error::Decode(Box::new(e))),
+            }),
         // TIMESTAMP is stored in UTC and the session is UTC.
         "TIMESTAMP" => get::<chrono::DateTime<chrono::Utc>, _>(row, i, |t| {
             Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))

@@ -207,6 +207,9 @@ fn run(
     }
     let output = if batch {
         let mut stmt = tx.prepare_cached(query).map_err(whole)?;
+        if let Some(wrong) = misnumbered(&stmt) {
+            return Ok(Err(wrong.into()));
+        }
         let mut affected = 0_u64;
         for (index, params) in statements.iter().enumerate() {
             let n = stmt
@@ -218,6 +221,9 @@ fn run(
     } else {
         let params = statements.first().map(Vec::as_slice).unwrap_or_default();
         let mut stmt = tx.prepare(query).map_err(whole)?;
+        if let Some(wrong) = misnumbered(&stmt) {
+            return Ok(Err(wrong.into()));
+        }
         let readonly = stmt.readonly();
         let columns: Vec<(String, Option<String>)> = stmt
             .columns()
@@ -269,6 +275,29 @@ fn run(
     Ok(Ok(output))
 }
 
+/// SQLite numbers `?N` by N, but `$N` (and `:N`, `@N`) are *names*,
+/// numbered in order of first appearance: `SET a = $2 WHERE id = $1` would
+/// bind the values swapped. Such a statement is refused with the fix.
+fn misnumbered(stmt: &rusqlite::Statement<'_>) -> Option<ActionError> {
+    for i in 1..=stmt.parameter_count() {
+        let Some(name) = stmt.parameter_name(i) else {
+            continue;
+        };
+        let named_number = name
+            .strip_prefix(['$', ':', '@'])
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+        if named_number && name[1..] != i.to_string() {
+            return Some(ActionError::Permanent {
+                message: format!(
+                    "placeholder `{name}` is bound as parameter {i} by SQLite (`$N` is a name, numbered in order of appearance): write `?N` (`?1, ?2`) on SQLite"
+                ),
+                status: None,
+            });
+        }
+    }
+    None
+}
+
 fn bind(value: &Value) -> Sql {
     match value {
         Value::Null => Sql::Null,
@@ -307,9 +336,13 @@ fn classify(connection: &str, e: &rusqlite::Error) -> ActionError {
                 "{text} (SQLite {:?}, extended code {})",
                 failure.code, failure.extended_code
             );
+            // Interrupted: a step given up on (its timeout) may interrupt
+            // the statement that follows it on the connection.
             let busy = matches!(
                 failure.code,
-                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked
+                ErrorCode::DatabaseBusy
+                    | ErrorCode::DatabaseLocked
+                    | ErrorCode::OperationInterrupted
             );
             super::database_error(message, busy)
         }

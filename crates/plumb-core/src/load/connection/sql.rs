@@ -79,6 +79,14 @@ pub(super) fn check(
     let spec: SqlSpec = cx.deserialize(raw, path)?;
     let url_path = path.key("url");
     let url = match &spec.url {
+        Value::Object(_) if dialect.driver == SqlDriver::Sqlite => {
+            cx.error_at_value(&url_path, "a SQLite database is a file, not a secret")
+                .help = Some(format!(
+                "write `url: {}` (relative to the project)",
+                dialect.example
+            ));
+            return None;
+        }
         Value::String(text) if dialect.driver == SqlDriver::Sqlite => {
             let file = text
                 .strip_prefix("sqlite://")

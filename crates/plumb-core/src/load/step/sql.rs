@@ -73,7 +73,7 @@ fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
             "`query` holds an expression: values reach the database only as bind parameters",
         )
         .help = Some(
-            "use params: write `$1` in the query and `params: [\"${{ … }}\"]`; a value pasted into SQL text is how injections happen".into(),
+            "use params: write a placeholder in the query (`$1` on PostgreSQL, `?` on MySQL, `?1` on SQLite) and `params: [\"${{ … }}\"]`; a value pasted into SQL text is how injections happen".into(),
         );
     }
     if spec.query.trim().is_empty() {
