@@ -8,6 +8,7 @@
 //! values, never workflow files, expressions or the store.
 
 pub mod http;
+pub mod redis;
 pub mod sql;
 
 use std::time::Duration;

@@ -199,6 +199,8 @@ pub enum Connection {
     Http(HttpConnection),
     /// A SQL database.
     Sql(SqlConnection),
+    /// A Redis server (`publish` to streams).
+    Redis(RedisConnection),
 }
 
 impl Connection {
@@ -208,6 +210,7 @@ impl Connection {
         match self {
             Self::Http(_) => "http",
             Self::Sql(s) => s.driver.name(),
+            Self::Redis(_) => "redis",
         }
     }
 
@@ -216,17 +219,37 @@ impl Connection {
     pub fn secrets(&self) -> Vec<&str> {
         match self {
             Self::Http(h) => h.auth.iter().map(HttpAuth::secret).collect(),
-            Self::Sql(s) => {
-                let mut names = Vec::new();
-                if let SqlUrl::Secret(name) = &s.url {
-                    names.push(name.as_str());
-                }
-                names.extend(s.password.as_deref());
-                names
-            }
+            Self::Sql(s) => url_secrets(&s.url, s.password.as_deref()),
+            Self::Redis(r) => url_secrets(&r.url, r.password.as_deref()),
         }
     }
 }
+
+/// The secrets of a URL kept as a secret, and of a password.
+fn url_secrets<'a>(url: &'a SqlUrl, password: Option<&'a str>) -> Vec<&'a str> {
+    let mut names = Vec::new();
+    if let SqlUrl::Secret(name) = url {
+        names.push(name.as_str());
+    }
+    names.extend(password);
+    names
+}
+
+/// A Redis connection: opened on first use, bound to the host its URL
+/// names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisConnection {
+    /// Where: a URL without a password, or a secret holding the whole URL.
+    pub url: SqlUrl,
+    /// The secret holding the password, for a URL written without one.
+    pub password: Option<String>,
+    /// Timeout of one command (and of connecting).
+    pub timeout: Option<Duration>,
+}
+
+/// The header (stream field) every published message carries its
+/// idempotency key in.
+pub const IDEMPOTENCY_FIELD: &str = "plumb-idempotency-key";
 
 /// A SQL database connection: a pool opened on first use, bound to the
 /// host its URL names.
@@ -748,7 +771,10 @@ impl Step {
     /// an attempt invisible.
     #[must_use]
     pub fn has_effects(&self) -> bool {
-        matches!(self.action, Action::Http(_) | Action::Sql(_))
+        matches!(
+            self.action,
+            Action::Http(_) | Action::Sql(_) | Action::Publish(_)
+        )
     }
 
     /// The step's `paginate:`, if it fetches pages.
@@ -777,6 +803,8 @@ pub enum Action {
     Http(HttpAction),
     /// Run a statement on a SQL connection.
     Sql(SqlAction),
+    /// Send one message to a broker.
+    Publish(PublishAction),
     /// Transform with jq.
     Jq(Program),
     /// Branch.
@@ -799,6 +827,7 @@ impl Action {
         match self {
             Self::Http(_) => "http",
             Self::Sql(_) => "sql",
+            Self::Publish(_) => "publish",
             Self::Jq(_) => "jq",
             Self::If(_) => "if",
             Self::Sleep(_) => "sleep",
@@ -849,6 +878,19 @@ pub struct WorkflowCursor {
     pub template: Template,
     /// The step outputs it may read.
     pub reads: crate::expr::StepsRead,
+}
+
+/// A `publish` step: one message to a broker.
+#[derive(Clone, Debug)]
+pub struct PublishAction {
+    /// The broker connection.
+    pub connection: String,
+    /// Where (a Redis stream).
+    pub to: Template,
+    /// The message, sent as JSON text.
+    pub body: Template,
+    /// Extra headers (stream fields).
+    pub headers: Vec<(String, Template)>,
 }
 
 /// A `sql` step: one statement, values only as bind parameters.

@@ -139,6 +139,8 @@ pub struct Engine {
     pub(crate) http: HttpClient,
     /// Database pools of `sql` steps, opened on first use.
     pub(crate) sql: plumb_connectors::sql::SqlPools,
+    /// Redis connections of `publish` steps, opened on first use.
+    pub(crate) redis: plumb_connectors::redis::RedisClients,
     project: RwLock<Arc<Project>>,
     pub(crate) owner: Owner,
     lease: Duration,
@@ -198,6 +200,7 @@ impl Engine {
             store,
             http: HttpClient::new()?,
             sql: plumb_connectors::sql::SqlPools::default(),
+            redis: plumb_connectors::redis::RedisClients::default(),
             lease: project.config.serve.lease,
             project: RwLock::new(project),
             owner: Owner::this_process(role),
@@ -242,11 +245,13 @@ impl Engine {
         }
         // Database connections may have changed: pools reopen on next use.
         self.sql.reset();
+        self.redis.reset();
     }
 
     /// Closes the database pools of `sql` steps (at shutdown).
     pub async fn close_pools(&self) {
         self.sql.close().await;
+        self.redis.reset();
     }
 
     /// Sets the master key (or why there is none) used to open secrets.

@@ -105,7 +105,8 @@ async fn purge_effects(
         let Some(before) = chrono::DateTime::from_timestamp_millis(before) else {
             continue;
         };
-        let url = match crate::exec::connection_url(engine, name, sql) {
+        let url = match crate::exec::connection_url(engine, name, &sql.url, sql.password.as_deref())
+        {
             Ok(url) => url,
             Err(e) => {
                 tracing::warn!(connection = %name, error = %engine.redact(&e.to_string()), "Retention cannot reach an exactly_once connection's effects table.");

@@ -186,8 +186,14 @@ pub async fn load(
             }
             // A database URL kept as a secret holds a password of its own: a
             // driver error quoting only the password is caught too.
-            plumb_core::model::Connection::Sql(sql) => {
-                if let plumb_core::model::SqlUrl::Secret(secret) = &sql.url
+            plumb_core::model::Connection::Sql(plumb_core::model::SqlConnection {
+                url, ..
+            })
+            | plumb_core::model::Connection::Redis(plumb_core::model::RedisConnection {
+                url,
+                ..
+            }) => {
+                if let plumb_core::model::SqlUrl::Secret(secret) = url
                     && let Some(value) = values.get(secret)
                     && let Ok(url) = url::Url::parse(value.expose())
                     && let Some(password) = url.password()

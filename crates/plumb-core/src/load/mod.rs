@@ -1375,6 +1375,13 @@ fn step_programs(step: &Step) -> Vec<&Program> {
                 out.extend(b.programs());
             }
         }
+        Action::Publish(p) => {
+            out.extend(p.to.programs());
+            out.extend(p.body.programs());
+            for (_, t) in &p.headers {
+                out.extend(t.programs());
+            }
+        }
         Action::Jq(p) => out.push(p),
         Action::If(b) => out.extend(b.condition.programs()),
         Action::Sleep(t) => out.extend(t.programs()),
@@ -2041,12 +2048,12 @@ mod tests {
     fn kinds_from_spec_not_built_yet_are_named_so() {
         let err = load_config(&SourceFile {
             path: "plumb.yaml".into(),
-            text: "connections:\n  warehouse:\n    redis: { url: { secret: warehouse_dsn } }\n  crm:\n    htp: { base_url: 'https://x.example' }\n".into(),
+            text: "connections:\n  warehouse:\n    amqp: { url: { secret: warehouse_dsn } }\n  crm:\n    htp: { base_url: 'https://x.example' }\n".into(),
         })
-        .expect_err("no redis yet, and a typo");
+        .expect_err("no amqp yet, and a typo");
         let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
         assert!(
-            messages.contains(&"`redis` connections are not available in this version of plumb"),
+            messages.contains(&"`amqp` connections are not available in this version of plumb"),
             "{messages:?}"
         );
         assert!(messages.contains(&"unknown field `htp`"), "{messages:?}");
@@ -2056,16 +2063,16 @@ mod tests {
                 .any(|d| d.help.as_deref() == Some("did you mean `http`?"))
         );
         let err = workflow(&format!(
-            "{HEAD}trigger: {{ queue: {{ connection: q }} }}\nsteps:\n  - id: a\n    publish: {{ connection: w, to: q }}\n"
+            "{HEAD}trigger: {{ queue: {{ connection: q }} }}\nsteps:\n  - id: a\n    workflow: {{ name: other }}\n"
         ))
-        .expect_err("no queue triggers or publish steps yet");
+        .expect_err("no queue triggers or workflow steps yet");
         let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
         assert!(
             messages.contains(&"`queue` triggers are not available in this version of plumb"),
             "{messages:?}"
         );
         assert!(
-            messages.contains(&"`publish` steps are not available in this version of plumb"),
+            messages.contains(&"`workflow` steps are not available in this version of plumb"),
             "{messages:?}"
         );
     }

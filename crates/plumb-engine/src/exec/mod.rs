@@ -867,6 +867,14 @@ fn effect_of(step: &Step, outcome: &Outcome) -> Option<String> {
                 if again { " (already committed)" } else { "" }
             ))
         }
+        Action::Publish(_) => {
+            let id = outcome.output.get("id").and_then(Value::as_str)?;
+            let again = outcome.output.get("already_published") == Some(&Value::Bool(true));
+            Some(format!(
+                "entry {id}{}",
+                if again { " (already published)" } else { "" }
+            ))
+        }
         _ => None,
     }
 }

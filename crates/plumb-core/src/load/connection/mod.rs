@@ -12,6 +12,7 @@ use crate::yaml::FieldPath;
 mod http;
 mod mysql;
 mod postgres;
+mod redis;
 mod sql;
 mod sqlite;
 
@@ -25,10 +26,16 @@ pub(super) struct ConnectionKind {
 }
 
 /// Every connection kind this version has.
-const KINDS: &[ConnectionKind] = &[http::KIND, postgres::KIND, mysql::KIND, sqlite::KIND];
+const KINDS: &[ConnectionKind] = &[
+    http::KIND,
+    postgres::KIND,
+    mysql::KIND,
+    sqlite::KIND,
+    redis::KIND,
+];
 
 /// Kinds SPEC describes that are not built yet: named so, not "unknown".
-const PLANNED: &[&str] = &["redis", "amqp", "mqtt", "nats", "smtp"];
+const PLANNED: &[&str] = &["amqp", "mqtt", "nats", "smtp"];
 
 impl Checker<'_> {
     /// `connections.<name>`: exactly one kind.

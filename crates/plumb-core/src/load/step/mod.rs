@@ -19,6 +19,7 @@ mod assert;
 mod branch;
 pub(in crate::load) mod http;
 mod jq;
+mod publish;
 mod sleep;
 mod sql;
 
@@ -70,6 +71,7 @@ impl Checked {
 const KINDS: &[StepKind] = &[
     http::KIND,
     sql::KIND,
+    publish::KIND,
     jq::KIND,
     branch::KIND,
     sleep::KIND,
@@ -77,7 +79,7 @@ const KINDS: &[StepKind] = &[
 ];
 
 /// Kinds SPEC describes that are not built yet.
-const PLANNED: &[&str] = &["publish", "workflow"];
+const PLANNED: &[&str] = &["workflow"];
 
 /// What every step may have, whatever its kind.
 #[derive(Debug, Deserialize)]

@@ -16,6 +16,7 @@ mod for_each;
 mod http;
 mod jq;
 mod paginate;
+mod publish;
 mod sleep;
 pub(crate) mod sql;
 
@@ -49,6 +50,7 @@ impl Execution<'_> {
         match &step.action {
             Action::Http(http) => self.perform_http(step, http, context, key).await,
             Action::Sql(sql) => self.perform_sql(step, sql, context, key).await,
+            Action::Publish(p) => self.perform_publish(step, p, context, key).await,
             Action::Jq(program) => jq::perform(program, context, step.timeout).await,
             Action::Assert { condition, message } => {
                 assert::perform(condition, message.as_ref(), context, step.timeout).await

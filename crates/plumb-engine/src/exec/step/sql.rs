@@ -5,7 +5,7 @@
 use jaq_json::Val;
 use plumb_connectors::ActionError;
 use plumb_connectors::sql::{Effect, Target};
-use plumb_core::model::{Connection, SqlAction, SqlConnection, SqlUrl, Step};
+use plumb_core::model::{Connection, SqlAction, SqlUrl, Step};
 
 use super::super::context::permanent_eval;
 use super::super::{Execution, Outcome};
@@ -76,7 +76,12 @@ impl Execution<'_> {
         })
         .await
         .map_err(permanent_eval)?;
-        let url = connection_url(self.engine, &sql.connection, connection)?;
+        let url = connection_url(
+            self.engine,
+            &sql.connection,
+            &connection.url,
+            connection.password.as_deref(),
+        )?;
         let target = Target {
             connection: &sql.connection,
             driver: connection.driver,
@@ -106,12 +111,13 @@ impl Execution<'_> {
     }
 }
 
-/// The URL of database connection `name`, its password put in from the
-/// secrets (never shown); for SQLite, the file's path.
+/// The URL of connection `name` (a database or a broker), its password put
+/// in from the secrets (never shown); for SQLite, the file's path.
 pub(crate) fn connection_url(
     engine: &crate::Engine,
     name: &str,
-    connection: &SqlConnection,
+    url: &SqlUrl,
+    password: Option<&str>,
 ) -> Result<String, ActionError> {
     let secrets = engine.secrets();
     let missing = |secret: &str| ActionError::Permanent {
@@ -120,7 +126,7 @@ pub(crate) fn connection_url(
         ),
         status: None,
     };
-    let mut url = match &connection.url {
+    let mut url = match url {
         // Made absolute when the project loaded.
         SqlUrl::File(file) => return Ok(file.display().to_string()),
         SqlUrl::Literal(url) => url.clone(),
@@ -134,7 +140,7 @@ pub(crate) fn connection_url(
             })?
         }
     };
-    if let Some(secret) = &connection.password {
+    if let Some(secret) = password {
         let value = secrets.get(secret).ok_or_else(|| missing(secret))?;
         if url.set_password(Some(value.expose())).is_err() {
             return Err(ActionError::Permanent {
