@@ -5,11 +5,10 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use url::Url;
 
 use super::ConnectionKind;
 use crate::load::Checker;
-use crate::model::{Connection, RedisConnection, SqlUrl};
+use crate::model::{Connection, RedisConnection};
 use crate::spec::{Dur, SecretRef};
 use crate::yaml::FieldPath;
 
@@ -33,35 +32,14 @@ pub struct RedisSpec {
 
 fn check(cx: &mut Checker<'_>, raw: &Value, path: &FieldPath) -> Option<Connection> {
     let spec: RedisSpec = cx.deserialize(raw, path)?;
-    let url_path = path.key("url");
-    let url = match &spec.url {
-        Value::String(text) => {
-            let parsed = match Url::parse(text) {
-                Ok(u) if matches!(u.scheme(), "redis" | "rediss") && u.has_host() => u,
-                _ => {
-                    cx.error_at_value(&url_path, "this is not a Redis URL")
-                        .help = Some("write `redis://HOST:6379/0` (`rediss://` for TLS), or `url: { secret: NAME }` for a URL kept sealed".into());
-                    return None;
-                }
-            };
-            if parsed.password().is_some() {
-                cx.error_at_value(&url_path, "the URL holds a password")
-                    .help = Some("remove it from the URL and write `password: { secret: NAME }` (seal it with `plumb secrets set NAME`), or seal the whole URL and write `url: { secret: NAME }`".into());
-                return None;
-            }
-            SqlUrl::Literal(parsed)
-        }
-        Value::Object(_) => {
-            let secret: SecretRef = cx.deserialize(&spec.url, &url_path)?;
-            cx.secret_name(&secret.secret, &url_path.key("secret"));
-            SqlUrl::Secret(secret.secret)
-        }
-        _ => {
-            cx.error_at_value(&url_path, "`url` is a URL or `{ secret: NAME }`")
-                .help = Some("e.g. `url: redis://cache.internal:6379/0`".into());
-            return None;
-        }
-    };
+    let url = super::sql::url_or_secret(
+        cx,
+        &spec.url,
+        &path.key("url"),
+        "Redis",
+        &["redis", "rediss"],
+        "redis://HOST:6379/0",
+    )?;
     if let Some(p) = &spec.password {
         cx.secret_name(&p.secret, &path.key("password").key("secret"));
     }

@@ -57,6 +57,52 @@ fn is_table_name(name: &str) -> bool {
     }
 }
 
+/// `url:` of a connection that holds credentials: a URL in one of
+/// `schemes` written without a password (a password in it is an error
+/// with the fix, never echoed), or `{ secret: NAME }` holding the whole URL.
+pub(super) fn url_or_secret(
+    cx: &mut Checker<'_>,
+    raw: &Value,
+    url_path: &FieldPath,
+    title: &str,
+    schemes: &[&str],
+    example: &str,
+) -> Option<SqlUrl> {
+    match raw {
+        Value::String(text) => {
+            let parsed = match Url::parse(text) {
+                Ok(u) if schemes.contains(&u.scheme()) && u.has_host() => u,
+                _ => {
+                    cx.error_at_value(url_path, format!("this is not a {title} URL"))
+                        .help = Some(format!(
+                        "write `{example}`, or `url: {{ secret: NAME }}` for a URL kept sealed"
+                    ));
+                    return None;
+                }
+            };
+            if parsed.password().is_some() {
+                // Not echoed: the message names the field, not the value.
+                cx.error_at_value(url_path, "the URL holds a password")
+                    .help = Some(
+                    "remove it from the URL and write `password: { secret: NAME }` (seal it with `plumb secrets set NAME`), or seal the whole URL and write `url: { secret: NAME }`".into(),
+                );
+                return None;
+            }
+            Some(SqlUrl::Literal(parsed))
+        }
+        Value::Object(_) => {
+            let secret: SecretRef = cx.deserialize(raw, url_path)?;
+            cx.secret_name(&secret.secret, &url_path.key("secret"));
+            Some(SqlUrl::Secret(secret.secret))
+        }
+        _ => {
+            cx.error_at_value(url_path, "`url` is a URL or `{ secret: NAME }`")
+                .help = Some(format!("e.g. `url: {example}`"));
+            None
+        }
+    }
+}
+
 /// How one database kind's URLs look.
 pub(super) struct Dialect {
     /// The kind, as written.
@@ -106,38 +152,14 @@ pub(super) fn check(
             }
             SqlUrl::File(file.into())
         }
-        Value::String(text) => {
-            let parsed = match Url::parse(text) {
-                Ok(u) if dialect.schemes.contains(&u.scheme()) && u.has_host() => u,
-                _ => {
-                    cx.error_at_value(&url_path, format!("this is not a {} URL", dialect.title))
-                        .help = Some(format!(
-                        "write `{}`, or `url: {{ secret: NAME }}` for a URL kept sealed",
-                        dialect.example
-                    ));
-                    return None;
-                }
-            };
-            if parsed.password().is_some() {
-                // Not echoed: the message names the field, not the value.
-                cx.error_at_value(&url_path, "the URL holds a password")
-                    .help = Some(
-                    "remove it from the URL and write `password: { secret: NAME }` (seal it with `plumb secrets set NAME`), or seal the whole URL and write `url: { secret: NAME }`".into(),
-                );
-                return None;
-            }
-            SqlUrl::Literal(parsed)
-        }
-        Value::Object(_) => {
-            let secret: SecretRef = cx.deserialize(&spec.url, &url_path)?;
-            cx.secret_name(&secret.secret, &url_path.key("secret"));
-            SqlUrl::Secret(secret.secret)
-        }
-        _ => {
-            cx.error_at_value(&url_path, "`url` is a URL or `{ secret: NAME }`")
-                .help = Some(format!("e.g. `url: {}`", dialect.example));
-            return None;
-        }
+        _ => url_or_secret(
+            cx,
+            &spec.url,
+            &url_path,
+            dialect.title,
+            dialect.schemes,
+            dialect.example,
+        )?,
     };
     if let Some(p) = &spec.password {
         cx.secret_name(&p.secret, &path.key("password").key("secret"));

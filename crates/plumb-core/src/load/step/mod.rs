@@ -325,6 +325,44 @@ impl Checker<'_> {
     }
 }
 
+/// The connection a step names, when `fits` accepts its kind; otherwise
+/// an error at `path` (the step kind's mapping) saying what is wrong:
+/// `wanted` ("a sql step runs on a database connection") and how to define
+/// one (`example`). `None` without a `plumb.yaml` to look in, too.
+fn step_connection(
+    cx: &mut Checker<'_>,
+    name: &str,
+    path: &FieldPath,
+    wanted: &str,
+    example: &str,
+    fits: fn(&crate::model::Connection) -> bool,
+) -> Option<crate::model::Connection> {
+    let config = cx.config?;
+    match config.connections.get(name) {
+        Some(c) if fits(c) => Some(c.clone()),
+        Some(other) => {
+            cx.error_at_value(
+                &path.key("connection"),
+                format!("`{name}` is an {} connection; {wanted}", other.kind()),
+            )
+            .help = Some(format!("define one under `connections:` with {example}"));
+            None
+        }
+        None => {
+            let names: Vec<&str> = config.connections.keys().map(String::as_str).collect();
+            cx.error_at_value(
+                &path.key("connection"),
+                format!("unknown connection `{name}`"),
+            )
+            .help = Some(match super::closest(name, &names) {
+                Some(best) => format!("did you mean `{best}`?"),
+                None => format!("define it under `connections:` in plumb.yaml with {example}"),
+            });
+            None
+        }
+    }
+}
+
 /// "`http:`, `jq:`, `if:`, `sleep:` or `assert:`", from the registry.
 fn kind_list() -> String {
     let names: Vec<String> = KINDS.iter().map(|k| format!("`{}:`", k.name)).collect();

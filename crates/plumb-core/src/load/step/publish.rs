@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{Checked, KindInput, StepKind};
-use crate::load::{Checker, closest};
+use crate::load::Checker;
 use crate::model::{Action, Connection, PublishAction};
 
 pub(super) const KIND: StepKind = StepKind {
@@ -37,34 +37,17 @@ const MAX_HEADERS: usize = 64;
 fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
     let path = input.path.key("publish");
     let spec: PublishSpec = cx.deserialize(input.raw, &path)?;
-    let mut timeout = None;
-    if let Some(config) = cx.config {
-        match config.connections.get(&spec.connection) {
-            Some(Connection::Redis(c)) => timeout = c.timeout,
-            Some(other) => {
-                cx.error_at_value(
-                    &path.key("connection"),
-                    format!(
-                        "`{}` is an {} connection; a publish step sends to a broker connection",
-                        spec.connection,
-                        other.kind()
-                    ),
-                )
-                .help = Some("define one under `connections:` with `redis: { url: … }`".into());
-            }
-            None => {
-                let names: Vec<&str> = config.connections.keys().map(String::as_str).collect();
-                cx.error_at_value(
-                    &path.key("connection"),
-                    format!("unknown connection `{}`", spec.connection),
-                )
-                .help = Some(match closest(&spec.connection, &names) {
-                    Some(best) => format!("did you mean `{best}`?"),
-                    None => "define it under `connections:` in plumb.yaml, e.g. `events: { redis: { url: { secret: redis_url } } }`".to_owned(),
-                });
-            }
-        }
-    }
+    let timeout = match super::step_connection(
+        cx,
+        &spec.connection,
+        &path,
+        "a publish step sends to a broker connection",
+        "`redis: { url: … }`",
+        |c| matches!(c, Connection::Redis(_)),
+    ) {
+        Some(Connection::Redis(c)) => c.timeout,
+        _ => None,
+    };
     if spec.headers.len() > MAX_HEADERS {
         cx.error_at_value(
             &path.key("headers"),

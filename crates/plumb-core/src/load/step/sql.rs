@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{Checked, KindInput, StepKind};
-use crate::load::{Checker, closest};
+use crate::load::Checker;
 use crate::model::{Action, Connection, SqlAction};
 
 pub(super) const KIND: StepKind = StepKind {
@@ -39,34 +39,17 @@ const MAX_PARAMS: usize = 1000;
 fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
     let path = input.path.key("sql");
     let spec: SqlStepSpec = cx.deserialize(input.raw, &path)?;
-    let mut timeout = None;
-    if let Some(config) = cx.config {
-        match config.connections.get(&spec.connection) {
-            Some(Connection::Sql(c)) => timeout = c.timeout,
-            Some(other) => {
-                cx.error_at_value(
-                    &path.key("connection"),
-                    format!(
-                        "`{}` is an {} connection; a sql step runs on a database connection",
-                        spec.connection,
-                        other.kind()
-                    ),
-                )
-                .help = Some("define one under `connections:` with `postgres: { url: … }`".into());
-            }
-            None => {
-                let names: Vec<&str> = config.connections.keys().map(String::as_str).collect();
-                cx.error_at_value(
-                    &path.key("connection"),
-                    format!("unknown connection `{}`", spec.connection),
-                )
-                .help = Some(match closest(&spec.connection, &names) {
-                    Some(best) => format!("did you mean `{best}`?"),
-                    None => "define it under `connections:` in plumb.yaml, e.g. `warehouse: { postgres: { url: { secret: warehouse_dsn } } }`".to_owned(),
-                });
-            }
-        }
-    }
+    let timeout = match super::step_connection(
+        cx,
+        &spec.connection,
+        &path,
+        "a sql step runs on a database connection",
+        "`postgres: { url: … }` (or `mysql:`, `sqlite:`)",
+        |c| matches!(c, Connection::Sql(_)),
+    ) {
+        Some(Connection::Sql(c)) => c.timeout,
+        _ => None,
+    };
     if spec.query.contains("${{") {
         cx.error_at_value(
             &path.key("query"),
