@@ -52,10 +52,12 @@ async fn each_message_is_added_once_through_sigkill_and_resume() {
     let check = project.run(&["check"]).await;
     assert_eq!(check.code, Some(0), "{check}");
     let mut killed = 0;
+    let mut runs = Vec::new();
     for trial in 0..TRIALS {
         redis(&url, &["DEL", &stream]);
         let started = project.start(&["run", "emit"]).await;
         let run_id = started.run_id.clone();
+        runs.push(run_id.clone());
         let mut child = started.child;
         tokio::time::sleep(std::time::Duration::from_millis(rand::random_range(
             20..400,
@@ -87,6 +89,18 @@ async fn each_message_is_added_once_through_sigkill_and_resume() {
     assert!(first.contains("\"name\":\"order"), "{first}");
     assert!(first.contains("kind"), "{first}");
     redis(&url, &["DEL", &stream]);
+    // The keys' records expire in 7 days; a test does not leave them.
+    for run_id in &runs {
+        redis(
+            &url,
+            &[
+                "EVAL",
+                "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end",
+                "0",
+                &format!("plumb:published:{run_id}:*"),
+            ],
+        );
+    }
 }
 
 #[tokio::test]

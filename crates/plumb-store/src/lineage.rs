@@ -86,6 +86,14 @@ pub(crate) const REPLAYED: &str = "INSERT INTO lineage (id, record_key, workflow
     FROM lineage l JOIN runs r ON r.id = l.run_id \
     WHERE l.run_id = $1 AND l.event = 'accepted' ON CONFLICT (id) DO NOTHING";
 
+/// In a cancellation's transaction: a `cancelled` event (`$2` the actor,
+/// `$3` the reason, `$4` the time) for each record run `$1` was accepted
+/// for.
+pub(crate) const CANCELLED: &str = "INSERT INTO lineage (id, record_key, workflow, run_id, event, detail, at) \
+    SELECT run_id || ':cancelled:' || record_key, record_key, workflow, run_id, 'cancelled', \
+    'cancelled by ' || $2 || ': ' || $3, $4 \
+    FROM lineage WHERE run_id = $1 AND event = 'accepted' ON CONFLICT (id) DO NOTHING";
+
 /// Refuses a key that would not be useful to look up.
 pub(crate) fn check(entries: &[LineageEntry]) -> Result<(), StoreError> {
     for e in entries {

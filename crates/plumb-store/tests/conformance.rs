@@ -2083,6 +2083,14 @@ async fn lineage_lists_a_records_events_in_order_replays_included_and_goes_with_
         .cancel_run("lin-2", "done", "ops@example.com")
         .await
         .expect("cancel");
+    let cancelled = store.trace("ord-2", None, 100).await.expect("trace");
+    assert_eq!(
+        cancelled
+            .last()
+            .map(|e| (e.event.as_str(), e.detail.as_deref())),
+        Some(("cancelled", Some("cancelled by ops@example.com: done"))),
+        "a cancellation is indexed in its own transaction"
+    );
     let mut position = PurgePosition::default();
     store
         .purge(

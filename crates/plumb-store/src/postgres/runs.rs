@@ -968,6 +968,14 @@ impl RunStore for PgStore {
         let result = cancel(&mut tx, id, reason).await?;
         if result == CancelResult::Cancelled {
             append_audit(&mut tx, &entries::run_cancelled(actor, id, reason)).await?;
+            sqlx::query(crate::lineage::CANCELLED)
+                .bind(id)
+                .bind(actor)
+                .bind(reason)
+                .bind(crate::now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
         }
         tx.commit().await.map_err(map_err)?;
         Ok(result)

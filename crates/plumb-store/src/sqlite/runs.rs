@@ -215,6 +215,9 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
             let result = cancel(tx, id, reason)?;
             if result == CancelResult::Cancelled {
                 append_audit(tx, &entries::run_cancelled(actor, id, reason))?;
+                tx.prepare_cached(&crate::lineage::CANCELLED.replace('$', "?"))
+                    .and_then(|mut st| st.execute(params![id, actor, reason, crate::now_ms()]))
+                    .map_err(map_err)?;
             }
             Ok(Done::Cancel(result))
         }
