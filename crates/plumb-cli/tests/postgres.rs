@@ -283,7 +283,7 @@ async fn a_sqlite_store_copied_to_postgres_keeps_secrets_tokens_and_audit_and_re
     project.workflow(
         "slow",
         &format!(
-            "name: slow\n{HEAD}cursor: '${{{{ .steps.first.status }}}}'\ntrigger:\n  webhook: {{ path: slow }}\nsteps:\n  - id: first\n    http: {{ connection: rx, method: POST, path: /ok/first }}\n  - id: second\n    http: {{ connection: rx, method: POST, path: /ok/second, query: {{ delay_ms: 3000 }} }}\n"
+            "name: slow\n{HEAD}cursor: '${{{{ .steps.first.status }}}}'\ntrigger:\n  webhook: {{ path: slow, record_key: '${{{{ .trigger.body.order }}}}' }}\nsteps:\n  - id: first\n    http: {{ connection: rx, method: POST, path: /ok/first }}\n  - id: second\n    http: {{ connection: rx, method: POST, path: /ok/second, query: {{ delay_ms: 3000 }} }}\n"
         ),
     );
     let set = project.set_secret("rx_key", "k-123").await;
@@ -293,7 +293,7 @@ async fn a_sqlite_store_copied_to_postgres_keeps_secrets_tokens_and_audit_and_re
     let server = project.serve(&listen).await;
     let (code, body) = support::post_json(
         &format!("{}/hooks/slow", server.base_url),
-        &serde_json::json!({"x": 1}),
+        &serde_json::json!({"x": 1, "order": "ord-9"}),
     )
     .await;
     assert_eq!(code, 202, "{body}");
@@ -380,6 +380,31 @@ async fn a_sqlite_store_copied_to_postgres_keeps_secrets_tokens_and_audit_and_re
         (cursor["value"].clone(), cursor["version"].clone()),
         (serde_json::json!("set-on-sqlite"), serde_json::json!(1))
     );
+    // The record's lineage came along, and goes on on PostgreSQL.
+    let trace = project.run(&["trace", "ord-9", "--json"]).await;
+    let trace: serde_json::Value = serde_json::from_str(&trace.stdout).expect("json");
+    let events: Vec<String> = trace["events"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .map(|e| {
+                    format!(
+                        "{} {}",
+                        e["event"].as_str().unwrap_or("?"),
+                        e["step_id"].as_str().unwrap_or("-")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for want in [
+        "accepted -",
+        "succeeded first",
+        "succeeded second",
+        "succeeded -",
+    ] {
+        assert!(events.iter().any(|e| e == want), "{want} in {events:?}");
+    }
     server.kill().await;
     db.drop().await;
 }

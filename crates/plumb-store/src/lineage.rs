@@ -68,9 +68,6 @@ pub trait LineageStore: Send + Sync + 'static {
         workflow: Option<&str>,
         limit: u32,
     ) -> Result<Vec<LineageEntry>, StoreError>;
-
-    /// The record keys a run's trigger named (its `accepted` events).
-    async fn run_record_keys(&self, run_id: &str) -> Result<Vec<String>, StoreError>;
 }
 
 /// The columns of `lineage`, in the order the backends read them.

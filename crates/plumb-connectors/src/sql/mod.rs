@@ -379,6 +379,25 @@ fn too_many_rows() -> ActionError {
     }
 }
 
+/// A column whose type a sql step does not read: the fix is a cast
+/// (`cast`, written for the database).
+fn unread_column(name: &str, ty: &str, cast: &str) -> ActionError {
+    ActionError::Permanent {
+        message: format!(
+            "column `{name}` is of type {ty}, which a sql step does not read yet: cast it in the query (`{cast}`)"
+        ),
+        status: None,
+    }
+}
+
+/// A column whose value the driver could not decode.
+fn undecodable_column(name: &str, e: &sqlx::Error) -> ActionError {
+    ActionError::Permanent {
+        message: format!("column `{name}` cannot be read: {e}"),
+        status: None,
+    }
+}
+
 /// Bytes as a column value: base64.
 fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;

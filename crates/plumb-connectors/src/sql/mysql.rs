@@ -74,16 +74,9 @@ impl Dialect for MySql {
                 }
                 name => name,
             };
-            let value = read(row, column.ordinal(), ty).ok_or_else(|| ActionError::Permanent {
-                message: format!(
-                    "column `{name}` is of type {ty}, which a sql step does not read yet: cast it in the query (`CAST({name} AS CHAR)`)"
-                ),
-                status: None,
-            })?;
-            let value = value.map_err(|e| ActionError::Permanent {
-                message: format!("column `{name}` cannot be read: {e}"),
-                status: None,
-            })?;
+            let value = read(row, column.ordinal(), ty)
+                .ok_or_else(|| super::unread_column(name, ty, &format!("CAST({name} AS CHAR)")))?
+                .map_err(|e| super::undecodable_column(name, &e))?;
             out.insert(name.to_owned(), value);
         }
         Ok(Value::Object(out))

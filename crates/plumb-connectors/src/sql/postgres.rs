@@ -202,19 +202,9 @@ fn row_json(row: &PgRow) -> Result<Value, ActionError> {
             "BYTEA" => row
                 .try_get::<Option<Vec<u8>>, _>(i)
                 .map(|v| v.map_or(Value::Null, |b| Value::String(super::base64(&b)))),
-            other => {
-                return Err(ActionError::Permanent {
-                    message: format!(
-                        "column `{name}` is of type {other}, which a sql step does not read yet: cast it in the query (`{name}::text`)"
-                    ),
-                    status: None,
-                });
-            }
+            other => return Err(super::unread_column(name, other, &format!("{name}::text"))),
         };
-        let value = value.map_err(|e| ActionError::Permanent {
-            message: format!("column `{name}` cannot be read: {e}"),
-            status: None,
-        })?;
+        let value = value.map_err(|e| super::undecodable_column(name, &e))?;
         out.insert(name.to_owned(), value);
     }
     Ok(Value::Object(out))

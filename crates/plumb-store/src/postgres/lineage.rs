@@ -89,15 +89,4 @@ impl LineageStore for PgStore {
         entries.reverse();
         Ok(entries)
     }
-
-    async fn run_record_keys(&self, run_id: &str) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(
-            "SELECT DISTINCT record_key FROM lineage WHERE run_id = $1 AND event = 'accepted' \
-             ORDER BY record_key",
-        )
-        .bind(run_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)
-    }
 }

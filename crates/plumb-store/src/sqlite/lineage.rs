@@ -108,17 +108,4 @@ impl LineageStore for SqliteStore {
         })
         .await
     }
-
-    async fn run_record_keys(&self, run_id: &str) -> Result<Vec<String>, StoreError> {
-        let run_id = run_id.to_owned();
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT DISTINCT record_key FROM lineage WHERE run_id = ?1 AND event = 'accepted' \
-                 ORDER BY record_key",
-            )
-            .and_then(|mut st| st.query_map(params![run_id], |r| r.get(0))?.collect())
-            .map_err(map_err)
-        })
-        .await
-    }
 }
