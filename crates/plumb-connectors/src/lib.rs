@@ -7,8 +7,8 @@
 //! schedule: the engine owns all of that. Connectors see only plain request
 //! values, never workflow files, expressions or the store.
 
+pub mod broker;
 pub mod http;
-pub mod redis;
 pub mod sql;
 
 use std::time::Duration;

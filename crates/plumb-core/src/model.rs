@@ -199,8 +199,9 @@ pub enum Connection {
     Http(HttpConnection),
     /// A SQL database.
     Sql(SqlConnection),
-    /// A Redis server (`publish` to streams).
-    Redis(RedisConnection),
+    /// A message broker: `queue` triggers consume from it, `publish` steps
+    /// send to it.
+    Broker(BrokerConnection),
 }
 
 impl Connection {
@@ -210,7 +211,7 @@ impl Connection {
         match self {
             Self::Http(_) => "http",
             Self::Sql(s) => s.driver.name(),
-            Self::Redis(_) => "redis",
+            Self::Broker(b) => b.kind.name(),
         }
     }
 
@@ -220,7 +221,7 @@ impl Connection {
         match self {
             Self::Http(h) => h.auth.iter().map(HttpAuth::secret).collect(),
             Self::Sql(s) => url_secrets(&s.url, s.password.as_deref()),
-            Self::Redis(r) => url_secrets(&r.url, r.password.as_deref()),
+            Self::Broker(b) => url_secrets(&b.url, b.password.as_deref()),
         }
     }
 }
@@ -235,10 +236,50 @@ fn url_secrets<'a>(url: &'a SqlUrl, password: Option<&'a str>) -> Vec<&'a str> {
     names
 }
 
-/// A Redis connection: opened on first use, bound to the host its URL
-/// names.
+/// Which message broker a connection talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BrokerKind {
+    /// RabbitMQ (AMQP 0-9-1).
+    Amqp,
+    /// An MQTT 5 broker (Mosquitto, EMQX, HiveMQ).
+    Mqtt,
+    /// NATS with JetStream.
+    Nats,
+    /// Redis Streams.
+    Redis,
+}
+
+impl BrokerKind {
+    /// The kind as written in `plumb.yaml`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Amqp => "amqp",
+            Self::Mqtt => "mqtt",
+            Self::Nats => "nats",
+            Self::Redis => "redis",
+        }
+    }
+
+    /// What a `queue` trigger reads from and a `publish` step's `to`
+    /// names, in the broker's words.
+    #[must_use]
+    pub fn source_field(self) -> &'static str {
+        match self {
+            Self::Amqp => "queue",
+            Self::Mqtt => "topic",
+            Self::Nats => "subject",
+            Self::Redis => "stream",
+        }
+    }
+}
+
+/// A broker connection: opened on first use, bound to the host its URL
+/// names, reconnected with backoff.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RedisConnection {
+pub struct BrokerConnection {
+    /// Which broker.
+    pub kind: BrokerKind,
     /// Where: a URL without a password, or a secret holding the whole URL.
     pub url: SqlUrl,
     /// The secret holding the password, for a URL written without one.
@@ -467,6 +508,9 @@ pub enum Trigger {
     },
     /// An HTTP request on an interval; each new item starts a run.
     Poll(Box<PollTrigger>),
+    /// Messages from a broker; each starts a run, acknowledged once the run
+    /// is committed.
+    Queue(Box<QueueTrigger>),
     /// A cron schedule.
     Schedule {
         /// The cron expression.
@@ -476,6 +520,47 @@ pub enum Trigger {
         /// Missed slots after downtime.
         catch_up: CatchUp,
     },
+}
+
+/// `trigger.queue`: where messages come from and how they are taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueTrigger {
+    /// The broker connection.
+    pub connection: String,
+    /// Its kind (copied from the connection when the project was loaded).
+    pub kind: BrokerKind,
+    /// The AMQP queue, MQTT topic filter, NATS subject or Redis stream.
+    pub source: String,
+    /// NATS only: the JetStream stream (found by `source` when not given).
+    pub stream: Option<String>,
+    /// The consumer's durable identity: the Redis consumer group, the NATS
+    /// durable consumer, the MQTT client id (`plumb-<workflow>` when not
+    /// given: see [`QueueTrigger::group_for`]). It must not change, or the
+    /// broker forgets what was taken.
+    pub group: Option<String>,
+    /// How many messages may be taken and not yet acknowledged at once.
+    pub prefetch: u16,
+    /// AMQP: declare the queue (durable) if it does not exist; NATS:
+    /// create the stream for `subject` if none holds it.
+    pub declare: bool,
+    /// The contract a message body must keep; a message that breaks it is a
+    /// failed run (a dead letter), never dropped.
+    pub schema: Option<crate::contract::Contract>,
+    /// How a second delivery of one message is recognised (besides the
+    /// broker's message id).
+    pub dedupe: Option<Box<TriggerDedupe>>,
+    /// How long a message's id (or `dedupe` key) counts.
+    pub window: Duration,
+}
+
+impl QueueTrigger {
+    /// The consumer's durable identity for `workflow`.
+    #[must_use]
+    pub fn group_for(&self, workflow: &str) -> String {
+        self.group
+            .clone()
+            .unwrap_or_else(|| format!("plumb-{workflow}"))
+    }
 }
 
 /// `trigger.poll`.
@@ -885,11 +970,15 @@ pub struct WorkflowCursor {
 pub struct PublishAction {
     /// The broker connection.
     pub connection: String,
-    /// Where (a Redis stream).
+    /// Where: a Redis stream, an AMQP routing key (a queue, on the default
+    /// exchange), an MQTT topic, a NATS subject.
     pub to: Template,
+    /// AMQP only: the exchange (the default exchange when not given).
+    pub exchange: Option<String>,
     /// The message, sent as JSON text.
     pub body: Template,
-    /// Extra headers (stream fields).
+    /// Extra headers (stream fields, AMQP headers, MQTT user properties,
+    /// NATS headers).
     pub headers: Vec<(String, Template)>,
 }
 

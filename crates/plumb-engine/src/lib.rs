@@ -21,6 +21,7 @@
 //! (`exec::Execution::cursor_move`).
 
 pub mod alerts;
+pub mod connections;
 pub mod eval;
 pub mod events;
 mod exec;
@@ -31,6 +32,7 @@ pub mod ops;
 pub mod owner;
 mod poll;
 pub mod project_dir;
+mod queue;
 pub mod retention;
 pub mod retry;
 pub mod schedule;
@@ -139,8 +141,10 @@ pub struct Engine {
     pub(crate) http: HttpClient,
     /// Database pools of `sql` steps, opened on first use.
     pub(crate) sql: plumb_connectors::sql::SqlPools,
-    /// Redis connections of `publish` steps, opened on first use.
-    pub(crate) redis: plumb_connectors::redis::RedisClients,
+    /// Broker clients of `publish` steps, opened on first use.
+    pub(crate) brokers: plumb_connectors::broker::Brokers,
+    /// The state of this process's queue consumers.
+    pub(crate) connections: connections::Connections,
     project: RwLock<Arc<Project>>,
     pub(crate) owner: Owner,
     lease: Duration,
@@ -200,7 +204,8 @@ impl Engine {
             store,
             http: HttpClient::new()?,
             sql: plumb_connectors::sql::SqlPools::default(),
-            redis: plumb_connectors::redis::RedisClients::default(),
+            brokers: plumb_connectors::broker::Brokers::default(),
+            connections: connections::Connections::default(),
             lease: project.config.serve.lease,
             project: RwLock::new(project),
             owner: Owner::this_process(role),
@@ -218,6 +223,12 @@ impl Engine {
             .lock()
             .map(|set| set.contains(holder))
             .unwrap_or(false)
+    }
+
+    /// The state of this process's queue consumers now.
+    #[must_use]
+    pub fn connections(&self) -> Vec<connections::ConsumerState> {
+        self.connections.snapshot()
     }
 
     /// The store.
@@ -245,13 +256,13 @@ impl Engine {
         }
         // Database connections may have changed: pools reopen on next use.
         self.sql.reset();
-        self.redis.reset();
+        self.brokers.reset();
     }
 
     /// Closes the database pools of `sql` steps (at shutdown).
     pub async fn close_pools(&self) {
         self.sql.close().await;
-        self.redis.reset();
+        self.brokers.reset();
     }
 
     /// Sets the master key (or why there is none) used to open secrets.
@@ -447,6 +458,32 @@ impl Engine {
         deadline: Option<std::time::Instant>,
     ) -> Result<String, EngineError> {
         let dedupe = self.dedupe_key(workflow, &trigger).await;
+        self.enqueue(workflow, trigger, deadline, dedupe).await
+    }
+
+    /// Commits a new queued run of a queue-triggered `workflow`, deduped by
+    /// the trigger's `dedupe` key or, without one (or when it is null), by
+    /// `identity` (the message's).
+    pub(crate) async fn enqueue_with(
+        &self,
+        workflow: &Workflow,
+        trigger: Value,
+        identity: Option<Dedupe>,
+    ) -> Result<String, EngineError> {
+        let dedupe = match self.dedupe_key(workflow, &trigger).await {
+            Some(key) => Some(key),
+            None => identity,
+        };
+        self.enqueue(workflow, trigger, None, dedupe).await
+    }
+
+    async fn enqueue(
+        &self,
+        workflow: &Workflow,
+        trigger: Value,
+        deadline: Option<std::time::Instant>,
+        dedupe: Option<Dedupe>,
+    ) -> Result<String, EngineError> {
         let mut run = self.new_run(workflow, trigger, None).await?;
         run.deadline = deadline;
         run.dedupe = dedupe;
@@ -473,14 +510,15 @@ impl Engine {
     /// possible duplicate is better than a lost event), and a warning says
     /// why.
     async fn dedupe_key(&self, workflow: &Workflow, trigger: &Value) -> Option<Dedupe> {
-        let plumb_core::model::Trigger::Webhook {
-            dedupe: Some(dedupe),
-            ..
-        } = &workflow.trigger
-        else {
-            return None;
+        let (dedupe, kind) = match &workflow.trigger {
+            plumb_core::model::Trigger::Webhook {
+                dedupe: Some(dedupe),
+                ..
+            } => (dedupe, "webhook"),
+            plumb_core::model::Trigger::Queue(q) => (q.dedupe.as_ref()?, "queue"),
+            _ => return None,
         };
-        if trigger.get("type").and_then(Value::as_str) != Some("webhook") {
+        if trigger.get("type").and_then(Value::as_str) != Some(kind) {
             // A manual run is deliberate: it is never a duplicate.
             return None;
         }

@@ -121,9 +121,10 @@ impl Schedule {
     }
 }
 
-/// Fires the schedules of every workflow, and runs its polls (see the
-/// `poll` module), until `shutdown`. Restart it after a reload so changed
-/// schedules and polls take effect.
+/// Fires the schedules of every workflow, and runs its polls and queue
+/// consumers (see the `poll` and `queue` modules), until `shutdown`.
+/// Restart it after a reload so changed schedules, polls and queues take
+/// effect.
 pub async fn run_schedules(
     engine: Arc<Engine>,
     wake_workers: Arc<Notify>,
@@ -131,7 +132,21 @@ pub async fn run_schedules(
 ) {
     let project = engine.project();
     let mut tasks = JoinSet::new();
+    engine.connections.retain(|_, w| {
+        project
+            .workflows
+            .iter()
+            .any(|wf| wf.name == w && matches!(wf.trigger, plumb_core::model::Trigger::Queue(_)))
+    });
     for workflow in &project.workflows {
+        if matches!(workflow.trigger, plumb_core::model::Trigger::Queue(_)) {
+            tasks.spawn(crate::queue::run_one(
+                Arc::clone(&engine),
+                Arc::clone(workflow),
+                Arc::clone(&wake_workers),
+                shutdown.clone(),
+            ));
+        }
         if matches!(workflow.trigger, plumb_core::model::Trigger::Poll(_)) {
             tasks.spawn(crate::poll::run_one(
                 Arc::clone(&engine),

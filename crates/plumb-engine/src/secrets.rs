@@ -189,7 +189,7 @@ pub async fn load(
             plumb_core::model::Connection::Sql(plumb_core::model::SqlConnection {
                 url, ..
             })
-            | plumb_core::model::Connection::Redis(plumb_core::model::RedisConnection {
+            | plumb_core::model::Connection::Broker(plumb_core::model::BrokerConnection {
                 url,
                 ..
             }) => {

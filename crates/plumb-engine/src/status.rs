@@ -47,11 +47,28 @@ pub struct Status {
     pub workflows: Vec<WorkflowStatus>,
     /// Alerts not delivered yet or given up on.
     pub undelivered_alerts: Vec<Alert>,
+    /// The broker connections of every live process (its queue
+    /// consumers), as each reported with its last heartbeat.
+    pub connections: Vec<ConnectionStatus>,
     /// The store's size and its oldest kept run.
     pub store: plumb_store::StoreSize,
     /// Whether anything needs a person, and what.
     pub verdict: Verdict,
 }
+
+/// One queue consumer's connection, in one process.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct ConnectionStatus {
+    /// The process (its lease owner id).
+    pub process: String,
+    /// Its state.
+    #[serde(flatten)]
+    pub state: crate::connections::ConsumerState,
+}
+
+/// How long a consumer may be reconnecting before status calls it a
+/// problem (a broker restart takes seconds).
+const RECONNECTING_PROBLEM_MS: Millis = 60_000;
 
 /// The one-line answer to "is everything fine?".
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
@@ -171,6 +188,35 @@ fn verdict(workflows: &[WorkflowStatus], alerts: &[Alert]) -> Verdict {
     v
 }
 
+/// Consumers that cannot take messages: reconnecting for a while, or
+/// paused because the store cannot commit.
+pub fn connection_problems(v: &mut Verdict, connections: &[ConnectionStatus]) {
+    let now = now_ms();
+    for c in connections {
+        let s = &c.state;
+        let why = s.last_error.as_deref().unwrap_or("no error recorded");
+        match s.state.as_str() {
+            "reconnecting" if now - s.since >= RECONNECTING_PROBLEM_MS => v.add(
+                "broker_unreachable",
+                Some(&s.workflow),
+                format!(
+                    "{}: its queue consumer cannot reach connection `{}` ({why}); messages wait at the broker",
+                    s.workflow, s.connection
+                ),
+            ),
+            "paused" => v.add(
+                "queue_paused",
+                Some(&s.workflow),
+                format!(
+                    "{}: taking no messages from `{}` because the store cannot commit ({why}); they wait at the broker",
+                    s.workflow, s.connection
+                ),
+            ),
+            _ => {}
+        }
+    }
+}
+
 /// A committed cursor as status and the API show it.
 #[must_use]
 pub fn cursor_json(c: &plumb_store::Cursor) -> serde_json::Value {
@@ -233,6 +279,12 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
                     Trigger::Schedule { cron, timezone, .. } => {
                         format!("schedule {cron} ({timezone})")
                     }
+                    Trigger::Queue(q) => format!(
+                        "queue {} `{}` on {}",
+                        q.kind.source_field(),
+                        q.source,
+                        q.connection
+                    ),
                 },
                 last_success_at: s.and_then(|s| s.last_success_at),
                 last_failure_at: s.and_then(|s| s.last_failure_at),
@@ -286,10 +338,31 @@ pub async fn collect(store: &dyn Store, project: &Project) -> Result<Status, Sto
         }
     }
     let undelivered_alerts = store.undelivered_alerts(50).await?;
-    let verdict = verdict(&workflows, &undelivered_alerts);
+    let connections = if project
+        .workflows
+        .iter()
+        .any(|w| matches!(w.trigger, Trigger::Queue(_)))
+    {
+        let (_, live) = live_processes(store).await?;
+        live.into_iter()
+            .flat_map(|p| {
+                let states: Vec<crate::connections::ConsumerState> =
+                    serde_json::from_value(p.connections).unwrap_or_default();
+                states.into_iter().map(move |state| ConnectionStatus {
+                    process: p.owner.clone(),
+                    state,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut verdict = verdict(&workflows, &undelivered_alerts);
+    connection_problems(&mut verdict, &connections);
     Ok(Status {
         generated_at: now_ms(),
         workflows,
+        connections,
         undelivered_alerts,
         store: store.store_size().await?,
         verdict,

@@ -193,6 +193,8 @@ async fn beat(
             started_at,
             runs: u32::try_from(running).unwrap_or(u32::MAX),
             capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+            connections: serde_json::to_value(engine.connections.snapshot())
+                .unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
         };
         if let Err(e) = engine.store.beat(&beat).await {
             tracing::debug!(error = %e, "Could not record this process's heartbeat for `plumb workers`.");

@@ -117,6 +117,7 @@ async fn workflows(
                 Trigger::Manual => json!({ "type": "manual" }),
                 Trigger::Webhook { path, auth, schema, dedupe } => json!({ "type": "webhook", "path": format!("/hooks/{path}"), "authenticated": auth.is_some(), "schema": schema.as_ref().map(plumb_core::contract::Contract::path), "dedupe": dedupe.as_ref().map(|d| json!({ "key": d.source, "window_seconds": d.window.as_secs() })) }),
                 Trigger::Poll(p) => json!({ "type": "poll", "every_seconds": p.every.as_secs_f64(), "connection": p.http.connection, "method": p.http.method, "batch": p.batch, "remember_seconds": p.remember.as_secs() }),
+                Trigger::Queue(q) => json!({ "type": "queue", "connection": q.connection, "broker": q.kind.name(), q.kind.source_field(): q.source, "group": q.group_for(&w.name), "prefetch": q.prefetch, "schema": q.schema.as_ref().map(plumb_core::contract::Contract::path), "dedupe": q.dedupe.as_ref().map(|d| json!({ "key": d.source, "window_seconds": d.window.as_secs() })), "window_seconds": q.window.as_secs() }),
                 Trigger::Schedule { cron, timezone, catch_up } => {
                     json!({ "type": "schedule", "cron": cron, "timezone": timezone, "catch_up": catch_up })
                 }
@@ -339,7 +340,25 @@ async fn status(
     State(state): State<AppState>,
 ) -> Result<Json<Value>, ApiError> {
     let project = state.engine.project();
-    let status = plumb_engine::status::collect(state.engine.store().as_ref(), &project).await?;
+    let mut status = plumb_engine::status::collect(state.engine.store().as_ref(), &project).await?;
+    // This process's own consumers as they are now, not as of its last
+    // heartbeat.
+    let me = state.engine.owner().as_str().to_owned();
+    status.connections.retain(|c| c.process != me);
+    status
+        .connections
+        .extend(state.engine.connections().into_iter().map(|state| {
+            plumb_engine::status::ConnectionStatus {
+                process: me.clone(),
+                state,
+            }
+        }));
+    status
+        .verdict
+        .problems
+        .retain(|p| !matches!(p.kind.as_str(), "broker_unreachable" | "queue_paused"));
+    status.verdict.healthy = status.verdict.problems.is_empty();
+    plumb_engine::status::connection_problems(&mut status.verdict, &status.connections);
     Ok(Json(
         serde_json::to_value(status).map_err(|e| ApiError::internal(&e))?,
     ))

@@ -95,6 +95,22 @@ pub async fn sample_gauges(engine: Arc<Engine>, metrics: Metrics, shutdown: Canc
             }
             Err(e) => tracing::warn!(error = %e, "Could not sample run counts for metrics."),
         }
+        // Each queue consumer: 1 while it takes messages, 0 while it
+        // reconnects or the store has paused it.
+        for c in engine.connections() {
+            metrics::gauge!(
+                "plumb_broker_connected",
+                "connection" => c.connection.clone(),
+                "workflow" => c.workflow.clone(),
+            )
+            .set(if c.state == "connected" { 1.0 } else { 0.0 });
+            metrics::gauge!(
+                "plumb_queue_consumer_paused",
+                "connection" => c.connection,
+                "workflow" => c.workflow,
+            )
+            .set(if c.state == "paused" { 1.0 } else { 0.0 });
+        }
         if let Ok(alerts) = engine.store().undelivered_alerts(1000).await {
             metrics::gauge!("plumb_alerts_undelivered").set(alerts.len() as f64);
         }

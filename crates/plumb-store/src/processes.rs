@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::{Millis, StoreError};
 
 /// What a process reports about itself on each beat.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProcessBeat {
     /// Its lease owner id (unique per process run).
     pub owner: String,
@@ -27,10 +27,13 @@ pub struct ProcessBeat {
     pub runs: u32,
     /// Most runs it executes at once (`serve.workers`).
     pub capacity: u32,
+    /// The state of its broker connections (its queue consumers), as a
+    /// JSON array of objects.
+    pub connections: serde_json::Value,
 }
 
 /// A process as last reported.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProcessInfo {
     /// Its lease owner id.
     pub owner: String,
@@ -48,6 +51,9 @@ pub struct ProcessInfo {
     pub runs: u32,
     /// Most runs it executes at once.
     pub capacity: u32,
+    /// The state of its broker connections at its last beat (a JSON
+    /// array; empty for a process that consumes no queue).
+    pub connections: serde_json::Value,
     /// Its last beat, on the store's clock (PostgreSQL's, for processes on
     /// several hosts).
     pub beat_at: Millis,
@@ -75,4 +81,13 @@ pub trait ProcessStore: Send + Sync + 'static {
     /// The store's clock now (PostgreSQL's; this host's for SQLite): the
     /// clock `beat_at` is read on.
     async fn store_now(&self) -> Result<Millis, StoreError>;
+}
+
+/// A stored `connections` column: a JSON array (anything else, which only
+/// a hand-edited row could hold, reads as none).
+pub(crate) fn connections_of(text: &str) -> serde_json::Value {
+    match serde_json::from_str(text) {
+        Ok(v @ serde_json::Value::Array(_)) => v,
+        _ => serde_json::Value::Array(Vec::new()),
+    }
 }

@@ -1144,7 +1144,8 @@ async fn an_alert_attempt_is_taken_by_one_deliverer(store: &dyn Store) {
     );
 }
 
-/// The process list: each process's last beat, forgotten when it stops.
+/// The process list: each process's last beat, with its broker
+/// connections' state, forgotten when it stops.
 async fn processes_are_listed_by_their_last_beat_until_forgotten(store: &dyn Store) {
     let beat = |owner: &str, role: &str, runs: u32| ProcessBeat {
         owner: owner.into(),
@@ -1155,6 +1156,7 @@ async fn processes_are_listed_by_their_last_beat_until_forgotten(store: &dyn Sto
         started_at: now_ms(),
         runs,
         capacity: 64,
+        connections: serde_json::json!([{ "connection": "bus", "state": format!("runs {runs}") }]),
     };
     let since = store.store_now().await.expect("now") - 1_000;
     store
@@ -1177,6 +1179,11 @@ async fn processes_are_listed_by_their_last_beat_until_forgotten(store: &dyn Sto
     assert_eq!(
         (serve.role.as_str(), serve.runs, serve.capacity),
         ("serve", 3, 64)
+    );
+    assert_eq!(
+        serve.connections,
+        serde_json::json!([{ "connection": "bus", "state": "runs 3" }]),
+        "the last beat's connection state is kept"
     );
     assert!(live.iter().any(|p| p.owner == "p-worker"));
     assert!(serve.beat_at >= since, "beats are on the store's clock");

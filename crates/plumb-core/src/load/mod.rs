@@ -476,11 +476,11 @@ fn load_workflow_inner(
         })
         .and_then(|(kind, raw)| {
             let path = root.key("trigger").key(&kind).key("record_key");
-            if matches!(kind.as_str(), "webhook" | "poll") {
+            if matches!(kind.as_str(), "webhook" | "poll" | "queue") {
                 cx.record_key(&raw, &path)
             } else {
                 cx.error(&path, format!("a {kind} trigger has no record to name"))
-                    .help = Some("`record_key` applies to webhook and poll triggers, and to steps (per `for_each` item)".into());
+                    .help = Some("`record_key` applies to webhook, poll and queue triggers, and to steps (per `for_each` item)".into());
                 None
             }
         });
@@ -2048,12 +2048,12 @@ mod tests {
     fn kinds_from_spec_not_built_yet_are_named_so() {
         let err = load_config(&SourceFile {
             path: "plumb.yaml".into(),
-            text: "connections:\n  warehouse:\n    amqp: { url: { secret: warehouse_dsn } }\n  crm:\n    htp: { base_url: 'https://x.example' }\n".into(),
+            text: "connections:\n  mail:\n    smtp: { url: { secret: smtp_url } }\n  crm:\n    htp: { base_url: 'https://x.example' }\n".into(),
         })
-        .expect_err("no amqp yet, and a typo");
+        .expect_err("no smtp yet, and a typo");
         let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
         assert!(
-            messages.contains(&"`amqp` connections are not available in this version of plumb"),
+            messages.contains(&"`smtp` connections are not available in this version of plumb"),
             "{messages:?}"
         );
         assert!(messages.contains(&"unknown field `htp`"), "{messages:?}");
@@ -2063,14 +2063,10 @@ mod tests {
                 .any(|d| d.help.as_deref() == Some("did you mean `http`?"))
         );
         let err = workflow(&format!(
-            "{HEAD}trigger: {{ queue: {{ connection: q }} }}\nsteps:\n  - id: a\n    workflow: {{ name: other }}\n"
+            "{HEAD}steps:\n  - id: a\n    workflow: {{ name: other }}\n"
         ))
-        .expect_err("no queue triggers or workflow steps yet");
+        .expect_err("no workflow steps yet");
         let messages: Vec<&str> = err.0.iter().map(|d| d.message.as_str()).collect();
-        assert!(
-            messages.contains(&"`queue` triggers are not available in this version of plumb"),
-            "{messages:?}"
-        );
         assert!(
             messages.contains(&"`workflow` steps are not available in this version of plumb"),
             "{messages:?}"

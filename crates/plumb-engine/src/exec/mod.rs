@@ -230,6 +230,19 @@ impl<'e> Execution<'e> {
     }
 
     pub(crate) async fn run_all(&mut self) -> Result<(), Halt> {
+        // A message that could not be taken as a record (not JSON, over a
+        // limit, breaking its contract) was accepted as this run so that it
+        // is a visible dead letter with its raw payload; it has nothing to
+        // run.
+        if let Some(reason) = crate::queue::rejection(&self.run.trigger) {
+            return Err(Halt::Failed(Failure {
+                message: reason,
+                step: None,
+                item: None,
+                attempt: None,
+                status_code: None,
+            }));
+        }
         let workflow = Arc::clone(&self.workflow);
         self.run_steps(&workflow.steps).await
     }

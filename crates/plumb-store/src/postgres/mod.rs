@@ -86,6 +86,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0007_dedupe_keys.sql"),
     include_str!("../../migrations/postgres/0008_sync_state.sql"),
     include_str!("../../migrations/postgres/0009_lineage.sql"),
+    include_str!("../../migrations/postgres/0010_process_connections.sql"),
 ];
 
 /// The advisory lock every migrating process takes (fixed, so processes of

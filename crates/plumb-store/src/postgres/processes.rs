@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use sqlx::Row;
 
 use super::{PgStore, map_err};
+use crate::processes::connections_of;
 use crate::{Millis, ProcessBeat, ProcessInfo, ProcessStore, StoreError};
 
 /// The server's clock in Unix milliseconds.
@@ -17,9 +18,10 @@ impl ProcessStore for PgStore {
     async fn beat(&self, b: &ProcessBeat) -> Result<(), StoreError> {
         sqlx::query(super::sql(format!(
             "INSERT INTO processes (owner, role, host, pid, version, started_at, runs, capacity, \
-             beat_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {SERVER_NOW}) \
+             beat_at, connections) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {SERVER_NOW}, $9) \
              ON CONFLICT (owner) DO UPDATE SET runs = excluded.runs, \
-             capacity = excluded.capacity, beat_at = excluded.beat_at"
+             capacity = excluded.capacity, beat_at = excluded.beat_at, \
+             connections = excluded.connections"
         )))
         .bind(&b.owner)
         .bind(&b.role)
@@ -29,6 +31,7 @@ impl ProcessStore for PgStore {
         .bind(b.started_at)
         .bind(i64::from(b.runs))
         .bind(i64::from(b.capacity))
+        .bind(b.connections.to_string())
         .execute(&self.pool)
         .await
         .map_err(map_err)?;
@@ -37,8 +40,8 @@ impl ProcessStore for PgStore {
 
     async fn processes(&self, since: Millis) -> Result<Vec<ProcessInfo>, StoreError> {
         let rows = sqlx::query(
-            "SELECT owner, role, host, pid, version, started_at, runs, capacity, beat_at \
-             FROM processes WHERE beat_at >= $1 ORDER BY role, host, pid",
+            "SELECT owner, role, host, pid, version, started_at, runs, capacity, beat_at, \
+             connections FROM processes WHERE beat_at >= $1 ORDER BY role, host, pid",
         )
         .bind(since)
         .fetch_all(&self.pool)
@@ -59,6 +62,9 @@ impl ProcessStore for PgStore {
                     runs: u32::try_from(int("runs")?).unwrap_or(0),
                     capacity: u32::try_from(int("capacity")?).unwrap_or(0),
                     beat_at: int("beat_at")?,
+                    connections: connections_of(
+                        &r.try_get::<String, _>("connections").map_err(map_err)?,
+                    ),
                 })
             })
             .collect()

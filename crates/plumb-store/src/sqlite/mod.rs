@@ -232,6 +232,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0012_dedupe_keys.sql"),
     include_str!("../../migrations/sqlite/0013_sync_state.sql"),
     include_str!("../../migrations/sqlite/0014_lineage.sql"),
+    include_str!("../../migrations/sqlite/0015_process_connections.sql"),
 ];
 
 /// Applies the pending migrations, if any, in one transaction that takes

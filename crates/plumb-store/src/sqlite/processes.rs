@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use rusqlite::{Transaction, params};
 
 use super::{Done, Op, SqliteStore, map_err, query_all};
+use crate::processes::connections_of;
 use crate::{Millis, ProcessBeat, ProcessInfo, ProcessStore, StoreError, now_ms};
 
 /// A write of this module, as handed to the writer thread.
@@ -26,9 +27,10 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
         Write::Beat(b) => tx
             .prepare_cached(
                 "INSERT INTO processes (owner, role, host, pid, version, started_at, runs, \
-                 capacity, beat_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 capacity, beat_at, connections) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT (owner) DO UPDATE SET runs = excluded.runs, \
-                 capacity = excluded.capacity, beat_at = excluded.beat_at",
+                 capacity = excluded.capacity, beat_at = excluded.beat_at, \
+                 connections = excluded.connections",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -40,7 +42,8 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &Write) -> Result<Done, StoreError
                     b.started_at,
                     i64::from(b.runs),
                     i64::from(b.capacity),
-                    now_ms()
+                    now_ms(),
+                    b.connections.to_string()
                 ])
             })
             .map(Done::Rows)
@@ -63,8 +66,8 @@ impl ProcessStore for SqliteStore {
         self.read(move |conn| {
             query_all(
                 conn,
-                "SELECT owner, role, host, pid, version, started_at, runs, capacity, beat_at \
-                 FROM processes WHERE beat_at >= ?1 ORDER BY role, host, pid",
+                "SELECT owner, role, host, pid, version, started_at, runs, capacity, beat_at, \
+                 connections FROM processes WHERE beat_at >= ?1 ORDER BY role, host, pid",
                 params![since],
                 |r| {
                     Ok(ProcessInfo {
@@ -77,6 +80,7 @@ impl ProcessStore for SqliteStore {
                         runs: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
                         capacity: u32::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
                         beat_at: r.get(8)?,
+                        connections: connections_of(&r.get::<_, String>(9)?),
                     })
                 },
             )

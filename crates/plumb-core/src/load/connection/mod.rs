@@ -9,8 +9,12 @@ use super::Checker;
 use crate::model::Connection;
 use crate::yaml::FieldPath;
 
+mod amqp;
+mod broker;
 mod http;
+mod mqtt;
 mod mysql;
+mod nats;
 mod postgres;
 mod redis;
 mod sql;
@@ -32,10 +36,13 @@ const KINDS: &[ConnectionKind] = &[
     mysql::KIND,
     sqlite::KIND,
     redis::KIND,
+    amqp::KIND,
+    mqtt::KIND,
+    nats::KIND,
 ];
 
 /// Kinds SPEC describes that are not built yet: named so, not "unknown".
-const PLANNED: &[&str] = &["amqp", "mqtt", "nats", "smtp"];
+const PLANNED: &[&str] = &["smtp"];
 
 impl Checker<'_> {
     /// `connections.<name>`: exactly one kind.

@@ -329,7 +329,7 @@ impl Checker<'_> {
 /// an error at `path` (the step kind's mapping) saying what is wrong:
 /// `wanted` ("a sql step runs on a database connection") and how to define
 /// one (`example`). `None` without a `plumb.yaml` to look in, too.
-fn step_connection(
+pub(super) fn step_connection(
     cx: &mut Checker<'_>,
     name: &str,
     path: &FieldPath,

@@ -1,6 +1,7 @@
-//! `publish: { connection, to, body, headers }`: one message to a broker.
-//! On a `redis` connection, `to` names a stream and the message is an
-//! entry added with `XADD`, made idempotent by the step's key.
+//! `publish: { connection, to, body, headers }`: one message to a broker,
+//! carrying the step's idempotency key. `to` is a Redis stream, an AMQP
+//! routing key (on `exchange`, by default the default exchange: the queue
+//! named `to`), an MQTT topic or a NATS subject (JetStream).
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -22,8 +23,10 @@ pub(super) const KIND: StepKind = StepKind {
 pub struct PublishSpec {
     /// The broker connection.
     pub connection: String,
-    /// Where: a stream (Redis).
+    /// Where: a stream, routing key, topic or subject.
     pub to: Value,
+    /// AMQP: the exchange.
+    pub exchange: Option<String>,
     /// The message: any JSON, sent as JSON text.
     pub body: Value,
     /// Extra headers (stream entry fields on Redis).
@@ -37,17 +40,30 @@ const MAX_HEADERS: usize = 64;
 fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
     let path = input.path.key("publish");
     let spec: PublishSpec = cx.deserialize(input.raw, &path)?;
-    let timeout = match super::step_connection(
+    let connection = super::step_connection(
         cx,
         &spec.connection,
         &path,
         "a publish step sends to a broker connection",
-        "`redis: { url: … }`",
-        |c| matches!(c, Connection::Redis(_)),
-    ) {
-        Some(Connection::Redis(c)) => c.timeout,
+        "`amqp:`, `mqtt:`, `nats:` or `redis: { url: … }`",
+        |c| matches!(c, Connection::Broker(_)),
+    );
+    let timeout = match &connection {
+        Some(Connection::Broker(c)) => c.timeout,
         _ => None,
     };
+    if let (Some(Connection::Broker(c)), Some(_)) = (&connection, &spec.exchange)
+        && c.kind != crate::model::BrokerKind::Amqp
+    {
+        cx.error_at_value(
+            &path.key("exchange"),
+            format!(
+                "`exchange` applies to amqp; `{}` is a {} connection, not amqp",
+                spec.connection,
+                c.kind.name()
+            ),
+        );
+    }
     if spec.headers.len() > MAX_HEADERS {
         cx.error_at_value(
             &path.key("headers"),
@@ -76,6 +92,7 @@ fn check(cx: &mut Checker<'_>, input: &KindInput<'_>) -> Option<Checked> {
         action: Action::Publish(PublishAction {
             connection: spec.connection,
             to,
+            exchange: spec.exchange,
             body,
             headers,
         }),

@@ -11,6 +11,7 @@ use crate::yaml::FieldPath;
 
 mod manual;
 mod poll;
+mod queue;
 mod schedule;
 mod webhook;
 
@@ -24,10 +25,16 @@ pub(super) struct TriggerKind {
 }
 
 /// Every trigger kind this version has.
-const KINDS: &[TriggerKind] = &[webhook::KIND, schedule::KIND, poll::KIND, manual::KIND];
+const KINDS: &[TriggerKind] = &[
+    webhook::KIND,
+    schedule::KIND,
+    poll::KIND,
+    queue::KIND,
+    manual::KIND,
+];
 
 /// Kinds SPEC describes that are not built yet.
-const PLANNED: &[&str] = &["queue"];
+const PLANNED: &[&str] = &[];
 
 impl Checker<'_> {
     /// `trigger:`: `manual` (the default), or a mapping with one kind.

@@ -100,7 +100,7 @@ fn check(cx: &mut Checker<'_>, raw: &Value, path: &FieldPath) -> Option<Trigger>
         None => None,
     };
     let dedupe = cx
-        .webhook_dedupe(w.dedupe.as_ref(), auth.as_ref(), &path.key("dedupe"))
+        .trigger_dedupe(w.dedupe.as_ref(), auth.as_ref(), &path.key("dedupe"))
         .map(Box::new);
     Some(Trigger::Webhook {
         path: hook,
@@ -123,8 +123,9 @@ fn preset_delivery_id(preset: WebhookPreset) -> Option<&'static str> {
 }
 
 impl Checker<'_> {
-    /// `dedupe:` of a webhook, or its preset's delivery id when not given.
-    fn webhook_dedupe(
+    /// `dedupe:` of a webhook or queue trigger, or a webhook preset's
+    /// delivery id when not given.
+    pub(super) fn trigger_dedupe(
         &mut self,
         raw: Option<&Value>,
         auth: Option<&WebhookAuth>,

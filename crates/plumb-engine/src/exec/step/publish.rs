@@ -5,7 +5,7 @@
 
 use jaq_json::Val;
 use plumb_connectors::ActionError;
-use plumb_connectors::redis::Message;
+use plumb_connectors::broker::Message;
 use plumb_core::model::{Connection, PublishAction, Step};
 use serde_json::Value;
 
@@ -20,7 +20,7 @@ impl Execution<'_> {
         context: Val,
         key: String,
     ) -> Result<Outcome, ActionError> {
-        let Some(Connection::Redis(connection)) =
+        let Some(Connection::Broker(connection)) =
             self.project.config.connections.get(&publish.connection)
         else {
             return Err(ActionError::Permanent {
@@ -45,11 +45,16 @@ impl Execution<'_> {
         .await
         .map_err(permanent_eval)?;
         let to = match to {
-            Value::String(s) if !s.is_empty() && s.len() <= 512 => s,
+            Value::String(s)
+                if !s.is_empty() && s.len() <= 512 && !s.chars().any(char::is_control) =>
+            {
+                s
+            }
             other => {
                 return Err(ActionError::Permanent {
                     message: format!(
-                        "`to` must be a stream name (text, 1 to 512 bytes), but it is {}",
+                        "`to` must name a {} (text, 1 to 512 bytes), but it is {}",
+                        connection.kind.source_field(),
                         super::super::preview(&other, 60)
                     ),
                     status: None,
@@ -68,11 +73,16 @@ impl Execution<'_> {
             url: &url,
             timeout: step.timeout,
             to: &to,
+            exchange: publish.exchange.as_deref(),
             body: &body,
             headers: &headers,
             key: &key,
         };
-        let output = self.engine.redis.publish(&message).await?;
+        let output = self
+            .engine
+            .brokers
+            .publish(connection.kind, &message)
+            .await?;
         Ok(Outcome {
             output,
             status_code: None,
