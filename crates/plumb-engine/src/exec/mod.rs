@@ -543,6 +543,9 @@ impl<'e> Execution<'e> {
             };
             match result {
                 Ok(outcome) => {
+                    // The effect happened and its outcome is not journaled:
+                    // a crash here makes the resumed run send it again.
+                    crate::failpoint::hit("step.effect");
                     let summary = summarize(step, &outcome);
                     let effect = effect_of(step, &outcome);
                     let output = self
