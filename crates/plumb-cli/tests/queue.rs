@@ -621,3 +621,86 @@ async fn check_refuses_a_password_in_a_broker_url_without_echoing_it() {
         assert!(!out.stderr.contains("hunter2"), "{kind}: {out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_shows_as_reconnecting_with_its_error_and_no_password() {
+    // Nothing listens on this port.
+    let port = support::free_port();
+    let project = Project::new(
+        "connections:\n  rabbit:\n    amqp: { url: { secret: rabbit_url }, timeout: 2s }\n",
+    );
+    project.workflow(
+        "orders",
+        "name: orders\nowner: qa@example.com\ndescription: d\ntrigger:\n  queue: { connection: rabbit, queue: orders }\nsteps:\n  - id: a\n    jq: '.'\n",
+    );
+    let set = project
+        .set_secret(
+            "rabbit_url",
+            &format!("amqp://app:hunter2-canary@127.0.0.1:{port}/%2f"),
+        )
+        .await;
+    assert_eq!(set.code, Some(0), "{set}");
+    let server = project.serve("127.0.0.1:0").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let connection = loop {
+        let status = get_json(&format!("{}/api/v1/status", server.base_url)).await;
+        if let Some(c) = status["connections"]
+            .as_array()
+            .and_then(|c| c.first())
+            .filter(|c| c["state"] == "reconnecting")
+        {
+            break c.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reported reconnecting: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(connection["connection"], "rabbit");
+    assert_eq!(connection["workflow"], "orders");
+    assert!(connection["since"].as_i64().is_some(), "{connection}");
+    let error = connection["last_error"].as_str().expect("last error");
+    assert!(error.contains("rabbit"), "{error}");
+    assert!(
+        !error.contains("hunter2"),
+        "the password never shows: {error}"
+    );
+    let metrics = loop {
+        let m = support::metrics(&server.base_url).await;
+        if m.contains("plumb_broker_connected") {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "no connection gauge: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("plumb_broker_connected{")
+                && l.contains("connection=\"rabbit\"")
+                && l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // `plumb status` read from the store shows it from the heartbeat.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let out = project
+        .cmd(&["status", "--json"])
+        .env_remove("PLUMB_TOKEN")
+        .output()
+        .await
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("hunter2"), "{text}");
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert!(
+        doc["connections"].as_array().is_some_and(|c| c
+            .iter()
+            .any(|c| c["connection"] == "rabbit" && c["state"] == "reconnecting")),
+        "{doc}"
+    );
+    server.kill().await;
+}

@@ -106,7 +106,7 @@ pub(crate) async fn run_one(
         };
         let message = engine.redact(&message);
         let stable = state.was_connected_long();
-        tracing::warn!(workflow = %workflow.name, connection = %queue.connection, error = %message, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "The queue consumer lost its broker; reconnecting.");
+        tracing::warn!(workflow = %workflow.name, connection = %queue.connection, error = %message, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "The queue consumer cannot reach its broker (or lost it); reconnecting.");
         state.reconnecting(&message);
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -388,6 +388,38 @@ pub async fn status(global: &Global) -> anyhow::Result<Exit> {
             );
         }
     }
+    let connections = status["connections"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !connections.is_empty() {
+        println!("\n{}", s.dim("CONNECTION           WORKFLOW             STATE          SINCE                 PROCESS"));
+        for c in &connections {
+            let state = c["state"].as_str().unwrap_or("");
+            let state_text = format!("{state:<14}");
+            println!(
+                "{:<20} {:<20} {} {:<21} {}",
+                c["connection"].as_str().unwrap_or(""),
+                c["workflow"].as_str().unwrap_or(""),
+                if state == "connected" {
+                    s.ok(&state_text)
+                } else {
+                    s.bad(&state_text)
+                },
+                when(&c["since"]),
+                c["process"].as_str().unwrap_or(""),
+            );
+            if let Some(error) = c["last_error"].as_str() {
+                println!(
+                    "{}",
+                    s.dim(&format!(
+                        "  last error {}: {error}",
+                        when(&c["last_error_at"])
+                    ))
+                );
+            }
+        }
+    }
     let store = &status["store"];
     println!(
         "\n{}",
