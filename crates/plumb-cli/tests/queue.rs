@@ -227,10 +227,13 @@ impl Broker {
                     )
                     .await;
             }
-            Self::Mqtt { url, .. } => {
-                // End the persistent session plumb's consumer left.
+            Self::Mqtt { url, topic } => {
+                // End the persistent session plumb's consumer left (its
+                // client id is the group and 8 hex digits of the topic's
+                // SHA-256).
                 let group = format!("plumb-q-{}", std::process::id());
-                let (client, task) = mqtt_client(url, &group, true).await;
+                let id = format!("{group}-{}", &sha256_hex(topic)[..8]);
+                let (client, task) = mqtt_client(url, &id, true).await;
                 let _ = client.disconnect().await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 task.abort();
@@ -293,6 +296,11 @@ impl Producer {
             }
         }
     }
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
 
 fn stream_of(subject: &str) -> String {

@@ -5,7 +5,8 @@
 //! property.
 //!
 //! **Consuming** at QoS 1 with a persistent session — a fixed client id
-//! (the trigger's `group`), clean start off and a long session expiry — so
+//! (the trigger's `group` and a digest of its topic), clean start off and a
+//! long session expiry — so
 //! messages published while plumb is down wait at the broker, and with
 //! manual acks: the PUBACK is sent only after the run is committed. The
 //! broker never has more than `prefetch` unacknowledged messages out
@@ -218,8 +219,18 @@ impl Drop for TopicConsumer {
     }
 }
 
+/// The consumer's client id: the group and a digest of the topic filter,
+/// so a changed topic starts a new session (subscribed to it) rather than
+/// resuming one subscribed to the old topic.
+pub fn client_id(group: &str, topic: &str) -> String {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(topic.as_bytes()));
+    format!("{group}-{}", &digest[..8])
+}
+
 pub(super) async fn consume(spec: &ConsumerSpec) -> Result<Box<dyn Consumer>, BrokerError> {
-    let mut options = options(&spec.group, &spec.url, &spec.connection).map_err(BrokerError)?;
+    let id = client_id(&spec.group, &spec.source);
+    let mut options = options(&id, &spec.url, &spec.connection).map_err(BrokerError)?;
     options
         .set_clean_start(false)
         // The session lives at the broker; this process keeps none of its
@@ -247,8 +258,8 @@ pub(super) async fn consume(spec: &ConsumerSpec) -> Result<Box<dyn Consumer>, Br
         }
     };
     // A resumed session keeps its subscription (and the client may not
-    // send a new one before it has resynchronised): subscribe only in a new
-    // session. A changed topic therefore needs a new `group`.
+    // send a new one in it): subscribe only in a new session. The client id
+    // names the topic, so a resumed session is always this topic's.
     if !session_present {
         client
             .subscribe(spec.source.clone(), QoS::AtLeastOnce)
