@@ -74,13 +74,18 @@ for _ in $(seq 1 50); do curl -s -o /dev/null http://127.0.0.1:9999/health && br
 sink() { curl -s -m 30 -X "$1" "http://127.0.0.1:9999$2"; }
 now() { python3 -c 'import time; print(f"{time.time():.6f}")'; }
 
-# Waits until the sink counted $1 deliveries (at most $2 s); prints its stats.
+# Waits until the sink counted $1 deliveries, at most $2 s, and at most 30 s
+# without a new delivery (a system that lost messages never gets there);
+# prints its stats.
 wait_sink() {
-  local want=$1 limit=$2 s
-  for _ in $(seq 1 $((limit * 5))); do
+  local want=$1 limit=$2 s got last=-1 still=0 start=$SECONDS
+  while [ $((SECONDS - start)) -lt "$limit" ]; do
     s=$(sink GET /stats)
-    [ "$(echo "$s" | python3 -c 'import json,sys; print(json.load(sys.stdin)["accepted"])')" -ge "$want" ] && break
-    sleep 0.2
+    got=$(echo "$s" | python3 -c 'import json,sys; print(json.load(sys.stdin)["accepted"])' 2>/dev/null || echo 0)
+    [ "$got" -ge "$want" ] && break
+    if [ "$got" = "$last" ]; then still=$((still + 1)); else still=0; last=$got; fi
+    [ "$still" -ge 60 ] && break
+    sleep 0.5
   done
   sleep 1
   sink GET /stats

@@ -60,7 +60,12 @@ async fn redis_load(url: &str, stream: &str, n: usize, prefix: &str) -> anyhow::
     while i < n {
         let mut pipe = redis::pipe();
         for j in i..(i + WINDOW).min(n) {
-            pipe.cmd("XADD").arg(stream).arg("*").arg("body").arg(message(prefix, j)).ignore();
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("body")
+                .arg(message(prefix, j))
+                .ignore();
         }
         let () = pipe.query_async(&mut c).await?;
         i += WINDOW;
@@ -72,8 +77,12 @@ async fn amqp_load(url: &str, queue: &str, n: usize, prefix: &str) -> anyhow::Re
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), lapin::types::FieldTable::default())
-        .await?;
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::durable(),
+        lapin::types::FieldTable::default(),
+    )
+    .await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut pending = futures::stream::FuturesUnordered::new();
     for i in 0..n {
@@ -104,10 +113,15 @@ async fn mqtt_load(url: &str, topic: &str, n: usize, prefix: &str) -> anyhow::Re
     let parsed = url::Url::parse(url)?;
     let mut options = rumqttc::MqttOptions::new(
         format!("w9-load-{}", std::process::id()),
-        (parsed.host_str().unwrap_or("127.0.0.1").to_owned(), parsed.port().unwrap_or(1883)),
+        (
+            parsed.host_str().unwrap_or("127.0.0.1").to_owned(),
+            parsed.port().unwrap_or(1883),
+        ),
     );
     options.set_keep_alive(30);
-    let (client, mut events) = rumqttc::AsyncClient::builder(options).capacity(WINDOW * 2).build();
+    let (client, mut events) = rumqttc::AsyncClient::builder(options)
+        .capacity(WINDOW * 2)
+        .build();
     let driver = tokio::spawn(async move {
         loop {
             if let Err(e) = events.poll().await {
@@ -147,7 +161,9 @@ async fn nats_load(url: &str, subject: &str, n: usize, prefix: &str) -> anyhow::
     .await?;
     let mut pending = futures::stream::FuturesUnordered::new();
     for i in 0..n {
-        let ack = js.publish(subject.to_owned(), message(prefix, i).into()).await?;
+        let ack = js
+            .publish(subject.to_owned(), message(prefix, i).into())
+            .await?;
         pending.push(ack.into_future());
         while pending.len() >= WINDOW {
             pending.next().await.context("ack")??;
@@ -162,11 +178,14 @@ async fn nats_load(url: &str, subject: &str, n: usize, prefix: &str) -> anyhow::
 async fn delete(kind: &str, url: &str, target: &str) -> anyhow::Result<()> {
     match kind {
         "redis" => {
-            let mut c = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+            let mut c = redis::Client::open(url)?
+                .get_multiplexed_async_connection()
+                .await?;
             let () = redis::cmd("DEL").arg(target).query_async(&mut c).await?;
         }
         "amqp" => {
-            let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+            let conn =
+                lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
             let ch = conn.create_channel().await?;
             ch.queue_delete(target.into(), lapin::options::QueueDeleteOptions::default())
                 .await?;
