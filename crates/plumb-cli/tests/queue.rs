@@ -719,3 +719,48 @@ async fn an_unreachable_broker_shows_as_reconnecting_with_its_error_and_no_passw
     );
     server.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_entry_with_a_field_name_that_is_not_utf8_does_not_stall_the_stream() {
+    let Some(url) = env_url("PLUMB_TEST_REDIS", "redis://127.0.0.1:6379") else {
+        return;
+    };
+    let stream = format!("plumb-test-q-odd-{}", std::process::id());
+    let broker = Broker::Redis {
+        url: url.clone(),
+        stream: stream.clone(),
+    };
+    broker.prepare().await;
+    let rx = Receiver::start().await;
+    let project = project_for(&broker, &rx).await;
+    let mut c = redis_conn(&url).await;
+    // Before plumb starts: the group reads them from the start.
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(&b"\xff\xfeodd"[..])
+        .arg("x")
+        .arg("body")
+        .arg(r#"{"n": 1}"#)
+        .query_async(&mut c)
+        .await
+        .expect("XADD odd");
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("body")
+        .arg(r#"{"n": 2}"#)
+        .query_async(&mut c)
+        .await
+        .expect("XADD");
+    let server = project.serve("127.0.0.1:0").await;
+    wait_for(&rx, 1, 3, Duration::from_secs(30)).await;
+    let odd = rx
+        .hits()
+        .into_iter()
+        .find(|h| h.body["n"] == 1)
+        .expect("n=1");
+    assert!(odd.key.is_some());
+    server.kill().await;
+    broker.cleanup().await;
+}

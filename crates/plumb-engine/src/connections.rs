@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 /// the reconnect backoff from the beginning again.
 const STABLE_MS: i64 = 30_000;
 
+/// The longest last error kept.
+const MAX_ERROR_BYTES: usize = 1024;
+
 /// One consumer's state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerState {
@@ -103,7 +106,17 @@ impl ConsumerHandle {
                 s.since = now_ms();
             }
             if let Some(error) = error {
-                s.last_error = Some(error.to_owned());
+                // A broker's error may quote a whole reply: keep its start.
+                let mut error = error.to_owned();
+                if error.len() > MAX_ERROR_BYTES {
+                    let mut cut = MAX_ERROR_BYTES;
+                    while !error.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    error.truncate(cut);
+                    error.push('…');
+                }
+                s.last_error = Some(error);
                 s.last_error_at = Some(now_ms());
             }
         });

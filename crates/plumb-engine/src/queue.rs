@@ -41,7 +41,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Engine;
 
-/// The most of a rejected message's raw payload kept in its run.
+/// The most of a rejected message's raw payload kept in its run when the
+/// payload is over the size limit (within it, all of it is kept).
 pub const MAX_RAW_BYTES: usize = 64 * 1024;
 /// The first wait before reconnecting; doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -198,7 +199,7 @@ async fn accept(
         return;
     };
     let limit = usize::try_from(engine.project().config.serve.body_limit).unwrap_or(usize::MAX);
-    let (trigger, rejected) = document(queue, &delivery, limit);
+    let (mut trigger, mut rejected) = document(queue, &delivery, limit);
     let fallback = Dedupe {
         key: identity(&delivery),
         expires_at: now_ms()
@@ -225,15 +226,30 @@ async fn accept(
                 delivery.acker.in_progress().await;
                 wait = (wait * 2).min(MAX_COMMIT_WAIT);
             }
-            Err(e) => {
+            Err(e) if !rejected => {
                 // The store refuses this record for good (it cannot be
-                // stored as it is): it is not acked, so the broker keeps it,
-                // and the reason is shown.
+                // stored as it is): it becomes a failed run of its own,
+                // without its body, so it is a visible dead letter and its
+                // slot is freed, instead of a message redelivered forever.
                 let message = engine.redact(&e.to_string());
-                tracing::error!(workflow = %workflow.name, error = %message, "A queued message could not be committed; it stays with the broker.");
-                let _ = state.paused(&message);
-                metrics::counter!("plumb_queue_messages_total", "workflow" => workflow.name.clone(), "outcome" => "refused").increment(1);
-                return;
+                tracing::error!(workflow = %workflow.name, error = %message, "A queued message could not be stored as it is; it is recorded as a failed run without its body.");
+                trigger = refused_document(queue, &delivery, &message);
+                rejected = true;
+            }
+            Err(e) => {
+                // Even the failed run could not be stored: keep the message
+                // (unacked, its slot held) and try again later, as for a
+                // store that cannot commit.
+                let message = engine.redact(&e.to_string());
+                if state.paused(&message) {
+                    tracing::error!(workflow = %workflow.name, error = %message, "A queued message cannot be recorded even as a failed run; it is not acknowledged and is tried again.");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                delivery.acker.in_progress().await;
+                wait = (wait * 2).min(MAX_COMMIT_WAIT);
             }
         }
     };
@@ -301,7 +317,14 @@ fn document(queue: &QueueTrigger, delivery: &Delivery, limit: usize) -> (Value, 
     doc.insert("connection".into(), Value::String(queue.connection.clone()));
     if let Some(why) = &problem {
         message.insert("body".into(), Value::Null);
-        let raw = &delivery.body[..delivery.body.len().min(MAX_RAW_BYTES)];
+        // A body within the size limit (not JSON, or breaking the
+        // contract) is kept whole; a larger one, its first MAX_RAW_BYTES.
+        let keep = if delivery.body.len() <= limit {
+            delivery.body.len()
+        } else {
+            delivery.body.len().min(MAX_RAW_BYTES)
+        };
+        let raw = &delivery.body[..keep];
         let (raw, encoding) = match std::str::from_utf8(raw) {
             Ok(text) => (text.to_owned(), "text"),
             Err(_) => {
@@ -319,6 +342,24 @@ fn document(queue: &QueueTrigger, delivery: &Delivery, limit: usize) -> (Value, 
     }
     doc.insert("message".into(), Value::Object(message));
     (Value::Object(doc), problem.is_some())
+}
+
+/// The trigger document of a message the store refused to keep as it
+/// was: its id, source and the reason, nothing of its body.
+fn refused_document(queue: &QueueTrigger, delivery: &Delivery, why: &str) -> Value {
+    json!({
+        "type": "queue",
+        "connection": queue.connection,
+        "rejected": format!("the store refused it ({why})"),
+        "message": {
+            "id": delivery.id,
+            "source": delivery.source,
+            "headers": {},
+            "redelivered": delivery.redelivered,
+            "body": null,
+            "raw_bytes": delivery.body.len(),
+        },
+    })
 }
 
 /// The delivery's identity as a dedupe key: the broker's message id, or a
@@ -340,7 +381,10 @@ fn identity(delivery: &Delivery) -> String {
             digest.update(b"\0");
             // Broker-added headers that change on a redelivery are left out.
             for (name, value) in &delivery.headers {
-                if matches!(name.as_str(), "redelivered" | "delivery_count") {
+                if matches!(
+                    name.to_ascii_lowercase().as_str(),
+                    "x-delivery-count" | "x-death" | "redelivered" | "delivery_count"
+                ) {
                     continue;
                 }
                 digest.update(name.as_bytes());

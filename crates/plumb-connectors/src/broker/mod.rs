@@ -245,14 +245,19 @@ pub async fn consume(
         })?
 }
 
-/// Keeps at most [`MAX_DELIVERY_HEADERS`] headers, each value at most
-/// 8 KiB of text: a message is one record, not a way to flood a run.
+/// Keeps at most [`MAX_DELIVERY_HEADERS`] headers (names of at most 256
+/// bytes), each value at most 8 KiB of text: a message is one record, not a way to flood a run.
 pub(crate) fn bounded_headers(
     pairs: impl IntoIterator<Item = (String, String)>,
 ) -> Map<String, Value> {
     const MAX_VALUE_BYTES: usize = 8 * 1024;
     let mut map = Map::new();
-    for (name, mut value) in pairs.into_iter().take(MAX_DELIVERY_HEADERS) {
+    const MAX_NAME_BYTES: usize = 256;
+    for (name, mut value) in pairs
+        .into_iter()
+        .filter(|(name, _)| name.len() <= MAX_NAME_BYTES)
+        .take(MAX_DELIVERY_HEADERS)
+    {
         if value.len() > MAX_VALUE_BYTES {
             let mut cut = MAX_VALUE_BYTES;
             while !value.is_char_boundary(cut) {

@@ -60,12 +60,11 @@ fn options(client_id: &str, url: &str, connection: &str) -> Result<MqttOptions, 
     Ok(options)
 }
 
-/// Percent-decoding of a URL's user or password.
+/// Percent-decoding of a URL's user or password (`+` stays a plus).
 fn percent(text: &str) -> String {
-    url::form_urlencoded::parse(format!("x={text}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Polls `events` until it fails, forwarding incoming publishes; returns
@@ -329,5 +328,16 @@ impl Acker for PublishAcker {
     async fn reject(&self) -> Result<(), BrokerError> {
         // MQTT has no dead-letter place: the failed run keeps the payload.
         self.ack().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent;
+
+    #[test]
+    fn url_credentials_are_percent_decoded_keeping_plus_and_ampersand() {
+        assert_eq!(percent("p%2Bw+d%26x%40y"), "p+w+d&x@y");
+        assert_eq!(percent("plain"), "plain");
     }
 }

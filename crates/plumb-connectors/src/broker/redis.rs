@@ -165,13 +165,64 @@ const CLAIM_EVERY: Duration = Duration::from_secs(5);
 /// How long one `XREADGROUP` blocks.
 const BLOCK_MS: u64 = 1000;
 
+/// One stream entry as it came, its field names and values as bytes: a
+/// field name that is not UTF-8 must not make a whole batch unreadable
+/// (it would be read again and again).
+struct Entry {
+    id: String,
+    fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The elements of an array reply (nothing for nil or anything else).
+fn items(value: redis::Value) -> Vec<redis::Value> {
+    match value {
+        redis::Value::Array(items) | redis::Value::Set(items) => items,
+        _ => Vec::new(),
+    }
+}
+
+/// A string reply's bytes.
+fn bytes(value: redis::Value) -> Option<Vec<u8>> {
+    match value {
+        redis::Value::BulkString(b) => Some(b),
+        redis::Value::SimpleString(s) => Some(s.into_bytes()),
+        redis::Value::Int(n) => Some(n.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// A string reply as text.
+fn text(value: redis::Value) -> Option<String> {
+    bytes(value).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// `[[id, [field, value, …]], …]`; an entry deleted while pending comes
+/// as `[id, nil]` and reads as one without fields (a failed run, acked).
+fn entries(value: redis::Value) -> Vec<Entry> {
+    items(value)
+        .into_iter()
+        .filter_map(|entry| {
+            let mut parts = items(entry).into_iter();
+            let id = parts.next().and_then(text)?;
+            let mut flat = parts.next().map(items).unwrap_or_default().into_iter();
+            let mut fields = Vec::new();
+            while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
+                if let (Some(name), Some(value)) = (bytes(name), bytes(value)) {
+                    fields.push((name, value));
+                }
+            }
+            Some(Entry { id, fields })
+        })
+        .collect()
+}
+
 /// A consumer group member on one stream.
 struct StreamConsumer {
     spec: ConsumerSpec,
     reader: redis::aio::MultiplexedConnection,
     acks: redis::aio::MultiplexedConnection,
     /// Entries to hand out, each with whether it was delivered before.
-    ready: std::collections::VecDeque<(redis::streams::StreamId, bool)>,
+    ready: std::collections::VecDeque<(Entry, bool)>,
     last_claim: std::time::Instant,
     claim_from: String,
     /// First this member's own pending entries (taken before a restart),
@@ -239,7 +290,7 @@ impl StreamConsumer {
     /// Takes over entries idle in dead consumers, a batch at a time.
     async fn claim(&mut self) -> Result<(), BrokerError> {
         self.last_claim = std::time::Instant::now();
-        let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+        let reply: redis::Value = redis::cmd("XAUTOCLAIM")
             .arg(&self.spec.source)
             .arg(&self.spec.group)
             .arg(&self.spec.member)
@@ -250,9 +301,15 @@ impl StreamConsumer {
             .query_async(&mut self.reader)
             .await
             .map_err(|e| self.fail(&e))?;
-        self.claim_from = reply.next_stream_id;
+        // [next start id, [entries], [deleted ids]]
+        let parts = items(reply);
+        let mut parts = parts.into_iter();
+        if let Some(next) = parts.next().and_then(text) {
+            self.claim_from = next;
+        }
+        let claimed = parts.next().map(entries).unwrap_or_default();
         self.ready
-            .extend(reply.claimed.into_iter().map(|entry| (entry, true)));
+            .extend(claimed.into_iter().map(|entry| (entry, true)));
         Ok(())
     }
 
@@ -269,14 +326,20 @@ impl StreamConsumer {
             command.arg("BLOCK").arg(BLOCK_MS);
         }
         command.arg("STREAMS").arg(&self.spec.source).arg(from);
-        let reply: Option<redis::streams::StreamReadReply> = command
+        let reply: redis::Value = command
             .query_async(&mut self.reader)
             .await
             .map_err(|e| self.fail(&e))?;
-        let entries: Vec<_> = reply
+        // [[stream, [entries]]] (nil when BLOCK timed out)
+        let entries: Vec<Entry> = items(reply)
             .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
+            .flat_map(|stream| {
+                items(stream)
+                    .into_iter()
+                    .nth(1)
+                    .map(entries)
+                    .unwrap_or_default()
+            })
             .collect();
         let again = self.own_pending.is_some();
         if again {
@@ -288,19 +351,17 @@ impl StreamConsumer {
         Ok(())
     }
 
-    fn delivery(&self, entry: redis::streams::StreamId, redelivered: bool) -> Delivery {
+    fn delivery(&self, entry: Entry, redelivered: bool) -> Delivery {
         let mut body = Vec::new();
         let mut headers = Vec::new();
-        for (field, value) in entry.map {
-            let bytes = match value {
-                redis::Value::BulkString(b) => b,
-                redis::Value::SimpleString(s) => s.into_bytes(),
-                other => format!("{other:?}").into_bytes(),
-            };
-            if field == "body" {
-                body = bytes;
+        for (field, value) in entry.fields {
+            if field == b"body" {
+                body = value;
             } else {
-                headers.push((field, String::from_utf8_lossy(&bytes).into_owned()));
+                headers.push((
+                    String::from_utf8_lossy(&field).into_owned(),
+                    String::from_utf8_lossy(&value).into_owned(),
+                ));
             }
         }
         headers.sort();
