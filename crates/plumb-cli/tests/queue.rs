@@ -764,3 +764,29 @@ async fn a_redis_entry_with_a_field_name_that_is_not_utf8_does_not_stall_the_str
     server.kill().await;
     broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_stream_created_again_is_not_mistaken_for_messages_already_seen() {
+    let Some(url) = env_url("PLUMB_TEST_NATS", "nats://127.0.0.1:4222") else {
+        return;
+    };
+    let subject = format!("plumb-test.{}.again", std::process::id());
+    let broker = Broker::Nats {
+        url: url.clone(),
+        subject: subject.clone(),
+    };
+    broker.prepare().await;
+    let rx = Receiver::start().await;
+    let project = project_for(&broker, &rx).await;
+    let server = project.serve("127.0.0.1:0").await;
+    wait_connected(&server).await;
+    broker.producer().await.send(br#"{"n": 1}"#).await;
+    wait_for(&rx, 1, 2, Duration::from_secs(30)).await;
+    // The same stream name, numbering from 1 again: its first message has
+    // the sequence the first one had.
+    broker.prepare().await;
+    broker.producer().await.send(br#"{"n": 2}"#).await;
+    wait_for(&rx, 2, 3, Duration::from_secs(60)).await;
+    server.kill().await;
+    broker.cleanup().await;
+}

@@ -10,7 +10,8 @@
 //! `group`) with explicit acks, `max_ack_pending` = `prefetch` and an
 //! `ack_wait` longer than a commit can take; the stream is found by the
 //! subject unless named (and created for the subject with `declare`). A
-//! message's identity is its stream sequence, the same on a redelivery;
+//! message's identity is its stream, the stream's creation time and its
+//! sequence, the same on a redelivery;
 //! a poison message is terminated (`+TERM`: never redelivered).
 
 use std::collections::HashMap;
@@ -119,6 +120,10 @@ impl NatsClients {
 /// A durable pull consumer's message stream.
 struct StreamConsumer {
     messages: pull::Stream,
+    /// When the stream was created: a stream deleted and created again
+    /// numbers its messages from 1 again, so the sequence alone is not an
+    /// identity.
+    created: String,
     name: String,
     subject: String,
 }
@@ -172,9 +177,11 @@ pub(super) async fn consume(spec: &ConsumerSpec) -> Result<Box<dyn Consumer>, Br
         )
         .await
         .map_err(|e| fail(&e))?;
+    let created = format!("{:?}", stream.cached_info().created);
     let messages = consumer.messages().await.map_err(|e| fail(&e))?;
     Ok(Box::new(StreamConsumer {
         messages,
+        created,
         name: spec.connection.clone(),
         subject: spec.source.clone(),
     }))
@@ -210,7 +217,10 @@ impl Consumer for StreamConsumer {
         };
         let (id, redelivered) = match message.info() {
             Ok(info) => (
-                Some(format!("{}:{}", info.stream, info.stream_sequence)),
+                Some(format!(
+                    "{}:{}:{}",
+                    info.stream, self.created, info.stream_sequence
+                )),
                 info.delivered > 1,
             ),
             Err(_) => (None, false),
